@@ -1,0 +1,64 @@
+"""What every analysis shares: opening inputs, the report header, and per-tensor row basics."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Sequence
+
+import torch
+
+from ckptdiff import __version__
+from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.sources import Source, resolve
+from ckptdiff.stream import Aligned
+
+SourceLike = str | Source
+
+
+def open_source(src: SourceLike, progress: bool = True) -> Source:
+    """Resolve a path or Hub id, or pass an already open source through."""
+    return src if isinstance(src, Source) else resolve(str(src), progress=progress)
+
+
+def header(
+    analysis: str,
+    sources: Sequence[Source],
+    roles: Sequence[str],
+    device: torch.device,
+    mode: CompareMode | None = None,
+    **params: object,
+) -> dict[str, str]:
+    """The report header: tool version, inputs as resolved, comparison mode, parameters, device."""
+    out: dict[str, str] = {"analysis": analysis, "ckptdiff": __version__}
+    for role, src in zip(roles, sources, strict=True):
+        out[role] = src.resolved
+    if mode is not None:
+        out["comparison"] = mode.describe()
+    for key, value in params.items():
+        out[key] = str(value)
+    out["device"] = str(device)
+    out["torch"] = torch.__version__
+    out["host"] = platform.node()
+    out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
+
+
+def row_basics(item: Aligned) -> dict[str, object]:
+    """The leading columns of every per-tensor row: tensor, layer, module, shape, dtypes, numel, status."""
+    infos = item.infos
+    base, ft = infos[0], infos[-1]
+    shape_src = base or ft
+    shape = tuple(shape_src.shape) if shape_src is not None else ()
+    return {
+        "tensor": item.name,
+        "layer": layer_of(item.name),
+        "module": module_of(item.name),
+        "shape": "x".join(str(d) for d in shape) if shape else "scalar",
+        "dtype_base": base.dtype.short if base is not None else "",
+        "dtype_ft": ft.dtype.short if ft is not None else "",
+        "numel": shape_src.numel if shape_src is not None else 0,
+        "linear": is_linear(item.name, shape),
+        "status": item.status,
+    }

@@ -1,0 +1,206 @@
+"""`ckptdiff sparsity`: bf16-aware update masks and update sparsity (METRICS.md §1), streamed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
+from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name
+from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
+from ckptdiff.progress import byte_progress
+from ckptdiff.report import Report, Table
+from ckptdiff.stream import COMPARABLE, align, iter_chunks, resolve_device
+
+BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
+
+# Per-tensor CSV columns, in order (documented in README.md).
+COLUMNS = [
+    "tensor",
+    "layer",
+    "module",
+    "shape",
+    "dtype_base",
+    "dtype_ft",
+    "compared_as",
+    "numel",
+    "changed",
+    "sparsity",
+    "changed_bf16",
+    "sparsity_bf16",
+    *ULP_LABELS,
+    "changed_nonfinite",
+    "linear",
+    "status",
+    "detail",
+]
+
+
+@dataclass(frozen=True)
+class SparsityResult:
+    """Per-tensor update counts plus the header that says how they were made."""
+
+    header: dict[str, str]
+    rows: list[dict[str, object]] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per tensor (compared or not), columns as in :data:`COLUMNS`."""
+        df = pd.DataFrame(self.rows, columns=COLUMNS)
+        counts = ["layer", "numel", "changed", "changed_bf16", *ULP_LABELS, "changed_nonfinite"]
+        return df.astype({c: "Int64" for c in counts})
+
+    def compared(self) -> pd.DataFrame:
+        """Float tensors whose entries were compared: the population every sparsity figure is over."""
+        df = self.to_frame()
+        return df[df["status"].isin(COMPARABLE) & (df["status"] != "non_float")]
+
+    def _sum(self, df: pd.DataFrame) -> dict[str, float]:
+        numel = float(df["numel"].sum())
+        changed = float(df["changed"].sum())
+        bf = df.dropna(subset=["changed_bf16"])
+        out = {
+            "tensors": float(len(df)),
+            "numel": numel,
+            "changed": changed,
+            "sparsity": 1.0 - changed / numel if numel else float("nan"),
+        }
+        if len(bf):
+            bnum = float(bf["numel"].sum())
+            out["sparsity_bf16"] = 1.0 - float(bf["changed_bf16"].sum()) / bnum if bnum else float("nan")
+        for label in ULP_LABELS:
+            out[label] = float(df[label].sum())
+        return out
+
+    def overall(self) -> dict[str, float]:
+        """Parameter-weighted totals over every compared float tensor."""
+        return self._sum(self.compared())
+
+    def linear_only(self) -> dict[str, float]:
+        """Parameter-weighted totals over 2-D matrices inside transformer blocks."""
+        df = self.compared()
+        return self._sum(df[df["linear"].astype(bool)])
+
+    def by(self, key: str) -> pd.DataFrame:
+        """Parameter-weighted rollup per ``layer`` or ``module``: numel, changed, sparsity."""
+        df = self.compared()
+        if key == "layer":
+            df = df.dropna(subset=["layer"])
+        g = df.groupby(key, sort=True)[["numel", "changed"]].sum()
+        g["sparsity"] = 1.0 - g["changed"] / g["numel"]
+        return g
+
+    def grid(self) -> pd.DataFrame:
+        """Layer x module sparsity of the linear matrices, parameter-weighted within each cell."""
+        df = self.compared()
+        df = df[df["linear"].astype(bool)]
+        if df.empty:
+            return pd.DataFrame()
+        g = df.groupby(["layer", "module"])[["numel", "changed"]].sum()
+        cell = 1.0 - g["changed"] / g["numel"]
+        return cell.unstack("module")
+
+    def structural(self) -> pd.DataFrame:
+        """Tensors that were not compared one to one, or that carry a structural note."""
+        df = self.to_frame()
+        mask = (df["status"] != "ok") | (df["detail"] != "")
+        return df.loc[mask, ["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape", "changed"]]
+
+    def report(self) -> Report:
+        """The report the CLI renders."""
+        o = self.overall()
+        lin = self.linear_only()
+        summary = [
+            f"Update sparsity {o['sparsity']:.4f} overall ({int(o['changed']):,} of {int(o['numel']):,} "
+            f"entries changed, {int(o['tensors'])} tensors); linear layers only {lin['sparsity']:.4f}.",
+        ]
+        if "sparsity_bf16" in o:
+            summary.append(
+                f"As bf16 would store them, sparsity {o['sparsity_bf16']:.4f}: the gap to the native "
+                f"{o['sparsity']:.4f} is what bf16 rounding hides (PNT's precision gate)."
+            )
+        if o["changed"]:
+            share1 = o["ulp_1"] / o["changed"]
+            summary.append(f"{share1:.1%} of changed entries moved by exactly 1 ULP of the compared dtype.")
+        overall = pd.DataFrame({"overall": o, "linear layers": lin})
+        overall.index.name = "figure"
+        tables = [
+            Table("Overall (parameter-weighted)", overall),
+            Table("Per module type", self.by("module")),
+            Table("Per layer", self.by("layer")),
+            Table("Sparsity, layer x module (linear matrices)", self.grid()),
+        ]
+        tensors = self.to_frame()
+        return Report("ckptdiff sparsity", self.header, summary, tables, tensors, self.structural())
+
+
+def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeCounts | None, as_: str) -> dict:
+    row = dict(item_row)
+    row["compared_as"] = as_
+    if counts is None:
+        row.update({c: float("nan") for c in ("changed", "sparsity", "changed_bf16", "sparsity_bf16")})
+        row.update({c: float("nan") for c in (*ULP_LABELS, "changed_nonfinite")})
+        return row
+    row.update(
+        changed=counts.changed,
+        sparsity=counts.sparsity,
+        changed_bf16=bf16.changed if bf16 else float("nan"),
+        sparsity_bf16=bf16.sparsity if bf16 else float("nan"),
+        changed_nonfinite=counts.changed_nonfinite,
+        **{label: getattr(counts, label) for label in ULP_LABELS},
+    )
+    return row
+
+
+def sparsity(
+    base: SourceLike,
+    ft: SourceLike,
+    *,
+    mode: CompareMode = CompareMode(),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> SparsityResult:
+    """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors)."""
+    sources = [open_source(base, progress), open_source(ft, progress)]
+    dev = resolve_device(device)
+    items = align(sources, include, exclude, labels=["base", "ft"])
+    totals: dict[str, ChangeCounts] = {}
+    totals_bf16: dict[str, ChangeCounts] = {}
+    # fp32 storage: also report what bf16 would keep (only when comparing natively, without --as).
+    wants_bf16: dict[str, bool] = {}
+    for it in items:
+        if it.comparable and it.is_float:
+            target = comparison_dtype(it.infos[0].dtype.torch, it.infos[1].dtype.torch, mode.as_dtype)  # type: ignore[union-attr]
+            wants_bf16[it.name] = target in (torch.float32, torch.float64)
+    nbytes = sum(i.nbytes for it in items if it.comparable for i in it.infos if i is not None)
+    try:
+        with byte_progress(nbytes, "comparing", progress) as on_bytes:
+            for chunk in iter_chunks(sources, items, device=dev, on_bytes=on_bytes):
+                w0, w1 = chunk.tensors
+                name = chunk.item.name
+                totals[name] = totals.get(name, ChangeCounts()) + count_changes(w0, w1, mode)
+                if wants_bf16.get(name):
+                    extra = count_changes(w0, w1, BITWISE_BF16)
+                    totals_bf16[name] = totals_bf16.get(name, ChangeCounts()) + extra
+    finally:
+        for s in sources:
+            s.close()
+    rows = []
+    for it in items:
+        basics = row_basics(it)
+        basics["detail"] = it.detail
+        as_ = ""
+        if it.comparable and it.is_float:
+            as_ = dtype_name(comparison_dtype(it.infos[0].dtype.torch, it.infos[1].dtype.torch, mode.as_dtype))  # type: ignore[union-attr]
+        elif it.comparable:
+            as_ = "exact"
+        counts = totals.get(it.name) if it.comparable else None
+        if it.comparable and counts is None:  # zero-size tensor
+            counts = ChangeCounts()
+        rows.append(_row(basics, counts, totals_bf16.get(it.name), as_))
+    head = header("sparsity", sources, ["base", "ft"], dev, mode)
+    return SparsityResult(head, rows)

@@ -1,0 +1,102 @@
+"""The ``ckptdiff`` command line: a thin layer that parses, calls one library function, and renders.
+
+Each command lives in its own module and registers itself on :data:`app`. User-facing failures
+(:class:`~ckptdiff.errors.CkptdiffError`) become one line on stderr and exit code 2; set
+``CKPTDIFF_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+from ckptdiff import __version__
+
+app = typer.Typer(
+    name="ckptdiff",
+    help="Checkpoint forensics: what did this fine-tune actually do to the weights?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"ckptdiff: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Map library failures to one line on stderr and a non-zero exit (traceback with CKPTDIFF_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from ckptdiff.errors import CkptdiffError
+
+        debug = os.environ.get("CKPTDIFF_DEBUG", "") not in ("", "0")
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except CkptdiffError as e:
+            if debug:
+                raise
+            raise _fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; no output file was written", 130) from None
+        except MemoryError:
+            if debug:
+                raise
+            raise _fail("out of memory; try --device cpu, fewer tensors (--include), or a larger machine", 3) from None
+        except Exception as e:
+            if debug:
+                raise
+            if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+                raise _fail("the GPU ran out of memory; try --device cpu or a smaller --batch-budget", 3) from None
+            raise _fail(
+                f"internal error ({type(e).__name__}: {e}); rerun with CKPTDIFF_DEBUG=1 and report the traceback", 3
+            ) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ckptdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Checkpoint forensics: what did this fine-tune actually do to the weights?"""
+
+
+def _register() -> None:
+    from ckptdiff.cli import sparsity
+
+    for module in (sparsity,):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="ckptdiff")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+    sys.exit(0)

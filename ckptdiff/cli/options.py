@@ -1,0 +1,87 @@
+"""Option types shared by every command, declared once; and the helpers that turn them into library values.
+
+Nothing here imports torch: ``ckptdiff --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from ckptdiff.metrics.mask import CompareMode
+    from ckptdiff.report import Report
+
+
+class Fmt(str, Enum):
+    """Stdout formats."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+    md = "md"
+
+
+BaseArg = Annotated[str, typer.Argument(help="Base checkpoint: .safetensors/.bin file, folder, or Hub id org/name[@rev].")]
+FtArg = Annotated[str, typer.Argument(help="Fine-tuned checkpoint, same forms as BASE.")]
+IncludeOpt = Annotated[
+    list[str] | None, typer.Option("--include", "-i", help="Glob of tensor names to keep (repeatable).")
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option("--exclude", "-x", help="Glob of tensor names to drop (repeatable).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the arithmetic runs: auto, cpu, cuda or cuda:N.")]
+RtolOpt = Annotated[
+    float | None,
+    typer.Option("--rtol", help="Relative test |d| <= rtol*max(|w0|,|w1|) (PNT uses 1e-3) instead of bitwise."),
+]
+AtolOpt = Annotated[
+    float | None, typer.Option("--atol", help="Absolute test |d| <= atol (MUK uses 1e-5) instead of bitwise.")
+]
+AsOpt = Annotated[
+    str | None, typer.Option("--as", help="Round both sides to this storage dtype first: bf16, fp16 or fp32.")
+]
+CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write per-tensor rows as CSV to this file.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")]
+FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: table, csv, json or md.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> CompareMode:
+    """Build the comparison mode from --rtol/--atol/--as, rejecting contradictory values."""
+    from ckptdiff.dtypes import parse_as
+    from ckptdiff.errors import InputError
+    from ckptdiff.metrics.mask import CompareMode
+
+    if rtol is not None and atol is not None:
+        raise InputError("--rtol and --atol are alternatives; pass one of them (or neither for bitwise)")
+    for flag, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not value >= 0:
+            raise InputError(f"{flag} must be a non-negative number, got {value}")
+    try:
+        as_dtype = parse_as(as_) if as_ is not None else None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if rtol is not None:
+        return CompareMode("rtol", rtol, as_dtype)
+    if atol is not None:
+        return CompareMode("atol", atol, as_dtype)
+    return CompareMode("bitwise", 0.0, as_dtype)
+
+
+def emit(report: Report, fmt: Fmt, csv: Path | None, json_path: Path | None) -> None:
+    """Write the requested files atomically, then print to stdout in the requested format."""
+    from ckptdiff.report import print_tables, render, to_csv, to_json, write_atomic
+
+    text = render(report, fmt.value)
+    if csv is not None:
+        write_atomic(csv, to_csv(report))
+    if json_path is not None:
+        write_atomic(json_path, to_json(report))
+    if text is None:
+        print_tables(report)
+    else:
+        typer.echo(text, nl=False)

@@ -1,0 +1,59 @@
+"""``ckptdiff sparsity``."""
+
+from __future__ import annotations
+
+import typer
+
+from ckptdiff.cli.options import (
+    AsOpt,
+    AtolOpt,
+    BaseArg,
+    CsvOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    Fmt,
+    FormatOpt,
+    FtArg,
+    IncludeOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    compare_mode,
+    emit,
+)
+
+EPILOG = (
+    "Example: [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --csv sparsity.csv[/bold]\n\n"
+    "Sparsity is the fraction of entries whose stored value did not change, weighted by parameter count."
+)
+
+
+def sparsity(
+    base: BaseArg,
+    ft: FtArg,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    as_: AsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    csv: CsvOpt = None,
+    json: JsonOpt = None,
+    fmt: FormatOpt = Fmt.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Update sparsity: which entries did the fine-tune change? Bitwise by default, bf16-aware."""
+    from ckptdiff.analyses.sparsity import sparsity as run
+    from ckptdiff.report import check_writable
+
+    mode = compare_mode(rtol, atol, as_)
+    check_writable(csv, json)
+    result = run(base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet)
+    emit(result.report(), fmt, csv, json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("sparsity", epilog=EPILOG)(handle_errors(sparsity))

@@ -1,0 +1,71 @@
+"""Storage dtypes: safetensors names, torch dtypes, integer bit views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DType:
+    """One storage dtype as safetensors names it, with its torch and numpy bit-level equivalents."""
+
+    name: str  # safetensors spelling: "BF16"
+    torch: torch.dtype
+    itemsize: int
+    is_float: bool
+    bits_np: np.dtype  # unsigned integer view of the same width, for bitwise work
+
+    @property
+    def short(self) -> str:
+        """Lower-case short name: 'bf16', 'fp32', 'i64'."""
+        return _SHORT.get(self.name, self.name.lower())
+
+
+def _u(itemsize: int) -> np.dtype:
+    return np.dtype(f"u{itemsize}")
+
+
+_TABLE: list[tuple[str, torch.dtype, int, bool]] = [
+    ("BOOL", torch.bool, 1, False),
+    ("U8", torch.uint8, 1, False),
+    ("I8", torch.int8, 1, False),
+    ("I16", torch.int16, 2, False),
+    ("U16", torch.uint16, 2, False),
+    ("I32", torch.int32, 4, False),
+    ("U32", torch.uint32, 4, False),
+    ("I64", torch.int64, 8, False),
+    ("U64", torch.uint64, 8, False),
+    ("F16", torch.float16, 2, True),
+    ("BF16", torch.bfloat16, 2, True),
+    ("F32", torch.float32, 4, True),
+    ("F64", torch.float64, 8, True),
+    ("F8_E4M3", torch.float8_e4m3fn, 1, True),
+    ("F8_E5M2", torch.float8_e5m2, 1, True),
+]
+
+_SHORT = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64", "BOOL": "bool"}
+
+BY_NAME: dict[str, DType] = {n: DType(n, t, s, f, _u(s)) for n, t, s, f in _TABLE}
+BY_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in BY_NAME.values()}
+
+
+def from_name(name: str) -> DType | None:
+    """The DType for a safetensors dtype string, or None if unknown."""
+    return BY_NAME.get(name)
+
+
+def from_torch(dtype: torch.dtype) -> DType | None:
+    """The DType for a torch dtype, or None if ckptdiff does not handle it."""
+    return BY_TORCH.get(dtype)
+
+
+def parse_as(value: str) -> torch.dtype:
+    """Parse the value of ``--as``: bf16, fp16 or fp32."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    try:
+        return table[value.lower()]
+    except KeyError:
+        raise ValueError(f"--as must be one of {', '.join(table)}, got {value!r}") from None

@@ -1,0 +1,1 @@
+"""Pure metric functions: tensors in, tensors, floats or frozen dataclasses out."""

@@ -1,0 +1,176 @@
+"""Update masks (METRICS.md §1) and magnitude bins (METRICS.md §2b), as pure tensor functions.
+
+Everything here takes tensors and returns tensors or floats: no I/O, no device choice.
+The streaming engine decides where the tensors live; these functions keep them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Kind = Literal["bitwise", "rtol", "atol"]
+
+# Integer views of each float width, used for bit comparisons.
+_INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Lossless embeddings: (narrow, wide) pairs where every narrow value is exact in wide.
+_EXACT_IN: set[tuple[torch.dtype, torch.dtype]] = {
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float64),
+    (torch.float16, torch.float64),
+    (torch.float32, torch.float64),
+}
+
+
+@dataclass(frozen=True)
+class CompareMode:
+    """How "unchanged" is decided: bitwise (default), relative (PNT) or absolute (MUK) tolerance.
+
+    ``as_dtype`` rounds both sides to that storage dtype (round-to-nearest-even) before comparing.
+    """
+
+    kind: Kind = "bitwise"
+    tol: float = 0.0
+    as_dtype: torch.dtype | None = None
+
+    def describe(self) -> str:
+        """One line for report headers."""
+        base = {"bitwise": "bitwise", "rtol": f"relative, rtol={self.tol:g}", "atol": f"absolute, atol={self.tol:g}"}[
+            self.kind
+        ]
+        if self.as_dtype is not None:
+            base += f", both sides rounded to {dtype_name(self.as_dtype)}"
+        return base
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short dtype name: torch.bfloat16 -> 'bf16'."""
+    names = {
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+    }
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def comparison_dtype(a: torch.dtype, b: torch.dtype, as_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype both sides are rounded to before comparing.
+
+    ``as_dtype`` wins. Same dtypes compare natively. Otherwise the narrower side's dtype when the other
+    contains it exactly (fp32 base vs bf16 fine-tune compares as bf16, as the fine-tune stores it), and fp32
+    for a bf16/fp16 mix, which holds both exactly.
+    """
+    if as_dtype is not None:
+        return as_dtype
+    if a == b:
+        return a
+    if (a, b) in _EXACT_IN:
+        return a
+    if (b, a) in _EXACT_IN:
+        return b
+    return torch.float32
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def bitwise_changed(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """Changed-entry mask under the bitwise test: +0 and -0 equal, NaN on either side changed.
+
+    Both tensors must share one float dtype (round them first) or be integer/bool (compared exactly).
+    """
+    if w0.dtype != w1.dtype:
+        raise ValueError(f"bitwise_changed needs one dtype, got {w0.dtype} and {w1.dtype}")
+    if not _is_float(w0.dtype):
+        return w0 != w1
+    iview = _INT_VIEW[w0.element_size()]
+    a = w0.view(iview)
+    b = w1.view(iview)
+    nbits = 8 * w0.element_size()
+    # All bits but the sign: zero for +0 and -0 alike.
+    magnitude_bits = torch.tensor((1 << (nbits - 1)) - 1, dtype=iview, device=w0.device)
+    both_zero = ((a | b) & magnitude_bits) == 0
+    return ((a != b) & ~both_zero) | torch.isnan(w0) | torch.isnan(w1)
+
+
+def tolerance_changed(w0: torch.Tensor, w1: torch.Tensor, kind: Kind, tol: float) -> torch.Tensor:
+    """Changed-entry mask under a tolerance: rtol |d| <= tol*max(|w0|,|w1|), atol |d| <= tol.
+
+    Computed in float64. Bitwise-equal entries (and +0/-0) are unchanged; NaN on either side is changed.
+    """
+    x0 = w0.to(torch.float64)
+    x1 = w1.to(torch.float64)
+    diff = (x1 - x0).abs()
+    bound = tol * torch.maximum(x0.abs(), x1.abs()) if kind == "rtol" else torch.full_like(diff, tol)
+    within = diff <= bound  # False wherever diff is NaN (NaN input or inf - inf)
+    same = x0 == x1  # inf == inf, +0 == -0
+    return ~(within | same) | torch.isnan(x0) | torch.isnan(x1)
+
+
+def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareMode()) -> torch.Tensor:
+    """The update mask M = 1[changed] of METRICS.md §1, same shape as the inputs (flattened shapes must match)."""
+    if not (_is_float(w0.dtype) and _is_float(w1.dtype)):
+        return w0 != w1  # integers and bools: exact value comparison
+    target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
+    a = w0 if w0.dtype == target else w0.to(target)
+    b = w1 if w1.dtype == target else w1.to(target)
+    if mode.kind == "bitwise":
+        return bitwise_changed(a, b)
+    return tolerance_changed(a, b, mode.kind, mode.tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude bins (METRICS.md §2b)
+
+ZERO_BIN = -200  # the bin of exact zeros: below every finite exponent (fp64 subnormals are clamped into it)
+NONFINITE_BIN = 1100  # inf and NaN
+_BIN_OFFSET = -ZERO_BIN
+
+
+def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
+    """floor(log2|w0|) per entry as int64; exact zeros get ZERO_BIN, non-finite values their own top bin.
+
+    Within one bin a bf16 (or fp32) rounding step is the same size, which is what makes changes comparable.
+    """
+    x = w0.to(torch.float32) if w0.dtype in (torch.bfloat16, torch.float16) else w0
+    _, exp = torch.frexp(x)  # |x| = m * 2**exp with m in [0.5, 1)
+    bins = (exp.to(torch.int64) - 1).clamp_min(ZERO_BIN + 1)
+    bins = torch.where(x == 0, torch.full_like(bins, ZERO_BIN), bins)
+    return torch.where(torch.isfinite(x), bins, torch.full_like(bins, NONFINITE_BIN))
+
+
+def _dense_bins(bins: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Shift bin labels to non-negative indices for bincount, returning them and the number of slots."""
+    return bins.reshape(-1) + _BIN_OFFSET, NONFINITE_BIN + _BIN_OFFSET + 1
+
+
+def bin_counts(bins: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-bin entry counts n_b and per-bin counts of each mask, as float64 tensors."""
+    dense, nbins = _dense_bins(bins)
+    n_b = torch.bincount(dense, minlength=nbins).to(torch.float64)
+    counts = [torch.bincount(dense, weights=m.reshape(-1).to(torch.float64), minlength=nbins) for m in masks]
+    return n_b, counts
+
+
+def magnitude_matched_overlap(bins: torch.Tensor, update: torch.Tensor, region: torch.Tensor) -> float:
+    """Expected |U ∩ C| / |U| if the changes fell at random within each magnitude bin.
+
+    (Σ_b u_b c_b / n_b) / Σ_b u_b; NaN when nothing changed.
+    """
+    n_b, (u_b, c_b) = bin_counts(bins, update, region)
+    total = float(u_b.sum())
+    if total == 0:
+        return float("nan")
+    return float((u_b * c_b / n_b.clamp_min(1)).sum()) / total
+
+
+def magnitude_matched_intersection(bins: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Expected |A ∩ B| if both masks kept their per-bin counts but fell independently at random: Σ_b a_b b_b / n_b."""
+    n_b, (a_b, b_b) = bin_counts(bins, a, b)
+    return float((a_b * b_b / n_b.clamp_min(1)).sum())

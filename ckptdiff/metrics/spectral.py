@@ -1,0 +1,176 @@
+"""Spectral drift and principal-subspace rotation (METRICS.md §3) with the equal-norm random null (§2b).
+
+Works on stacks: given (b, m, n) stacks of W0 and W1 it runs one batched SVD per side (and one for the null),
+keeping only what it needs between them, and returns one frozen ``SpectralResult`` per matrix.
+No I/O, no device choice: tensors stay where they come.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ckptdiff.linalg import as_stack, compute_dtype, svd, svdvals
+
+_RAD2DEG = 180.0 / math.pi
+
+
+@dataclass(frozen=True)
+class SpectralResult:
+    """One matrix's §3 row; field names are the CSV column names. Null fields are NaN when no null was asked."""
+
+    k: int
+    nss: float
+    sv_topk_max_rel_change: float
+    angle_u_max_deg: float
+    angle_v_max_deg: float
+    angle_u_mean_deg: float
+    angle_v_mean_deg: float
+    gap_k: float
+    wedin_bound_deg: float
+    delta_spectral_norm: float
+    delta_rel_fro: float
+    delta_stable_rank: float
+    nss_per_update: float
+    nss_null: float
+    angle_u_max_deg_null: float
+    angle_v_max_deg_null: float
+    nss_null_ratio: float
+    angle_u_max_null_ratio: float
+    angle_v_max_null_ratio: float
+
+
+@dataclass(frozen=True)
+class _Side:
+    """What one SVD contributes: full spectrum (b, p), top-k left (b, m, k) and right (b, n, k) bases."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+def null_seed(seed: int, name: str) -> int:
+    """Per-matrix null seed from the run seed and the tensor name (zlib.crc32), independent of batch composition."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def _side(stack: torch.Tensor, k: int, dtype: torch.dtype) -> _Side:
+    u, s, vh = svd(stack, dtype)
+    return _Side(s, u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending, (..., k)) between the column spans of orthonormal a, b (..., m, k).
+
+    cos θ_i = σ_i(aᵀb) clamped to [0, 1]; for angles below 45° the sine form sin θ_i = σ_i(b − a aᵀb) is used
+    instead, which keeps tiny angles accurate (arccos loses them near 1). Vectors are never matched by index.
+    """
+    cos = torch.linalg.svdvals(a.mT @ b).clamp(0.0, 1.0)  # (..., k) descending
+    from_cos = torch.arccos(cos)  # ascending
+    resid = b - a @ (a.mT @ b)  # (..., m, k)
+    sin = torch.linalg.svdvals(resid).clamp(0.0, 1.0).flip(-1)  # ascending
+    from_sin = torch.arcsin(sin)
+    return torch.where(from_sin < math.pi / 4, from_sin, from_cos)
+
+
+def _random_like(shape: Sequence[int], seeds: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """A (b, m, n) Gaussian stack, matrix i from its own generator seeded with seeds[i] on like's device (fp32 draws)."""
+    out = []
+    for s in seeds:
+        g = torch.Generator(device=like.device).manual_seed(int(s))
+        out.append(torch.randn(tuple(shape), generator=g, device=like.device, dtype=torch.float32))
+    return torch.stack(out).to(like.dtype)  # (b, m, n)
+
+
+def _nan_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b != 0, a / b, torch.full_like(a, math.nan))
+
+
+def spectral_metrics(
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    k: int = 64,
+    *,
+    dtype: torch.dtype = torch.float64,
+    null_seeds: Sequence[int] | None = None,
+) -> list[SpectralResult]:
+    """§3 metrics for each matrix of (b, m, n) stacks (or single (m, n) matrices) W0 and W1, computed in ``dtype``.
+
+    k is capped at min(m, n). With ``null_seeds`` (one per matrix, e.g. from null_seed) the equal-norm random null
+    W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too. Peak memory is one batched SVD plus the inputs.
+    """
+    dt = compute_dtype(dtype)
+    a0 = as_stack(w0).to(dt)  # (b, m, n)
+    a1 = as_stack(w1).to(dt)  # (b, m, n)
+    if a0.shape != a1.shape:
+        raise ValueError(f"W0 and W1 stacks differ in shape: {tuple(a0.shape)} vs {tuple(a1.shape)}")
+    b, m, n = a0.shape
+    p = min(m, n)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, p)
+    if null_seeds is not None and len(null_seeds) != b:
+        raise ValueError(f"need one null seed per matrix: {len(null_seeds)} seeds for {b} matrices")
+
+    delta = a1 - a0  # (b, m, n)
+    delta_fro = torch.linalg.matrix_norm(delta)  # (b,)
+    delta_sv = svdvals(delta, dt)  # (b, p)
+    delta_2 = delta_sv[:, 0]
+
+    side0 = _side(a0, k, dt)
+    w0_fro = side0.s.norm(dim=-1)  # ‖W0‖_F = ‖σ(W0)‖₂
+    gap = side0.s[:, k - 1] - side0.s[:, k] if k < p else torch.full_like(w0_fro, math.nan)
+
+    side1 = _side(a1, k, dt)
+    nss, rel, ang_u, ang_v = _drift(side0, side1, w0_fro)
+    del side1
+
+    if null_seeds is not None:
+        r = _random_like((m, n), null_seeds, a0)  # (b, m, n)
+        r = r * _nan_div(delta_fro, torch.linalg.matrix_norm(r)).nan_to_num(0.0)[:, None, None]
+        side_n = _side(a0 + r, k, dt)
+        nss_n, _, ang_u_n, ang_v_n = _drift(side0, side_n, w0_fro)
+        nss_null, u_null, v_null = nss_n, ang_u_n.amax(-1), ang_v_n.amax(-1)
+    else:
+        nss_null = u_null = v_null = torch.full_like(w0_fro, math.nan)
+
+    rel_fro = _nan_div(delta_fro, w0_fro)
+    wedin = torch.arcsin(_nan_div(delta_2, gap).clamp(max=1.0)) * _RAD2DEG
+    fields = {
+        "nss": nss,
+        "sv_topk_max_rel_change": rel.amax(-1),
+        "angle_u_max_deg": ang_u.amax(-1),
+        "angle_v_max_deg": ang_v.amax(-1),
+        "angle_u_mean_deg": ang_u.mean(-1),
+        "angle_v_mean_deg": ang_v.mean(-1),
+        "gap_k": gap,
+        "wedin_bound_deg": wedin,
+        "delta_spectral_norm": delta_2,
+        "delta_rel_fro": rel_fro,
+        "delta_stable_rank": _nan_div(delta_fro.square(), delta_2.square()),
+        "nss_per_update": _nan_div(nss, rel_fro),
+        "nss_null": nss_null,
+        "angle_u_max_deg_null": u_null,
+        "angle_v_max_deg_null": v_null,
+        "nss_null_ratio": _nan_div(nss, nss_null),
+        "angle_u_max_null_ratio": _nan_div(ang_u.amax(-1), u_null),
+        "angle_v_max_null_ratio": _nan_div(ang_v.amax(-1), v_null),
+    }
+    cols = {name: t.detach().to("cpu", torch.float64).tolist() for name, t in fields.items()}
+    return [SpectralResult(k=k, **{name: vals[i] for name, vals in cols.items()}) for i in range(b)]
+
+
+def _drift(
+    side0: _Side, side1: _Side, w0_fro: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NSS (b,), top-k relative σ changes (b, k), left and right principal angles in degrees (b, k)."""
+    k = side0.u.shape[-1]
+    nss = _nan_div((side1.s - side0.s).norm(dim=-1), w0_fro)
+    rel = (side1.s[:, :k] - side0.s[:, :k]).abs() / side0.s[:, :k]  # inf where σ_i(W0) = 0 and it moved
+    ang_u = principal_angles(side0.u, side1.u) * _RAD2DEG
+    ang_v = principal_angles(side0.v, side1.v) * _RAD2DEG
+    return nss, rel, ang_u, ang_v

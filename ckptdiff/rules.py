@@ -1,0 +1,663 @@
+"""Rules for ``ckptdiff check``: parsing, the metric registry, TOML config, evaluation and rendering.
+
+A metric rule reads ``METRIC[@GLOB] OP VALUE`` (``sparsity@model.layers.*.mlp.* >= 0.3``); the glob is
+matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`` also crosses dots). Structural rules
+(``StructuralRules``) check the key set, shapes, dtypes and which tensors may change.
+
+Per-tensor frames, one per analysis, are what ``evaluate`` reads. Every frame has ``tensor`` (name) and
+``status``: "ok", "non_float" and "dtype_changed" rows were compared; "only_base", "only_ft" and
+"shape_mismatch" rows were not and never enter a metric. Columns each analysis must provide:
+
+- ``sparsity``: ``numel``, ``changed`` (entries changed under the compare mode). Optional, for structural
+  messages: ``shape_base``, ``shape_ft``, ``dtype_base``, ``dtype_ft``.
+- ``principal``: ``changed``, ``numel``, ``n_principal`` (|M_princ|), ``n_low`` (|M_low|),
+  ``n_princ_and_update`` (|M_princ ∩ M|), ``n_low_and_update`` (|M_low ∩ M|), ``baseline_principal_magnitude``
+  and ``baseline_low_magnitude`` (the magnitude-matched expected overlaps of METRICS.md §2b; NaN allowed
+  where changed == 0).
+- ``spectral``: ``nss``, ``angle_u_max_deg``, ``angle_v_max_deg``, ``angle_u_mean_deg``, ``angle_v_mean_deg``.
+
+A row enters a metric when its status was compared and the columns the metric reads are not NaN (1-D
+tensors without a spectrum can sit in the spectral frame with NaN values). A metric whose scope has no
+such row is an input error; a measured value that is NaN (a ratio over a scope where nothing changed)
+fails its rule, since a gate must not pass on a vacuous measurement.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from ckptdiff.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the tomli backport
+    import tomli as tomllib
+
+Op = Literal["<", "<=", ">", ">=", "==", "!="]
+Analysis = Literal["sparsity", "principal", "spectral"]
+
+RULE_FORM = "METRIC[@GLOB] OP VALUE, e.g. 'sparsity@model.layers.*.mlp.* >= 0.3'"
+NOT_COMPARED = frozenset({"only_base", "only_ft", "shape_mismatch"})
+_NOT_COMPARED_DETAIL = {"only_base": "only in base", "only_ft": "only in fine-tune", "shape_mismatch": "shape changed"}
+MAX_OFFENDERS = 5
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<": lambda x, y: x < y,
+    "<=": lambda x, y: x <= y,
+    ">": lambda x, y: x > y,
+    ">=": lambda x, y: x >= y,
+    "==": lambda x, y: x == y,
+    "!=": lambda x, y: x != y,
+}
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_RULE_RE = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_]\w*)\s*"
+    r"(?:@\s*(?P<scope>[^\s<>=]+))?\s*"  # a glob: no spaces or comparison characters ('!' allowed for [!x])
+    r"(?P<op><=|>=|==|!=|<|>)\s*"
+    rf"(?P<value>{_NUMBER})\s*$"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One metric rule: METRIC[@SCOPE] OP VALUE; scope None means every tensor."""
+
+    metric: str
+    scope: str | None
+    op: Op
+    value: float
+
+    def __str__(self) -> str:
+        """The rule in canonical form."""
+        scope = f"@{self.scope}" if self.scope is not None else ""
+        return f"{self.metric}{scope} {self.op} {self.value:g}"
+
+
+def parse_rule(text: str, origin: str = "--rule") -> Rule:
+    """Parse 'METRIC[@GLOB] OP VALUE' (whitespace tolerant, scientific notation allowed) into a Rule."""
+    match = _RULE_RE.match(text)
+    if match is None:
+        raise InputError(f"cannot parse rule {text!r} from {origin}: expected {RULE_FORM}")
+    metric = match["metric"]
+    if metric not in METRICS:
+        raise InputError(_unknown_metric(metric, text))
+    op: Op = match["op"]  # type: ignore[assignment]  # the regex admits only the six operators
+    return Rule(metric=metric, scope=match["scope"], op=op, value=float(match["value"]))
+
+
+def _unknown_metric(metric: str, text: str) -> str:
+    return f"unknown metric {metric!r} in rule {text!r}: use one of {', '.join(sorted(METRICS))}"
+
+
+@dataclass(frozen=True)
+class StructuralRules:
+    """Structural checks; all are off unless asked for. Globs use fnmatch on full tensor names."""
+
+    same_keys: bool = False  # both checkpoints hold the same tensor names
+    same_shapes: bool = False  # no tensor changed shape
+    same_dtypes: bool = False  # no tensor changed dtype
+    expect_unchanged: tuple[str, ...] = ()  # tensors matching any of these must have changed == 0
+    allow_changed: tuple[str, ...] = ()  # when given, every tensor outside them must have changed == 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any structural check is requested."""
+        checks = (self.same_keys, self.same_shapes, self.same_dtypes, self.expect_unchanged, self.allow_changed)
+        return any(bool(c) for c in checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric registry
+
+
+def _sum(frame: pd.DataFrame, column: str) -> float:
+    return float(frame[column].astype("float64").sum())
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+def _col(column: str) -> Callable[[pd.DataFrame], pd.Series]:
+    return lambda f: f[column].astype("float64")
+
+
+def _safe_div(num: pd.Series, den: pd.Series) -> pd.Series:
+    return num.astype("float64") / den.astype("float64").where(den != 0)
+
+
+def _max(column: str) -> Callable[[pd.DataFrame], float]:
+    return lambda f: float(f[column].astype("float64").max())
+
+
+def _random_expected(frame: pd.DataFrame, region: str) -> pd.Series:
+    """Per-tensor expected |region ∩ update| if changes fell at random: changed * |region| / numel."""
+    return frame["changed"].astype("float64") * _safe_div(frame[region], frame["numel"])
+
+
+def _magnitude_expected(frame: pd.DataFrame, baseline: str) -> pd.Series:
+    """Per-tensor magnitude-matched expected intersection: baseline overlap * changed (0 where nothing changed)."""
+    changed = frame["changed"].astype("float64")
+    return (frame[baseline].astype("float64") * changed).where(changed != 0, 0.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric a rule can name: which analysis produces it, what it reads and how a scope aggregates it."""
+
+    name: str
+    analysis: Analysis
+    column: str  # the per-tensor column of that analysis's frame (or, for derived metrics, its name there)
+    needs: tuple[str, ...]  # columns read; a row with NaN in any of them is left out
+    aggregation: str  # one line: how a scope of tensors becomes one number
+    per_tensor: Callable[[pd.DataFrame], pd.Series]
+    aggregate: Callable[[pd.DataFrame], float]
+
+
+def _overlap_spec(name: str, count: str) -> MetricSpec:
+    return MetricSpec(
+        name=name,
+        analysis="principal",
+        column=name,
+        needs=("changed", count),
+        aggregation=f"Σ{count} / Σchanged (weighted by updated entries)",
+        per_tensor=lambda f: _safe_div(f[count], f["changed"]),
+        aggregate=lambda f: _div(_sum(f, count), _sum(f, "changed")),
+    )
+
+
+def _ratio_spec(name: str, count: str, region: str) -> MetricSpec:
+    return MetricSpec(
+        name=name,
+        analysis="principal",
+        column=name,
+        needs=("changed", "numel", region, count),
+        aggregation=f"Σ{count} / Σ(changed·{region}/numel): observed over random-expected intersection",
+        per_tensor=lambda f: _safe_div(f[count], _random_expected(f, region)),
+        aggregate=lambda f: _div(_sum(f, count), float(_random_expected(f, region).sum())),
+    )
+
+
+def _magnitude_spec(name: str, count: str, baseline: str) -> MetricSpec:
+    return MetricSpec(
+        name=name,
+        analysis="principal",
+        column=name,
+        needs=("changed", count),  # the baseline column may be NaN where nothing changed
+        aggregation=f"Σ{count} / Σ(changed·{baseline}): observed over magnitude-matched expected intersection",
+        per_tensor=lambda f: _safe_div(f[count], _magnitude_expected(f, baseline)),
+        aggregate=lambda f: _div(_sum(f, count), float(_magnitude_expected(f, baseline).sum(skipna=False))),
+    )
+
+
+def _spectral_spec(name: str) -> MetricSpec:
+    return MetricSpec(
+        name=name,
+        analysis="spectral",
+        column=name,
+        needs=(name,),
+        aggregation="maximum over the scope (the worst matrix)",
+        per_tensor=_col(name),
+        aggregate=_max(name),
+    )
+
+
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(
+            name="sparsity",
+            analysis="sparsity",
+            column="sparsity",
+            needs=("changed", "numel"),
+            aggregation="1 − Σchanged / Σnumel (parameter-weighted)",
+            per_tensor=lambda f: 1.0 - _safe_div(f["changed"], f["numel"]),
+            aggregate=lambda f: 1.0 - _div(_sum(f, "changed"), _sum(f, "numel")),
+        ),
+        MetricSpec(
+            name="density",
+            analysis="sparsity",
+            column="density",
+            needs=("changed", "numel"),
+            aggregation="Σchanged / Σnumel (parameter-weighted)",
+            per_tensor=lambda f: _safe_div(f["changed"], f["numel"]),
+            aggregate=lambda f: _div(_sum(f, "changed"), _sum(f, "numel")),
+        ),
+        MetricSpec(
+            name="changed",
+            analysis="sparsity",
+            column="changed",
+            needs=("changed",),
+            aggregation="Σchanged (entries)",
+            per_tensor=_col("changed"),
+            aggregate=lambda f: _sum(f, "changed"),
+        ),
+        _overlap_spec("overlap_principal", "n_princ_and_update"),
+        _overlap_spec("overlap_low", "n_low_and_update"),
+        _ratio_spec("ratio_principal", "n_princ_and_update", "n_principal"),
+        _ratio_spec("ratio_low", "n_low_and_update", "n_low"),
+        _magnitude_spec("ratio_principal_magnitude", "n_princ_and_update", "baseline_principal_magnitude"),
+        _magnitude_spec("ratio_low_magnitude", "n_low_and_update", "baseline_low_magnitude"),
+        _spectral_spec("nss"),
+        _spectral_spec("angle_u_max_deg"),
+        _spectral_spec("angle_v_max_deg"),
+        _spectral_spec("angle_u_mean_deg"),
+        _spectral_spec("angle_v_mean_deg"),
+    )
+}
+
+
+def required_analyses(rules: Iterable[Rule], structural: StructuralRules | None = None) -> set[str]:
+    """The analyses the rules need; structural checks read the sparsity frame."""
+    needed: set[str] = set()
+    for rule in rules:
+        spec = METRICS.get(rule.metric)
+        if spec is None:
+            raise InputError(_unknown_metric(rule.metric, str(rule)))
+        needed.add(spec.analysis)
+    if structural is not None and structural.active:
+        needed.add("sparsity")
+    return needed
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML configuration
+
+_CONFIG_KEYS = ("rules", "expect_unchanged", "allow_changed", "same_keys", "same_shapes", "same_dtypes")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Rules and structural checks from the command line, a rules file or pyproject.toml."""
+
+    rules: tuple[Rule, ...] = ()
+    structural: StructuralRules = field(default_factory=StructuralRules)
+
+    def merged(self, other: CheckConfig) -> CheckConfig:
+        """Both configs together: rules and globs concatenated, boolean checks or-ed."""
+        a, b = self.structural, other.structural
+        return CheckConfig(
+            rules=self.rules + other.rules,
+            structural=StructuralRules(
+                same_keys=a.same_keys or b.same_keys,
+                same_shapes=a.same_shapes or b.same_shapes,
+                same_dtypes=a.same_dtypes or b.same_dtypes,
+                expect_unchanged=a.expect_unchanged + b.expect_unchanged,
+                allow_changed=a.allow_changed + b.allow_changed,
+            ),
+        )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"config file {path} does not exist: check the --config path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from None
+    except OSError as exc:
+        raise InputError(f"cannot read config file {path} ({exc.strerror}): check the path") from None
+
+
+def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"'{key}' in {where} must be a list of strings, e.g. {key} = [\"...\"]")
+    return tuple(value)
+
+
+def _flag(value: Any, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"'{key}' in {where} must be true or false")
+    return value
+
+
+def config_from_table(table: dict[str, Any], where: str) -> CheckConfig:
+    """A CheckConfig from a TOML table; keys may use '-' or '_'; unknown keys are an input error."""
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in _CONFIG_KEYS:
+            raise InputError(f"unknown key {raw_key!r} in {where}: use {', '.join(_CONFIG_KEYS)}")
+        values[key] = value
+    rules = tuple(parse_rule(text, where) for text in _strings(values.get("rules", []), "rules", where))
+    structural = StructuralRules(
+        same_keys=_flag(values.get("same_keys", False), "same_keys", where),
+        same_shapes=_flag(values.get("same_shapes", False), "same_shapes", where),
+        same_dtypes=_flag(values.get("same_dtypes", False), "same_dtypes", where),
+        expect_unchanged=_strings(values.get("expect_unchanged", []), "expect_unchanged", where),
+        allow_changed=_strings(values.get("allow_changed", []), "allow_changed", where),
+    )
+    return CheckConfig(rules=rules, structural=structural)
+
+
+def _check_table(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The [tool.ckptdiff.check] table of a parsed pyproject.toml, if any."""
+    table = data.get("tool", {}).get("ckptdiff", {}).get("check")
+    return table if isinstance(table, dict) else None
+
+
+def load_config(path: Path) -> CheckConfig:
+    """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff.check] table when it has one."""
+    data = _read_toml(path)
+    table = _check_table(data)
+    if table is not None:
+        return config_from_table(table, f"{path} [tool.ckptdiff.check]")
+    return config_from_table(data, str(path))
+
+
+def load_pyproject(directory: Path) -> CheckConfig | None:
+    """The [tool.ckptdiff.check] table of directory/pyproject.toml; None when the file or table is absent."""
+    path = directory / "pyproject.toml"
+    if not path.is_file():
+        return None
+    table = _check_table(_read_toml(path))
+    return None if table is None else config_from_table(table, f"{path} [tool.ckptdiff.check]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass(frozen=True)
+class Offender:
+    """A tensor behind a failing rule, with its value or a short reason."""
+
+    tensor: str
+    value: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule's outcome: measured value against the threshold, and the worst tensors when it fails."""
+
+    rule: str  # canonical text, e.g. "sparsity@model.* >= 0.3" or "same_keys"
+    kind: Literal["metric", "structural"]
+    op: Op
+    threshold: float
+    value: float  # measured; structural rules measure the number of violating tensors
+    passed: bool
+    n_tensors: int  # tensors the rule looked at
+    offenders: tuple[Offender, ...] = ()  # at most max_offenders, worst first
+    n_offenders: int = 0  # all violating tensors (structural) or offenders listed (metric)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """All rule outcomes of one check."""
+
+    results: tuple[RuleResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every rule passed."""
+        return all(r.passed for r in self.results)
+
+
+def exit_code(result: CheckResult) -> int:
+    """0 when every rule passes, 1 when one fails (bad input raises InputError, exit code 2)."""
+    return 0 if result.passed else 1
+
+
+def _matching(names: pd.Series, glob: str) -> pd.Series:
+    return names.map(lambda name: fnmatch.fnmatchcase(str(name), glob)).astype(bool)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Iterable[str], analysis: str) -> None:
+    missing = [c for c in ("tensor", "status", *columns) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the {analysis} frame lacks columns {missing}")
+
+
+def _frame(frames: dict[str, pd.DataFrame], analysis: str) -> pd.DataFrame:
+    if analysis not in frames:
+        raise ValueError(f"no {analysis} frame given; required_analyses() lists what evaluate needs")
+    return frames[analysis]
+
+
+def _offender_order(values: pd.Series, op: Op, threshold: float) -> pd.Series:
+    """A sort key where larger means worse for this comparison."""
+    if op in ("<", "<="):
+        return values
+    if op in (">", ">="):
+        return -values
+    distance = (values - threshold).abs()
+    return distance if op == "==" else -distance
+
+
+def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders: int) -> RuleResult:
+    spec = METRICS.get(rule.metric)
+    if spec is None:
+        raise InputError(_unknown_metric(rule.metric, str(rule)))
+    frame = _frame(frames, spec.analysis)
+    _require_columns(frame, spec.needs, spec.analysis)
+    in_scope = frame if rule.scope is None else frame[_matching(frame["tensor"], rule.scope)]
+    if in_scope.empty:
+        raise InputError(
+            f"scope {rule.scope!r} of rule '{rule}' matches no tensor in the {spec.analysis} analysis: "
+            "check the glob against the checkpoint's tensor names"
+        )
+    usable = in_scope[~in_scope["status"].isin(NOT_COMPARED) & in_scope[list(spec.needs)].notna().all(axis=1)]
+    if usable.empty:
+        raise InputError(
+            f"rule '{rule}' matches {len(in_scope)} tensor(s) but none has a {rule.metric} value "
+            f"(not compared, or no {spec.analysis} analysis for them): narrow or fix the scope"
+        )
+    value = spec.aggregate(usable)
+    passed = not math.isnan(value) and _COMPARE[rule.op](value, rule.value)
+    offenders: tuple[Offender, ...] = ()
+    if not passed:
+        per_tensor = pd.DataFrame({"tensor": usable["tensor"].astype(str), "value": spec.per_tensor(usable)})
+        per_tensor = per_tensor.dropna(subset=["value"])
+        per_tensor["key"] = _offender_order(per_tensor["value"], rule.op, rule.value)
+        worst = per_tensor.sort_values(["key", "tensor"], ascending=[False, True], kind="stable").head(max_offenders)
+        offenders = tuple(Offender(t, float(v)) for t, v in zip(worst["tensor"], worst["value"], strict=True))
+    note = f"undefined over this scope ({spec.aggregation})" if math.isnan(value) else ""
+    return RuleResult(
+        rule=str(rule),
+        kind="metric",
+        op=rule.op,
+        threshold=rule.value,
+        value=value,
+        passed=passed,
+        n_tensors=len(usable),
+        offenders=offenders,
+        n_offenders=len(offenders),
+        note=note,
+    )
+
+
+def _structural_result(name: str, n_tensors: int, violations: Sequence[Offender], max_offenders: int) -> RuleResult:
+    return RuleResult(
+        rule=name,
+        kind="structural",
+        op="==",
+        threshold=0.0,
+        value=float(len(violations)),
+        passed=not violations,
+        n_tensors=n_tensors,
+        offenders=tuple(violations[:max_offenders]),
+        n_offenders=len(violations),
+    )
+
+
+def _detail(row: pd.Series, what: str) -> str:
+    """'base -> ft' from optional columns {what}_base / {what}_ft, or the empty string."""
+    base, ft = row.get(f"{what}_base"), row.get(f"{what}_ft")
+    return f"{base} -> {ft}" if _present(base) and _present(ft) else ""
+
+
+def _present(value: object) -> bool:
+    """Whether an optional cell holds something (not None, not NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:
+    """Rows that changed (changed > 0) or could not be compared, most changed entries first."""
+    changed = rows["changed"].astype("float64")
+    bad = rows[rows["status"].isin(NOT_COMPARED) | (changed > 0)].copy()
+    bad["order"] = bad["changed"].astype("float64").fillna(math.inf)
+    bad = bad.sort_values(["order", "tensor"], ascending=[False, True], kind="stable")
+    return [
+        Offender(str(t), None, _NOT_COMPARED_DETAIL[s]) if s in NOT_COMPARED else Offender(str(t), float(c), "changed")
+        for t, s, c in zip(bad["tensor"], bad["status"], bad["changed"], strict=True)
+    ]
+
+
+def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_offenders: int) -> list[RuleResult]:
+    _require_columns(frame, ("changed",), "sparsity")
+    frame = frame.sort_values("tensor", kind="stable")
+    n = len(frame)
+    results: list[RuleResult] = []
+    if structural.same_keys:
+        rows = frame[frame["status"].isin(["only_base", "only_ft"])]
+        pairs = zip(rows["tensor"], rows["status"], strict=True)
+        found = [Offender(str(t), None, _NOT_COMPARED_DETAIL[s]) for t, s in pairs]
+        results.append(_structural_result("same_keys", n, found, max_offenders))
+    if structural.same_shapes:
+        rows = frame[frame["status"] == "shape_mismatch"]
+        found = [
+            Offender(str(row["tensor"]), None, _detail(row, "shape") or "shape changed") for _, row in rows.iterrows()
+        ]
+        results.append(_structural_result("same_shapes", n, found, max_offenders))
+    if structural.same_dtypes:
+        changed = frame["status"] == "dtype_changed"
+        if "dtype_base" in frame.columns and "dtype_ft" in frame.columns:
+            both = frame["dtype_base"].notna() & frame["dtype_ft"].notna()
+            changed |= both & (frame["dtype_base"].astype(str) != frame["dtype_ft"].astype(str))
+        found = [
+            Offender(str(row["tensor"]), None, _detail(row, "dtype") or "dtype changed")
+            for _, row in frame[changed].iterrows()
+        ]
+        results.append(_structural_result("same_dtypes", n, found, max_offenders))
+    for glob in structural.expect_unchanged:
+        rows = frame[_matching(frame["tensor"], glob)]
+        if rows.empty:
+            raise InputError(f"--expect-unchanged {glob!r} matches no tensor: check the glob against the tensor names")
+        results.append(_structural_result(f"unchanged@{glob}", len(rows), _changed_offenders(rows), max_offenders))
+    if structural.allow_changed:
+        allowed = pd.Series(False, index=frame.index)
+        for glob in structural.allow_changed:
+            hit = _matching(frame["tensor"], glob)
+            if not hit.any():
+                raise InputError(f"--allow-changed {glob!r} matches no tensor: check the glob against the tensor names")
+            allowed |= hit
+        rows = frame[~allowed]
+        name = "only_changed@" + ",".join(structural.allow_changed)
+        results.append(_structural_result(name, len(rows), _changed_offenders(rows), max_offenders))
+    return results
+
+
+def evaluate(
+    rules: Sequence[Rule],
+    frames: dict[str, pd.DataFrame],
+    structural: StructuralRules | None = None,
+    max_offenders: int = MAX_OFFENDERS,
+) -> CheckResult:
+    """Evaluate metric rules on per-tensor frames (keyed by analysis) and structural checks on the sparsity frame."""
+    results = [_evaluate_metric(rule, frames, max_offenders) for rule in rules]
+    if structural is not None and structural.active:
+        results.extend(_evaluate_structural(structural, _frame(frames, "sparsity"), max_offenders))
+    return CheckResult(results=tuple(results))
+
+
+def check_scopes(rules: Iterable[Rule], structural: StructuralRules | None, names: Iterable[str]) -> None:
+    """Fail early (InputError) on a rule or structural glob that matches none of the given tensor names."""
+    name_list = list(names)
+    globs = [(f"rule '{r}'", r.scope) for r in rules if r.scope is not None]
+    if structural is not None:
+        globs += [("--expect-unchanged", g) for g in structural.expect_unchanged]
+        globs += [("--allow-changed", g) for g in structural.allow_changed]
+    for where, glob in globs:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in name_list):
+            raise InputError(f"{where}: scope {glob!r} matches no tensor: check the glob against the tensor names")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def format_value(value: float | None) -> str:
+    """A measured value for tables: integers without decimals, others with 6 significant digits, NaN as n/a."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def to_dict(result: CheckResult) -> dict[str, Any]:
+    """A JSON-ready plain dict (NaN becomes None)."""
+    return {
+        "passed": result.passed,
+        "exit_code": exit_code(result),
+        "rules": [
+            {
+                "rule": r.rule,
+                "kind": r.kind,
+                "op": r.op,
+                "threshold": r.threshold,
+                "value": _finite_or_none(r.value),
+                "passed": r.passed,
+                "n_tensors": r.n_tensors,
+                "n_offenders": r.n_offenders,
+                "offenders": [
+                    {"tensor": o.tensor, "value": _finite_or_none(o.value), "detail": o.detail} for o in r.offenders
+                ],
+                "note": r.note,
+            }
+            for r in result.results
+        ],
+    }
+
+
+def _md(text: str) -> str:
+    """Inline code for Markdown tables (pipes escaped)."""
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+def to_markdown(result: CheckResult) -> str:
+    """A Markdown summary: one table row per rule, then the worst tensors of each failing rule."""
+    n_pass = sum(r.passed for r in result.results)
+    verdict = "PASS" if result.passed else "FAIL"
+    lines = [
+        f"## ckptdiff check: {verdict} ({n_pass}/{len(result.results)} rules pass)",
+        "",
+        "| rule | value | threshold | result |",
+        "|---|---|---|---|",
+    ]
+    for r in result.results:
+        outcome = "PASS" if r.passed else "FAIL"
+        lines.append(f"| {_md(r.rule)} | {format_value(r.value)} | {r.op} {format_value(r.threshold)} | {outcome} |")
+    for r in result.results:
+        if r.passed or not r.offenders:
+            continue
+        more = f" ({r.n_offenders} in all)" if r.n_offenders > len(r.offenders) else ""
+        lines += ["", f"**{_md(r.rule)}** worst tensors{more}:", ""]
+        for o in r.offenders:
+            parts = [p for p in (format_value(o.value) if o.value is not None else "", o.detail) if p]
+            lines.append(f"- {_md(o.tensor)}: {' '.join(parts)}" if parts else f"- {_md(o.tensor)}")
+    for r in result.results:
+        if r.note:
+            lines += ["", f"Note on {_md(r.rule)}: {r.note}."]
+    return "\n".join(lines) + "\n"

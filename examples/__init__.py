@@ -1,0 +1,1 @@
+"""Worked examples for ckptdiff (not part of the installed package)."""

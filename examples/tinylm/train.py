@@ -1,0 +1,269 @@
+"""Pretrain a tiny addition LM, then fine-tune it with SFT and with GRPO; save bf16 checkpoints.
+
+Usage (from the repository root):
+    python -m examples.tinylm.train all --out examples/checkpoints
+    python -m examples.tinylm.train pretrain --out examples/checkpoints/base
+    python -m examples.tinylm.train sft --base examples/checkpoints/base --out DIR --lr 1e-4 --seed 1
+    python -m examples.tinylm.train rl  --base examples/checkpoints/base --out DIR --lr 2e-5 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from examples.tinylm import ckpt_io, grpo, rollout, task
+from examples.tinylm.model import ModelConfig, TinyLM
+
+THREADS = 2
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """From-scratch training on full sequences (loss on every next token)."""
+
+    digits: int = 3
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 384
+    steps: int = 1500
+    batch: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_every: int = 100
+    eval_problems: int = 1000
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on correct answers (loss on answer tokens only), constant lr."""
+
+    lr: float = 1e-4
+    steps: int = 300
+    batch: int = 128
+    seed: int = 1
+    weight_decay: float = 0.0
+    eval_every: int = 100
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """On-policy GRPO with a 0/1 exact-match reward and a k3 KL penalty to the base, constant lr."""
+
+    lr: float = 2e-5
+    steps: int = 300
+    prompts: int = 16
+    group: int = 8
+    kl_coef: float = 0.04
+    temperature: float = 1.0
+    seed: int = 1
+    weight_decay: float = 0.0
+    eval_every: int = 100
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _adamw(model: TinyLM, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=weight_decay)
+
+
+def _step(model: TinyLM, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def _finish(
+    model: TinyLM, out: Path, digits: int, entry: dict[str, Any], heldout: tuple[torch.Tensor, ...]
+) -> dict[str, Any]:
+    """Save bf16, score the saved (rounded) weights, write the card and the runs.json entry."""
+    ckpt_io.save_bf16(model, out, digits)
+    saved, _ = ckpt_io.load_model(out)
+    entry["accuracy_after"] = rollout.greedy_accuracy(saved, *heldout, digits)
+    entry["params"] = sum(p.numel() for p in model.parameters())
+    entry["digits"] = digits
+    entry["eval_problems"] = int(heldout[0].shape[0])
+    entry["threads"] = torch.get_num_threads()
+    entry["torch"] = torch.__version__
+    ckpt_io.write_card(out, entry)
+    ckpt_io.record_run(out.parent, entry)
+    log(f"[{entry['name']}] saved {out}; accuracy {entry['accuracy_before']} -> "
+        f"{entry['accuracy_after']:.3f} in {entry['wall_s']:.0f} s")
+    return entry
+
+
+def pretrain(cfg: PretrainConfig, out: Path, command: str = "") -> dict[str, Any]:
+    """Train from scratch with AdamW (linear warmup, then constant lr) and save the base."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    mcfg = ModelConfig(vocab_size=len(task.VOCAB), max_positions=task.seq_len(cfg.digits) - 1,
+                       d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       d_mlp=cfg.d_mlp)
+    model = TinyLM(mcfg)
+    heldout = task.heldout_set(cfg.digits, cfg.eval_problems)
+    stream = task.ProblemStream(cfg.digits, cfg.seed, heldout)
+    opt = _adamw(model, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    for step in range(1, cfg.steps + 1):
+        seqs = task.encode(*stream.sample(cfg.batch), cfg.digits)  # (batch, seq_len)
+        logits = model(seqs[:, :-1])  # (batch, seq_len - 1, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+        _step(model, opt, loss)
+        sched.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = rollout.greedy_accuracy(model, *heldout, cfg.digits)
+            log(f"[base] step {step} loss {loss.item():.4f} acc {acc:.3f} ({time.time() - t0:.0f} s)")
+    entry = {"name": out.name, "parent": None, "method": "pretrain", "lr": cfg.lr,
+             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": None,
+             "hparams": asdict(cfg), "command": command}
+    entry["wall_s"] = time.time() - t0
+    return _finish(model, out, cfg.digits, entry, heldout)
+
+
+def sft(base: Path, cfg: SFTConfig, out: Path, command: str = "") -> dict[str, Any]:
+    """Fine-tune the base on correct answers; cross-entropy on the answer tokens only."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model, digits = ckpt_io.load_model(base)
+    heldout = task.heldout_set(digits)
+    acc_before = rollout.greedy_accuracy(model, *heldout, digits)
+    stream = task.ProblemStream(digits, 1000 + cfg.seed, heldout)
+    opt = _adamw(model, cfg.lr, cfg.weight_decay)
+    p = task.prompt_len(digits)
+    for step in range(1, cfg.steps + 1):
+        seqs = task.encode(*stream.sample(cfg.batch), digits)  # (batch, seq_len)
+        logits = model(seqs[:, :-1])[:, p - 1:]  # (batch, digits + 1, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, p:].reshape(-1))
+        _step(model, opt, loss)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = rollout.greedy_accuracy(model, *heldout, digits)
+            log(f"[{out.name}] step {step} loss {loss.item():.4f} acc {acc:.3f} "
+                f"({time.time() - t0:.0f} s)")
+    entry = {"name": out.name, "parent": base.name, "method": "sft", "lr": cfg.lr,
+             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": acc_before,
+             "hparams": asdict(cfg), "command": command}
+    entry["wall_s"] = time.time() - t0
+    return _finish(model, out, digits, entry, heldout)
+
+
+def rl_step(
+    policy: TinyLM, ref: TinyLM, opt: torch.optim.Optimizer, stream: task.ProblemStream,
+    cfg: RLConfig, digits: int, gen: torch.Generator, reward_fn: RewardFn = rollout.exact_match,
+) -> dict[str, float]:
+    """One on-policy GRPO update: sample G answers per prompt, score, normalize in-group, step."""
+    if cfg.group < 2:
+        raise ValueError(f"GRPO needs group >= 2 samples per prompt, got {cfg.group}")
+    a, b = stream.sample(cfg.prompts)
+    a, b = a.repeat_interleave(cfg.group), b.repeat_interleave(cfg.group)  # (prompts * G,)
+    prompts = task.encode(a, b, digits)[:, : task.prompt_len(digits)]
+    seqs = rollout.generate(policy, prompts, digits + 1, cfg.temperature, gen)  # (n, seq_len)
+    rewards = reward_fn(seqs, a, b, digits)  # (n,)
+    adv = grpo.group_advantages(rewards.view(cfg.prompts, cfg.group)).reshape(-1)  # (n,)
+    with torch.no_grad():
+        ref_logp = rollout.answer_logprobs(ref, seqs, digits)
+    logp = rollout.answer_logprobs(policy, seqs, digits)  # (n, digits + 1)
+    loss, kl = grpo.grpo_loss(logp, ref_logp, adv, cfg.kl_coef)
+    _step(policy, opt, loss)
+    return {"loss": loss.item(), "reward": rewards.mean().item(), "kl": kl.item(),
+            "reward_std": rewards.view(cfg.prompts, cfg.group).std(dim=1).mean().item()}
+
+
+def rl(base: Path, cfg: RLConfig, out: Path, command: str = "",
+       reward_fn: RewardFn = rollout.exact_match) -> dict[str, Any]:
+    """GRPO from the base, with the base (frozen) as KL reference."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    policy, digits = ckpt_io.load_model(base)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    heldout = task.heldout_set(digits)
+    acc_before = rollout.greedy_accuracy(policy, *heldout, digits)
+    stream = task.ProblemStream(digits, 2000 + cfg.seed, heldout)
+    gen = torch.Generator().manual_seed(3000 + cfg.seed)
+    opt = _adamw(policy, cfg.lr, cfg.weight_decay)
+    for step in range(1, cfg.steps + 1):
+        stats = rl_step(policy, ref, opt, stream, cfg, digits, gen, reward_fn)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = rollout.greedy_accuracy(policy, *heldout, digits)
+            log(f"[{out.name}] step {step} reward {stats['reward']:.3f} kl {stats['kl']:.2e} "
+                f"acc {acc:.3f} ({time.time() - t0:.0f} s)")
+    entry = {"name": out.name, "parent": base.name, "method": "rl_grpo", "lr": cfg.lr,
+             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": acc_before,
+             "hparams": asdict(cfg), "command": command}
+    entry["wall_s"] = time.time() - t0
+    return _finish(policy, out, digits, entry, heldout)
+
+
+def _cmd(*parts: object) -> str:
+    return "python -m examples.tinylm.train " + " ".join(str(p) for p in parts)
+
+
+def run_all(
+    out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig
+) -> list[dict[str, Any]]:
+    """The whole experiment: base, sft, rl_seed1, rl_seed2 and the two learning-rate controls."""
+    base = out / "base"
+    results = [pretrain(pre, base, _cmd("pretrain", "--out", base, "--steps", pre.steps))]
+    stages: list[tuple[str, str, SFTConfig | RLConfig]] = [
+        ("sft", "sft", sft_cfg),
+        ("rl_seed1", "rl", replace(rl_cfg, seed=1)),
+        ("rl_seed2", "rl", replace(rl_cfg, seed=2)),
+        ("sft_lr_rl", "sft", replace(sft_cfg, lr=rl_cfg.lr)),
+        ("rl_lr_sft", "rl", replace(rl_cfg, lr=sft_cfg.lr)),
+    ]
+    for name, method, cfg in stages:
+        cmd = _cmd(method, "--base", base, "--out", out / name, "--lr", cfg.lr,
+                   "--steps", cfg.steps, "--seed", cfg.seed)
+        fn = sft if method == "sft" else rl
+        results.append(fn(base, cfg, out / name, cmd))  # type: ignore[arg-type]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.tinylm.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p_all = sub.add_parser("all", help="run every stage into OUT/<name>")
+    p_all.add_argument("--out", type=Path, required=True)
+    p_pre = sub.add_parser("pretrain", help="train the base from scratch")
+    p_pre.add_argument("--out", type=Path, required=True)
+    p_pre.add_argument("--steps", type=int, default=PretrainConfig.steps)
+    for name, cls in (("sft", SFTConfig), ("rl", RLConfig)):
+        p = sub.add_parser(name, help=f"fine-tune the base with {name.upper()}")
+        p.add_argument("--base", type=Path, required=True)
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--lr", type=float, default=cls.lr)
+        p.add_argument("--steps", type=int, default=cls.steps)
+        p.add_argument("--seed", type=int, default=cls.seed)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    cmd = _cmd(*(argv if argv is not None else sys.argv[1:]))
+    if args.stage == "all":
+        run_all(args.out, PretrainConfig(), SFTConfig(), RLConfig())
+    elif args.stage == "pretrain":
+        pretrain(PretrainConfig(steps=args.steps), args.out, cmd)
+    elif args.stage == "sft":
+        sft(args.base, SFTConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
+    else:
+        rl(args.base, RLConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
