@@ -1,0 +1,212 @@
+"""Checkpoint sources: every supported input, and every bad input gets a clear InputError."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptdiff import hub
+from ckptdiff.errors import InputError
+from ckptdiff.sources import SafetensorsSource, TorchFileSource, resolve
+from factory import llama_like, save_sharded, save_single
+
+
+def _same(src_tensors: dict[str, torch.Tensor], source: object) -> None:
+    assert set(source.infos) == set(src_tensors)  # type: ignore[attr-defined]
+    for k, v in src_tensors.items():
+        got = source.read_full(k)  # type: ignore[attr-defined]
+        assert got.dtype == v.dtype and torch.equal(got.view(torch.int16), v.view(torch.int16)), k
+
+
+def test_single_file_and_directory(tmp_path: Path) -> None:
+    sd = llama_like()
+    f = save_single(sd, tmp_path / "m" / "model.safetensors")
+    _same(sd, resolve(str(f)))
+    _same(sd, resolve(str(f.parent)))
+
+
+def test_sharded_directory_and_partial_reads(tmp_path: Path) -> None:
+    sd = llama_like(layers=3)
+    save_sharded(sd, tmp_path / "s", [5, 7, len(sd) - 12])
+    src = resolve(str(tmp_path / "s"))
+    assert isinstance(src, SafetensorsSource)
+    _same(sd, src)
+    name = "model.layers.1.mlp.up_proj.weight"
+    flat = sd[name].reshape(-1)
+    assert torch.equal(src.read(name, 7, 100).view(torch.int16), flat[7:107].view(torch.int16))
+    # The index file itself is also accepted.
+    _same(sd, resolve(str(tmp_path / "s" / "model.safetensors.index.json")))
+
+
+def test_bin_and_nested_state_dict(tmp_path: Path) -> None:
+    sd = llama_like()
+    torch.save(sd, tmp_path / "plain.bin")
+    torch.save({"state_dict": sd, "step": 3}, tmp_path / "nested.pt")
+    for name in ("plain.bin", "nested.pt"):
+        src = resolve(str(tmp_path / name))
+        assert isinstance(src, TorchFileSource)
+        _same(sd, src)
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("this would run code",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(2), "x": _Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(InputError, match="not a weights-only"):
+        resolve(str(tmp_path / "evil.bin"))
+
+
+def test_missing_path() -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        resolve("/no/such/checkpoint.safetensors")
+
+
+def test_directory_without_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("hi")
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        resolve(str(tmp_path))
+
+
+def test_truncated_safetensors(tmp_path: Path) -> None:
+    f = save_single(llama_like(), tmp_path / "model.safetensors")
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match="truncated"):
+        resolve(str(f))
+    f.write_bytes(data[:5])
+    with pytest.raises(InputError, match="truncated"):
+        resolve(str(f))
+
+
+def test_corrupt_header(tmp_path: Path) -> None:
+    f = tmp_path / "bad.safetensors"
+    body = b"{not json"
+    f.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 16)
+    with pytest.raises(InputError, match="corrupt header"):
+        resolve(str(f))
+    f.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        resolve(str(f))
+
+
+def test_index_names_missing_shard(tmp_path: Path) -> None:
+    sd = llama_like()
+    save_sharded(sd, tmp_path / "s", [4, len(sd) - 4])
+    (tmp_path / "s" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(InputError, match="missing"):
+        resolve(str(tmp_path / "s"))
+
+
+def test_index_promises_tensor_shard_lacks(tmp_path: Path) -> None:
+    sd = llama_like()
+    save_sharded(sd, tmp_path / "s", [4, len(sd) - 4])
+    idx = tmp_path / "s" / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
+    idx.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="ghost"):
+        resolve(str(tmp_path / "s"))
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    f = tmp_path / "weights.npz"
+    f.write_bytes(b"123")
+    with pytest.raises(InputError, match="not a checkpoint"):
+        resolve(str(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub: a cache laid out in tmp_path, offline; and the online path mocked at huggingface_hub's boundary.
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(root: Path, repo: str, sd: dict[str, torch.Tensor]) -> Path:
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / SHA
+    save_single(sd, snap / "model.safetensors")
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(SHA)
+    return snap
+
+
+def test_hub_offline_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = llama_like()
+    _hub_cache(tmp_path / "cache", "acme/tiny", sd)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = resolve("acme/tiny", progress=False)
+    assert SHA in src.resolved
+    _same(sd, src)
+    src_rev = resolve(f"acme/tiny@{SHA}", progress=False)
+    _same(sd, src_rev)
+
+
+def test_hub_offline_unknown_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="not in the local cache"):
+        resolve("acme/never-downloaded", progress=False)
+
+
+def test_hub_home_sets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub.cache_dir() == str(tmp_path / "home" / "hub")
+
+
+def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub as hf
+
+    sd = llama_like()
+    snap = tmp_path / "snap" / SHA
+    save_sharded(sd, snap, [3, len(sd) - 3])
+    calls: dict[str, object] = {}
+
+    def fake_list(self: object, repo_id: str, revision: str | None = None, **_: object) -> list[str]:
+        calls["list"] = (repo_id, revision)
+        return ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors", "pytorch_model.bin", "consolidated.safetensors"]
+
+    def fake_snapshot(repo_id: str, **kw: object) -> str:
+        calls["snapshot"] = (repo_id, kw)
+        return str(snap)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf.HfApi, "list_repo_files", fake_list)
+    monkeypatch.setattr(hf, "snapshot_download", fake_snapshot)
+    src = resolve("acme/big@v1.0", progress=False)
+    _same(sd, src)
+    assert calls["list"] == ("acme/big", "v1.0")
+    _, kw = calls["snapshot"]  # type: ignore[misc]
+    assert kw["revision"] == "v1.0" and kw["local_files_only"] is False
+    patterns = kw["allow_patterns"]
+    assert "model.safetensors.index.json" in patterns
+    assert not any(p.endswith(".bin") for p in patterns)
+    assert "consolidated.safetensors" not in patterns
+
+
+def test_hub_bin_fallback_patterns() -> None:
+    assert hub._choose_patterns(["pytorch_model.bin", "config.json"]) == hub.PICKLE_PATTERNS
+    assert hub._choose_patterns(["model.safetensors", "pytorch_model.bin"]) == ["model.safetensors"]
+
+
+def test_hub_not_found_is_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub as hf
+    from huggingface_hub import errors
+
+    def missing(self: object, repo_id: str, **_: object) -> list[str]:
+        response = SimpleNamespace(headers={}, status_code=404, request=None)
+        raise errors.RepositoryNotFoundError("404 Repository Not Found", response=response)  # type: ignore[arg-type]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf.HfApi, "list_repo_files", missing)
+    with pytest.raises(InputError, match="not found"):
+        resolve("acme/nothing", progress=False)
