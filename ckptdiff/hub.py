@@ -76,7 +76,9 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
             f"Hub repo {repo} was not found (or is private); check the id, or set HF_TOKEN for a private repo"
         ) from None
     except hf_errors.RevisionNotFoundError:
-        raise InputError(f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit") from None
+        raise InputError(
+            f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit"
+        ) from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
         where = cache or "the default Hugging Face cache"
         raise InputError(
@@ -85,6 +87,8 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"could not fetch Hub repo {spec}: {first}; check the network, or set HF_HUB_OFFLINE=1") from None
+        raise InputError(
+            f"could not fetch Hub repo {spec}: {first}; check the network, or set HF_HUB_OFFLINE=1"
+        ) from None
     path = Path(folder)
     return path, f"hub:{repo}@{path.name} ({path})"

@@ -4,22 +4,24 @@ A metric rule reads ``METRIC[@GLOB] OP VALUE`` (``sparsity@model.layers.*.mlp.* 
 matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`` also crosses dots). Structural rules
 (``StructuralRules``) check the key set, shapes, dtypes and which tensors may change.
 
-Per-tensor frames, one per analysis, are what ``evaluate`` reads. Every frame has ``tensor`` (name) and
-``status``: "ok", "non_float" and "dtype_changed" rows were compared; "only_base", "only_ft" and
-"shape_mismatch" rows were not and never enter a metric. Columns each analysis must provide:
+Per-tensor frames, one per analysis, are what ``evaluate`` reads; column names follow the analyses' rows
+(``analyses.common.row_basics`` plus ``PrincipalResult`` / ``SpectralResult`` fields). Every frame has
+``tensor`` and ``status`` (``ckptdiff.stream``: "ok", "dtype_changed", "non_float" were compared; "only_base",
+"only_ft", "missing", "shape_mismatch", "kind_mismatch" were not and never enter a metric). Columns read:
 
-- ``sparsity``: ``numel``, ``changed`` (entries changed under the compare mode). Optional, for structural
-  messages: ``shape_base``, ``shape_ft``, ``dtype_base``, ``dtype_ft``.
-- ``principal``: ``changed``, ``numel``, ``n_principal`` (|M_princ|), ``n_low`` (|M_low|),
-  ``n_princ_and_update`` (|M_princ ∩ M|), ``n_low_and_update`` (|M_low ∩ M|), ``baseline_principal_magnitude``
-  and ``baseline_low_magnitude`` (the magnitude-matched expected overlaps of METRICS.md §2b; NaN allowed
-  where changed == 0).
-- ``spectral``: ``nss``, ``angle_u_max_deg``, ``angle_v_max_deg``, ``angle_u_mean_deg``, ``angle_v_mean_deg``.
+- ``sparsity``: ``numel``, ``changed``; structural messages use ``detail``, ``dtype_base``, ``dtype_ft`` when present.
+  sparsity and density are over compared float tensors ("ok", "dtype_changed"), as the sparsity report's
+  figures are; changed also counts "non_float" tensors (an integer buffer that changed did change).
+- ``principal``: ``changed``, ``numel``, ``principal_size`` / ``low_size`` / ``principal_not_low_size`` (|M•|),
+  ``changed_principal`` / ``changed_low`` / ``changed_principal_not_low`` (|M• ∩ M|),
+  ``baseline_principal_magnitude`` / ``baseline_low_magnitude`` (magnitude-matched expected overlaps, §2b;
+  NaN allowed where changed == 0), ``energy_principal`` and ``delta_fro_sq`` (E_k and ‖ΔW‖_F²).
+- ``spectral``: the column of the same name as the metric (``nss``, ``angle_u_max_deg``, ...).
 
-A row enters a metric when its status was compared and the columns the metric reads are not NaN (1-D
-tensors without a spectrum can sit in the spectral frame with NaN values). A metric whose scope has no
-such row is an input error; a measured value that is NaN (a ratio over a scope where nothing changed)
-fails its rule, since a gate must not pass on a vacuous measurement.
+A row enters a metric when its status allows and the columns the metric reads are not NA (1-D tensors
+without a spectrum may sit in the spectral frame with NaN values). A scope with no such row is an input
+error; a measured value that is NaN (a ratio over a scope where nothing changed) fails its rule, since a
+gate must not pass on a vacuous measurement.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ from typing import Any, Literal
 import pandas as pd
 
 from ckptdiff.errors import InputError
+from ckptdiff.stream import (
+    COMPARABLE,
+    DTYPE_CHANGED,
+    KIND_MISMATCH,
+    MISSING,
+    NON_FLOAT,
+    OK,
+    ONLY_BASE,
+    ONLY_FT,
+    SHAPE_MISMATCH,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,8 +59,16 @@ Op = Literal["<", "<=", ">", ">=", "==", "!="]
 Analysis = Literal["sparsity", "principal", "spectral"]
 
 RULE_FORM = "METRIC[@GLOB] OP VALUE, e.g. 'sparsity@model.layers.*.mlp.* >= 0.3'"
-NOT_COMPARED = frozenset({"only_base", "only_ft", "shape_mismatch"})
-_NOT_COMPARED_DETAIL = {"only_base": "only in base", "only_ft": "only in fine-tune", "shape_mismatch": "shape changed"}
+FLOAT_COMPARED = frozenset({OK, DTYPE_CHANGED})
+_STATUS_TEXT = {
+    ONLY_BASE: "only in base",
+    ONLY_FT: "only in fine-tune",
+    MISSING: "missing from a fine-tune",
+    SHAPE_MISMATCH: "shape changed",
+    KIND_MISMATCH: "float on one side only",
+    DTYPE_CHANGED: "dtype changed",
+    NON_FLOAT: "dtype changed",
+}
 MAX_OFFENDERS = 5
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
@@ -84,7 +105,12 @@ class Rule:
     def __str__(self) -> str:
         """The rule in canonical form."""
         scope = f"@{self.scope}" if self.scope is not None else ""
-        return f"{self.metric}{scope} {self.op} {self.value:g}"
+        return f"{self.metric}{scope} {self.op} {exact_number(self.value)}"
+
+
+def exact_number(value: float) -> str:
+    """A threshold as written back: integers without '.0', others in Python's shortest round-trip form."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
 
 
 def parse_rule(text: str, origin: str = "--rule") -> Rule:
@@ -163,6 +189,7 @@ class MetricSpec:
     analysis: Analysis
     column: str  # the per-tensor column of that analysis's frame (or, for derived metrics, its name there)
     needs: tuple[str, ...]  # columns read; a row with NaN in any of them is left out
+    statuses: frozenset[str]  # row statuses that enter the metric
     aggregation: str  # one line: how a scope of tensors becomes one number
     per_tensor: Callable[[pd.DataFrame], pd.Series]
     aggregate: Callable[[pd.DataFrame], float]
@@ -174,6 +201,7 @@ def _overlap_spec(name: str, count: str) -> MetricSpec:
         analysis="principal",
         column=name,
         needs=("changed", count),
+        statuses=COMPARABLE,
         aggregation=f"Σ{count} / Σchanged (weighted by updated entries)",
         per_tensor=lambda f: _safe_div(f[count], f["changed"]),
         aggregate=lambda f: _div(_sum(f, count), _sum(f, "changed")),
@@ -186,6 +214,7 @@ def _ratio_spec(name: str, count: str, region: str) -> MetricSpec:
         analysis="principal",
         column=name,
         needs=("changed", "numel", region, count),
+        statuses=COMPARABLE,
         aggregation=f"Σ{count} / Σ(changed·{region}/numel): observed over random-expected intersection",
         per_tensor=lambda f: _safe_div(f[count], _random_expected(f, region)),
         aggregate=lambda f: _div(_sum(f, count), float(_random_expected(f, region).sum())),
@@ -198,6 +227,7 @@ def _magnitude_spec(name: str, count: str, baseline: str) -> MetricSpec:
         analysis="principal",
         column=name,
         needs=("changed", count),  # the baseline column may be NaN where nothing changed
+        statuses=COMPARABLE,
         aggregation=f"Σ{count} / Σ(changed·{baseline}): observed over magnitude-matched expected intersection",
         per_tensor=lambda f: _safe_div(f[count], _magnitude_expected(f, baseline)),
         aggregate=lambda f: _div(_sum(f, count), float(_magnitude_expected(f, baseline).sum(skipna=False))),
@@ -210,6 +240,7 @@ def _spectral_spec(name: str) -> MetricSpec:
         analysis="spectral",
         column=name,
         needs=(name,),
+        statuses=COMPARABLE,
         aggregation="maximum over the scope (the worst matrix)",
         per_tensor=_col(name),
         aggregate=_max(name),
@@ -224,6 +255,7 @@ METRICS: dict[str, MetricSpec] = {
             analysis="sparsity",
             column="sparsity",
             needs=("changed", "numel"),
+            statuses=FLOAT_COMPARED,
             aggregation="1 − Σchanged / Σnumel (parameter-weighted)",
             per_tensor=lambda f: 1.0 - _safe_div(f["changed"], f["numel"]),
             aggregate=lambda f: 1.0 - _div(_sum(f, "changed"), _sum(f, "numel")),
@@ -233,6 +265,7 @@ METRICS: dict[str, MetricSpec] = {
             analysis="sparsity",
             column="density",
             needs=("changed", "numel"),
+            statuses=FLOAT_COMPARED,
             aggregation="Σchanged / Σnumel (parameter-weighted)",
             per_tensor=lambda f: _safe_div(f["changed"], f["numel"]),
             aggregate=lambda f: _div(_sum(f, "changed"), _sum(f, "numel")),
@@ -242,21 +275,43 @@ METRICS: dict[str, MetricSpec] = {
             analysis="sparsity",
             column="changed",
             needs=("changed",),
-            aggregation="Σchanged (entries)",
+            statuses=COMPARABLE,
+            aggregation="Σchanged (entries, integer tensors included)",
             per_tensor=_col("changed"),
             aggregate=lambda f: _sum(f, "changed"),
         ),
-        _overlap_spec("overlap_principal", "n_princ_and_update"),
-        _overlap_spec("overlap_low", "n_low_and_update"),
-        _ratio_spec("ratio_principal", "n_princ_and_update", "n_principal"),
-        _ratio_spec("ratio_low", "n_low_and_update", "n_low"),
-        _magnitude_spec("ratio_principal_magnitude", "n_princ_and_update", "baseline_principal_magnitude"),
-        _magnitude_spec("ratio_low_magnitude", "n_low_and_update", "baseline_low_magnitude"),
+        _overlap_spec("overlap_principal", "changed_principal"),
+        _overlap_spec("overlap_low", "changed_low"),
+        _overlap_spec("overlap_principal_not_low", "changed_principal_not_low"),
+        _ratio_spec("ratio_principal", "changed_principal", "principal_size"),
+        _ratio_spec("ratio_low", "changed_low", "low_size"),
+        _ratio_spec("ratio_principal_not_low", "changed_principal_not_low", "principal_not_low_size"),
+        _magnitude_spec("ratio_principal_magnitude", "changed_principal", "baseline_principal_magnitude"),
+        _magnitude_spec("ratio_low_magnitude", "changed_low", "baseline_low_magnitude"),
+        MetricSpec(
+            name="energy_principal",
+            analysis="principal",
+            column="energy_principal",
+            needs=("energy_principal", "delta_fro_sq"),
+            statuses=COMPARABLE,
+            aggregation="Σ(energy_principal·delta_fro_sq) / Σdelta_fro_sq (weighted by update energy)",
+            per_tensor=_col("energy_principal"),
+            aggregate=lambda f: _div(
+                float((f["energy_principal"].astype("float64") * f["delta_fro_sq"].astype("float64")).sum()),
+                _sum(f, "delta_fro_sq"),
+            ),
+        ),
         _spectral_spec("nss"),
         _spectral_spec("angle_u_max_deg"),
         _spectral_spec("angle_v_max_deg"),
         _spectral_spec("angle_u_mean_deg"),
         _spectral_spec("angle_v_mean_deg"),
+        _spectral_spec("sv_topk_max_rel_change"),
+        _spectral_spec("delta_rel_fro"),
+        _spectral_spec("nss_per_update"),
+        _spectral_spec("nss_null_ratio"),
+        _spectral_spec("angle_u_max_null_ratio"),
+        _spectral_spec("angle_v_max_null_ratio"),
     )
 }
 
@@ -453,7 +508,7 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
             f"scope {rule.scope!r} of rule '{rule}' matches no tensor in the {spec.analysis} analysis: "
             "check the glob against the checkpoint's tensor names"
         )
-    usable = in_scope[~in_scope["status"].isin(NOT_COMPARED) & in_scope[list(spec.needs)].notna().all(axis=1)]
+    usable = in_scope[in_scope["status"].isin(spec.statuses) & in_scope[list(spec.needs)].notna().all(axis=1)]
     if usable.empty:
         raise InputError(
             f"rule '{rule}' matches {len(in_scope)} tensor(s) but none has a {rule.metric} value "
@@ -497,27 +552,34 @@ def _structural_result(name: str, n_tensors: int, violations: Sequence[Offender]
     )
 
 
-def _detail(row: pd.Series, what: str) -> str:
-    """'base -> ft' from optional columns {what}_base / {what}_ft, or the empty string."""
-    base, ft = row.get(f"{what}_base"), row.get(f"{what}_ft")
-    return f"{base} -> {ft}" if _present(base) and _present(ft) else ""
-
-
-def _present(value: object) -> bool:
-    """Whether an optional cell holds something (not None, not NaN)."""
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+def _details(rows: pd.DataFrame) -> list[Offender]:
+    """One offender per row, described by its ``detail`` column when non-empty, else by its status."""
+    notes = rows["detail"] if "detail" in rows.columns else pd.Series("", index=rows.index)
+    return [
+        Offender(str(t), None, str(d) if isinstance(d, str) and d else _STATUS_TEXT.get(s, s))
+        for t, s, d in zip(rows["tensor"], rows["status"], notes, strict=True)
+    ]
 
 
 def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:
-    """Rows that changed (changed > 0) or could not be compared, most changed entries first."""
+    """Rows that changed (changed > 0) or could not be compared, not-compared first, then most changed."""
     changed = rows["changed"].astype("float64")
-    bad = rows[rows["status"].isin(NOT_COMPARED) | (changed > 0)].copy()
-    bad["order"] = bad["changed"].astype("float64").fillna(math.inf)
+    compared = rows["status"].isin(COMPARABLE)
+    bad = rows.assign(order=changed.where(compared, math.inf))[~compared | (changed > 0)]
     bad = bad.sort_values(["order", "tensor"], ascending=[False, True], kind="stable")
     return [
-        Offender(str(t), None, _NOT_COMPARED_DETAIL[s]) if s in NOT_COMPARED else Offender(str(t), float(c), "changed")
-        for t, s, c in zip(bad["tensor"], bad["status"], bad["changed"], strict=True)
+        Offender(str(t), float(c), "changed") if s in COMPARABLE else Offender(str(t), None, _STATUS_TEXT.get(s, s))
+        for t, s, c in zip(bad["tensor"], bad["status"], bad["order"], strict=True)
     ]
+
+
+def _dtype_changed(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose dtype differs: by status, or by differing non-empty dtype columns (integer tensors)."""
+    changed = frame["status"].isin([DTYPE_CHANGED, KIND_MISMATCH])
+    if "dtype_base" in frame.columns and "dtype_ft" in frame.columns:
+        base, ft = frame["dtype_base"].fillna("").astype(str), frame["dtype_ft"].fillna("").astype(str)
+        changed |= (base != "") & (ft != "") & (base != ft)
+    return changed
 
 
 def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_offenders: int) -> list[RuleResult]:
@@ -526,25 +588,13 @@ def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_o
     n = len(frame)
     results: list[RuleResult] = []
     if structural.same_keys:
-        rows = frame[frame["status"].isin(["only_base", "only_ft"])]
-        pairs = zip(rows["tensor"], rows["status"], strict=True)
-        found = [Offender(str(t), None, _NOT_COMPARED_DETAIL[s]) for t, s in pairs]
+        found = _details(frame[frame["status"].isin([ONLY_BASE, ONLY_FT, MISSING])])
         results.append(_structural_result("same_keys", n, found, max_offenders))
     if structural.same_shapes:
-        rows = frame[frame["status"] == "shape_mismatch"]
-        found = [
-            Offender(str(row["tensor"]), None, _detail(row, "shape") or "shape changed") for _, row in rows.iterrows()
-        ]
+        found = _details(frame[frame["status"] == SHAPE_MISMATCH])
         results.append(_structural_result("same_shapes", n, found, max_offenders))
     if structural.same_dtypes:
-        changed = frame["status"] == "dtype_changed"
-        if "dtype_base" in frame.columns and "dtype_ft" in frame.columns:
-            both = frame["dtype_base"].notna() & frame["dtype_ft"].notna()
-            changed |= both & (frame["dtype_base"].astype(str) != frame["dtype_ft"].astype(str))
-        found = [
-            Offender(str(row["tensor"]), None, _detail(row, "dtype") or "dtype changed")
-            for _, row in frame[changed].iterrows()
-        ]
+        found = _details(frame[_dtype_changed(frame)])
         results.append(_structural_result("same_dtypes", n, found, max_offenders))
     for glob in structural.expect_unchanged:
         rows = frame[_matching(frame["tensor"], glob)]
@@ -648,7 +698,7 @@ def to_markdown(result: CheckResult) -> str:
     ]
     for r in result.results:
         outcome = "PASS" if r.passed else "FAIL"
-        lines.append(f"| {_md(r.rule)} | {format_value(r.value)} | {r.op} {format_value(r.threshold)} | {outcome} |")
+        lines.append(f"| {_md(r.rule)} | {format_value(r.value)} | {r.op} {exact_number(r.threshold)} | {outcome} |")
     for r in result.results:
         if r.passed or not r.offenders:
             continue

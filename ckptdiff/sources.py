@@ -69,7 +69,7 @@ class Source(ABC):
         """The whole tensor ``name`` in its stored shape."""
         return self.read(name).reshape(self.infos[name].shape)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release file handles."""
 
     @property
@@ -181,7 +181,7 @@ class SafetensorsSource(Source):
         span = self._spans[name]
         fd = self._fd(span.path)
         pos = span.offset + start * size
-        view = memoryview(buf)
+        view = memoryview(buf)  # type: ignore[arg-type]
         done = 0
         while done < len(buf):
             got = os.preadv(fd, [view[done:]], pos + done)
@@ -241,7 +241,8 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             ) from None
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg}); check the file") from None
     except (EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({e}); check the file or re-download it") from None
+        msg = f"{path} is not a readable PyTorch checkpoint ({e}); check the file or re-download it"
+        raise InputError(msg) from None
     for key in ("state_dict", "model_state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -325,4 +326,6 @@ def resolve(spec: str, *, progress: bool = True) -> Source:
 
         folder, resolved = hub.download(spec, progress=progress)
         return _from_directory(spec, folder, resolved)
-    raise InputError(f"{spec} does not exist; pass a checkpoint file, a directory, or a Hub id like org/name[@revision]")
+    raise InputError(
+        f"{spec} does not exist; pass a checkpoint file, a directory, or a Hub id like org/name[@revision]"
+    )

@@ -50,7 +50,8 @@ def save_sharded(sd: dict[str, torch.Tensor], folder: Path, shard_sizes: list[in
         save_file(part, str(folder / fname))
         weight_map.update(dict.fromkeys(part, fname))
         start += size
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 

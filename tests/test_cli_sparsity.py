@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from factory import bump_ulps, llama_like, save_sharded, save_single
 from typer.testing import CliRunner
 
 from ckptdiff.analyses.sparsity import COLUMNS, sparsity
 from ckptdiff.cli import app
-from factory import bump_ulps, llama_like, save_sharded, save_single
 
 runner = CliRunner()
 REQUIRED = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "numel", "changed", "sparsity", "status"]

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from factory import bump_ulps
 
 from ckptdiff.metrics.mask import (
     CompareMode,
@@ -15,7 +16,6 @@ from ckptdiff.metrics.mask import (
     magnitude_matched_overlap,
     update_mask,
 )
-from factory import bump_ulps
 
 
 def test_exactly_k_entries_changed() -> None:
@@ -92,7 +92,9 @@ def test_exponent_bins() -> None:
     w = torch.tensor([0.0, 1.0, 1.5, 2.0, 0.75, -3.0, 2**-130], dtype=torch.float32)
     bins = exponent_bins(w).tolist()
     assert bins[1:6] == [0, 0, 1, -1, 1]
-    assert bins[6] == -130  # subnormal
+    assert bins[6] == -127  # every fp32 subnormal shares the bin below the smallest normal exponent (-126)
+    w16 = w.to(torch.bfloat16)
+    assert exponent_bins(w16).tolist() == bins
     assert bins[0] < min(bins[1:])  # zeros are a bin of their own
 
 
@@ -108,6 +110,15 @@ def _brute_force_expected_overlap(w0: torch.Tensor, u: torch.Tensor, c: torch.Te
         num += u_b * c_b / n_b
         den += u_b
     return num / den
+
+
+def test_exponent_bins_match_log2_on_random_values() -> None:
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        w = (torch.randn(10_000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(10_000, generator=g))).to(dtype)
+        w = w[w.abs().to(torch.float64) >= torch.finfo(dtype).tiny]  # normal values
+        expected = torch.floor(torch.log2(w.to(torch.float64).abs())).to(torch.int64)
+        assert torch.equal(exponent_bins(w), expected), dtype
 
 
 def test_magnitude_matched_overlap_brute_force() -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from factory import llama_like, save_sharded, save_single
 
 from ckptdiff import hub
 from ckptdiff.errors import InputError
 from ckptdiff.sources import SafetensorsSource, TorchFileSource, resolve
-from factory import llama_like, save_sharded, save_single
 
 
 def _same(src_tensors: dict[str, torch.Tensor], source: object) -> None:

@@ -25,7 +25,9 @@ class Fmt(str, Enum):
     md = "md"
 
 
-BaseArg = Annotated[str, typer.Argument(help="Base checkpoint: .safetensors/.bin file, folder, or Hub id org/name[@rev].")]
+BaseArg = Annotated[
+    str, typer.Argument(help="Base checkpoint: .safetensors/.bin file, folder, or Hub id org/name[@rev].")
+]
 FtArg = Annotated[str, typer.Argument(help="Fine-tuned checkpoint, same forms as BASE.")]
 IncludeOpt = Annotated[
     list[str] | None, typer.Option("--include", "-i", help="Glob of tensor names to keep (repeatable).")

@@ -128,21 +128,36 @@ def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareM
 # ---------------------------------------------------------------------------------------------
 # Magnitude bins (METRICS.md §2b)
 
-ZERO_BIN = -200  # the bin of exact zeros: below every finite exponent (fp64 subnormals are clamped into it)
-NONFINITE_BIN = 1100  # inf and NaN
+ZERO_BIN = -2000  # the bin of exact zeros: below every finite exponent
+NONFINITE_BIN = 2000  # inf and NaN
 _BIN_OFFSET = -ZERO_BIN
+
+# (mantissa bits, exponent field mask, bias) of each float layout.
+_LAYOUT: dict[torch.dtype, tuple[int, int, int]] = {
+    torch.bfloat16: (7, 0xFF, 127),
+    torch.float16: (10, 0x1F, 15),
+    torch.float32: (23, 0xFF, 127),
+    torch.float64: (52, 0x7FF, 1023),
+}
 
 
 def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
-    """floor(log2|w0|) per entry as int64; exact zeros get ZERO_BIN, non-finite values their own top bin.
+    """floor(log2|w0|) per entry as int64, read from the exponent bits of w0's own dtype.
 
-    Within one bin a bf16 (or fp32) rounding step is the same size, which is what makes changes comparable.
+    Within one bin a rounding step is the same size, which is what makes changes comparable. Exact zeros
+    get ZERO_BIN and inf/NaN NONFINITE_BIN; subnormals share one bin just below the smallest normal
+    exponent, since they all share one rounding step.
     """
-    x = w0.to(torch.float32) if w0.dtype in (torch.bfloat16, torch.float16) else w0
-    _, exp = torch.frexp(x)  # |x| = m * 2**exp with m in [0.5, 1)
-    bins = (exp.to(torch.int64) - 1).clamp_min(ZERO_BIN + 1)
-    bins = torch.where(x == 0, torch.full_like(bins, ZERO_BIN), bins)
-    return torch.where(torch.isfinite(x), bins, torch.full_like(bins, NONFINITE_BIN))
+    if w0.dtype not in _LAYOUT:
+        w0 = w0.to(torch.float32)
+    mant_bits, exp_mask, bias = _LAYOUT[w0.dtype]
+    bits = w0.reshape(w0.shape).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[w0.element_size()])
+    bits = bits.to(torch.int64)
+    field = (bits >> mant_bits) & exp_mask
+    mantissa = bits & ((1 << mant_bits) - 1)
+    bins = field - bias
+    bins = torch.where(field == 0, torch.where(mantissa == 0, ZERO_BIN, -bias), bins)
+    return torch.where(field == exp_mask, NONFINITE_BIN, bins)
 
 
 def _dense_bins(bins: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -18,7 +18,7 @@ from ckptdiff.metrics.mask import CompareMode, bitwise_changed, comparison_dtype
 # ULP-distance buckets for changed entries: 1, 2, 3-4, 5-16, more than 16 representable steps apart.
 ULP_EDGES = (1, 2, 4, 16)
 ULP_LABELS = ("ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16")
-_PIECE = 1 << 20  # entries per numpy piece: two int16 pieces plus a bool mask stay in L2
+_PIECE = 1 << 18  # entries per numpy piece: the operands and temporaries stay in L2 (measured best of 64K..1M)
 
 
 @dataclass(frozen=True)
@@ -83,37 +83,65 @@ def summarise_changed(a: torch.Tensor, b: torch.Tensor) -> ChangeCounts:
     return ChangeCounts(0, n, c1, c2, c4, c16, n - n_nan - c1 - c2 - c4 - c16, n_nan)
 
 
+def _may_hold_nan(bits: np.ndarray, inf: int) -> bool:
+    """Whether unsigned bit patterns may include a NaN, from two cheap maxima (positive and negative NaNs)."""
+    if bits.size == 0:
+        return False
+    nbits = bits.dtype.itemsize * 8
+    signed_max = int(bits.view(f"i{bits.dtype.itemsize}").max())  # largest non-negative pattern
+    return signed_max > inf or int(bits.max()) > (1 << (nbits - 1)) + inf
+
+
+def _exact_counts(x: np.ndarray, y: np.ndarray, dtype: torch.dtype) -> ChangeCounts:
+    """Changed counts and ULP buckets (numel left 0) by compressing to the differing pairs; handles every case."""
+    mag_mask = x.dtype.type((1 << (x.dtype.itemsize * 8 - 1)) - 1)
+    m = x != y
+    cx, cy = x[m], y[m]
+    zero_pair = ((cx | cy) & mag_mask) == 0  # +0 vs -0: equal
+    cx, cy = cx[~zero_pair], cy[~zero_pair]
+    signed = f"i{x.dtype.itemsize}"
+    ta = torch.from_numpy(cx.view(signed)).view(dtype)
+    tb = torch.from_numpy(cy.view(signed)).view(dtype)
+    out = summarise_changed(ta, tb)
+    nan_same = int(np.count_nonzero(((x & mag_mask) > _INF_BITS[dtype]) & ~m))  # bit-identical NaNs
+    return out + ChangeCounts(changed=nan_same, changed_nonfinite=nan_same)
+
+
 def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
-    """Bitwise counts on the CPU with numpy integer views, in cache-sized pieces."""
-    udt = np.dtype(f"u{w0.element_size()}")
-    sdt = _SIGNED[w0.element_size()]
+    """Bitwise counts on the CPU with numpy integer views, in cache-sized pieces.
+
+    |x - y| of the raw bit patterns (wrapping) is the ULP distance for equal signs. Equal signs at
+    distance <= 16 are counted straight from it; everything else (sign flips, +0/-0, NaN, far moves)
+    goes through the exact path. Pieces that may hold a NaN go entirely through the exact path.
+    """
+    size = w0.element_size()
+    udt = np.dtype(f"u{size}")
+    sdt = _SIGNED[size]
     a = w0.reshape(-1).view(sdt).numpy().view(udt)  # (n,) raw bits
     b = w1.reshape(-1).view(sdt).numpy().view(udt)
-    nbits = udt.itemsize * 8
-    mag_mask = udt.type((1 << (nbits - 1)) - 1)
     inf = _INF_BITS[w0.dtype]
     total = ChangeCounts(numel=int(a.size))
-    neq = np.empty(min(_PIECE, a.size), dtype=bool)
+    dbuf = np.empty(min(_PIECE, a.size), dtype=udt)
     for s in range(0, a.size, _PIECE):
         x, y = a[s : s + _PIECE], b[s : s + _PIECE]
-        m = neq[: x.size]
-        np.not_equal(x, y, out=m)
-        n = int(np.count_nonzero(m))
-        if n:
-            cx, cy = x[m], y[m]
-            zero_pair = ((cx | cy) & mag_mask) == 0  # +0 vs -0: equal
-            if zero_pair.any():
-                cx, cy = cx[~zero_pair], cy[~zero_pair]
-            ca = torch.from_numpy(cx.view(f"i{udt.itemsize}")).view(w0.dtype)  # (n_changed,)
-            cb = torch.from_numpy(cy.view(f"i{udt.itemsize}")).view(w0.dtype)
-            total = total + summarise_changed(ca, cb)
-        # Bit-identical NaNs still count as changed. NaN needs magnitude bits above inf's, which the
-        # maximum of the magnitudes reveals in one cheap reduction.
-        if int((x & mag_mask).max(initial=0)) > inf:
-            nan_same = ((x & mag_mask) > inf) & ~m
-            k = int(np.count_nonzero(nan_same))
-            if k:
-                total = total + ChangeCounts(changed=k, changed_nonfinite=k)
+        if _may_hold_nan(x, inf) or _may_hold_nan(y, inf):
+            total = total + _exact_counts(x, y, w0.dtype)
+            continue
+        d = dbuf[: x.size]
+        np.subtract(x, y, out=d)
+        ds = d.view(f"i{size}")
+        np.abs(ds, out=ds)  # |x - y| as unsigned; the most negative value stays large, as wanted
+        k = int(x.size)
+        c0 = k - int(np.count_nonzero(d))
+        c1 = int(np.count_nonzero(d == 1))
+        c2 = int(np.count_nonzero(d == 2))
+        c4 = int(np.count_nonzero(d <= 4))
+        c16 = int(np.count_nonzero(d <= 16))
+        near = ChangeCounts(0, c16 - c0, c1, c2, c4 - c2 - c1 - c0, c16 - c4, 0, 0)
+        total = total + near
+        if c16 < k:
+            far = d > 16
+            total = total + _exact_counts(x[far], y[far], w0.dtype)
     return total
 
 
