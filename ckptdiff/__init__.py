@@ -1,5 +1,38 @@
-"""ckptdiff: checkpoint forensics. What did this fine-tune actually do to the weights?"""
+"""ckptdiff: checkpoint forensics. What did this fine-tune actually do to the weights?
+
+The library is the product; the CLI is one client of it::
+
+    import ckptdiff
+    result = ckptdiff.sparsity("base/", "ft/")
+    result.to_frame()          # one row per tensor
+    result.overall()           # parameter-weighted totals
+
+Attributes are imported lazily so that ``import ckptdiff`` (and ``ckptdiff --help``) stays fast.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "sparsity": ("ckptdiff.analyses.sparsity", "sparsity"),
+    "principal_overlap": ("ckptdiff.analyses.principal", "principal_overlap"),
+    "spectral": ("ckptdiff.analyses.spectral", "spectral"),
+    "consistency": ("ckptdiff.analyses.consistency", "consistency"),
+    "check": ("ckptdiff.analyses.check", "check"),
+    "resolve": ("ckptdiff.sources", "resolve"),
+    "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),
+    "CkptdiffError": ("ckptdiff.errors", "CkptdiffError"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'ckptdiff' has no attribute {name!r}")

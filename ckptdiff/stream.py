@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from ckptdiff.errors import InputError
 from ckptdiff.naming import natural_key, selected
 from ckptdiff.sources import Source, TensorInfo
 
-CHUNK_BYTES = 64 * 1024 * 1024  # per side, for element-wise analyses
+CHUNK_BYTES = 16 * 1024 * 1024  # per side, for element-wise analyses
 
 # Status of an aligned tensor. Comparable statuses are analysed; the rest are structural findings only.
 OK = "ok"
@@ -207,9 +208,16 @@ def iter_chunks(
     on_bytes: Callable[[int], None] | None = None,
     depth: int = 2,
 ) -> Iterator[Chunk]:
-    """Comparable tensors as flat chunks of at most ``chunk_bytes`` per side, prefetched, on ``device``."""
+    """Comparable tensors as flat chunks of at most ``chunk_bytes`` per side, prefetched, on ``device``.
+
+    The CPU tensors of a chunk live in a small ring of reused buffers: they stay valid until the consumer
+    asks for the next chunk, and must not be kept beyond that (copy what you need).
+    """
+    ring = depth + 2  # chunks in the queue, one being read, one being consumed
+    buffers = [[np.empty(max(chunk_bytes, 8), dtype=np.uint8) for _ in range(ring)] for _ in sources]
 
     def produce() -> Iterator[Chunk]:
+        slot = 0
         for item in items:
             if not item.comparable:
                 continue
@@ -218,7 +226,8 @@ def iter_chunks(
             start = 0
             while True:
                 count = min(step, numel - start)
-                ts = tuple(s.read(item.name, start, count) for s in sources)
+                ts = tuple(s.read(item.name, start, count, out=buffers[k][slot]) for k, s in enumerate(sources))
+                slot = (slot + 1) % ring
                 yield Chunk(item, start, ts, start + count >= numel)
                 start += count
                 if start >= numel:

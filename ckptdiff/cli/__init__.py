@@ -83,9 +83,9 @@ def _root(
 
 
 def _register() -> None:
-    from ckptdiff.cli import sparsity
+    from ckptdiff.cli import check, consistency, sparsity
 
-    for module in (sparsity,):
+    for module in (sparsity, check, consistency):
         module.register(app)
 
 

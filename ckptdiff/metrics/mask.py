@@ -142,7 +142,7 @@ _LAYOUT: dict[torch.dtype, tuple[int, int, int]] = {
 
 
 def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
-    """floor(log2|w0|) per entry as int64, read from the exponent bits of w0's own dtype.
+    """floor(log2|w0|) per entry as int16, read from the exponent bits of w0's own dtype.
 
     Within one bin a rounding step is the same size, which is what makes changes comparable. Exact zeros
     get ZERO_BIN and inf/NaN NONFINITE_BIN; subnormals share one bin just below the smallest normal
@@ -152,25 +152,34 @@ def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
         w0 = w0.to(torch.float32)
     mant_bits, exp_mask, bias = _LAYOUT[w0.dtype]
     bits = w0.reshape(w0.shape).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[w0.element_size()])
-    bits = bits.to(torch.int64)
+    bits = bits.to(torch.int64) if w0.element_size() == 8 else bits.to(torch.int32)
     field = (bits >> mant_bits) & exp_mask
     mantissa = bits & ((1 << mant_bits) - 1)
     bins = field - bias
     bins = torch.where(field == 0, torch.where(mantissa == 0, ZERO_BIN, -bias), bins)
-    return torch.where(field == exp_mask, NONFINITE_BIN, bins)
+    return torch.where(field == exp_mask, NONFINITE_BIN, bins).to(torch.int16)  # |bins| <= 2000
 
 
-def _dense_bins(bins: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Shift bin labels to non-negative indices for bincount, returning them and the number of slots."""
-    return bins.reshape(-1) + _BIN_OFFSET, NONFINITE_BIN + _BIN_OFFSET + 1
+_BIN_SLOTS = NONFINITE_BIN + _BIN_OFFSET + 1
+_COUNT_PIECE = 1 << 24  # entries per bincount call: temporaries stay ~100 MB for any tensor size
 
 
 def bin_counts(bins: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per-bin entry counts n_b and per-bin counts of each mask, as float64 tensors."""
-    dense, nbins = _dense_bins(bins)
-    n_b = torch.bincount(dense, minlength=nbins).to(torch.float64)
-    counts = [torch.bincount(dense, weights=m.reshape(-1).to(torch.float64), minlength=nbins) for m in masks]
-    return n_b, counts
+    """Per-bin entry counts n_b and per-bin counts of each mask, as float64 tensors (exact below 2**53).
+
+    Works through the entries in pieces so that the int64 indices bincount needs never cover a whole
+    embedding matrix at once.
+    """
+    flat = bins.reshape(-1)
+    flat_masks = [m.reshape(-1) for m in masks]
+    n_b = torch.zeros(_BIN_SLOTS, dtype=torch.int64, device=bins.device)
+    counts = [torch.zeros(_BIN_SLOTS, dtype=torch.int64, device=bins.device) for _ in masks]
+    for s in range(0, flat.numel(), _COUNT_PIECE):
+        dense = flat[s : s + _COUNT_PIECE].to(torch.int64) + _BIN_OFFSET  # (piece,) in 0.._BIN_SLOTS-1
+        n_b += torch.bincount(dense, minlength=_BIN_SLOTS)
+        for acc, m in zip(counts, flat_masks, strict=True):
+            acc += torch.bincount(dense[m[s : s + _COUNT_PIECE]], minlength=_BIN_SLOTS)
+    return n_b.to(torch.float64), [c.to(torch.float64) for c in counts]
 
 
 def magnitude_matched_overlap(bins: torch.Tensor, update: torch.Tensor, region: torch.Tensor) -> float:

@@ -1,0 +1,474 @@
+"""`ckptdiff consistency`: do several fine-tunes of one base change the same entries? (METRICS.md §4, §2b).
+
+The base and every fine-tune are streamed together, one aligned tensor per checkpoint at a time. Each run's
+update mask (same modes as ``sparsity``), its delta signs and the base's exponent bins are reduced on the
+device to raw counts (:class:`~ckptdiff.metrics.consistency.Consistency`); only those counts are kept, so
+every rollup (module type, layer, linear layers, overall) is exact: counts are summed, ratios derived last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ckptdiff.analyses.common import SourceLike, header, open_source
+from ckptdiff.errors import InputError
+from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
+from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, exponent_bins, update_mask
+from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.progress import byte_progress
+from ckptdiff.report import Report, Table
+from ckptdiff.sources import HUB_ID, Source
+from ckptdiff.stream import OK, Aligned, align, iter_tensors, resolve_device
+
+# Per-(tensor, pair) CSV columns, in order.
+COLUMNS = [
+    "tensor",
+    "layer",
+    "module",
+    "shape",
+    "numel",
+    "linear",
+    "run_a",
+    "run_b",
+    "dtype_base",
+    "dtype_a",
+    "dtype_b",
+    "compared_as",
+    "n_a",
+    "n_b",
+    "n_both",
+    "n_union",
+    "density_a",
+    "density_b",
+    "jaccard",
+    "jaccard_random",
+    "jaccard_magnitude",
+    "expected_random",
+    "expected_magnitude",
+    "overlap_a",
+    "overlap_b",
+    "overlap_a_random",
+    "overlap_b_random",
+    "n_signed",
+    "n_same_sign",
+    "same_sign",
+    "status",
+    "detail",
+]
+_METRICS = COLUMNS[COLUMNS.index("n_a") : COLUMNS.index("same_sign") + 1]
+_INTS = ["layer", "numel", "n_a", "n_b", "n_both", "n_union", "n_signed", "n_same_sign"]
+_GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "adapter_model", "weights", "checkpoint"}
+_SAME = 0.05  # |J / J* − 1| within this reads as "matches the magnitude-matched baseline"
+
+
+# ---------------------------------------------------------------------------------------------
+# labels
+
+
+def _tails(spec: str) -> list[str]:
+    """Candidate labels for one input, shortest first: a run name, then longer path tails."""
+    path = Path(spec).expanduser()
+    if not path.exists() and HUB_ID.match(spec):
+        repo, _, rev = spec.partition("@")
+        name = repo.split("/")[-1]
+        return [name, f"{name}@{rev}", f"{repo}@{rev}"] if rev else [name, repo]
+    parts = [p for p in path.resolve().parts if p not in ("/", "")] or [spec]
+    stem = parts[-1].split(".")[0]
+    generic = path.is_file() and (stem in _GENERIC_STEMS or parts[-1].endswith(".index.json") or "-of-" in stem)
+    if generic and len(parts) > 1:
+        parts = parts[:-1]  # .../run-a/model.safetensors -> run-a
+    elif path.is_file():
+        parts[-1] = stem or parts[-1]  # .../run-a.safetensors -> run-a
+    return ["/".join(parts[-k:]) for k in range(1, len(parts) + 1)]
+
+
+def derive_labels(specs: Sequence[str]) -> list[str]:
+    """Short, unique run names from paths or Hub ids; collisions take longer path tails, then -2, -3, ..."""
+    tails = [_tails(s) for s in specs]
+    depth = [0] * len(specs)
+    while True:
+        labels = [t[min(d, len(t) - 1)] for t, d in zip(tails, depth, strict=True)]
+        counts = Counter(labels)
+        grow = [
+            i
+            for i, lab in enumerate(labels)
+            if counts[lab] > 1
+            and depth[i] < len(tails[i]) - 1
+            and any(labels[j] == lab and tails[j] != tails[i] for j in range(len(labels)))  # same input: no help
+        ]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    out: list[str] = []
+    for lab in labels:  # identical inputs: first keeps its name, later ones are numbered
+        new, k = lab, 1
+        while new in out:
+            k += 1
+            new = f"{lab}-{k}"
+        out.append(new)
+    return out
+
+
+def _check_labels(labels: Sequence[str], n_fts: int) -> list[str]:
+    labels = [str(x).strip() for x in labels]
+    if len(labels) != n_fts:
+        raise InputError(
+            f"got {len(labels)} --label value(s) for {n_fts} fine-tuned checkpoints; pass one --label per fine-tune"
+        )
+    if any(not x for x in labels):
+        raise InputError("a --label is empty; give every fine-tune a non-empty name")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise InputError(f"--label {dup[0]!r} is given more than once; labels must be unique")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass(frozen=True)
+class TensorConsistency:
+    """One aligned tensor: its descriptive columns, and its counts when it was compared (None otherwise)."""
+
+    item: dict[str, object]  # tensor, layer, module, shape, numel, linear, dtypes, compared_as, status, detail
+    counts: Consistency | None
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den and not math.isnan(den) else math.nan
+
+
+def _expected_consensus(c: Consistency) -> list[float]:
+    """E[entries changed by exactly k runs] if each run changed its |M_r| entries independently at random."""
+    poly = [1.0]
+    for p in c.densities:  # Poisson-binomial: multiply by (1 − p + p x)
+        poly = [a * (1 - p) + b * p for a, b in zip([*poly, 0.0], [0.0, *poly], strict=True)]
+    return [c.numel * x for x in poly]
+
+
+def _same_sign(c: Consistency) -> float:
+    """Pooled over pairs: of commonly changed entries with a sign, the share moving the same way."""
+    return _ratio(sum(p.n_same_sign for p in c.pairs), sum(p.n_signed for p in c.pairs))
+
+
+def _figures(c: Consistency) -> dict[str, float]:
+    j, jr, jm = c.mean_jaccard, c.mean_jaccard_random, c.mean_jaccard_magnitude
+    return {
+        "numel": float(c.numel),
+        "density": _ratio(sum(c.changed), c.n_runs * c.numel),
+        "jaccard": j,
+        "jaccard_random": jr,
+        "jaccard_magnitude": jm,
+        "vs_random": _ratio(j, jr),
+        "vs_magnitude": _ratio(j, jm),
+        "same_sign": _same_sign(c),
+        "all_runs": _ratio(c.consensus[-1], c.numel),
+    }
+
+
+@dataclass(frozen=True)
+class ConsistencyResult:
+    """Per-tensor consistency counts of R runs against one base, plus the header that says how they were made."""
+
+    header: dict[str, str]
+    labels: tuple[str, ...]
+    tensors: tuple[TensorConsistency, ...]
+
+    @property
+    def n_runs(self) -> int:
+        """R."""
+        return len(self.labels)
+
+    def _pair_labels(self) -> list[tuple[int, int]]:
+        return [(a, b) for a in range(self.n_runs) for b in range(a + 1, self.n_runs)]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (tensor, pair of runs); tensors not compared keep their rows with empty counts."""
+        rows: list[dict[str, object]] = []
+        for t in self.tensors:
+            dtypes = str(t.item["dtypes_ft"]).split(",")
+            as_ = str(t.item["compared_as"]).split(",")
+            for a, b in self._pair_labels():
+                row: dict[str, object] = {k: v for k, v in t.item.items() if k in COLUMNS}
+                row.update(run_a=self.labels[a], run_b=self.labels[b], dtype_a=dtypes[a], dtype_b=dtypes[b])
+                row["compared_as"] = as_[a] if as_[a] == as_[b] else f"{as_[a]}|{as_[b]}"
+                if t.counts is None:
+                    row.update(dict.fromkeys(_METRICS, math.nan))
+                else:
+                    d = t.counts.pair(a, b).as_dict()
+                    row.update({k: d[k] for k in _METRICS})
+                rows.append(row)
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        return df.astype({c: "Int64" for c in _INTS})
+
+    def compared(self) -> list[TensorConsistency]:
+        """Float tensors whose masks were built: the population every figure is over."""
+        return [t for t in self.tensors if t.counts is not None]
+
+    def _combine(self, ts: Iterable[TensorConsistency]) -> Consistency | None:
+        items = [t.counts for t in ts if t.counts is not None]
+        return combine(items) if items else None
+
+    def overall(self) -> Consistency | None:
+        """Exact rollup over every compared tensor (None when none was compared)."""
+        return self._combine(self.tensors)
+
+    def linear_only(self) -> Consistency | None:
+        """Exact rollup over the 2-D matrices inside transformer blocks."""
+        return self._combine(t for t in self.tensors if t.item["linear"])
+
+    def groups(self, key: str) -> dict[object, Consistency]:
+        """Exact rollup per ``module`` or ``layer`` (tensors outside the blocks have no layer)."""
+        keys: dict[object, list[TensorConsistency]] = {}
+        for t in self.compared():
+            k = t.item[key]
+            if k is not None:
+                keys.setdefault(k, []).append(t)
+        return {k: combine(t.counts for t in v if t.counts is not None) for k, v in sorted(keys.items())}
+
+    def by(self, key: str) -> pd.DataFrame:
+        """Per ``module`` or ``layer``: mean off-diagonal Jaccard against both baselines, same sign, consensus."""
+        data = {k: _figures(c) for k, c in self.groups(key).items()}
+        df = pd.DataFrame.from_dict(data, orient="index").drop(columns="vs_random", errors="ignore")
+        df.index.name = key
+        return df
+
+    def pairs(self, c: Consistency | None = None) -> pd.DataFrame:
+        """One row per pair of runs for a rollup (default: overall)."""
+        c = c if c is not None else self.overall()
+        if c is None:
+            return pd.DataFrame()
+        keep = ["density_a", "density_b", "jaccard", "jaccard_random", "jaccard_magnitude"]
+        keep += ["overlap_a", "overlap_b", "same_sign"]
+        rows = []
+        for p in c.pairs:
+            d = p.as_dict()
+            rows.append({"run_a": self.labels[p.run_a], "run_b": self.labels[p.run_b], **{k: d[k] for k in keep}})
+        return pd.DataFrame(rows)
+
+    def matrix(self, c: Consistency | None = None) -> pd.DataFrame:
+        """Runs x runs: "Jaccard (magnitude-matched baseline)" in each off-diagonal cell."""
+        c = c if c is not None else self.overall()
+        if c is None:
+            return pd.DataFrame()
+
+        def cell(p: PairCounts) -> str:
+            j, jm = p.jaccard, p.jaccard_magnitude
+            return "—" if math.isnan(j) else f"{j:.3f} ({jm:.3f})"
+
+        grid = [[("—" if a == b else cell(c.pair(a, b))) for b in range(self.n_runs)] for a in range(self.n_runs)]
+        df = pd.DataFrame(grid, index=list(self.labels), columns=list(self.labels))
+        df.index.name = "run"
+        return df
+
+    def consensus(self, parts: Sequence[Consistency] | None = None) -> pd.DataFrame:
+        """Entries changed by exactly k runs, k = 0..R: count, fraction, and the independent-runs expectation.
+
+        Over ``parts`` (default: every compared tensor); the expectation is summed tensor by tensor.
+        """
+        parts = list(parts) if parts is not None else [t.counts for t in self.compared() if t.counts is not None]
+        if not parts:
+            return pd.DataFrame()
+        c = combine(parts)
+        expected = [sum(x) for x in zip(*(_expected_consensus(p) for p in parts), strict=True)]
+        return pd.DataFrame(
+            {
+                "count": list(c.consensus),
+                "fraction": list(c.consensus_fraction),
+                "fraction_random": [_ratio(e, c.numel) for e in expected],
+            },
+            index=pd.Index(range(c.n_runs + 1), name="runs"),
+        )
+
+    def tensor_summary(self) -> pd.DataFrame:
+        """One row per compared tensor: mean Jaccard against both baselines, densities, consensus histogram."""
+        rows = []
+        for t in self.compared():
+            c = t.counts
+            assert c is not None  # compared() keeps only tensors with counts
+            row: dict[str, object] = {k: t.item[k] for k in ("tensor", "layer", "module", "numel")}
+            row.update(_figures(c))
+            row.update({f"density_{lab}": d for lab, d in zip(self.labels, c.densities, strict=True)})
+            row.update({f"consensus_{k}": n for k, n in enumerate(c.consensus)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def structural(self) -> pd.DataFrame:
+        """Tensors without masks (non-float, missing, mismatched) or with a note (dtype changes)."""
+        cols = ["tensor", "status", "detail", "dtype_base", "dtypes_ft", "shape"]
+        rows = [{k: t.item[k] for k in cols} for t in self.tensors if t.counts is None or t.item["status"] != OK]
+        return pd.DataFrame(rows, columns=cols)
+
+    def _summary(self) -> list[str]:
+        o, lin = self.overall(), self.linear_only()
+        if o is None:
+            return ["No float tensor could be compared across all runs; see the structural findings."]
+        f = _figures(o)
+        n_pairs = len(o.pairs)
+        if math.isnan(f["jaccard"]):
+            return [
+                f"No run changed any of the {o.numel:,} compared entries: every mask is empty and Jaccard is "
+                "undefined (shown as —)."
+            ]
+        out = [
+            f"Mean off-diagonal Jaccard {f['jaccard']:.4f} over {self.n_runs} runs ({n_pairs} pairs, "
+            f"{len(self.compared())} tensors, {o.numel:,} entries): random baseline pq/(p+q−pq) "
+            f"{f['jaccard_random']:.4f}, magnitude-matched baseline {f['jaccard_magnitude']:.4f}.",
+        ]
+        ratio = f["vs_magnitude"]
+        if math.isnan(ratio):
+            out.append("The magnitude-matched baseline is undefined here (no entries in common bins).")
+        elif ratio > 1 + _SAME:
+            out.append(
+                f"Agreement exceeds the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x random): "
+                "the runs share more than update size and bf16 rounding explain."
+            )
+        elif ratio < 1 - _SAME:
+            out.append(
+                f"Agreement is below the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x random): "
+                "the runs avoid each other's entries more than update size and bf16 rounding predict."
+            )
+        else:
+            out.append(
+                f"Agreement does not exceed the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x "
+                "random): update size and bf16 rounding alone explain it."
+            )
+        if lin is not None and not math.isnan(lin.mean_jaccard):
+            g = _figures(lin)
+            out.append(
+                f"Linear layers only: Jaccard {g['jaccard']:.4f} vs random {g['jaccard_random']:.4f} and "
+                f"magnitude-matched {g['jaccard_magnitude']:.4f} ({g['vs_magnitude']:.2f}x)."
+            )
+        if not math.isnan(f["same_sign"]):
+            out.append(f"{f['same_sign']:.1%} of entries changed by both runs of a pair moved in the same direction.")
+        cons = self.consensus()
+        out.append(
+            f"{cons['fraction'].iloc[-1]:.2%} of entries were changed by all {self.n_runs} runs (independent runs: "
+            f"{cons['fraction_random'].iloc[-1]:.2%}); {cons['fraction'].iloc[0]:.2%} by none."
+        )
+        return out
+
+    def report(self) -> Report:
+        """The report the CLI renders."""
+        o, lin = self.overall(), self.linear_only()
+        overall = pd.DataFrame(
+            {name: _figures(c) for name, c in (("overall", o), ("linear layers", lin)) if c is not None}
+        )
+        overall.index.name = "figure"
+        tables = [
+            Table("Overall (counts summed over tensors)", overall),
+            Table(
+                "Pairwise Jaccard, overall",
+                self.matrix(o),
+                "Each cell: Jaccard (magnitude-matched baseline, METRICS.md §2b).",
+            ),
+            Table("Pairs, overall", self.pairs(o), "overlap_a = |A∩B|/|A| (random baseline: density_b)."),
+            Table("Per module type (mean off-diagonal Jaccard)", self.by("module")),
+            Table("Per layer (mean off-diagonal Jaccard)", self.by("layer")),
+            Table("Consensus histogram: entries changed by exactly k runs", self.consensus()),
+        ]
+        extra = {
+            "labels": list(self.labels),
+            "per_tensor": self.tensor_summary().to_dict(orient="records"),
+        }
+        title = "ckptdiff consistency"
+        return Report(title, self.header, self._summary(), tables, self.to_frame(), self.structural(), extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis
+
+
+def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
+    infos = it.infos
+    base = infos[0]
+    shape_src = next((i for i in infos if i is not None), None)
+    shape = tuple(shape_src.shape) if shape_src is not None else ()
+    fts = infos[1:]
+    compared_as = [""] * len(fts)
+    if it.comparable and it.is_float and base is not None:
+        compared_as = [
+            dtype_name(comparison_dtype(base.dtype.torch, i.dtype.torch, mode.as_dtype)) if i else "" for i in fts
+        ]
+    return {
+        "tensor": it.name,
+        "layer": layer_of(it.name),
+        "module": module_of(it.name),
+        "shape": "x".join(str(d) for d in shape) if shape else "scalar",
+        "numel": shape_src.numel if shape_src is not None else 0,
+        "linear": is_linear(it.name, shape),
+        "dtype_base": base.dtype.short if base is not None else "",
+        "dtypes_ft": ",".join(i.dtype.short if i is not None else "" for i in fts),
+        "compared_as": ",".join(compared_as),
+        "status": it.status,
+        "detail": it.detail or ("not a float tensor: no update mask" if it.comparable and not it.is_float else ""),
+    }
+
+
+def _tensor_counts(tensors: tuple[torch.Tensor, ...], mode: CompareMode) -> Consistency:
+    """Masks and signs of every run on the tensors' device, then the base's bins; counts only come back."""
+    w0, fts = tensors[0].reshape(-1), [t.reshape(-1) for t in tensors[1:]]  # (n,) each
+    masks = [update_mask(w0, w1, mode) for w1 in fts]  # R x (n,) bool
+    signs = [delta_sign(w0, w1) for w1 in fts]  # R x (n,) int8
+    del fts
+    bins = exponent_bins(w0)  # (n,) int64
+    del w0
+    return consistency_from_masks(masks, bins, signs)
+
+
+def _open_all(specs: Sequence[SourceLike], progress: bool) -> list[Source]:
+    opened: list[Source] = []
+    try:
+        for s in specs:
+            opened.append(open_source(s, progress))
+    except BaseException:
+        for s in opened:
+            s.close()
+        raise
+    return opened
+
+
+def consistency(
+    base: SourceLike,
+    fts: Sequence[SourceLike],
+    *,
+    labels: Sequence[str] | None = None,
+    mode: CompareMode = CompareMode(),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> ConsistencyResult:
+    """Cross-run consistency of R >= 2 fine-tunes of ``base``, streamed one tensor per checkpoint at a time."""
+    if isinstance(fts, (str, Source)) or len(fts) < 2:
+        got = 1 if isinstance(fts, (str, Source)) else len(fts)
+        raise InputError(f"consistency needs at least 2 fine-tuned checkpoints, got {got}; pass two or more after BASE")
+    specs = [s.spec if isinstance(s, Source) else str(s) for s in fts]
+    names = _check_labels(labels, len(fts)) if labels is not None else derive_labels(specs)
+    dev = resolve_device(device)
+    sources = _open_all([base, *fts], progress)
+    try:
+        items = align(sources, include, exclude, labels=["base", *names])
+        todo = [it for it in items if it.comparable and it.is_float]
+        counts: dict[str, Consistency] = {}
+        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
+        with byte_progress(nbytes, "comparing", progress) as on_bytes:
+            for it, ts in iter_tensors(sources, todo, device=dev, on_bytes=on_bytes):
+                counts[it.name] = _tensor_counts(ts, mode)
+                del ts
+    finally:
+        for s in sources:
+            s.close()
+    tensors = tuple(TensorConsistency(_item(it, mode), counts.get(it.name)) for it in items)
+    roles = ["base", *(f"ft {lab}" for lab in names)]
+    head = header("consistency", sources, roles, dev, mode, runs=", ".join(names))
+    return ConsistencyResult(head, tuple(names), tensors)

@@ -1,0 +1,84 @@
+"""``ckptdiff consistency``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ckptdiff.cli.options import (
+    AsOpt,
+    AtolOpt,
+    BaseArg,
+    CsvOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    Fmt,
+    FormatOpt,
+    IncludeOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    compare_mode,
+    emit,
+)
+
+FtsArg = Annotated[
+    list[str],
+    typer.Argument(help="Two or more fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
+]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        "-l",
+        help="Name for each fine-tune, in order (repeat once per fine-tune). Default: derived from the paths.",
+    ),
+]
+
+EPILOG = (
+    "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
+    "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
+    "baseline (METRICS.md §2b); the CSV has one row per tensor and pair of runs."
+)
+
+
+def consistency(
+    base: BaseArg,
+    fts: FtsArg,
+    label: LabelOpt = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    as_: AsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    csv: CsvOpt = None,
+    json: JsonOpt = None,
+    fmt: FormatOpt = Fmt.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Consistency across runs: do several fine-tunes of one base change the same entries?"""
+    from ckptdiff.analyses.consistency import consistency as run
+    from ckptdiff.report import check_writable
+
+    mode = compare_mode(rtol, atol, as_)
+    check_writable(csv, json)
+    result = run(
+        base,
+        fts,
+        labels=label or None,
+        mode=mode,
+        include=include or [],
+        exclude=exclude or [],
+        device=device,
+        progress=not quiet,
+    )
+    emit(result.report(), fmt, csv, json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("consistency", epilog=EPILOG)(handle_errors(consistency))
