@@ -262,3 +262,61 @@ def iter_tensors(
         if device is not None and device.type != "cpu":
             ts = tuple(t.to(device) for t in ts)
         yield item, ts
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of same-shaped matrices, for batched SVDs
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes an analysis may spend on one batched call: half the free GPU memory, or 2 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 2 * 1024**3
+
+
+def is_matrix(item: Aligned) -> bool:
+    """A comparable floating-point 2-D tensor: what the SVD-based analyses work on."""
+    return item.comparable and item.is_float and len(item.base.shape) == 2
+
+
+def iter_matrix_batches(
+    sources: Sequence[Source],
+    items: Sequence[Aligned],
+    max_batch: Callable[[tuple[int, ...]], int],
+    *,
+    device: torch.device | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[tuple[list[Aligned], tuple[torch.Tensor, ...]]]:
+    """2-D float matrices grouped by shape into stacks of at most ``max_batch(shape)``, one per source.
+
+    Yields ``(items, stacks)`` with each stack ``(b, m, n)`` in its stored dtype on ``device`` (the dtype of
+    each source; mixed dtypes within a stack are promoted to the first matrix's). Matrices are read one
+    aligned set at a time with a bounded prefetch, so memory holds one batch plus one matrix per source.
+    Order: shapes in order of first appearance, names in natural order within a shape.
+    """
+    matrices = [it for it in items if is_matrix(it)]
+    order: dict[tuple[int, ...], list[Aligned]] = {}
+    for it in matrices:
+        order.setdefault(it.base.shape, []).append(it)
+    grouped = [it for group in order.values() for it in group]
+    batch: list[Aligned] = []
+    parts: list[list[torch.Tensor]] = [[] for _ in sources]
+
+    def flush() -> tuple[list[Aligned], tuple[torch.Tensor, ...]]:
+        stacks = tuple(torch.stack([t.to(p[0].dtype) for t in p]) for p in parts)  # (b, m, n) per source
+        out = (list(batch), stacks)
+        batch.clear()
+        for p in parts:
+            p.clear()
+        return out
+
+    for item, tensors in iter_tensors(sources, grouped, device=device, on_bytes=on_bytes):
+        if batch and (item.base.shape != batch[0].base.shape or len(batch) >= max(1, max_batch(batch[0].base.shape))):
+            yield flush()
+        batch.append(item)
+        for p, t in zip(parts, tensors, strict=True):
+            p.append(t)
+    if batch:
+        yield flush()

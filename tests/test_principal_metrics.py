@@ -59,7 +59,9 @@ def test_rank_k_matrix_principal_mask_is_top_alpha_of_w0() -> None:
     top = linalg.exact_topk(w0, k, dtype=torch.float64)
     count = mask_size(0.5, w0.numel())
     torch.testing.assert_close(rank_k_magnitude(*triplets(top)), w0.abs(), rtol=0, atol=1e-10)
-    assert torch.equal(select_mask(rank_k_magnitude(*triplets(top)), count, largest=True), select_mask(w0, count, largest=True))
+    assert torch.equal(
+        select_mask(rank_k_magnitude(*triplets(top)), count, largest=True), select_mask(w0, count, largest=True)
+    )
 
 
 def test_update_on_principal_mask_overlaps_one_and_complement_zero() -> None:
@@ -101,7 +103,7 @@ def test_magnitude_matched_baseline_matches_brute_force() -> None:
         reg = region.reshape(-1).tolist()
         bins: dict[int, list[int]] = {}
         for v, u, c in zip(vals, upd, reg, strict=True):
-            key = -10**6 if v == 0 else math.frexp(abs(v))[1] - 1  # floor(log2|v|)
+            key = -(10**6) if v == 0 else math.frexp(abs(v))[1] - 1  # floor(log2|v|)
             nb, ub, cb = bins.get(key, [0, 0, 0])
             bins[key] = [nb + 1, ub + int(u), cb + int(c)]
         expected = sum(ub * cb / nb for nb, ub, cb in bins.values()) / sum(ub for _, ub, _ in bins.values())

@@ -78,7 +78,7 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _random_like(shape: Sequence[int], seeds: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """A (b, m, n) Gaussian stack, matrix i from its own generator seeded with seeds[i] on like's device (fp32 draws)."""
+    """A (b, m, n) Gaussian stack; matrix i from its own generator seeded with seeds[i] on like's device (fp32)."""
     out = []
     for s in seeds:
         g = torch.Generator(device=like.device).manual_seed(int(s))
