@@ -401,27 +401,30 @@ def config_from_table(table: dict[str, Any], where: str) -> CheckConfig:
 
 
 def _check_table(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The [tool.ckptdiff.check] table of a parsed pyproject.toml, if any."""
-    table = data.get("tool", {}).get("ckptdiff", {}).get("check")
+    """The rules of a parsed pyproject.toml: [tool.ckptdiff.check] if present, else [tool.ckptdiff] itself."""
+    tool = data.get("tool", {}).get("ckptdiff")
+    if not isinstance(tool, dict):
+        return None
+    table = tool.get("check", tool)
     return table if isinstance(table, dict) else None
 
 
 def load_config(path: Path) -> CheckConfig:
-    """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff.check] table when it has one."""
+    """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff] (or [tool.ckptdiff.check]) table when it has one."""
     data = _read_toml(path)
     table = _check_table(data)
     if table is not None:
-        return config_from_table(table, f"{path} [tool.ckptdiff.check]")
+        return config_from_table(table, f"{path} [tool.ckptdiff]")
     return config_from_table(data, str(path))
 
 
 def load_pyproject(directory: Path) -> CheckConfig | None:
-    """The [tool.ckptdiff.check] table of directory/pyproject.toml; None when the file or table is absent."""
+    """The [tool.ckptdiff] (or [tool.ckptdiff.check]) table of directory/pyproject.toml; None when the file or table is absent."""
     path = directory / "pyproject.toml"
     if not path.is_file():
         return None
     table = _check_table(_read_toml(path))
-    return None if table is None else config_from_table(table, f"{path} [tool.ckptdiff.check]")
+    return None if table is None else config_from_table(table, f"{path} [tool.ckptdiff]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +524,10 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
         per_tensor = pd.DataFrame({"tensor": usable["tensor"].astype(str), "value": spec.per_tensor(usable)})
         per_tensor = per_tensor.dropna(subset=["value"])
         per_tensor["key"] = _offender_order(per_tensor["value"], rule.op, rule.value)
+        # Tensors that fail the comparison on their own, when any do; else the scope's worst.
+        alone = per_tensor[~per_tensor["value"].map(lambda v: _COMPARE[rule.op](v, rule.value))]
+        if not alone.empty:
+            per_tensor = alone
         worst = per_tensor.sort_values(["key", "tensor"], ascending=[False, True], kind="stable").head(max_offenders)
         offenders = tuple(Offender(t, float(v)) for t, v in zip(worst["tensor"], worst["value"], strict=True))
     note = f"undefined over this scope ({spec.aggregation})" if math.isnan(value) else ""

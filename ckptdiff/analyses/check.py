@@ -1,0 +1,283 @@
+"""`ckptdiff check`: turn any ckptdiff metric into a release gate (exit 0 pass, 1 fail, 2 bad input).
+
+The rules themselves (parsing, the metric registry, evaluation, rendering) live in :mod:`ckptdiff.rules`.
+This module gathers the configuration, opens both checkpoints once, runs only the analyses the rules need
+(a sparsity-only rule set never runs an SVD) and evaluates them. ``header_only`` answers structural rules
+from safetensors headers alone, without reading any tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ckptdiff import rules as R
+from ckptdiff.analyses.common import SourceLike, open_source, row_basics
+from ckptdiff.errors import InputError
+from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.sources import Source
+from ckptdiff.stream import Aligned, align
+
+ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
+NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class GatheredConfig:
+    """The rules to check and where they came from (for the report header)."""
+
+    config: R.CheckConfig
+    origin: str
+
+
+def gather_config(config_file: Path | None, cli: R.CheckConfig, cwd: Path | None = None) -> GatheredConfig:
+    """--config when given, else ``[tool.ckptdiff]`` of ``cwd/pyproject.toml`` when present, plus CLI rules."""
+    origins: list[str] = []
+    found: R.CheckConfig | None = None
+    if config_file is not None:
+        found = R.load_config(config_file)
+        origins.append(str(config_file))
+    else:
+        where = cwd if cwd is not None else Path.cwd()
+        found = R.load_pyproject(where)
+        if found is not None:
+            origins.append(f"{where / 'pyproject.toml'} [tool.ckptdiff]")
+    if cli.rules or cli.structural.active:
+        origins.append("command line")
+    return GatheredConfig((found or R.CheckConfig()).merged(cli), " + ".join(origins))
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Every rule's outcome plus what was compared and how; renders to a dict, JSON and Markdown."""
+
+    header: dict[str, str]
+    outcome: R.CheckResult
+    analyses: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Whether every rule passed."""
+        return self.outcome.passed
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every rule passes, 1 when one fails."""
+        return R.exit_code(self.outcome)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the header, the analyses run, and each rule's outcome."""
+        return {"header": dict(self.header), "analyses": list(self.analyses), **R.to_dict(self.outcome)}
+
+    def to_json(self) -> str:
+        """The dict as indented JSON (NaN written as null)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def to_markdown(self) -> str:
+        """The rules' Markdown summary, with one closing line naming the inputs (for a CI step summary)."""
+        ran = ", ".join(self.analyses) or "none"
+        inputs = f"Base `{self.header['base']}`, fine-tune `{self.header['ft']}`; analyses run: {ran}."
+        return R.to_markdown(self.outcome) + "\n" + inputs + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the analyses a rule set needs
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Options every analysis gets: the tensor filters, the device, the comparison mode and progress."""
+
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    device: str = "auto"
+    mode: CompareMode = field(default_factory=CompareMode)
+    k: int | None = None  # top-k for the principal and spectral analyses; None keeps their defaults
+    progress: bool = True
+
+
+def _k(shared: Shared) -> dict[str, Any]:
+    return {} if shared.k is None else {"k": shared.k}
+
+
+def _run_sparsity(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
+    from ckptdiff.analyses.sparsity import sparsity
+
+    filters = {"include": shared.include, "exclude": shared.exclude}
+    result = sparsity(base, ft, mode=shared.mode, device=shared.device, progress=shared.progress, **filters)
+    return result.to_frame()
+
+
+def _run_principal(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
+    from ckptdiff.analyses.principal import principal_overlap
+
+    result = principal_overlap(
+        base,
+        ft,
+        mode=shared.mode,
+        include=shared.include,
+        exclude=shared.exclude,
+        device=shared.device,
+        progress=shared.progress,
+        **_k(shared),
+    )
+    return result.to_frame()
+
+
+def _run_spectral(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
+    from ckptdiff.analyses.spectral import spectral
+
+    extra = _k(shared)
+    if metrics & NULL_METRICS:
+        extra["null"] = True  # the *_null_ratio metrics compare against a random update of the same size
+    result = spectral(
+        base,
+        ft,
+        include=shared.include,
+        exclude=shared.exclude,
+        device=shared.device,
+        progress=shared.progress,
+        **extra,
+    )
+    return result.to_frame()
+
+
+Runner = Callable[[Source, Source, Shared, set[str]], pd.DataFrame]
+RUNNERS: dict[str, Runner] = {"sparsity": _run_sparsity, "principal": _run_principal, "spectral": _run_spectral}
+
+
+def _metrics_of(config: R.CheckConfig, analysis: str) -> set[str]:
+    return {r.metric for r in config.rules if R.METRICS[r.metric].analysis == analysis}
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural checks from headers
+
+
+def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
+    """same_param_count: Σnumel of the base against the fine-tune, with the tensors that account for the gap."""
+    totals = [0, 0]
+    offenders: list[R.Offender] = []
+    for it in items:
+        counts = [info.numel if info is not None else 0 for info in (it.infos[0], it.infos[-1])]
+        totals = [totals[0] + counts[0], totals[1] + counts[1]]
+        if counts[0] != counts[1]:
+            offenders.append(
+                R.Offender(it.name, float(counts[1] - counts[0]), f"parameters {counts[0]} -> {counts[1]}")
+            )
+    offenders.sort(key=lambda o: (-abs(o.value or 0.0), o.tensor))
+    gap = float(abs(totals[1] - totals[0]))
+    return R.RuleResult(
+        rule="same_param_count",
+        kind="structural",
+        op="==",
+        threshold=0.0,
+        value=gap,
+        passed=gap == 0,
+        n_tensors=len(items),
+        offenders=tuple(offenders[: R.MAX_OFFENDERS]),
+        n_offenders=len(offenders),
+        note="" if gap == 0 else f"base has {totals[0]:,} parameters, fine-tune {totals[1]:,}",
+    )
+
+
+def header_frame(items: Sequence[Aligned]) -> pd.DataFrame:
+    """The per-tensor frame structural rules read, from headers alone (``changed`` is unknown: NA)."""
+    rows = [{**row_basics(it), "detail": it.detail, "changed": pd.NA} for it in items]
+    columns = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status", "detail"]
+    return pd.DataFrame(rows, columns=[*columns, "changed"]).astype({"numel": "Int64", "changed": "Int64"})
+
+
+def _reject_for_header_only(config: R.CheckConfig) -> None:
+    if config.rules:
+        listed = ", ".join(f"'{r}'" for r in config.rules[:3]) + (" ..." if len(config.rules) > 3 else "")
+        raise InputError(
+            f"--header-only supports structural rules only (same keys, shapes, dtypes, parameter count), "
+            f"but {listed} needs tensor data: drop --header-only or those rules"
+        )
+    s = config.structural
+    if s.expect_unchanged or s.allow_changed:
+        raise InputError(
+            "--header-only cannot tell whether values changed (--expect-unchanged / --allow-changed need tensor "
+            "data): drop --header-only or those checks"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def check(
+    base: SourceLike,
+    ft: SourceLike,
+    config: R.CheckConfig,
+    *,
+    shared: Shared | None = None,
+    header_only: bool = False,
+    same_param_count: bool = False,
+    origin: str = "",
+) -> CheckReport:
+    """Evaluate ``config``'s rules on ``ft`` against ``base``, running only the analyses they need."""
+    shared = shared or Shared()
+    if not config.rules and not config.structural.active and not same_param_count:
+        raise InputError(
+            "no rules to check: pass --rule 'METRIC[@GLOB] OP VALUE', a structural flag such as --same-keys, "
+            "or --config rules.toml (a [tool.ckptdiff] table in ./pyproject.toml is read too)"
+        )
+    needed = R.required_analyses(config.rules, config.structural) if not header_only else set()
+    if header_only:
+        _reject_for_header_only(config)
+        sources = _open_headers(base, ft)
+    else:
+        sources = [open_source(base, shared.progress), open_source(ft, shared.progress)]
+    try:
+        items = align(sources, shared.include, shared.exclude, labels=["base", "ft"])
+        R.check_scopes(config.rules, config.structural, (it.name for it in items))  # before any expensive work
+        frames: dict[str, pd.DataFrame] = {}
+        if header_only:
+            frames["sparsity"] = header_frame(items)
+        else:
+            for analysis in (a for a in ANALYSIS_ORDER if a in needed):
+                frames[analysis] = RUNNERS[analysis](sources[0], sources[1], shared, _metrics_of(config, analysis))
+        structural = config.structural if config.structural.active else None
+        outcome = R.evaluate(config.rules, frames, structural)
+    finally:
+        for s in sources:
+            s.close()
+    if same_param_count:
+        outcome = R.CheckResult((*outcome.results, param_count_result(items)))
+    ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
+    return CheckReport(_header(sources, shared, header_only, origin), outcome, ran)
+
+
+def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
+    from ckptdiff.headers import open_headers
+
+    return [s if isinstance(s, Source) else open_headers(str(s)) for s in (base, ft)]
+
+
+def _header(sources: Sequence[Source], shared: Shared, header_only: bool, origin: str) -> dict[str, str]:
+    from ckptdiff import __version__
+
+    out = {"analysis": "check", "ckptdiff": __version__, "base": sources[0].resolved, "ft": sources[1].resolved}
+    if origin:
+        out["rules from"] = origin
+    out["mode"] = "header-only (no tensor data read)" if header_only else shared.mode.describe()
+    if shared.include:
+        out["include"] = ", ".join(shared.include)
+    if shared.exclude:
+        out["exclude"] = ", ".join(shared.exclude)
+    return out

@@ -1,0 +1,198 @@
+"""``ckptdiff check``: a yes/no release gate with a reason. Exit 0 all rules pass, 1 a rule fails, 2 bad input."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ckptdiff.cli.options import (
+    AsOpt,
+    AtolOpt,
+    BaseArg,
+    DeviceOpt,
+    ExcludeOpt,
+    FtArg,
+    IncludeOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    compare_mode,
+)
+
+if TYPE_CHECKING:
+    from ckptdiff.analyses.check import CheckReport
+
+EPILOG = (
+    "Example: [bold]ckptdiff check Qwen/Qwen3-4B my-org/my-ft --rule 'sparsity >= 0.5' "
+    "--rule 'changed@model.embed_tokens.weight == 0' --same-keys --same-shapes[/bold]\n\n"
+    "Example: [bold]ckptdiff check BASE FT --config rules.toml --format md >> $GITHUB_STEP_SUMMARY[/bold]\n\n"
+    "A rule is METRIC\\[@GLOB] OP VALUE; the glob matches full tensor names. Without --config, a "
+    "\\[tool.ckptdiff] table in ./pyproject.toml is read when present. "
+    "Exit codes: 0 every rule passes, 1 a rule fails, 2 bad input or usage."
+)
+
+
+class CheckFmt(str, Enum):
+    """Stdout formats of ``check``."""
+
+    table = "table"
+    md = "md"
+    json = "json"
+
+
+RuleOpt = Annotated[
+    list[str] | None,
+    typer.Option("--rule", "-r", help="A rule 'METRIC[@GLOB] OP VALUE', e.g. 'sparsity >= 0.5' (repeatable)."),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML rules file (rules = [...], same_keys = true, ...).")
+]
+ExpectUnchangedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--expect-unchanged", help="Glob of tensors that must be bit-identical (repeatable)."),
+]
+AllowChangedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow-changed", help="Glob of tensors allowed to change; all others must not (repeatable)."),
+]
+SameKeysOpt = Annotated[bool, typer.Option("--same-keys", help="Both checkpoints hold the same tensor names.")]
+SameShapesOpt = Annotated[bool, typer.Option("--same-shapes", help="No tensor changed shape.")]
+SameDtypesOpt = Annotated[bool, typer.Option("--same-dtypes", help="No tensor changed dtype.")]
+SameParamsOpt = Annotated[
+    bool, typer.Option("--same-param-count", help="Both checkpoints hold the same number of parameters.")
+]
+StructureOpt = Annotated[
+    bool,
+    typer.Option("--same-structure", help="Shorthand for --same-keys --same-shapes --same-dtypes --same-param-count."),
+]
+HeaderOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--header-only",
+        help="Check structure from safetensors headers alone (a Hub id fetches only its headers); no tensor data.",
+    ),
+]
+KOpt = Annotated[
+    int | None, typer.Option("--k", min=1, help="Top-k singular directions for principal/spectral metrics.")
+]
+CheckFormatOpt = Annotated[CheckFmt, typer.Option("--format", "-f", help="Stdout format: table, md or json.")]
+
+
+def check(
+    base: BaseArg,
+    ft: FtArg,
+    rule: RuleOpt = None,
+    config: ConfigOpt = None,
+    expect_unchanged: ExpectUnchangedOpt = None,
+    allow_changed: AllowChangedOpt = None,
+    same_keys: SameKeysOpt = False,
+    same_shapes: SameShapesOpt = False,
+    same_dtypes: SameDtypesOpt = False,
+    same_param_count: SameParamsOpt = False,
+    same_structure: StructureOpt = False,
+    header_only: HeaderOnlyOpt = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    as_: AsOpt = None,
+    k: KOpt = None,
+    json: JsonOpt = None,
+    fmt: CheckFormatOpt = CheckFmt.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Gate a fine-tune on rules: each metric or structural rule must hold, or the exit code is 1."""
+    from ckptdiff.analyses.check import Shared, gather_config
+    from ckptdiff.analyses.check import check as run
+    from ckptdiff.report import check_writable, write_atomic
+    from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
+
+    check_writable(json)
+    cli = CheckConfig(
+        rules=tuple(parse_rule(text) for text in rule or []),
+        structural=StructuralRules(
+            same_keys=same_keys or same_structure,
+            same_shapes=same_shapes or same_structure,
+            same_dtypes=same_dtypes or same_structure,
+            expect_unchanged=tuple(expect_unchanged or ()),
+            allow_changed=tuple(allow_changed or ()),
+        ),
+    )
+    gathered = gather_config(config, cli)
+    shared = Shared(
+        include=include or [],
+        exclude=exclude or [],
+        device=device,
+        mode=compare_mode(rtol, atol, as_),
+        k=k,
+        progress=not quiet,
+    )
+    report = run(
+        base,
+        ft,
+        gathered.config,
+        shared=shared,
+        header_only=header_only,
+        same_param_count=same_param_count or same_structure,
+        origin=gathered.origin,
+    )
+    if json is not None:
+        write_atomic(json, report.to_json())
+    if fmt is CheckFmt.json:
+        typer.echo(report.to_json(), nl=False)
+    elif fmt is CheckFmt.md:
+        typer.echo(report.to_markdown(), nl=False)
+    else:
+        print_table(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+def print_table(report: CheckReport) -> None:
+    """Rule | value | threshold | result with rich, the worst tensors indented under each failing rule."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ckptdiff.rules import exact_number, format_value
+
+    console = Console()
+    if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line
+        console.width = max(console.width, 200)
+    results = report.outcome.results
+    for key in ("base", "ft", "rules from", "mode"):
+        if key in report.header:
+            console.print(Text(f"{key}: {report.header[key]}", style="dim"))
+    table = Table(title_justify="left")
+    table.add_column("rule", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("threshold", justify="right", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    for r in results:
+        verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
+        table.add_row(Text(r.rule), format_value(r.value), f"{r.op} {exact_number(r.threshold)}", verdict)
+        if r.passed:
+            continue
+        for o in r.offenders:
+            value = format_value(o.value) if o.value is not None else ""
+            detail = f" ({o.detail})" if o.detail else ""
+            table.add_row(Text(f"  {o.tensor}{detail}", style="dim"), value, "", "")
+        if r.n_offenders > len(r.offenders):
+            table.add_row(Text(f"  ... {r.n_offenders} offending tensors in all", style="dim"), "", "", "")
+        if r.note:
+            table.add_row(Text(f"  note: {r.note}", style="dim"), "", "", "")
+    console.print(table)
+    n_pass = sum(r.passed for r in results)
+    overall = "[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
+    console.print(f"ckptdiff check: {overall} ({n_pass}/{len(results)} rules pass)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("check", epilog=EPILOG)(handle_errors(check))

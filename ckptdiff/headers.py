@@ -1,0 +1,131 @@
+"""Header-only checkpoints: tensor names, dtypes and shapes without reading any tensor data.
+
+A local safetensors checkpoint (file, folder, sharded index) is read through :mod:`ckptdiff.sources`'
+header parser, which touches the headers only. A Hub id ``org/name[@revision]`` goes through
+``huggingface_hub.get_safetensors_metadata``, which fetches the headers with HTTP range requests and
+downloads no weights. PyTorch pickles (``.bin``/``.pt``) have no header: they are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptdiff import dtypes
+from ckptdiff.errors import InputError
+from ckptdiff.sources import HUB_ID, Source, TensorInfo, resolve
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_PICKLES_ONLY = "header-only mode needs safetensors ({what} holds PyTorch pickles, which have no header); "
+_PICKLES_FIX = "convert it to safetensors or drop --header-only"
+
+
+class HeaderSource(Source):
+    """A checkpoint known from its headers alone: ``infos`` is filled, reading tensor data is not possible."""
+
+    def read(self, name: str, start: int = 0, count: int | None = None, out: Any = None) -> torch.Tensor:
+        """Always fails: a header-only source holds no tensor data."""
+        raise InputError(f"{self.spec} was opened header-only; tensor {name!r} cannot be read")
+
+    @property
+    def parameter_count(self) -> int:
+        """Total entries over every tensor."""
+        return sum(i.numel for i in self.infos.values())
+
+
+def open_headers(spec: str) -> HeaderSource:
+    """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(spec, path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _hub(spec)
+    raise InputError(
+        f"{spec} does not exist; pass a safetensors file, a directory or a Hub id like org/name[@revision]"
+    )
+
+
+def _local(spec: str, path: Path) -> HeaderSource:
+    """Local headers via the sources' safetensors reader (which opens files for their headers only)."""
+    if (path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES) or path.name.endswith(".bin.index.json"):
+        raise InputError(_PICKLES_ONLY.format(what=spec) + _PICKLES_FIX)
+    if path.is_dir() and not _has_safetensors(path) and _has_pickles(path):
+        raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
+    src = resolve(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
+    return HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+
+
+def _has_pickles(folder: Path) -> bool:
+    return any(any(folder.glob(f"*{suffix}")) for suffix in PICKLE_SUFFIXES)
+
+
+def _hub(spec: str) -> HeaderSource:
+    """Hub headers from huggingface_hub's metadata call: a few range requests, no weights downloaded."""
+    import huggingface_hub as hf
+    from huggingface_hub import errors as hf_errors
+
+    from ckptdiff import hub
+
+    repo, revision = hub.split_id(spec)
+    if hub.offline():
+        raise InputError(
+            f"header-only mode reads Hub repo {spec}'s headers over the network, but HF_HUB_OFFLINE is set; "
+            "unset it, or pass the local snapshot folder instead of the Hub id"
+        )
+    try:
+        meta = hf.get_safetensors_metadata(repo, revision=revision)
+    except hf_errors.NotASafetensorsRepoError:
+        raise InputError(
+            f"Hub repo {spec} has no model.safetensors or model.safetensors.index.json; "
+            "header-only mode needs safetensors weights: drop --header-only"
+        ) from None
+    except hf_errors.SafetensorsParsingError as e:
+        raise InputError(
+            f"Hub repo {spec} has a corrupt safetensors header ({_first_line(e)}); report it upstream"
+        ) from None
+    except hf_errors.GatedRepoError:
+        raise InputError(f"Hub repo {repo} is gated; accept its terms on the Hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise InputError(
+            f"Hub repo {repo} was not found (or is private); check the id, or set HF_TOKEN for a private repo"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise InputError(
+            f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit"
+        ) from None
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        raise InputError(f"could not fetch the safetensors headers of Hub repo {spec}: {_first_line(e)}") from None
+    infos = infos_from_hub_metadata(spec, meta)
+    label = f"hub:{repo}@{revision or 'main'} ({len(meta.files_metadata)} safetensors file(s), headers only)"
+    return HeaderSource(spec, label, infos)
+
+
+def infos_from_hub_metadata(spec: str, meta: Any) -> dict[str, TensorInfo]:
+    """TensorInfo records from a ``SafetensorsRepoMetadata`` (its per-file ``tensors`` dicts)."""
+    infos: dict[str, TensorInfo] = {}
+    for filename, file_meta in meta.files_metadata.items():
+        for name, tensor in file_meta.tensors.items():
+            dt = dtypes.from_name(str(tensor.dtype))
+            if dt is None:
+                raise InputError(
+                    f"Hub repo {spec}: tensor {name!r} in {filename} has dtype {tensor.dtype!r}, "
+                    "which ckptdiff does not support"
+                )
+            if name in infos:
+                raise InputError(
+                    f"Hub repo {spec}: tensor {name!r} appears in both {infos[name].file} and {filename}; "
+                    "the repo's shards overlap"
+                )
+            infos[name] = TensorInfo(name, dt, tuple(int(d) for d in tensor.shape), f"hub:{filename}")
+    return infos
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
