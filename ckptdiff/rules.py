@@ -410,7 +410,7 @@ def _check_table(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_config(path: Path) -> CheckConfig:
-    """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff] (or [tool.ckptdiff.check]) table when it has one."""
+    """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff] (or .check) table."""
     data = _read_toml(path)
     table = _check_table(data)
     if table is not None:
@@ -419,7 +419,7 @@ def load_config(path: Path) -> CheckConfig:
 
 
 def load_pyproject(directory: Path) -> CheckConfig | None:
-    """The [tool.ckptdiff] (or [tool.ckptdiff.check]) table of directory/pyproject.toml; None when the file or table is absent."""
+    """The [tool.ckptdiff] (or .check) table of directory/pyproject.toml; None when absent."""
     path = directory / "pyproject.toml"
     if not path.is_file():
         return None

@@ -115,7 +115,8 @@ def _brute_force_expected_overlap(w0: torch.Tensor, u: torch.Tensor, c: torch.Te
 def test_exponent_bins_match_log2_on_random_values() -> None:
     g = torch.Generator().manual_seed(9)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        w = (torch.randn(10_000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(10_000, generator=g))).to(dtype)
+        scale = torch.exp(torch.randn(10_000, generator=g, dtype=torch.float64))
+        w = (torch.randn(10_000, generator=g, dtype=torch.float64) * scale).to(dtype)
         w = w[w.abs().to(torch.float64) >= torch.finfo(dtype).tiny]  # normal values
         expected = torch.floor(torch.log2(w.to(torch.float64).abs())).to(torch.int64)
         assert torch.equal(exponent_bins(w), expected), dtype

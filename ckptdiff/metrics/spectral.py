@@ -103,6 +103,18 @@ def spectral_metrics(
     k is capped at min(m, n). With ``null_seeds`` (one per matrix, e.g. from null_seed) the equal-norm random null
     W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too. Peak memory is one batched SVD plus the inputs.
     """
+    return spectral_metrics_with_spectra(w0, w1, k, dtype=dtype, null_seeds=null_seeds)[0]
+
+
+def spectral_metrics_with_spectra(
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    k: int = 64,
+    *,
+    dtype: torch.dtype = torch.float64,
+    null_seeds: Sequence[int] | None = None,
+) -> tuple[list[SpectralResult], torch.Tensor, torch.Tensor]:
+    """As :func:`spectral_metrics`, plus the full spectra σ(W0), σ(W1) (b, p) from the same SVDs (no extra one)."""
     dt = compute_dtype(dtype)
     a0 = as_stack(w0).to(dt)  # (b, m, n)
     a1 = as_stack(w1).to(dt)  # (b, m, n)
@@ -127,6 +139,7 @@ def spectral_metrics(
 
     side1 = _side(a1, k, dt)
     nss, rel, ang_u, ang_v = _drift(side0, side1, w0_fro)
+    sigma0, sigma1 = side0.s, side1.s  # (b, p) each
     del side1
 
     if null_seeds is not None:
@@ -161,7 +174,8 @@ def spectral_metrics(
         "angle_v_max_null_ratio": _nan_div(ang_v.amax(-1), v_null),
     }
     cols = {name: t.detach().to("cpu", torch.float64).tolist() for name, t in fields.items()}
-    return [SpectralResult(k=k, **{name: vals[i] for name, vals in cols.items()}) for i in range(b)]
+    results = [SpectralResult(k=k, **{name: vals[i] for name, vals in cols.items()}) for i in range(b)]
+    return results, sigma0, sigma1
 
 
 def _drift(
