@@ -11,7 +11,10 @@ from examples.tinylm.model import TinyLM
 
 @torch.no_grad()
 def generate(
-    model: TinyLM, prompts: torch.Tensor, n_new: int, temperature: float,
+    model: TinyLM,
+    prompts: torch.Tensor,
+    n_new: int,
+    temperature: float,
     gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend prompts (n, p) by n_new tokens; temperature 0 means greedy. Returns (n, p + n_new)."""
@@ -32,12 +35,12 @@ def answer_logprobs(model: TinyLM, seqs: torch.Tensor, digits: int) -> torch.Ten
     logits = model(seqs[:, :-1])  # (n, t - 1, vocab)
     logp = F.log_softmax(logits.float(), dim=-1)
     tok_logp = logp.gather(-1, seqs[:, 1:, None]).squeeze(-1)  # (n, t - 1)
-    return tok_logp[:, task.prompt_len(digits) - 1:]
+    return tok_logp[:, task.prompt_len(digits) - 1 :]
 
 
 def exact_match(seqs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, digits: int) -> torch.Tensor:
     """1.0 where the whole answer is right, else 0.0: the verifiable reward. Shape (n,)."""
-    answer = seqs[:, task.prompt_len(digits):]
+    answer = seqs[:, task.prompt_len(digits) :]
     return (answer == task.answer_tokens(a, b, digits)).all(dim=1).float()
 
 

@@ -2,8 +2,8 @@
 
 A problem with ``digits = 3`` is the string ``^123+045=8610``: a BOS mark, both operands zero-padded
 to ``digits`` characters, and the sum zero-padded to ``digits + 1`` characters and written
-*least-significant digit first* (579 -> "0579" -> "9750" above is 123+456). Reversing the answer
-lets a left-to-right model compute carries in the order it emits digits. Every sequence has the same
+*least-significant digit first* (168 -> "0168" -> "8610"). Reversing the answer lets a
+left-to-right model compute carries in the order it emits digits. Every sequence has the same
 length, so batching needs no padding.
 """
 
@@ -41,8 +41,14 @@ def encode(a: torch.Tensor, b: torch.Tensor, digits: int) -> torch.Tensor:
     n = a.shape[0]
     col = torch.full((n, 1), 0, dtype=torch.int64)
     return torch.cat(
-        [col + BOS, _to_digits(a, digits), col + PLUS, _to_digits(b, digits), col + EQUALS,
-         answer_tokens(a, b, digits)],
+        [
+            col + BOS,
+            _to_digits(a, digits),
+            col + PLUS,
+            _to_digits(b, digits),
+            col + EQUALS,
+            answer_tokens(a, b, digits),
+        ],
         dim=1,
     )
 

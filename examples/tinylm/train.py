@@ -83,8 +83,7 @@ def log(msg: str) -> None:
 
 
 def _adamw(model: TinyLM, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
 def _step(model: TinyLM, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -97,7 +96,7 @@ def _step(model: TinyLM, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None
 def _answer_loss(model: TinyLM, seqs: torch.Tensor, digits: int) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens given everything before them."""
     p = task.prompt_len(digits)
-    logits = model(seqs[:, :-1])[:, p - 1:]  # (batch, digits + 1, vocab)
+    logits = model(seqs[:, :-1])[:, p - 1 :]  # (batch, digits + 1, vocab)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, p:].reshape(-1))
 
 
@@ -116,8 +115,10 @@ def _finish(
     entry["torch"] = torch.__version__
     ckpt_io.write_card(out, entry)
     ckpt_io.record_run(out.parent, entry)
-    log(f"[{entry['name']}] saved {out}; accuracy {entry['accuracy_before']} -> "
-        f"{entry['accuracy_after']:.3f} in {entry['wall_s']:.0f} s")
+    log(
+        f"[{entry['name']}] saved {out}; accuracy {entry['accuracy_before']} -> "
+        f"{entry['accuracy_after']:.3f} in {entry['wall_s']:.0f} s"
+    )
     return entry
 
 
@@ -128,9 +129,14 @@ def pretrain(cfg: PretrainConfig, out: Path, command: str = "") -> dict[str, Any
     """
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    mcfg = ModelConfig(vocab_size=len(task.VOCAB), max_positions=task.seq_len(cfg.digits) - 1,
-                       d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       d_mlp=cfg.d_mlp)
+    mcfg = ModelConfig(
+        vocab_size=len(task.VOCAB),
+        max_positions=task.seq_len(cfg.digits) - 1,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+    )
     model = TinyLM(mcfg)
     heldout = task.heldout_set(cfg.digits, cfg.eval_problems)
     stream = task.ProblemStream(cfg.digits, cfg.seed, heldout)
@@ -143,9 +149,17 @@ def pretrain(cfg: PretrainConfig, out: Path, command: str = "") -> dict[str, Any
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = rollout.greedy_accuracy(model, *heldout, cfg.digits)
             log(f"[base] step {step} loss {loss.item():.4f} acc {acc:.3f} ({time.time() - t0:.0f} s)")
-    entry = {"name": out.name, "parent": None, "method": "pretrain", "lr": cfg.lr,
-             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": None,
-             "hparams": asdict(cfg), "command": command}
+    entry = {
+        "name": out.name,
+        "parent": None,
+        "method": "pretrain",
+        "lr": cfg.lr,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "accuracy_before": None,
+        "hparams": asdict(cfg),
+        "command": command,
+    }
     entry["wall_s"] = time.time() - t0
     return _finish(model, out, cfg.digits, entry, heldout)
 
@@ -164,18 +178,31 @@ def sft(base: Path, cfg: SFTConfig, out: Path, command: str = "") -> dict[str, A
         _step(model, opt, loss)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = rollout.greedy_accuracy(model, *heldout, digits)
-            log(f"[{out.name}] step {step} loss {loss.item():.4f} acc {acc:.3f} "
-                f"({time.time() - t0:.0f} s)")
-    entry = {"name": out.name, "parent": base.name, "method": "sft", "lr": cfg.lr,
-             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": acc_before,
-             "hparams": asdict(cfg), "command": command}
+            log(f"[{out.name}] step {step} loss {loss.item():.4f} acc {acc:.3f} ({time.time() - t0:.0f} s)")
+    entry = {
+        "name": out.name,
+        "parent": base.name,
+        "method": "sft",
+        "lr": cfg.lr,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "accuracy_before": acc_before,
+        "hparams": asdict(cfg),
+        "command": command,
+    }
     entry["wall_s"] = time.time() - t0
     return _finish(model, out, digits, entry, heldout)
 
 
 def rl_step(
-    policy: TinyLM, ref: TinyLM, opt: torch.optim.Optimizer, stream: task.ProblemStream,
-    cfg: RLConfig, digits: int, gen: torch.Generator, reward_fn: RewardFn = rollout.exact_match,
+    policy: TinyLM,
+    ref: TinyLM,
+    opt: torch.optim.Optimizer,
+    stream: task.ProblemStream,
+    cfg: RLConfig,
+    digits: int,
+    gen: torch.Generator,
+    reward_fn: RewardFn = rollout.exact_match,
 ) -> dict[str, float]:
     """One on-policy GRPO update: sample G answers per prompt, score, normalize in-group, step."""
     if cfg.group < 2:
@@ -191,12 +218,17 @@ def rl_step(
     logp = rollout.answer_logprobs(policy, seqs, digits)  # (n, digits + 1)
     loss, kl = grpo.grpo_loss(logp, ref_logp, adv, cfg.kl_coef)
     _step(policy, opt, loss)
-    return {"loss": loss.item(), "reward": rewards.mean().item(), "kl": kl.item(),
-            "reward_std": rewards.view(cfg.prompts, cfg.group).std(dim=1).mean().item()}
+    return {
+        "loss": loss.item(),
+        "reward": rewards.mean().item(),
+        "kl": kl.item(),
+        "reward_std": rewards.view(cfg.prompts, cfg.group).std(dim=1).mean().item(),
+    }
 
 
-def rl(base: Path, cfg: RLConfig, out: Path, command: str = "",
-       reward_fn: RewardFn = rollout.exact_match) -> dict[str, Any]:
+def rl(
+    base: Path, cfg: RLConfig, out: Path, command: str = "", reward_fn: RewardFn = rollout.exact_match
+) -> dict[str, Any]:
     """GRPO from the base, with the base (frozen) as KL reference."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -211,11 +243,21 @@ def rl(base: Path, cfg: RLConfig, out: Path, command: str = "",
         stats = rl_step(policy, ref, opt, stream, cfg, digits, gen, reward_fn)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = rollout.greedy_accuracy(policy, *heldout, digits)
-            log(f"[{out.name}] step {step} reward {stats['reward']:.3f} kl {stats['kl']:.2e} "
-                f"acc {acc:.3f} ({time.time() - t0:.0f} s)")
-    entry = {"name": out.name, "parent": base.name, "method": "rl_grpo", "lr": cfg.lr,
-             "steps": cfg.steps, "seed": cfg.seed, "accuracy_before": acc_before,
-             "hparams": asdict(cfg), "command": command}
+            log(
+                f"[{out.name}] step {step} reward {stats['reward']:.3f} kl {stats['kl']:.2e} "
+                f"acc {acc:.3f} ({time.time() - t0:.0f} s)"
+            )
+    entry = {
+        "name": out.name,
+        "parent": base.name,
+        "method": "rl_grpo",
+        "lr": cfg.lr,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "accuracy_before": acc_before,
+        "hparams": asdict(cfg),
+        "command": command,
+    }
     entry["wall_s"] = time.time() - t0
     return _finish(policy, out, digits, entry, heldout)
 
@@ -224,9 +266,7 @@ def _cmd(*parts: object) -> str:
     return "python -m examples.tinylm.train " + " ".join(str(p) for p in parts)
 
 
-def run_all(
-    out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig
-) -> list[dict[str, Any]]:
+def run_all(out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig) -> list[dict[str, Any]]:
     """The whole experiment: base, sft, rl_seed1, rl_seed2 and the two learning-rate controls."""
     base = out / "base"
     results = [pretrain(pre, base, _cmd("pretrain", "--out", base, "--steps", pre.steps))]
@@ -238,16 +278,20 @@ def run_all(
         ("rl_lr_sft", "rl", replace(rl_cfg, lr=sft_cfg.lr)),
     ]
     for name, method, cfg in stages:
-        cmd = _cmd(method, "--base", base, "--out", out / name, "--lr", cfg.lr,
-                   "--steps", cfg.steps, "--seed", cfg.seed)
+        cmd = _cmd(
+            method, "--base", base, "--out", out / name, "--lr", cfg.lr, "--steps", cfg.steps, "--seed", cfg.seed
+        )
         fn = sft if method == "sft" else rl
         results.append(fn(base, cfg, out / name, cmd))  # type: ignore[arg-type]
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.tinylm.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.tinylm.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="stage", required=True)
     p_all = sub.add_parser("all", help="run every stage into OUT/<name>")
     p_all.add_argument("--out", type=Path, required=True)
