@@ -180,7 +180,8 @@ def main() -> None:
                 walls["common"].append(w)
                 mems["common"].append(m)
                 outs["common"] = out
-        sp_ck = json.loads(outs["ckptdiff"])["tables"]["Overall (parameter-weighted)"][2]["overall"]
+        overall_rows = json.loads(outs["ckptdiff"])["tables"]["Overall (parameter-weighted)"]
+        sp_ck = next(r["overall"] for r in overall_rows if r["figure"] == "sparsity")
         med = {k: statistics.median(v) for k, v in walls.items() if v}
         mem = {k: statistics.median(v) for k, v in mems.items() if v}
         speed = med["common"] / med["ckptdiff"] if "common" in med else float("nan")

@@ -96,3 +96,11 @@ def test_fast_path_agrees_on_special_values(dtype: torch.dtype) -> None:
     mask = update_mask(w0, w1)
     expected = ChangeCounts(numel=n) + summarise_changed(w0[mask], w1[mask])
     assert count_changes(w0, w1) == expected
+
+
+def test_high_payload_nan_next_to_tiny_value() -> None:
+    """A negative NaN with an all-ones payload is 1 wrapped step from +0: it must count as a NaN change."""
+    w0 = torch.zeros(4, dtype=torch.bfloat16)
+    w1 = torch.tensor([0, 0, 0, -1], dtype=torch.int16).view(torch.bfloat16)  # 0xFFFF: negative NaN
+    c = count_changes(w0, w1)
+    assert (c.changed, c.changed_nonfinite, c.ulp_1) == (1, 1, 0)

@@ -83,13 +83,17 @@ def summarise_changed(a: torch.Tensor, b: torch.Tensor) -> ChangeCounts:
     return ChangeCounts(0, n, c1, c2, c4, c16, n - n_nan - c1 - c2 - c4 - c16, n_nan)
 
 
-def _may_hold_nan(bits: np.ndarray, inf: int) -> bool:
-    """Whether unsigned bit patterns may include a NaN, from two cheap maxima (positive and negative NaNs)."""
+_NEAR = 16  # ULP distances up to this are counted straight from the bit difference
+
+
+def _may_be_near_nonfinite(bits: np.ndarray, inf: int) -> bool:
+    """Whether any magnitude lies within _NEAR steps of inf (or beyond: inf, NaN), from two cheap maxima."""
     if bits.size == 0:
         return False
     nbits = bits.dtype.itemsize * 8
+    limit = inf - _NEAR
     signed_max = int(bits.view(f"i{bits.dtype.itemsize}").max())  # largest non-negative pattern
-    return signed_max > inf or int(bits.max()) > (1 << (nbits - 1)) + inf
+    return signed_max >= limit or int(bits.max()) >= (1 << (nbits - 1)) + limit
 
 
 def _exact_counts(x: np.ndarray, y: np.ndarray, dtype: torch.dtype) -> ChangeCounts:
@@ -110,9 +114,12 @@ def _exact_counts(x: np.ndarray, y: np.ndarray, dtype: torch.dtype) -> ChangeCou
 def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
     """Bitwise counts on the CPU with numpy integer views, in cache-sized pieces.
 
-    |x - y| of the raw bit patterns (wrapping) is the ULP distance for equal signs. Equal signs at
-    distance <= 16 are counted straight from it; everything else (sign flips, +0/-0, NaN, far moves)
-    goes through the exact path. Pieces that may hold a NaN go entirely through the exact path.
+    |x - y| of the raw bit patterns (wrapping) is the ULP distance for equal signs. Pairs at distance
+    <= 16 are counted straight from it; everything else (sign flips, +0/-0, far moves, NaN on the
+    fine-tuned side) goes through the exact path. A pair at distance <= 16 can involve a NaN, or be a
+    bit-identical NaN, only if one side is within 16 steps of inf (a NaN whose payload is nearly all ones
+    sits 16 wrapped steps from a tiny value of the other sign): pieces with such a value on either side
+    go entirely through the exact path.
     """
     size = w0.element_size()
     udt = np.dtype(f"u{size}")
@@ -124,7 +131,7 @@ def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
     dbuf = np.empty(min(_PIECE, a.size), dtype=udt)
     for s in range(0, a.size, _PIECE):
         x, y = a[s : s + _PIECE], b[s : s + _PIECE]
-        if _may_hold_nan(x, inf) or _may_hold_nan(y, inf):
+        if _may_be_near_nonfinite(x, inf) or _may_be_near_nonfinite(y, inf):
             total = total + _exact_counts(x, y, w0.dtype)
             continue
         d = dbuf[: x.size]
@@ -136,11 +143,11 @@ def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
         c1 = int(np.count_nonzero(d == 1))
         c2 = int(np.count_nonzero(d == 2))
         c4 = int(np.count_nonzero(d <= 4))
-        c16 = int(np.count_nonzero(d <= 16))
+        c16 = int(np.count_nonzero(d <= _NEAR))
         near = ChangeCounts(0, c16 - c0, c1, c2, c4 - c2 - c1 - c0, c16 - c4, 0, 0)
         total = total + near
         if c16 < k:
-            far = d > 16
+            far = d > _NEAR
             total = total + _exact_counts(x[far], y[far], w0.dtype)
     return total
 

@@ -1,0 +1,535 @@
+"""`ckptdiff principal-overlap`: does the update avoid or target the base's principal weights? (METRICS.md §2, §2b)
+
+Per 2-D float matrix, on the device: the update mask (§1), the top-k SVD of W0 (batched over same-shape matrices
+within a memory budget), the principal and low-magnitude masks, their overlaps with the update against the random
+and the magnitude-matched baselines, and the update's energy in the principal subspace. Only counts and floats come
+back to the host, plus the bit-packed masks when ``save_masks`` asks for them.
+
+Mask files (``save_masks``) are safetensors with three uint8 tensors per matrix, ``<tensor>.principal``,
+``<tensor>.low`` and ``<tensor>.update``, each the (m, n) bool mask bit-packed along rows exactly as
+``numpy.packbits(mask, axis=-1, bitorder="big")`` does: shape (m, ceil(n / 8)), row-major, the first column in the
+most significant bit, each row padded with zero bits. The metadata key ``shapes`` (JSON) gives every tensor's
+original (m, n); unpack with ``numpy.unpackbits(x, axis=-1, count=n).astype(bool)`` or :func:`load_masks`.
+The file is written to a temporary name and renamed at the end: a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ckptdiff import linalg
+from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
+from ckptdiff.errors import InputError
+from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, update_mask
+from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
+from ckptdiff.progress import byte_progress
+from ckptdiff.report import Report, Table, check_writable
+from ckptdiff.stream import Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
+
+SVD_METHODS = ("exact", "randomized", "auto")
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+MASK_FORMAT = "ckptdiff.principal-masks/1"
+MASK_PACKING = (
+    "uint8, numpy.packbits(mask, axis=-1, bitorder='big'): shape (m, ceil(n/8)), row-major, rows zero-padded; "
+    "unpack with numpy.unpackbits(x, axis=-1, count=n)"
+)
+# A ratio within 1 ± BAND counts as "neither avoids nor targets" in the summary (the numbers are always printed).
+BAND = 0.02
+
+_RESULT_FIELDS = [f.name for f in fields(PrincipalResult)]
+_COUNTS = [
+    "layer",
+    "k",
+    "numel",
+    "changed",
+    "principal_size",
+    "low_size",
+    "principal_not_low_size",
+    "changed_principal",
+    "changed_low",
+    "changed_principal_not_low",
+]
+# Per-tensor CSV columns, in order: row basics, every PrincipalResult field, then flags.
+COLUMNS = [
+    "tensor",
+    "layer",
+    "module",
+    "shape",
+    "dtype_base",
+    "dtype_ft",
+    "compared_as",
+    *_RESULT_FIELDS,
+    "linear",
+    "analysed",
+    "status",
+    "detail",
+]
+# (region, |M• ∩ M| column, |M•| column, magnitude-matched baseline column)
+_REGIONS = (
+    ("principal", "changed_principal", "principal_size", "baseline_principal_magnitude"),
+    ("low", "changed_low", "low_size", "baseline_low_magnitude"),
+    (
+        "principal_not_low",
+        "changed_principal_not_low",
+        "principal_not_low_size",
+        "baseline_principal_not_low_magnitude",
+    ),
+)
+_ENERGIES = ("energy_principal", "energy_left", "energy_right")
+# Rollup columns shown in the per-module / per-layer tables (by() returns them all).
+_SHOWN = [
+    "tensors",
+    "changed",
+    "overlap_principal",
+    "ratio_principal",
+    "ratio_principal_magnitude",
+    "overlap_low",
+    "ratio_low",
+    "ratio_low_magnitude",
+    "energy_principal",
+    "energy_principal_random",
+]
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den and not math.isnan(den) else math.nan
+
+
+def rollup(df: pd.DataFrame) -> dict[str, float]:
+    """Figures of a set of analysed rows, weighted by updated entries (energies by ‖ΔW‖_F²).
+
+    overlap = Σ|M•∩M| / Σ|M|; random baseline = Σ(|M|·|M•|/numel) / Σ|M|; magnitude-matched baseline
+    = Σ(|M|·baseline_•_magnitude) / Σ|M|; each ratio = Σ|M•∩M| over the matching expected intersection.
+    """
+
+    def col(name: str) -> pd.Series:
+        return df[name].astype("float64")
+
+    changed = col("changed")
+    total = float(changed.sum())
+    numel = float(col("numel").sum())
+    out: dict[str, float] = {
+        "tensors": float(len(df)),
+        "numel": numel,
+        "changed": total,
+        "update_density": _div(total, numel),
+    }
+    for region, count, size, magnitude in _REGIONS:
+        hits = float(col(count).sum())
+        random = float((changed * col(size) / col("numel")).sum())
+        matched = float((changed * col(magnitude)).where(changed != 0, 0.0).sum())
+        out[f"overlap_{region}"] = _div(hits, total)
+        out[f"baseline_{region}"] = _div(random, total)
+        out[f"ratio_{region}"] = _div(hits, random)
+        out[f"baseline_{region}_magnitude"] = _div(matched, total)
+        out[f"ratio_{region}_magnitude"] = _div(hits, matched)
+    weight = col("delta_fro_sq")
+    valid = col("energy_principal").notna() & (weight > 0)
+    w = weight[valid]
+    for name in _ENERGIES:
+        for key in (name, f"{name}_random"):
+            out[key] = _div(float((col(key)[valid] * w).sum()), float(w.sum()))
+    return out
+
+
+def _verdict(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "undefined"
+    if ratio < 1 - BAND:
+        return "avoids"
+    if ratio > 1 + BAND:
+        return "targets"
+    return "neutral"
+
+
+def principal_sentence(o: dict[str, float], alpha: float) -> str:
+    """One line: avoids / targets the principal weights, against random and against the magnitude-matched control."""
+    ov, base, r = o["overlap_principal"], o["baseline_principal"], o["ratio_principal"]
+    mb, rm = o["baseline_principal_magnitude"], o["ratio_principal_magnitude"]
+    naive, matched = _verdict(r), _verdict(rm)
+    numbers = (
+        f"overlap {ov:.3f} vs α {alpha:.2f} (random baseline {base:.3f}, ratio {r:.2f}); "
+        f"vs magnitude-matched {mb:.3f} (ratio {rm:.2f})"
+    )
+    noun = {"avoids": "avoidance", "targets": "targeting"}
+    if naive in noun and matched == "neutral":
+        tail = f"the {noun[naive]} is explained by update size and bf16 rounding"
+    elif naive in noun and matched == naive:
+        tail = f"the {noun[naive]} survives the magnitude-matched control"
+    elif naive in noun and matched in noun:
+        tail = f"against weights of the same magnitude it {matched.removesuffix('s')}s them instead"
+    elif naive == "neutral" and matched in noun:
+        tail = f"no effect against random, but against weights of the same magnitude it {matched} them"
+    else:
+        tail = "no preference either way"
+    verb = {"avoids": "avoids", "targets": "targets", "neutral": "neither avoids nor targets"}.get(naive)
+    head = f"The update {verb} the principal weights" if verb else "Principal overlap is undefined"
+    return f"{head}: {numbers}: {tail} (ratios within ±{BAND:.0%} of 1 count as no effect)."
+
+
+@dataclass(frozen=True)
+class PrincipalOverlapResult:
+    """Per-tensor principal-overlap rows plus the header that says how they were made."""
+
+    header: dict[str, str]
+    alpha: float
+    rows: list[dict[str, object]] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per tensor (analysed or not), columns as in :data:`COLUMNS`; metric columns NA when not analysed."""
+        df = pd.DataFrame(self.rows, columns=COLUMNS)
+        return df.astype({c: "Int64" for c in _COUNTS})
+
+    def analysed(self) -> pd.DataFrame:
+        """The 2-D float matrices that were analysed: the population of every rollup."""
+        df = self.to_frame()
+        return df[df["analysed"].astype(bool)]
+
+    def overall(self) -> dict[str, float]:
+        """Rollup over every analysed matrix (see :func:`rollup`)."""
+        return rollup(self.analysed())
+
+    def linear_only(self) -> dict[str, float]:
+        """Rollup over the analysed matrices inside transformer blocks."""
+        df = self.analysed()
+        return rollup(df[df["linear"].astype(bool)])
+
+    def by(self, key: str) -> pd.DataFrame:
+        """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`)."""
+        df = self.analysed()
+        if key == "layer":
+            df = df.dropna(subset=["layer"])
+        if df.empty:
+            return pd.DataFrame()
+        out = pd.DataFrame({name: rollup(group) for name, group in df.groupby(key, sort=True)}).T
+        out.index.name = key
+        return out.astype({c: "int64" for c in ("tensors", "numel", "changed")})
+
+    def structural(self) -> pd.DataFrame:
+        """Tensors not analysed, with the reason, and analysed ones that carry a note (dtype changes)."""
+        df = self.to_frame()
+        mask = ~df["analysed"].astype(bool) | (df["detail"] != "")
+        return df.loc[mask, ["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
+
+    def _summary(self) -> list[str]:
+        o = self.overall()
+        n_skipped = len(self.to_frame()) - int(o["tensors"])
+        skipped = f" {n_skipped} tensor(s) not analysed (1-D, non-float or mismatched; see the list)." * bool(n_skipped)
+        if o["tensors"] == 0:
+            return ["No 2-D float matrix was analysed." + skipped]
+        if o["changed"] == 0:
+            return [f"No entry of the {int(o['tensors'])} analysed matrices changed: overlaps are undefined." + skipped]
+        lines = [principal_sentence(o, self.alpha)]
+        pnl = (o["overlap_principal_not_low"], o["ratio_principal_not_low"], o["ratio_principal_not_low_magnitude"])
+        lines.append(
+            f"Low-magnitude weights: overlap {o['overlap_low']:.3f} vs random {o['baseline_low']:.3f} "
+            f"(ratio {o['ratio_low']:.2f}), vs magnitude-matched {o['baseline_low_magnitude']:.3f} "
+            f"(ratio {o['ratio_low_magnitude']:.2f}); principal ∩ not-low: overlap {pnl[0]:.3f} "
+            f"(ratio {pnl[1]:.2f}, magnitude-matched {pnl[2]:.2f})."
+        )
+        e, er = o["energy_principal"], o["energy_principal_random"]
+        if not math.isnan(e):
+            lines.append(
+                f"Update energy in the top-k principal subspace E_k {e:.4g} vs {er:.4g} for an isotropic random "
+                f"update ({_div(e, er):.2f}x); one-sided U_k {o['energy_left']:.4g} vs {o['energy_left_random']:.4g}, "
+                f"V_k {o['energy_right']:.4g} vs {o['energy_right_random']:.4g} (weighted by ‖ΔW‖_F²)."
+            )
+        lin = self.linear_only()
+        lines.append(
+            f"{int(o['tensors'])} matrices, {int(o['changed']):,} updated entries (density {o['update_density']:.4f}); "
+            f"linear layers only: ratio {lin['ratio_principal']:.2f}, magnitude-matched "
+            f"{lin['ratio_principal_magnitude']:.2f}.{skipped}"
+        )
+        return lines
+
+    def report(self) -> Report:
+        """The report the CLI renders."""
+        overall = pd.DataFrame({"overall": self.overall(), "linear layers": self.linear_only()})
+        overall.index.name = "figure"
+        note = (
+            "Overlaps weighted by updated entries; ratios = observed / expected intersection; "
+            "energies weighted by ‖ΔW‖_F²."
+        )
+        tables = [Table("Overall", overall, note)]
+        for key, title in (("module", "Per module type"), ("layer", "Per layer")):
+            g = self.by(key)
+            tables.append(Table(title, g[_SHOWN] if not g.empty else g))
+        return Report(
+            "ckptdiff principal-overlap", self.header, self._summary(), tables, self.to_frame(), self.structural()
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# mask files
+
+
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(m, n) bool -> (m, ceil(n/8)) uint8 like numpy.packbits(axis=-1, bitorder='big'), on the mask's device."""
+    m, n = mask.shape
+    x = torch.nn.functional.pad(mask.to(torch.int32), (0, (-n) % 8))  # (m, 8·nb)
+    shifts = torch.arange(7, -1, -1, dtype=torch.int32, device=mask.device)  # first column -> bit 7
+    return (x.reshape(m, -1, 8) << shifts).sum(-1).to(torch.uint8)  # (m, nb, 8) -> (m, nb)
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``--save-masks`` file back as (m, n) bool masks keyed ``<tensor>.principal|low|update``."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != MASK_FORMAT:
+            raise InputError(f"{path} is not a ckptdiff mask file (metadata format {meta.get('format')!r})")
+        shapes = json.loads(meta["shapes"])
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            _, n = shapes[key.rsplit(".", 1)[0]]
+            packed = f.get_tensor(key)  # (m, ceil(n/8)) uint8
+            bits = (packed.unsqueeze(-1).to(torch.int32) >> torch.arange(7, -1, -1, dtype=torch.int32)) & 1
+            out[key] = bits.reshape(packed.shape[0], -1)[:, :n].to(torch.bool)  # (m, n)
+    return out
+
+
+class _MaskFile:
+    """A safetensors file written tensor by tensor: a header region is reserved first and filled in at the end.
+
+    Data goes to a temporary file in the target folder; ``finish`` writes the header (JSON padded with spaces, which
+    the format allows) and renames it into place; ``abort`` removes it. Memory holds one matrix's masks at a time.
+    """
+
+    def __init__(self, path: Path, candidates: Sequence[tuple[str, int, int]], metadata: dict[str, str]):
+        self.path = path
+        self.metadata = metadata
+        self.entries: dict[str, dict[str, object]] = {}
+        self.shapes: dict[str, list[int]] = {}
+        nbytes = sum(3 * m * ((n + 7) // 8) for _, m, n in candidates)
+        worst = {name: [m, n] for name, m, n in candidates}
+        fake: dict[str, dict[str, object]] = {
+            f"{name}.{part}": {"dtype": "U8", "shape": [m, (n + 7) // 8], "data_offsets": [nbytes, nbytes]}
+            for name, m, n in candidates
+            for part in ("principal", "low", "update")
+        }
+        self.reserved = len(self._header(fake, worst)) + 8 - len(self._header(fake, worst)) % 8
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self.file = os.fdopen(fd, "wb")
+        self.file.seek(8 + self.reserved)
+        self.offset = 0
+
+    def _header(self, entries: dict[str, dict[str, object]], shapes: dict[str, list[int]]) -> bytes:
+        meta = {**self.metadata, "shapes": json.dumps(shapes, separators=(",", ":"))}
+        return json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode()
+
+    def add(self, name: str, masks: dict[str, torch.Tensor]) -> None:
+        """Append the packed masks of one (m, n) matrix."""
+        m, n = next(iter(masks.values())).shape
+        self.shapes[name] = [m, n]
+        for part, mask in masks.items():
+            data = pack_rows(mask).cpu().numpy().tobytes()
+            self.file.write(data)
+            end = self.offset + len(data)
+            shape = [m, (n + 7) // 8]
+            self.entries[f"{name}.{part}"] = {"dtype": "U8", "shape": shape, "data_offsets": [self.offset, end]}
+            self.offset = end
+
+    def finish(self) -> None:
+        """Write the header into the reserved region and rename the file into place."""
+        head = self._header(self.entries, self.shapes)
+        head += b" " * (self.reserved - len(head))
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", len(head)) + head)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis
+
+
+def _validate(k: int, alpha: float, svd: str, precision: str, batch_budget: float | None) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"--k must be an integer >= 1, got {k}; it is capped at min(m, n) per matrix")
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"--alpha must lie strictly between 0 and 1, got {alpha}; PNT uses 0.5")
+    if svd not in SVD_METHODS:
+        raise InputError(f"--svd {svd} is not known; use exact, randomized or auto")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision} is not known; use fp32 or fp64 (SVD never runs in bf16)")
+    if batch_budget is not None and not batch_budget > 0:
+        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
+
+
+def _reason(it: Aligned) -> str:
+    """Why a tensor is not analysed ('' when it is)."""
+    if not it.comparable:
+        what = {"only_base": "only in base", "only_ft": "only in fine-tune"}.get(it.status, it.status.replace("_", " "))
+        return f"not analysed: {what}" + (f" ({it.detail})" if it.detail else "")
+    if not it.is_float:
+        return "not analysed: not a float tensor"
+    dims = len(it.base.shape)
+    if dims != 2:
+        return f"not analysed: {dims}-D, not a matrix"
+    if it.base.numel == 0:
+        return "not analysed: empty matrix"
+    return ""
+
+
+def _max_batch(
+    budget: int, k: int, method: str, cdtype: torch.dtype, in0: torch.dtype, in1: torch.dtype, dev: str
+) -> Callable[[tuple[int, ...]], int]:
+    """max_batch(shape) for iter_matrix_batches: the SVD workspace plus the W1 stack and the update mask per matrix."""
+
+    def size(shape: tuple[int, ...]) -> int:
+        m, n = shape
+        chosen = linalg.choose_method(m, n, k, method)  # type: ignore[arg-type]
+        work = "randomized" if chosen == "randomized" else "svd"
+        per = linalg.workspace_bytes((m, n), in0, cdtype, work=work, k=k, device_type=dev)  # type: ignore[arg-type]
+        per += m * n * (torch.empty((), dtype=in1).element_size() + 1)
+        return max(1, budget // per)
+
+    return size
+
+
+def _batch_rows(
+    items: list[Aligned],
+    w0s: torch.Tensor,
+    w1s: torch.Tensor,
+    *,
+    k: int,
+    alpha: float,
+    svd: str,
+    cdtype: torch.dtype,
+    mode: CompareMode,
+) -> list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]]:
+    """Metrics of one same-shape batch: (item, result, region masks, update mask); result None if W0 is not finite."""
+    upd = update_mask(w0s, w1s, mode)  # (b, m, n) bool
+    finite = torch.isfinite(w0s).flatten(1).all(1)  # (b,)
+    keep = [i for i in range(len(items)) if bool(finite[i])]
+    out: list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]] = [
+        (it, None, None, None) for it in items
+    ]
+    if not keep:
+        return out
+    top = linalg.topk(w0s if len(keep) == len(items) else w0s[keep], k, method=svd, dtype=cdtype)  # type: ignore[arg-type]
+    label = top.describe()
+    for j, i in enumerate(keep):
+        result, masks = principal_metrics_with_masks(
+            w0s[i], upd[i], top.u[j], top.s[j], top.v[j], alpha, w1=w1s[i], svd=label
+        )
+        out[i] = (items[i], result, masks, upd[i])
+    return out
+
+
+def principal_overlap(
+    base: SourceLike,
+    ft: SourceLike,
+    *,
+    k: int = 64,
+    alpha: float = 0.5,
+    svd: str = "auto",
+    precision: str = "fp32",
+    mode: CompareMode = CompareMode(),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    batch_budget: float | None = None,
+    save_masks: str | Path | None = None,
+    progress: bool = True,
+) -> PrincipalOverlapResult:
+    """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (METRICS.md §2, §2b).
+
+    ``k`` singular directions (capped at min(m, n)), masks of density ``alpha``, SVD by ``svd`` in ``precision``;
+    same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: stream.default_budget).
+    ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc).
+    """
+    _validate(k, alpha, svd, precision, batch_budget)
+    cdtype = PRECISIONS[precision]
+    mask_path = Path(save_masks) if save_masks is not None else None
+    check_writable(mask_path)
+    dev = resolve_device(device)
+    budget = int(batch_budget * 1024**3) if batch_budget is not None else default_budget(dev)
+    sources = [open_source(base, progress), open_source(ft, progress)]
+    results: dict[str, PrincipalResult] = {}
+    nonfinite: set[str] = set()
+    writer: _MaskFile | None = None
+    try:
+        items = align(sources, include, exclude, labels=["base", "ft"])
+        todo = [it for it in items if is_matrix(it) and not _reason(it)]
+        head = header(
+            "principal-overlap",
+            sources,
+            ["base", "ft"],
+            dev,
+            mode,
+            k=k,
+            alpha=alpha,
+            svd=svd,
+            precision=precision,
+            batch_budget_gib=f"{budget / 1024**3:.3g}",
+            save_masks=mask_path or "",
+        )
+        if mask_path is not None:
+            meta = {"format": MASK_FORMAT, "packing": MASK_PACKING, **{key: head[key] for key in head}}
+            shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in todo]
+            writer = _MaskFile(mask_path, shapes, meta)
+        groups: dict[tuple[str, str], list[Aligned]] = {}
+        for it in todo:  # one dtype pair per stack: iter_matrix_batches would promote mixed dtypes
+            groups.setdefault((it.infos[0].dtype.name, it.infos[1].dtype.name), []).append(it)  # type: ignore[union-attr]
+        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
+        with byte_progress(nbytes, "principal overlap", progress) as on_bytes:
+            for group in groups.values():
+                in0, in1 = (info.dtype.torch for info in group[0].infos if info is not None)
+                max_batch = _max_batch(budget, k, svd, cdtype, in0, in1, dev.type)
+                for batch, (w0s, w1s) in iter_matrix_batches(sources, group, max_batch, device=dev, on_bytes=on_bytes):
+                    rows = _batch_rows(batch, w0s, w1s, k=k, alpha=alpha, svd=svd, cdtype=cdtype, mode=mode)
+                    for it, result, masks, upd in rows:
+                        if result is None:
+                            nonfinite.add(it.name)
+                            continue
+                        results[it.name] = result
+                        if writer is not None and masks is not None and upd is not None:
+                            writer.add(it.name, {"principal": masks.principal, "low": masks.low, "update": upd})
+                    del w0s, w1s, rows
+        if writer is not None:
+            writer.finish()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        for s in sources:
+            s.close()
+    return PrincipalOverlapResult(
+        head, alpha, [_row(it, results.get(it.name), it.name in nonfinite, mode) for it in items]
+    )
+
+
+def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: CompareMode) -> dict[str, object]:
+    row = row_basics(it)
+    row["compared_as"] = ""
+    if it.comparable and it.is_float:
+        d0, d1 = (info.dtype.torch for info in it.infos if info is not None)
+        row["compared_as"] = dtype_name(comparison_dtype(d0, d1, mode.as_dtype))
+    reason = _reason(it) or ("not analysed: base has non-finite values (SVD undefined)" if nonfinite else "")
+    row["analysed"] = result is not None
+    row["detail"] = reason or it.detail
+    row.update(asdict(result) if result is not None else dict.fromkeys(_RESULT_FIELDS, math.nan))
+    if result is None:
+        row["numel"] = row_basics(it)["numel"]
+        row["svd"] = ""
+    return row

@@ -1,0 +1,108 @@
+"""``ckptdiff principal-overlap``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ckptdiff.cli.options import (
+    AsOpt,
+    AtolOpt,
+    BaseArg,
+    CsvOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    Fmt,
+    FormatOpt,
+    FtArg,
+    IncludeOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    compare_mode,
+    emit,
+)
+
+KOpt = Annotated[int, typer.Option("--k", help="Top-k singular directions of W0 (capped at min(m, n) per matrix).")]
+AlphaOpt = Annotated[
+    float, typer.Option("--alpha", help="Mask density in (0, 1): principal = top α, low = bottom α of the entries.")
+]
+SvdOpt = Annotated[
+    str, typer.Option("--svd", help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).")
+]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="SVD computation dtype: fp32 or fp64 (never bf16).")]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--batch-budget",
+        help="GiB one batch of same-shape matrices may use (default: half the free GPU memory, 2 on CPU).",
+    ),
+]
+SaveMasksOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-masks",
+        help="Write <tensor>.principal/.low/.update masks to this safetensors file, bit-packed uint8 along rows "
+        "(numpy.packbits(axis=-1, bitorder='big')); metadata 'shapes' gives each (m, n).",
+    ),
+]
+
+EPILOG = (
+    "Example: [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64 --csv principal.csv"
+    "[/bold]\n\n"
+    "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
+    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (METRICS.md §2, §2b)."
+)
+
+
+def principal_overlap(
+    base: BaseArg,
+    ft: FtArg,
+    k: KOpt = 64,
+    alpha: AlphaOpt = 0.5,
+    svd: SvdOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    as_: AsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    batch_budget: BudgetOpt = None,
+    save_masks: SaveMasksOpt = None,
+    csv: CsvOpt = None,
+    json: JsonOpt = None,
+    fmt: FormatOpt = Fmt.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Principal-weight overlap: does the update avoid the base's principal weights, beyond what its size explains?"""
+    from ckptdiff.analyses.principal import principal_overlap as run
+    from ckptdiff.report import check_writable
+
+    mode = compare_mode(rtol, atol, as_)
+    check_writable(csv, json, save_masks)
+    result = run(
+        base,
+        ft,
+        k=k,
+        alpha=alpha,
+        svd=svd,
+        precision=precision,
+        mode=mode,
+        include=include or [],
+        exclude=exclude or [],
+        device=device,
+        batch_budget=batch_budget,
+        save_masks=save_masks,
+        progress=not quiet,
+    )
+    emit(result.report(), fmt, csv, json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("principal-overlap", epilog=EPILOG)(handle_errors(principal_overlap))
