@@ -70,8 +70,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0, help="size per side of the synthetic sparsity pair")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--dry-run-cpu", action="store_true", help="compare cpu against cpu (checks the script)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    gpu = "cpu" if args.dry_run_cpu else "cuda"
+    if gpu == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to validate")
         return 0
     from ckptdiff.analyses.principal import principal_overlap
@@ -79,7 +81,8 @@ def main() -> int:
     from ckptdiff.analyses.spectral import spectral
     from ckptdiff.metrics.mask import CompareMode
 
-    lines = [f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", ""]
+    name = torch.cuda.get_device_name(0) if gpu == "cuda" else "cpu (dry run)"
+    lines = [f"device: {name}, torch {torch.__version__}", ""]
     failed = False
 
     def report(name: str, ok: bool, detail: str) -> None:
@@ -95,25 +98,25 @@ def main() -> int:
     base_dir, ft_dir = make_pair(tmp / "pair", args.gib)
     times = {}
     frames = {}
-    for dev in ("cpu", "cuda"):
+    for dev in ("cpu", gpu):
         sparsity(str(base_dir), str(ft_dir), device=dev, progress=False)  # warm the page cache / CUDA context
         t0 = time.perf_counter()
         r = sparsity(str(base_dir), str(ft_dir), device=dev, progress=False)
         times[dev] = time.perf_counter() - t0
         frames[dev] = r.to_frame()
     cols = ["changed", "ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16", "changed_nonfinite"]
-    same = all(frames["cpu"][c].tolist() == frames["cuda"][c].tolist() for c in cols)
+    same = all(frames["cpu"][c].tolist() == frames[gpu][c].tolist() for c in cols)
     nbytes = sum(f.stat().st_size for d in (base_dir, ft_dir) for f in d.glob("*.safetensors"))
     report(
         f"sparsity bitwise, {args.gib:g} GiB/side",
         same,
-        f"counts identical: {same}; cpu {nbytes / times['cpu'] / 1e9:.2f} GB/s, cuda {nbytes / times['cuda'] / 1e9:.2f} GB/s",
+        f"counts identical: {same}; cpu {nbytes / times['cpu'] / 1e9:.2f} GB/s, cuda {nbytes / times[gpu] / 1e9:.2f} GB/s",
     )
     rt = {
         dev: sparsity(str(base_dir), str(ft_dir), mode=CompareMode("rtol", 1e-3), device=dev, progress=False)
-        for dev in ("cpu", "cuda")
+        for dev in ("cpu", gpu)
     }
-    same_rt = rt["cpu"].to_frame()["changed"].tolist() == rt["cuda"].to_frame()["changed"].tolist()
+    same_rt = rt["cpu"].to_frame()["changed"].tolist() == rt[gpu].to_frame()["changed"].tolist()
     report("sparsity rtol=1e-3", same_rt, "per-tensor changed counts identical")
 
     # 2/3. SVD analyses on a small realistic model.
@@ -122,25 +125,25 @@ def main() -> int:
     b, f = _small_model(small, d=512, ff=1376, layers=2, rel=1e-3, seed=0)
     po = {
         dev: principal_overlap(str(b), str(f), svd="exact", precision="fp64", device=dev, progress=False).to_frame()
-        for dev in ("cpu", "cuda")
+        for dev in ("cpu", gpu)
     }
     ok, worst = _frames_equal(
-        po["cuda"], po["cpu"], ["overlap_principal", "overlap_low", "ratio_principal", "ratio_low"], 0.0, 1e-9
+        po[gpu], po["cpu"], ["overlap_principal", "overlap_low", "ratio_principal", "ratio_low"], 0.0, 1e-9
     )
     report("principal-overlap fp64 overlaps/ratios", ok, f"max |diff| {worst:.2e} (tol 1e-9)")
-    ok, worst = _frames_equal(po["cuda"], po["cpu"], ["energy_principal"], 1e-6, 0.0)
+    ok, worst = _frames_equal(po[gpu], po["cpu"], ["energy_principal"], 1e-6, 0.0)
     report("principal-overlap fp64 energy E_k", ok, f"max rel diff {worst:.2e} (tol 1e-6)")
     sp = {
         (dev, prec): spectral(str(b), str(f), precision=prec, device=dev, progress=False).to_frame()
-        for dev, prec in (("cpu", "fp64"), ("cuda", "fp64"), ("cuda", "fp32"))
+        for dev, prec in (("cpu", "fp64"), (gpu, "fp64"), (gpu, "fp32"))
     }
-    ok, worst = _frames_equal(sp[("cuda", "fp64")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
+    ok, worst = _frames_equal(sp[(gpu, "fp64")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
     report("spectral NSS cuda fp64 vs cpu fp64", ok, f"max rel diff {worst:.2e} (tol 1e-6)")
     ok, worst = _frames_equal(
-        sp[("cuda", "fp64")], sp[("cpu", "fp64")], ["angle_u_max_deg", "angle_v_max_deg"], 0.0, 1e-6
+        sp[(gpu, "fp64")], sp[("cpu", "fp64")], ["angle_u_max_deg", "angle_v_max_deg"], 0.0, 1e-6
     )
     report("spectral angles cuda fp64 vs cpu fp64", ok, f"max |diff| {worst:.2e} deg (tol 1e-6)")
-    _, worst32 = _frames_equal(sp[("cuda", "fp32")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
+    _, worst32 = _frames_equal(sp[(gpu, "fp32")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
     lines.append(f"| spectral NSS cuda fp32 vs cpu fp64 | info | max rel diff {worst32:.2e} (fp32 is not for drift) |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -83,9 +83,9 @@ def _root(
 
 
 def _register() -> None:
-    from ckptdiff.cli import check, consistency, sparsity
+    from ckptdiff.cli import check, consistency, principal, sparsity, spectral
 
-    for module in (sparsity, check, consistency):
+    for module in (sparsity, check, consistency, spectral, principal):
         module.register(app)
 
 
@@ -94,6 +94,9 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    # OpenMP threads that spin while waiting make LAPACK (the SVDs) tens of times slower when the machine is
+    # shared or oversubscribed; passive waiting costs nothing measurable here. Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="ckptdiff")
 
 

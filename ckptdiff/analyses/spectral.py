@@ -1,0 +1,414 @@
+"""`ckptdiff spectral`: spectral drift and principal-subspace rotation per 2-D matrix (METRICS.md §3, §2b).
+
+Same-shaped matrices are read in stacks sized by a memory budget and decomposed in batched calls
+(``metrics.spectral``); everything else (1-D, integer, structural mismatches) is listed as not analysed.
+
+Rollups per module type and per layer report the maximum and the median over matrices of NSS and of each
+matrix's largest principal angle: drift is not additive, so no sum or parameter-weighted mean of it means
+anything. The one weighted figure is ``nss_per_update``, a ratio of norms, averaged by parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
+from ckptdiff.dtypes import parse_as
+from ckptdiff.errors import InputError
+from ckptdiff.linalg import workspace_bytes
+from ckptdiff.metrics.mask import comparison_dtype, dtype_name
+from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
+from ckptdiff.progress import byte_progress
+from ckptdiff.report import Report, Table, check_writable
+from ckptdiff.stream import Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
+NULLS = ("none", "random")
+FP32_WARNING = (
+    "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
+    "an H100 fp32 run gave NSS 1.76e-5 against a true 3.06e-7; use fp64 for such checkpoints"
+)
+
+# Columns from metrics.spectral.SpectralResult, split into the always-present ones and the null's.
+NULL_COLUMNS = [
+    "nss_null",
+    "angle_u_max_deg_null",
+    "angle_v_max_deg_null",
+    "nss_null_ratio",
+    "angle_u_max_null_ratio",
+    "angle_v_max_null_ratio",
+]
+METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
+LEAD_COLUMNS = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "compared_as", "numel", "linear"]
+TAIL_COLUMNS = ["analysed", "status", "detail"]
+TOP_MATRICES = 10
+TOP_LAYERS = 3
+
+
+def columns(with_null: bool) -> list[str]:
+    """Per-tensor CSV columns, in order (the null's only when a null was computed)."""
+    return [*LEAD_COLUMNS, *METRIC_COLUMNS, *(NULL_COLUMNS if with_null else []), *TAIL_COLUMNS]
+
+
+@dataclass(frozen=True)
+class SpectralReport:
+    """Per-tensor spectral rows plus the header that says how they were made."""
+
+    header: dict[str, str]
+    rows: list[dict[str, object]] = field(default_factory=list)
+    with_null: bool = False
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per tensor (analysed or not), columns as in :func:`columns`."""
+        df = pd.DataFrame(self.rows, columns=columns(self.with_null))
+        df = df.astype({"layer": "Int64", "numel": "Int64", "k": "Int64"})
+        return df.astype({c: "float64" for c in METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else []) if c != "k"})
+
+    def analysed(self) -> pd.DataFrame:
+        """The 2-D float matrices that were decomposed: the population of every rollup."""
+        df = self.to_frame()
+        return df[df["analysed"].astype(bool)]
+
+    def _stats(self, df: pd.DataFrame) -> dict[str, float]:
+        out: dict[str, float] = {"matrices": float(len(df)), "params": float(df["numel"].sum())}
+        for col, label in (("nss", "nss"), ("angle_u_max_deg", "angle_u_deg"), ("angle_v_max_deg", "angle_v_deg")):
+            out[f"{label}_max"] = float(df[col].max()) if len(df) else math.nan
+            out[f"{label}_median"] = float(df[col].median()) if len(df) else math.nan
+        ok = df.dropna(subset=["nss_per_update"])
+        weights = ok["numel"].astype("float64")
+        total = float(weights.sum())
+        out["nss_per_update"] = float((ok["nss_per_update"] * weights).sum()) / total if total else math.nan
+        if self.with_null:
+            for col in ("nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"):
+                out[f"{col}_median"] = float(df[col].median()) if len(df) else math.nan
+        return out
+
+    def overall(self) -> dict[str, float]:
+        """Max and median of NSS and largest angles over all matrices, parameter-weighted mean of nss_per_update."""
+        return self._stats(self.analysed())
+
+    def linear_only(self) -> dict[str, float]:
+        """The same figures over the 2-D matrices inside transformer blocks."""
+        df = self.analysed()
+        return self._stats(df[df["linear"].astype(bool)])
+
+    def by(self, key: str) -> pd.DataFrame:
+        """Rollup per ``layer`` or ``module``: max and median of NSS and angles, weighted nss_per_update."""
+        df = self.analysed()
+        if key == "layer":
+            df = df.dropna(subset=["layer"])
+        groups = {name: self._stats(sub) for name, sub in df.groupby(key, sort=True)}
+        out = pd.DataFrame.from_dict(groups, orient="index")
+        out.index.name = key
+        return out.astype({"matrices": "int64", "params": "int64"}) if len(out) else out
+
+    def most_rotated(self, n: int = TOP_MATRICES) -> pd.DataFrame:
+        """The ``n`` matrices with the largest principal angle (left or right)."""
+        df = self.analysed()
+        cols = ["tensor", "shape", "k", "nss", "angle_u_max_deg", "angle_v_max_deg", "gap_k", "wedin_bound_deg"]
+        cols += ["delta_rel_fro", "nss_per_update"]
+        if self.with_null:
+            cols += ["nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"]
+        worst = df[["angle_u_max_deg", "angle_v_max_deg"]].max(axis=1)
+        return df.assign(_w=worst).sort_values("_w", ascending=False, kind="stable")[cols].head(n)
+
+    def structural(self) -> pd.DataFrame:
+        """Tensors that were not analysed, and why."""
+        df = self.to_frame()
+        return df.loc[~df["analysed"].astype(bool), ["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
+
+    def _summary(self) -> list[str]:
+        df = self.analysed()
+        o = self.overall()
+        h = self.header
+        if df.empty:
+            return ["No 2-D floating-point matrix was comparable: nothing to decompose."]
+        nss = df["nss"].to_numpy(dtype=float)
+        worst_nss = str(df["tensor"].iloc[int(np.nanargmax(nss))]) if np.isfinite(nss).any() else "—"
+        lines = [
+            f"Spectral drift over {int(o['matrices'])} matrices ({int(o['params']):,} parameters), "
+            f"{h['precision']}, k = {h['k']}: NSS median {o['nss_median']:.3e}, max {o['nss_max']:.3e} ({worst_nss}).",
+            f"Largest principal angle between top-k subspaces: {o['angle_u_deg_max']:.4g}° left (median "
+            f"{o['angle_u_deg_median']:.4g}°), {o['angle_v_deg_max']:.4g}° right "
+            f"(median {o['angle_v_deg_median']:.4g}°).",
+        ]
+        layers = self.by("layer")
+        if len(layers):
+            rot = layers[["angle_u_deg_max", "angle_v_deg_max"]].max(axis=1).sort_values(ascending=False)
+            named = ", ".join(f"layer {int(i)} ({v:.4g}°)" for i, v in rot.head(TOP_LAYERS).items())  # type: ignore[call-overload]
+            lines.append(f"Layers that rotate most: {named}.")
+        if math.isnan(o["nss_per_update"]):
+            lines.append("No matrix changed: drift per unit of update is undefined.")
+        else:
+            lines.append(
+                f"Drift per unit of update, NSS / (‖ΔW‖_F/‖W0‖_F), parameter-weighted: {o['nss_per_update']:.4g} "
+                "(at most 1; 1 means the whole update went into the singular values, e.g. a rescaling)."
+            )
+        if self.with_null:
+            lines.append(self._null_sentence(df))
+        return lines
+
+    def _null_sentence(self, df: pd.DataFrame) -> str:
+        cols = {
+            "NSS": "nss_null_ratio",
+            "left angle": "angle_u_max_null_ratio",
+            "right angle": "angle_v_max_null_ratio",
+        }
+        ratios = {label: df[col].dropna() for label, col in cols.items()}
+        if all(r.empty for r in ratios.values()):
+            return "Equal-norm random null: no matrix changed, so no ratio is defined."
+        medians = {label: float(r.median()) for label, r in ratios.items()}
+        meds = ", ".join(f"{label} {v:.3g}" for label, v in medians.items())
+        below = ", ".join(f"{label} {int((r < 1).sum())}/{len(r)}" for label, r in ratios.items())
+        drift = "smaller" if medians["NSS"] < 1 else "not smaller"
+        rotation = "smaller" if medians["left angle"] < 1 and medians["right angle"] < 1 else "not smaller"
+        if drift == rotation == "smaller":
+            verdict = "both are structure-preserving beyond what the update's size implies"
+        elif rotation == "smaller":
+            verdict = "the top-k subspaces are preserved beyond what the update's size implies, the spectrum is not"
+        elif drift == "smaller":
+            verdict = "the spectrum is preserved beyond what the update's size implies, the top-k subspaces are not"
+        else:
+            verdict = "the update preserves no more structure than its size implies"
+        return (
+            f"Against an equal-norm random null (seed {self.header.get('seed', '?')}), median ratios: {meds}; "
+            f"matrices below 1: {below}. Spectral drift is {drift} and rotation {rotation} than a random update of "
+            f"the same size would cause: {verdict}."
+        )
+
+    def report(self) -> Report:
+        """The report the CLI renders."""
+        overall = pd.DataFrame({"all matrices": self.overall(), "linear layers": self.linear_only()})
+        overall.index.name = "figure"
+        note = (
+            "max / median over matrices of NSS and of each matrix's largest principal angle (degrees); drift is not "
+            "additive, so no sums. nss_per_update is weighted by parameter count."
+        )
+        short = "angles in degrees; *_r: ratio to the equal-norm random null; wedin: arcsin(‖ΔW‖₂ / γ_k)"
+        rotated = self.most_rotated().set_index("tensor")
+        tables = [
+            Table("Overall", overall, note),
+            Table("Per module type", _display(self.by("module").drop(columns="params", errors="ignore")), note),
+            Table("Per layer", _display(self.by("layer").drop(columns="params", errors="ignore")), note),
+            Table("Most rotated matrices", _display(rotated.drop(columns=["shape", "k", "gap_k"])), short),
+        ]
+        return Report("ckptdiff spectral", self.header, self._summary(), tables, self.to_frame(), self.structural())
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+_SHORT_NAMES = {
+    "nss_median": "nss_med",
+    "angle_u_deg_max": "ang_u_max",
+    "angle_u_deg_median": "ang_u_med",
+    "angle_v_deg_max": "ang_v_max",
+    "angle_v_deg_median": "ang_v_med",
+    "nss_per_update": "nss/upd",
+    "nss_null_ratio_median": "nss_r_med",
+    "angle_u_max_null_ratio_median": "ang_u_r_med",
+    "angle_v_max_null_ratio_median": "ang_v_r_med",
+    "angle_u_max_deg": "ang_u",
+    "angle_v_max_deg": "ang_v",
+    "wedin_bound_deg": "wedin",
+    "delta_rel_fro": "rel_dW",
+    "nss_null_ratio": "nss_r",
+    "angle_u_max_null_ratio": "ang_u_r",
+    "angle_v_max_null_ratio": "ang_v_r",
+}
+
+
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Short column names for the terminal and Markdown tables (CSV/JSON rows keep the full names)."""
+    return frame.rename(columns=_SHORT_NAMES)
+
+
+def _not_analysed(item: Aligned) -> str:
+    """Why a tensor has no spectral row: the structural detail, or what kind of tensor it is."""
+    if not item.comparable:
+        return item.detail or item.status.replace("_", " ")
+    if not item.is_float:
+        return "integer/bool: no spectrum"
+    ndim = len(item.base.shape)
+    if ndim != 2:
+        return f"{ndim}-D: no spectrum (2-D only)"
+    return "empty matrix"
+
+
+def _target(item: Aligned, as_dtype: torch.dtype | None) -> torch.dtype:
+    a, b = (i.dtype.torch for i in item.infos if i is not None)
+    return comparison_dtype(a, b, as_dtype)
+
+
+def _to_compute(stack: torch.Tensor, targets: Sequence[torch.dtype], dt: torch.dtype) -> torch.Tensor:
+    """(b, m, n) stack in the compute dtype, matrix i first rounded to targets[i] (as torch rounds: RNE)."""
+    out = torch.empty(stack.shape, dtype=dt, device=stack.device)  # (b, m, n)
+    for i, target in enumerate(targets):
+        out[i].copy_(stack[i].to(target))
+    return out
+
+
+def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.dtype, device: str, null: bool) -> int:
+    """Peak bytes one matrix costs in a batch: the SVD workspace plus the metric's extra (m, n) arrays.
+
+    spectral_metrics holds about five (m, n) arrays in the compute dtype besides the SVD (W0, W1, ΔW, the
+    second side's U/Vh), two more for the null (R and W0 + R), and the second input stack in its storage dtype.
+    """
+    m, n = int(shape[0]), int(shape[1])
+    e = torch.empty((), dtype=dt).element_size()
+    e_in = torch.empty((), dtype=in_dtype).element_size()
+    extra = (5 + (2 if null else 0)) * e * m * n + e_in * m * n
+    return workspace_bytes((m, n), in_dtype, dt, work="svd", device_type=device) + extra
+
+
+def _parse(
+    k: int, precision: str, null: str | bool, as_dtype: torch.dtype | str | None, batch_budget: float | None
+) -> tuple[torch.dtype, bool, torch.dtype | None]:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"--k must be a positive integer, got {k!r}")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be fp32 or fp64, got {precision!r} (SVDs never run in bf16/fp16)")
+    if isinstance(null, bool):
+        null = "random" if null else "none"
+    if null not in NULLS:
+        raise InputError(f"--null must be none or random, got {null!r}")
+    if batch_budget is not None and not batch_budget > 0:
+        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
+    if isinstance(as_dtype, str):
+        try:
+            as_dtype = parse_as(as_dtype)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    return PRECISIONS[precision], null == "random", as_dtype
+
+
+def write_spectra(path: str | Path, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save singular values as safetensors atomically: a temporary file in the same folder, then a rename."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    check_writable(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in spectra.items()}, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def spectral(
+    base: SourceLike,
+    ft: SourceLike,
+    *,
+    k: int = 64,
+    precision: str = "fp64",
+    null: str | bool = "none",
+    seed: int = 0,
+    as_dtype: torch.dtype | str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    batch_budget: float | None = None,
+    save_spectra: str | Path | None = None,
+    progress: bool = True,
+) -> SpectralReport:
+    """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
+
+    ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size updates). ``null="random"``
+    adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor name. ``as_dtype`` rounds
+    both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
+    2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
+    """
+    dt, with_null, as_t = _parse(k, precision, null, as_dtype, batch_budget)
+    check_writable(save_spectra)
+    sources = [open_source(base, progress), open_source(ft, progress)]
+    try:
+        dev = resolve_device(device)
+        budget = int(batch_budget * 1024**3) if batch_budget is not None else default_budget(dev)
+        items = align(sources, include, exclude, labels=["base", "ft"])
+        todo = [it for it in items if is_matrix(it) and it.base.numel > 0]
+        widest: dict[tuple[int, ...], torch.dtype] = {}
+        for it in todo:
+            d = max((i.dtype for i in it.infos if i is not None), key=lambda x: x.itemsize).torch
+            if it.base.shape not in widest or d.itemsize > widest[it.base.shape].itemsize:
+                widest[it.base.shape] = d
+
+        def max_batch(shape: tuple[int, ...]) -> int:
+            return max(1, budget // _per_matrix_bytes(shape, widest[shape], dt, dev.type, with_null))
+
+        results: dict[str, SpectralResult] = {}
+        nonfinite: set[str] = set()
+        spectra: dict[str, torch.Tensor] = {}
+        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
+        with byte_progress(nbytes, "decomposing", progress) as on_bytes:
+            for batch, (s0, s1) in iter_matrix_batches(sources, todo, max_batch, device=dev, on_bytes=on_bytes):
+                targets = [_target(it, as_t) for it in batch]
+                a0, a1 = _to_compute(s0, targets, dt), _to_compute(s1, targets, dt)  # (b, m, n) each
+                del s0, s1
+                finite = (torch.isfinite(a0).flatten(1).all(1) & torch.isfinite(a1).flatten(1).all(1)).tolist()
+                keep = [i for i, ok in enumerate(finite) if ok]
+                nonfinite.update(it.name for it, ok in zip(batch, finite, strict=True) if not ok)
+                if not keep:
+                    continue
+                if len(keep) < len(batch):
+                    idx = torch.tensor(keep, device=a0.device)
+                    a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
+                kept = [batch[i] for i in keep]
+                seeds = [null_seed(seed, it.name) for it in kept] if with_null else None
+                res, sig0, sig1 = spectral_metrics_with_spectra(a0, a1, k, dtype=dt, null_seeds=seeds)
+                del a0, a1
+                for i, (it, r) in enumerate(zip(kept, res, strict=True)):
+                    results[it.name] = r
+                    if save_spectra is not None:
+                        spectra[f"{it.name}.sigma_base"] = sig0[i].to("cpu", torch.float64)
+                        spectra[f"{it.name}.sigma_ft"] = sig1[i].to("cpu", torch.float64)
+    finally:
+        for s in sources:
+            s.close()
+
+    params: dict[str, object] = {
+        "k": k,
+        "precision": precision,
+        "null": "random" if with_null else "none",
+    }
+    if with_null:
+        params["seed"] = seed
+    params["as"] = dtype_name(as_t) if as_t is not None else "native"
+    params["batch_budget_gib"] = f"{budget / 1024**3:.3g}"
+    if dt == torch.float32:
+        params["warning"] = FP32_WARNING
+    head = header("spectral", sources, ["base", "ft"], dev, None, **params)
+    rows = [_row(it, results.get(it.name), it.name in nonfinite, as_t, with_null) for it in items]
+    if save_spectra is not None:
+        write_spectra(save_spectra, spectra, head)
+    return SpectralReport(head, rows, with_null)
+
+
+def _row(
+    item: Aligned, result: SpectralResult | None, nonfinite: bool, as_t: torch.dtype | None, with_null: bool
+) -> dict[str, object]:
+    row = row_basics(item)
+    row["compared_as"] = dtype_name(_target(item, as_t)) if item.comparable and item.is_float else ""
+    row["analysed"] = result is not None
+    if result is not None:
+        values = asdict(result)
+        row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
+        row["detail"] = item.detail
+        return row
+    row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
+    row["detail"] = "non-finite entries: not analysed" if nonfinite else _not_analysed(item)
+    return row

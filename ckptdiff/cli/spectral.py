@@ -1,0 +1,117 @@
+"""``ckptdiff spectral``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ckptdiff.cli.options import (
+    AsOpt,
+    BaseArg,
+    CsvOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    Fmt,
+    FormatOpt,
+    FtArg,
+    IncludeOpt,
+    JsonOpt,
+    QuietOpt,
+    compare_mode,
+    emit,
+)
+
+EPILOG = (
+    "Example: [bold]ckptdiff spectral Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --null random --csv spectral.csv"
+    "[/bold]\n\n"
+    "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
+    "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
+    "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
+)
+
+
+class Precision(str, Enum):
+    """SVD computation dtypes."""
+
+    fp32 = "fp32"
+    fp64 = "fp64"
+
+
+class Null(str, Enum):
+    """Random-null choices."""
+
+    none = "none"
+    random = "random"
+
+
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Top-k singular vectors per matrix (capped at min(m, n)).")]
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help="SVD dtype; fp32 is too coarse for small RL-size updates.")
+]
+NullOpt = Annotated[
+    Null, typer.Option("--null", help="'random': also score W0 + a Gaussian update of the same Frobenius norm.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--batch-budget", help="GiB per batched SVD call (default: half the free GPU memory, or 2 on CPU)."),
+]
+SpectraOpt = Annotated[
+    Path | None,
+    typer.Option("--save-spectra", help="Write σ of both sides per matrix (fp64 safetensors) to this file."),
+]
+
+
+def spectral(
+    base: BaseArg,
+    ft: FtArg,
+    k: KOpt = 64,
+    precision: PrecisionOpt = Precision.fp64,
+    null: NullOpt = Null.none,
+    seed: SeedOpt = 0,
+    as_: AsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    batch_budget: BudgetOpt = None,
+    save_spectra: SpectraOpt = None,
+    csv: CsvOpt = None,
+    json: JsonOpt = None,
+    fmt: FormatOpt = Fmt.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Spectral drift and principal-subspace rotation of every weight matrix, with equal-norm random controls."""
+    from ckptdiff.analyses.spectral import FP32_WARNING
+    from ckptdiff.analyses.spectral import spectral as run
+    from ckptdiff.report import check_writable
+
+    mode = compare_mode(None, None, as_)
+    check_writable(csv, json, save_spectra)
+    if precision is Precision.fp32:
+        typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
+    result = run(
+        base,
+        ft,
+        k=k,
+        precision=precision.value,
+        null=null.value,
+        seed=seed,
+        as_dtype=mode.as_dtype,
+        include=include or [],
+        exclude=exclude or [],
+        device=device,
+        batch_budget=batch_budget,
+        save_spectra=save_spectra,
+        progress=not quiet,
+    )
+    emit(result.report(), fmt, csv, json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("spectral", epilog=EPILOG)(handle_errors(spectral))
