@@ -110,7 +110,8 @@ def main() -> int:
     report(
         f"sparsity bitwise, {args.gib:g} GiB/side",
         same,
-        f"counts identical: {same}; cpu {nbytes / times['cpu'] / 1e9:.2f} GB/s, cuda {nbytes / times[gpu] / 1e9:.2f} GB/s",
+        f"counts identical: {same}; cpu {nbytes / times['cpu'] / 1e9:.2f} GB/s, "
+        f"cuda {nbytes / times[gpu] / 1e9:.2f} GB/s",
     )
     rt = {
         dev: sparsity(str(base_dir), str(ft_dir), mode=CompareMode("rtol", 1e-3), device=dev, progress=False)

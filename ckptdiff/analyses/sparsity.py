@@ -113,8 +113,9 @@ class SparsityResult:
         o = self.overall()
         lin = self.linear_only()
         summary = [
-            f"Update sparsity {o['sparsity']:.4f} overall ({int(o['changed']):,} of {int(o['numel']):,} "
-            f"entries changed, {int(o['tensors'])} tensors); linear layers only {lin['sparsity']:.4f}.",
+            f"Update sparsity (fraction of entries unchanged) {o['sparsity']:.4f} overall "
+            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {int(o['tensors'])} tensors); "
+            f"linear layers only {lin['sparsity']:.4f}.",
         ]
         if "sparsity_bf16" in o:
             summary.append(
