@@ -79,7 +79,8 @@ def _hub(spec: str) -> HeaderSource:
             "unset it, or pass the local snapshot folder instead of the Hub id"
         )
     try:
-        meta = hf.get_safetensors_metadata(repo, revision=revision)
+        with hub.repo_errors(repo, revision):
+            meta = hf.get_safetensors_metadata(repo, revision=revision)
     except hf_errors.NotASafetensorsRepoError:
         raise InputError(
             f"Hub repo {spec} has no model.safetensors or model.safetensors.index.json; "
@@ -88,16 +89,6 @@ def _hub(spec: str) -> HeaderSource:
     except hf_errors.SafetensorsParsingError as e:
         raise InputError(
             f"Hub repo {spec} has a corrupt safetensors header ({_first_line(e)}); report it upstream"
-        ) from None
-    except hf_errors.GatedRepoError:
-        raise InputError(f"Hub repo {repo} is gated; accept its terms on the Hub and set HF_TOKEN") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise InputError(
-            f"Hub repo {repo} was not found (or is private); check the id, or set HF_TOKEN for a private repo"
-        ) from None
-    except hf_errors.RevisionNotFoundError:
-        raise InputError(
-            f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit"
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"could not fetch the safetensors headers of Hub repo {spec}: {_first_line(e)}") from None

@@ -7,6 +7,8 @@ Environment read at call time: ``HF_HUB_OFFLINE`` (use the local cache only), ``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ckptdiff.errors import InputError
@@ -48,6 +50,25 @@ def _choose_patterns(files: list[str]) -> list[str]:
     return PICKLE_PATTERNS
 
 
+@contextmanager
+def repo_errors(repo: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's access errors (gated, unknown repo, unknown revision) into one-line InputErrors."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
+    except hf_errors.GatedRepoError:
+        raise InputError(f"Hub repo {repo} is gated; accept its terms on the Hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise InputError(
+            f"Hub repo {repo} was not found (or is private); check the id, or set HF_TOKEN for a private repo"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise InputError(
+            f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit"
+        ) from None
+
+
 def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
     """Fetch (or find in the cache) the weight files of a Hub repo; return the snapshot folder and a label."""
     import huggingface_hub as hf
@@ -62,23 +83,14 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
     else:
         disable_progress_bars()
     try:
-        if is_offline:
-            patterns = SAFETENSORS_PATTERNS + PICKLE_PATTERNS
-        else:
-            patterns = _choose_patterns(hf.HfApi().list_repo_files(repo, revision=revision))
-        folder = hf.snapshot_download(
-            repo, revision=revision, cache_dir=cache, local_files_only=is_offline, allow_patterns=patterns
-        )
-    except hf_errors.GatedRepoError:
-        raise InputError(f"Hub repo {repo} is gated; accept its terms on the Hub and set HF_TOKEN") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise InputError(
-            f"Hub repo {repo} was not found (or is private); check the id, or set HF_TOKEN for a private repo"
-        ) from None
-    except hf_errors.RevisionNotFoundError:
-        raise InputError(
-            f"revision {revision!r} of Hub repo {repo} was not found; check the branch, tag or commit"
-        ) from None
+        with repo_errors(repo, revision):
+            if is_offline:
+                patterns = SAFETENSORS_PATTERNS + PICKLE_PATTERNS
+            else:
+                patterns = _choose_patterns(hf.HfApi().list_repo_files(repo, revision=revision))
+            folder = hf.snapshot_download(
+                repo, revision=revision, cache_dir=cache, local_files_only=is_offline, allow_patterns=patterns
+            )
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
         where = cache or "the default Hugging Face cache"
         raise InputError(
