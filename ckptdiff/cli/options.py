@@ -26,9 +26,10 @@ class Fmt(str, Enum):
 
 
 BaseArg = Annotated[
-    str, typer.Argument(help="Base checkpoint: .safetensors/.bin file, folder, or Hub id org/name[@rev].")
+    str,
+    typer.Argument(metavar="BASE", help="Base checkpoint: .safetensors/.bin file, folder, or Hub id org/name[@rev]."),
 ]
-FtArg = Annotated[str, typer.Argument(help="Fine-tuned checkpoint, same forms as BASE.")]
+FtArg = Annotated[str, typer.Argument(metavar="FT", help="Fine-tuned checkpoint, same forms as BASE.")]
 IncludeOpt = Annotated[
     list[str] | None, typer.Option("--include", "-i", help="Glob of tensor names to keep (repeatable).")
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -33,26 +32,14 @@ EPILOG = (
 )
 
 
-class Precision(str, Enum):
-    """SVD computation dtypes."""
-
-    fp32 = "fp32"
-    fp64 = "fp64"
-
-
-class Null(str, Enum):
-    """Random-null choices."""
-
-    none = "none"
-    random = "random"
-
-
-KOpt = Annotated[int, typer.Option("--k", min=1, help="Top-k singular vectors per matrix (capped at min(m, n)).")]
+# Values are checked by the library, which answers a bad one with a one-line error (exit 2).
+KOpt = Annotated[int, typer.Option("--k", help="Top-k singular vectors per matrix (capped at min(m, n)).")]
 PrecisionOpt = Annotated[
-    Precision, typer.Option("--precision", help="SVD dtype; fp32 is too coarse for small RL-size updates.")
+    str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
 ]
 NullOpt = Annotated[
-    Null, typer.Option("--null", help="'random': also score W0 + a Gaussian update of the same Frobenius norm.")
+    str,
+    typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
 BudgetOpt = Annotated[
@@ -69,8 +56,8 @@ def spectral(
     base: BaseArg,
     ft: FtArg,
     k: KOpt = 64,
-    precision: PrecisionOpt = Precision.fp64,
-    null: NullOpt = Null.none,
+    precision: PrecisionOpt = "fp64",
+    null: NullOpt = "none",
     seed: SeedOpt = 0,
     as_: AsOpt = None,
     include: IncludeOpt = None,
@@ -90,14 +77,14 @@ def spectral(
 
     mode = compare_mode(None, None, as_)
     check_writable(csv, json, save_spectra)
-    if precision is Precision.fp32:
+    if precision == "fp32":
         typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
     result = run(
         base,
         ft,
         k=k,
-        precision=precision.value,
-        null=null.value,
+        precision=precision,
+        null=null,
         seed=seed,
         as_dtype=mode.as_dtype,
         include=include or [],
