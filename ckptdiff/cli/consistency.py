@@ -25,7 +25,9 @@ from ckptdiff.cli.options import (
 
 FtsArg = Annotated[
     list[str],
-    typer.Argument(metavar="FT...", help="Two or more fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
+    typer.Argument(
+        metavar="FT...", help="Two or more fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False
+    ),
 ]
 LabelOpt = Annotated[
     list[str] | None,
