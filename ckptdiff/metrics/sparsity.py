@@ -86,16 +86,6 @@ def summarise_changed(a: torch.Tensor, b: torch.Tensor) -> ChangeCounts:
 _NEAR = 16  # ULP distances up to this are counted straight from the bit difference
 
 
-def _may_be_near_nonfinite(bits: np.ndarray, inf: int) -> bool:
-    """Whether any magnitude lies within _NEAR steps of inf (or beyond: inf, NaN), from two cheap maxima."""
-    if bits.size == 0:
-        return False
-    nbits = bits.dtype.itemsize * 8
-    limit = inf - _NEAR
-    signed_max = int(bits.view(f"i{bits.dtype.itemsize}").max())  # largest non-negative pattern
-    return signed_max >= limit or int(bits.max()) >= (1 << (nbits - 1)) + limit
-
-
 def _exact_counts(x: np.ndarray, y: np.ndarray, dtype: torch.dtype) -> ChangeCounts:
     """Changed counts and ULP buckets (numel left 0) by compressing to the differing pairs; handles every case."""
     mag_mask = x.dtype.type((1 << (x.dtype.itemsize * 8 - 1)) - 1)
@@ -126,30 +116,44 @@ def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
     sdt = _SIGNED[size]
     a = w0.reshape(-1).view(sdt).numpy().view(udt)  # (n,) raw bits
     b = w1.reshape(-1).view(sdt).numpy().view(udt)
-    inf = _INF_BITS[w0.dtype]
-    total = ChangeCounts(numel=int(a.size))
+    nbits = 8 * size
+    limit = _INF_BITS[w0.dtype] - _NEAR  # magnitudes at or above this are near inf/NaN
+    neg_limit = (1 << (nbits - 1)) + limit
+    signed = f"i{size}"
+    exact = ChangeCounts()
+    n_near = c1 = c2 = c4 = c16 = 0  # plain ints: a dataclass per piece costs more than the piece's arithmetic
     dbuf = np.empty(min(_PIECE, a.size), dtype=udt)
     for s in range(0, a.size, _PIECE):
         x, y = a[s : s + _PIECE], b[s : s + _PIECE]
-        if _may_be_near_nonfinite(x, inf) or _may_be_near_nonfinite(y, inf):
-            total = total + _exact_counts(x, y, w0.dtype)
-            continue
-        d = dbuf[: x.size]
-        np.subtract(x, y, out=d)
-        ds = d.view(f"i{size}")
-        np.abs(ds, out=ds)  # |x - y| as unsigned; the most negative value stays large, as wanted
         k = int(x.size)
-        c0 = k - int(np.count_nonzero(d))
-        c1 = int(np.count_nonzero(d == 1))
-        c2 = int(np.count_nonzero(d == 2))
-        c4 = int(np.count_nonzero(d <= 4))
-        c16 = int(np.count_nonzero(d <= _NEAR))
-        near = ChangeCounts(0, c16 - c0, c1, c2, c4 - c2 - c1 - c0, c16 - c4, 0, 0)
-        total = total + near
-        if c16 < k:
+        # Near inf on either side? Two maxima per side: the signed view for positive values, the unsigned
+        # view for negative ones (cheaper than any elementwise pass).
+        if (
+            int(x.view(signed).max()) >= limit
+            or int(x.max()) >= neg_limit
+            or int(y.view(signed).max()) >= limit
+            or int(y.max()) >= neg_limit
+        ):
+            exact = exact + _exact_counts(x, y, w0.dtype)
+            continue
+        d = dbuf[:k]
+        np.subtract(x, y, out=d)
+        ds = d.view(signed)
+        np.abs(ds, out=ds)  # |x - y| as unsigned; the most negative value stays large, as wanted
+        zero = k - int(np.count_nonzero(d))
+        p1 = int(np.count_nonzero(d == 1))
+        p2 = int(np.count_nonzero(d == 2))
+        p4 = int(np.count_nonzero(d <= 4))
+        p16 = int(np.count_nonzero(d <= _NEAR))
+        n_near += p16 - zero
+        c1 += p1
+        c2 += p2
+        c4 += p4 - p2 - p1 - zero
+        c16 += p16 - p4
+        if p16 < k:
             far = d > _NEAR
-            total = total + _exact_counts(x[far], y[far], w0.dtype)
-    return total
+            exact = exact + _exact_counts(x[far], y[far], w0.dtype)
+    return exact + ChangeCounts(int(a.size), n_near, c1, c2, c4, c16, 0, 0)
 
 
 def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareMode()) -> ChangeCounts:
