@@ -43,6 +43,7 @@ from ckptdiff.stream import (
     DTYPE_CHANGED,
     KIND_MISMATCH,
     MISSING,
+    NON_FINITE,
     NON_FLOAT,
     OK,
     ONLY_BASE,
@@ -510,6 +511,22 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
         raise InputError(
             f"scope {rule.scope!r} of rule '{rule}' matches no tensor in the {spec.analysis} analysis: "
             "check the glob against the checkpoint's tensor names"
+        )
+    broken = in_scope[in_scope["status"] == NON_FINITE]
+    if not broken.empty and spec.analysis != "sparsity":
+        # NaN/inf weights leave the metric undefined for those matrices: never a pass by omission.
+        listed = tuple(Offender(str(t), None, "non-finite values") for t in broken["tensor"].head(max_offenders))
+        return RuleResult(
+            rule=str(rule),
+            kind="metric",
+            op=rule.op,
+            threshold=rule.value,
+            value=math.nan,
+            passed=False,
+            n_tensors=len(in_scope),
+            offenders=listed,
+            n_offenders=len(broken),
+            note=f"{len(broken)} matrix(es) in scope hold NaN or inf values, so {rule.metric} is undefined for them",
         )
     usable = in_scope[in_scope["status"].isin(spec.statuses) & in_scope[list(spec.needs)].notna().all(axis=1)]
     if usable.empty:

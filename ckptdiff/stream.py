@@ -31,6 +31,7 @@ KIND_MISMATCH = "kind_mismatch"  # float on one side, integer on the other
 ONLY_BASE = "only_base"
 ONLY_FT = "only_ft"
 MISSING = "missing"  # absent from some of several fine-tunes
+NON_FINITE = "non_finite"  # set by SVD analyses: a matrix holds NaN or inf, so its metrics are undefined
 COMPARABLE = frozenset({OK, DTYPE_CHANGED, NON_FLOAT})
 
 
@@ -291,29 +292,35 @@ def iter_matrix_batches(
 ) -> Iterator[tuple[list[Aligned], tuple[torch.Tensor, ...]]]:
     """2-D float matrices grouped by shape into stacks of at most ``max_batch(shape)``, one per source.
 
-    Yields ``(items, stacks)`` with each stack ``(b, m, n)`` in its stored dtype on ``device`` (the dtype of
-    each source; mixed dtypes within a stack are promoted to the first matrix's). Matrices are read one
+    Yields ``(items, stacks)`` with each stack ``(b, m, n)`` on ``device`` in the stored dtype of its source:
+    a batch holds matrices of one shape and one dtype per source, so stacking never converts a value (a bf16
+    matrix next to an fp32 one of the same shape would otherwise round the fp32 one). Matrices are read one
     aligned set at a time with a bounded prefetch, so memory holds one batch plus one matrix per source.
-    Order: shapes in order of first appearance, names in natural order within a shape.
+    Order: (shape, dtypes) groups in order of first appearance, names in natural order within a group.
     """
     matrices = [it for it in items if is_matrix(it)]
-    order: dict[tuple[int, ...], list[Aligned]] = {}
+    order: dict[tuple[object, ...], list[Aligned]] = {}
     for it in matrices:
-        order.setdefault(it.base.shape, []).append(it)
+        key = (it.base.shape, *(i.dtype.name for i in it.infos if i is not None))
+        order.setdefault(key, []).append(it)
     grouped = [it for group in order.values() for it in group]
     batch: list[Aligned] = []
     parts: list[list[torch.Tensor]] = [[] for _ in sources]
 
     def flush() -> tuple[list[Aligned], tuple[torch.Tensor, ...]]:
-        stacks = tuple(torch.stack([t.to(p[0].dtype) for t in p]) for p in parts)  # (b, m, n) per source
+        stacks = tuple(torch.stack(p) for p in parts)  # (b, m, n) per source, one dtype each
         out = (list(batch), stacks)
         batch.clear()
         for p in parts:
             p.clear()
         return out
 
+    def group_of(it: Aligned) -> tuple[object, ...]:
+        return (it.base.shape, *(i.dtype.name for i in it.infos if i is not None))
+
     for item, tensors in iter_tensors(sources, grouped, device=device, on_bytes=on_bytes):
-        if batch and (item.base.shape != batch[0].base.shape or len(batch) >= max(1, max_batch(batch[0].base.shape))):
+        full = batch and len(batch) >= max(1, max_batch(batch[0].base.shape))
+        if batch and (group_of(item) != group_of(batch[0]) or full):
             yield flush()
         batch.append(item)
         for p, t in zip(parts, tensors, strict=True):

@@ -146,6 +146,7 @@ def _run_spectral(base: Source, ft: Source, shared: Shared, metrics: set[str]) -
     result = spectral(
         base,
         ft,
+        as_dtype=shared.mode.as_dtype,
         include=shared.include,
         exclude=shared.exclude,
         device=shared.device,

@@ -34,7 +34,7 @@ from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, upd
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.progress import byte_progress
 from ckptdiff.report import Report, Table, check_writable
-from ckptdiff.stream import Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
+from ckptdiff.stream import NON_FINITE, Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
 
 SVD_METHODS = ("exact", "randomized", "auto")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -498,9 +498,11 @@ def principal_overlap(
                 max_batch = _max_batch(budget, k, svd, cdtype, in0, in1, dev.type)
                 for batch, (w0s, w1s) in iter_matrix_batches(sources, group, max_batch, device=dev, on_bytes=on_bytes):
                     rows = _batch_rows(batch, w0s, w1s, k=k, alpha=alpha, svd=svd, cdtype=cdtype, mode=mode)
-                    for it, result, masks, upd in rows:
+                    finite_ft = torch.isfinite(w1s).flatten(1).all(1).tolist()  # (b,)
+                    for (it, result, masks, upd), ok_ft in zip(rows, finite_ft, strict=True):
+                        if result is None or not ok_ft:
+                            nonfinite.add(it.name)  # masks stay meaningful for a NaN fine-tune; energy does not
                         if result is None:
-                            nonfinite.add(it.name)
                             continue
                         results[it.name] = result
                         if writer is not None and masks is not None and upd is not None:
@@ -525,11 +527,19 @@ def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: Com
     if it.comparable and it.is_float:
         d0, d1 = (info.dtype.torch for info in it.infos if info is not None)
         row["compared_as"] = dtype_name(comparison_dtype(d0, d1, mode.as_dtype))
-    reason = _reason(it) or ("not analysed: base has non-finite values (SVD undefined)" if nonfinite else "")
+    reason = _reason(it)
+    if nonfinite:
+        reason = reason or (
+            "non-finite values in the fine-tune: update energy undefined"
+            if result is not None
+            else "not analysed: base has non-finite values (SVD undefined)"
+        )
     row["analysed"] = result is not None
     row["detail"] = reason or it.detail
     row.update(asdict(result) if result is not None else dict.fromkeys(_RESULT_FIELDS, math.nan))
     if result is None:
         row["numel"] = row_basics(it)["numel"]
         row["svd"] = ""
+    if nonfinite:
+        row["status"] = NON_FINITE
     return row

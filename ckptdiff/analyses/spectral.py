@@ -29,7 +29,7 @@ from ckptdiff.metrics.mask import comparison_dtype, dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
 from ckptdiff.progress import byte_progress
 from ckptdiff.report import Report, Table, check_writable
-from ckptdiff.stream import Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
+from ckptdiff.stream import NON_FINITE, Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
 NULLS = ("none", "random")
@@ -411,4 +411,6 @@ def _row(
         return row
     row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
     row["detail"] = "non-finite entries: not analysed" if nonfinite else _not_analysed(item)
+    if nonfinite:
+        row["status"] = NON_FINITE
     return row
