@@ -16,7 +16,6 @@ import torch
 from ckptdiff.metrics.mask import CompareMode, bitwise_changed, comparison_dtype, tolerance_changed
 
 # ULP-distance buckets for changed entries: 1, 2, 3-4, 5-16, more than 16 representable steps apart.
-ULP_EDGES = (1, 2, 4, 16)
 ULP_LABELS = ("ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16")
 _PIECE = 1 << 18  # entries per numpy piece: the operands and temporaries stay in L2 (measured best of 64K..1M)
 
