@@ -76,6 +76,7 @@ def main() -> int:
     if gpu == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to validate")
         return 0
+    from ckptdiff.analyses.consistency import consistency
     from ckptdiff.analyses.principal import principal_overlap
     from ckptdiff.analyses.sparsity import sparsity
     from ckptdiff.analyses.spectral import spectral
@@ -124,6 +125,24 @@ def main() -> int:
     small = tmp / "small"
     small.mkdir()
     b, f = _small_model(small, d=512, ff=1376, layers=2, rel=1e-3, seed=0)
+    from safetensors.torch import load_file, save_file
+
+    g2 = torch.Generator().manual_seed(1)  # a second fine-tune of the same base, with its own update draw
+    ft2 = {}
+    for key, w in load_file(str(b)).items():
+        x = w.double()
+        noise = torch.randn(x.shape, generator=g2, dtype=torch.float64) / math.sqrt(x.numel())
+        ft2[key] = (x + 1e-3 * x.norm() * noise).to(torch.bfloat16)
+    f2 = small / "ft2.safetensors"
+    save_file(ft2, str(f2))
+    cons = {
+        dev: consistency(str(b), [str(f), str(f2)], device=dev, progress=False).to_frame() for dev in ("cpu", gpu)
+    }
+    cols_c = ["n_a", "n_b", "n_both", "n_union", "n_same_sign"]
+    same_c = all(cons["cpu"][c].tolist() == cons[gpu][c].tolist() for c in cols_c)
+    ok_c, worst_c = _frames_equal(cons[gpu], cons["cpu"], ["jaccard_magnitude"], 0.0, 1e-9)
+    report("consistency counts and magnitude baseline", same_c and ok_c, f"counts identical: {same_c}; "
+           f"max |diff| jaccard_magnitude {worst_c:.2e} (tol 1e-9)")
     po = {
         dev: principal_overlap(str(b), str(f), svd="exact", precision="fp64", device=dev, progress=False).to_frame()
         for dev in ("cpu", gpu)
