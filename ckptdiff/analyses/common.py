@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ckptdiff import __version__
-from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.metrics.mask import CompareMode, comparison_dtype
 from ckptdiff.naming import is_linear, layer_of, module_of
 from ckptdiff.sources import Source, resolve
 from ckptdiff.stream import Aligned
@@ -62,3 +62,9 @@ def row_basics(item: Aligned) -> dict[str, object]:
         "linear": is_linear(item.name, shape),
         "status": item.status,
     }
+
+
+def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a base/fine-tune float pair is compared in (``--as`` wins; see ``comparison_dtype``)."""
+    a, b = (i.dtype.torch for i in item.infos if i is not None)
+    return comparison_dtype(a, b, as_dtype)

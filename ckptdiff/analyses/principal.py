@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from ckptdiff import linalg
-from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
+from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
 from ckptdiff.errors import InputError
-from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, update_mask
+from ckptdiff.metrics.mask import CompareMode, dtype_name, update_mask
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.progress import byte_progress
 from ckptdiff.report import Report, Table, check_writable
@@ -489,7 +489,7 @@ def principal_overlap(
             shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in todo]
             writer = _MaskFile(mask_path, shapes, meta)
         groups: dict[tuple[str, str], list[Aligned]] = {}
-        for it in todo:  # one dtype pair per stack: iter_matrix_batches would promote mixed dtypes
+        for it in todo:  # one memory budget per dtype pair (stacks never mix dtypes either)
             groups.setdefault((it.infos[0].dtype.name, it.infos[1].dtype.name), []).append(it)  # type: ignore[union-attr]
         nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
         with byte_progress(nbytes, "principal overlap", progress) as on_bytes:
@@ -525,8 +525,7 @@ def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: Com
     row = row_basics(it)
     row["compared_as"] = ""
     if it.comparable and it.is_float:
-        d0, d1 = (info.dtype.torch for info in it.infos if info is not None)
-        row["compared_as"] = dtype_name(comparison_dtype(d0, d1, mode.as_dtype))
+        row["compared_as"] = dtype_name(pair_target(it, mode.as_dtype))
     reason = _reason(it)
     if nonfinite:
         reason = reason or (

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
-from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name
+from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
+from ckptdiff.metrics.mask import CompareMode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.progress import byte_progress
 from ckptdiff.report import Report, Table
@@ -172,11 +172,8 @@ def sparsity(
     totals: dict[str, ChangeCounts] = {}
     totals_bf16: dict[str, ChangeCounts] = {}
     # fp32 storage: also report what bf16 would keep (only when comparing natively, without --as).
-    wants_bf16: dict[str, bool] = {}
-    for it in items:
-        if it.comparable and it.is_float:
-            target = comparison_dtype(it.infos[0].dtype.torch, it.infos[1].dtype.torch, mode.as_dtype)  # type: ignore[union-attr]
-            wants_bf16[it.name] = target in (torch.float32, torch.float64)
+    targets = {it.name: pair_target(it, mode.as_dtype) for it in items if it.comparable and it.is_float}
+    wants_bf16 = {name: t in (torch.float32, torch.float64) for name, t in targets.items()}
     nbytes = sum(i.nbytes for it in items if it.comparable for i in it.infos if i is not None)
     try:
         with byte_progress(nbytes, "comparing", progress) as on_bytes:
@@ -196,7 +193,7 @@ def sparsity(
         basics["detail"] = it.detail
         as_ = ""
         if it.comparable and it.is_float:
-            as_ = dtype_name(comparison_dtype(it.infos[0].dtype.torch, it.infos[1].dtype.torch, mode.as_dtype))  # type: ignore[union-attr]
+            as_ = dtype_name(targets[it.name])
         elif it.comparable:
             as_ = "exact"
         counts = totals.get(it.name) if it.comparable else None

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.common import SourceLike, header, open_source, row_basics
+from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
 from ckptdiff.dtypes import parse_as
 from ckptdiff.errors import InputError
 from ckptdiff.linalg import workspace_bytes
-from ckptdiff.metrics.mask import comparison_dtype, dtype_name
+from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
 from ckptdiff.progress import byte_progress
 from ckptdiff.report import Report, Table, check_writable
@@ -245,11 +245,6 @@ def _not_analysed(item: Aligned) -> str:
     return "empty matrix"
 
 
-def _target(item: Aligned, as_dtype: torch.dtype | None) -> torch.dtype:
-    a, b = (i.dtype.torch for i in item.infos if i is not None)
-    return comparison_dtype(a, b, as_dtype)
-
-
 def _to_compute(stack: torch.Tensor, targets: Sequence[torch.dtype], dt: torch.dtype) -> torch.Tensor:
     """(b, m, n) stack in the compute dtype, matrix i first rounded to targets[i] (as torch rounds: RNE)."""
     out = torch.empty(stack.shape, dtype=dt, device=stack.device)  # (b, m, n)
@@ -356,7 +351,7 @@ def spectral(
         nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
         with byte_progress(nbytes, "decomposing", progress) as on_bytes:
             for batch, (s0, s1) in iter_matrix_batches(sources, todo, max_batch, device=dev, on_bytes=on_bytes):
-                targets = [_target(it, as_t) for it in batch]
+                targets = [pair_target(it, as_t) for it in batch]
                 a0, a1 = _to_compute(s0, targets, dt), _to_compute(s1, targets, dt)  # (b, m, n) each
                 del s0, s1
                 finite = (torch.isfinite(a0).flatten(1).all(1) & torch.isfinite(a1).flatten(1).all(1)).tolist()
@@ -402,7 +397,7 @@ def _row(
     item: Aligned, result: SpectralResult | None, nonfinite: bool, as_t: torch.dtype | None, with_null: bool
 ) -> dict[str, object]:
     row = row_basics(item)
-    row["compared_as"] = dtype_name(_target(item, as_t)) if item.comparable and item.is_float else ""
+    row["compared_as"] = dtype_name(pair_target(item, as_t)) if item.comparable and item.is_float else ""
     row["analysed"] = result is not None
     if result is not None:
         values = asdict(result)
