@@ -37,19 +37,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from ckptdiff.alignment import Outcome, Status
 from ckptdiff.errors import InputError
-from ckptdiff.stream import (
-    COMPARABLE,
-    DTYPE_CHANGED,
-    KIND_MISMATCH,
-    MISSING,
-    NON_FINITE,
-    NON_FLOAT,
-    OK,
-    ONLY_BASE,
-    ONLY_FT,
-    SHAPE_MISMATCH,
-)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,6 +49,11 @@ Op = Literal["<", "<=", ">", ">=", "==", "!="]
 Analysis = Literal["sparsity", "principal", "spectral"]
 
 RULE_FORM = "METRIC[@GLOB] OP VALUE, e.g. 'sparsity@model.layers.*.mlp.* >= 0.3'"
+# Statuses as the frames hold them (plain strings).
+OK, DTYPE_CHANGED, NON_FLOAT = Status.OK.value, Status.DTYPE_CHANGED.value, Status.NON_FLOAT.value
+ONLY_BASE, ONLY_FT, MISSING = Status.ONLY_BASE.value, Status.ONLY_FT.value, Status.MISSING.value
+SHAPE_MISMATCH, KIND_MISMATCH = Status.SHAPE_MISMATCH.value, Status.KIND_MISMATCH.value
+COMPARABLE = frozenset({OK, DTYPE_CHANGED, NON_FLOAT})
 FLOAT_COMPARED = frozenset({OK, DTYPE_CHANGED})
 _STATUS_TEXT = {
     ONLY_BASE: "only in base",
@@ -512,7 +506,8 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
             f"scope {rule.scope!r} of rule '{rule}' matches no tensor in the {spec.analysis} analysis: "
             "check the glob against the checkpoint's tensor names"
         )
-    broken = in_scope[in_scope["status"] == NON_FINITE]
+    outcome = in_scope["outcome"] if "outcome" in in_scope else pd.Series("", index=in_scope.index)
+    broken = in_scope[outcome == Outcome.NON_FINITE.value]
     if not broken.empty and spec.analysis != "sparsity":
         # NaN/inf weights leave the metric undefined for those matrices: never a pass by omission.
         listed = tuple(Offender(str(t), None, "non-finite values") for t in broken["tensor"].head(max_offenders))

@@ -7,20 +7,22 @@ layer 0's up_proj, 64 of its down_proj and 16 of layer 1's q_proj, by one ULP ea
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-import pandas as pd
 import pytest
 import torch
 from factory import bump_ulps, llama_like, save_single
+from safetensors.torch import save_file
 from test_headers import hub_metadata
 from typer.testing import CliRunner
 
+from ckptdiff import rules as R
+from ckptdiff.analyses.check import Shared, check
+from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
+from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.rules import load_config
 from ckptdiff.sources import SafetensorsSource
 
@@ -281,65 +283,47 @@ def test_help_has_an_example() -> None:
 # Only the analyses the rules need
 
 
-def _fake_module(name: str, function: str, calls: list[dict[str, Any]], frame: pd.DataFrame | None) -> types.ModuleType:
-    def run(base: Any, ft: Any, **kwargs: Any) -> Any:
-        if frame is None:
-            raise AssertionError(f"{function} was called for a rule set that does not need it")
-        calls.append(kwargs)
-        return types.SimpleNamespace(to_frame=lambda: frame)
+@pytest.fixture
+def no_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any SVD (exact or randomized, principal or spectral) fails the test."""
 
-    module = types.ModuleType(name)
-    setattr(module, function, run)
-    return module
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an SVD ran for a rule set that needs none")
 
+    from ckptdiff import linalg
+    from ckptdiff.metrics import spectral as spectral_metrics
 
-def _install_fakes(
-    monkeypatch: pytest.MonkeyPatch, principal: pd.DataFrame | None = None, spectral: pd.DataFrame | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    p_calls: list[dict[str, Any]] = []
-    s_calls: list[dict[str, Any]] = []
-    p_mod = _fake_module("ckptdiff.analyses.principal", "principal_overlap", p_calls, principal)
-    s_mod = _fake_module("ckptdiff.analyses.spectral", "spectral", s_calls, spectral)
-    monkeypatch.setitem(sys.modules, "ckptdiff.analyses.principal", p_mod)
-    monkeypatch.setitem(sys.modules, "ckptdiff.analyses.spectral", s_mod)
-    return p_calls, s_calls
+    monkeypatch.setattr(linalg, "topk", refuse)
+    monkeypatch.setattr(linalg, "svd", refuse)
+    monkeypatch.setattr(spectral_metrics, "spectral_metrics_with_spectra", refuse)
+    import ckptdiff.analyses.spectral as spectral_analysis
+
+    monkeypatch.setattr(spectral_analysis, "spectral_metrics_with_spectra", refuse)
 
 
-def test_sparsity_rules_never_run_principal_or_spectral(
-    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _install_fakes(monkeypatch)  # both raise when called
+def test_sparsity_rules_never_run_principal_or_spectral(pair: tuple[Path, Path], no_svd: None) -> None:
     res = invoke(*pair, "-r", "sparsity >= 0.5", "-r", f"changed@{EMBED} == 0", "--same-keys", "-f", "json")
     assert res.exit_code == 0, res.output
     assert as_json(res)["analyses"] == ["sparsity"]
 
 
-def test_principal_and_spectral_rules_dispatch(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    principal = pd.DataFrame(
-        {
-            "tensor": [UP0, DOWN0],
-            "status": ["ok", "ok"],
-            "numel": [512, 512],
-            "changed": [256, 64],
-            "principal_size": [128, 128],
-            "changed_principal": [64, 16],  # exactly the random expectation: ratio 1
-        }
-    )
-    spectral = pd.DataFrame({"tensor": [UP0, Q1], "status": ["ok", "ok"], "nss": [1e-4, 2e-3]})
-    p_calls, s_calls = _install_fakes(monkeypatch, principal, spectral)
-    args = ["-r", "ratio_principal <= 1.0", "-r", "nss@*.self_attn.* < 1e-3", "-r", "nss@*.mlp.* < 1e-3"]
+def test_principal_and_spectral_rules_get_the_shared_options(pair: tuple[Path, Path]) -> None:
+    from ckptdiff.analyses.principal import principal_overlap
+
+    args = ["-r", "ratio_principal <= 100", "-r", "nss@*.self_attn.* < 1e-5", "-r", "nss@*.mlp.* < 1"]
     res = invoke(*pair, *args, "--k", "8", "--include", "model.layers.*", "--device", "cpu", "-f", "json")
-    assert res.exit_code == 1, res.output
     doc = as_json(res)
     assert doc["analyses"] == ["principal", "spectral"]  # no sparsity pass either
-    assert [r["passed"] for r in doc["rules"]] == [True, False, True]
-    assert doc["rules"][0]["value"] == pytest.approx(1.0)
+    base, ft = (str(p) for p in pair)
+    opts: dict[str, Any] = {"k": 8, "include": ["model.layers.*"], "device": "cpu", "progress": False}
+    pr = principal_overlap(base, ft, **opts).overall()
+    nss = spectral(base, ft, **opts).analysed().set_index("tensor")["nss"]
+    attn = float(nss[[n for n in nss.index if ".self_attn." in n]].max())
+    mlp = float(nss[[n for n in nss.index if ".mlp." in n]].max())
+    assert [r["value"] for r in doc["rules"]] == pytest.approx([pr["ratio_principal"], attn, mlp], rel=1e-12)
+    assert attn > 1e-5  # Q1 moved: the attention rule fails, so the gate fails
+    assert [r["passed"] for r in doc["rules"]] == [True, False, True] and res.exit_code == 1
     assert doc["rules"][1]["offenders"][0]["tensor"] == Q1
-    (p_kwargs,) = p_calls
-    (s_kwargs,) = s_calls
-    for kwargs in (p_kwargs, s_kwargs):
-        assert list(kwargs["include"]) == ["model.layers.*"] and kwargs["device"] == "cpu" and kwargs["k"] == 8
-    assert p_kwargs["mode"].kind == "bitwise"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,3 +411,36 @@ def test_real_principal_and_spectral_analyses(pair: tuple[Path, Path]) -> None:
     doc = as_json(res)
     assert doc["analyses"] == ["principal", "spectral"]
     assert all(r["value"] is not None for r in doc["rules"])
+
+
+def _write_pair(tmp_path: Path, base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor]) -> tuple[str, str]:
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(ft, str(tmp_path / "f.safetensors"))
+    return str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors")
+
+
+def test_gate_fails_when_a_matrix_holds_nan(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    a0, b0 = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    b1 = b0 + 5 * torch.randn(32, 16, generator=g)
+    b1[0, 0] = float("nan")
+    base, ft = _write_pair(tmp_path, {"m.a": a0, "m.b": b0}, {"m.a": a0.clone(), "m.b": b1})
+    cfg = R.CheckConfig(rules=(R.parse_rule("nss < 0.01"), R.parse_rule("energy_principal <= 1")))
+    rep = check(base, ft, cfg, shared=Shared(device="cpu", progress=False, k=4))
+    assert not rep.passed
+    for r in rep.outcome.results:
+        assert not r.passed and [o.tensor for o in r.offenders] == ["m.b"], r
+
+
+def test_check_as_applies_to_spectral_rules(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(32, 16, generator=g)
+    w1 = w0 + 1e-5 * torch.randn(32, 16, generator=g)
+    base, ft = _write_pair(tmp_path, {"m.w": w0}, {"m.w": w1})
+    expected = spectral(base, ft, k=4, as_dtype="bf16", progress=False, device="cpu").to_frame()["nss"].iloc[0]
+    native = spectral(base, ft, k=4, progress=False, device="cpu").to_frame()["nss"].iloc[0]
+    assert expected != pytest.approx(native)  # the rounding matters here, so the test can tell them apart
+    cfg = R.CheckConfig(rules=(R.parse_rule("nss < 1"),))
+    shared = Shared(device="cpu", progress=False, k=4, mode=CompareMode(as_dtype=torch.bfloat16))
+    rep = check(base, ft, cfg, shared=shared)
+    assert rep.outcome.results[0].value == pytest.approx(expected, rel=1e-9)

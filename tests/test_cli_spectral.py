@@ -12,6 +12,7 @@ import pytest
 import torch
 from factory import save_single
 from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from ckptdiff.analyses.spectral import FP32_WARNING, NULL_COLUMNS, columns, spectral
@@ -276,3 +277,24 @@ def test_table_output_and_help(pair: tuple[Path, Path]) -> None:
     assert "Spectral drift over 3 matrices" in res.stdout  # type: ignore[attr-defined]
     help_ = runner.invoke(app, ["spectral", "--help"])
     assert help_.exit_code == 0 and "Example" in help_.stdout
+
+
+def _write_pair(tmp_path: Path, base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor]) -> tuple[str, str]:
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(ft, str(tmp_path / "f.safetensors"))
+    return str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors")
+
+
+def test_spectral_of_fp32_matrix_unchanged_by_a_bf16_neighbour(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    b0 = torch.randn(32, 16, generator=g)
+    b1 = b0 + 1e-4 * torch.randn(32, 16, generator=g)
+    a0 = torch.randn(32, 16, generator=g).bfloat16()
+    alone = spectral(*_write_pair(tmp_path, {"m.b": b0}, {"m.b": b1}), k=4, progress=False, device="cpu").to_frame()
+    (tmp_path / "2").mkdir()
+    both = spectral(
+        *_write_pair(tmp_path / "2", {"m.a": a0, "m.b": b0}, {"m.a": a0, "m.b": b1}), k=4, progress=False, device="cpu"
+    ).to_frame()
+    nss_alone = float(alone.set_index("tensor").loc["m.b", "nss"])
+    nss_both = float(both.set_index("tensor").loc["m.b", "nss"])
+    assert nss_both == pytest.approx(nss_alone, rel=1e-9)

@@ -1,15 +1,15 @@
 """`ckptdiff check`: turn any ckptdiff metric into a release gate (exit 0 pass, 1 fail, 2 bad input).
 
 The rules themselves (parsing, the metric registry, evaluation, rendering) live in :mod:`ckptdiff.rules`.
-This module gathers the configuration, opens both checkpoints once, runs only the analyses the rules need
-(a sparsity-only rule set never runs an SVD) and evaluates them. ``header_only`` answers structural rules
-from safetensors headers alone, without reading any tensor data.
+This module gathers the configuration, runs only the analyses the rules need (a sparsity-only rule set never
+runs an SVD) together in one pass of the pipeline, so every byte is read once, and evaluates them.
+``header_only`` answers structural rules from safetensors headers alone, without reading any tensor data.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,13 @@ from typing import Any
 import pandas as pd
 
 from ckptdiff import rules as R
-from ckptdiff.analyses.common import SourceLike, open_source, row_basics
+from ckptdiff.alignment import Aligned, align
+from ckptdiff.analyses.common import SourceLike, row_basics
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.pipeline import Analysis, Run, budget_bytes, execute, open_sources
 from ckptdiff.sources import Source
-from ckptdiff.stream import Aligned, align
+from ckptdiff.stream import resolve_device
 
 ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
 NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
@@ -113,51 +115,22 @@ def _k(shared: Shared) -> dict[str, Any]:
     return {} if shared.k is None else {"k": shared.k}
 
 
-def _run_sparsity(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
-    from ckptdiff.analyses.sparsity import sparsity
+def plugins(needed: set[str], shared: Shared, metrics: set[str]) -> dict[str, Analysis]:
+    """The analyses a rule set needs, configured as the single commands would be, in ANALYSIS_ORDER."""
+    from ckptdiff.analyses.principal import PrincipalAnalysis
+    from ckptdiff.analyses.sparsity import SparsityAnalysis
+    from ckptdiff.analyses.spectral import SpectralAnalysis
 
-    filters = {"include": shared.include, "exclude": shared.exclude}
-    result = sparsity(base, ft, mode=shared.mode, device=shared.device, progress=shared.progress, **filters)
-    return result.to_frame()
-
-
-def _run_principal(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
-    from ckptdiff.analyses.principal import principal_overlap
-
-    result = principal_overlap(
-        base,
-        ft,
-        mode=shared.mode,
-        include=shared.include,
-        exclude=shared.exclude,
-        device=shared.device,
-        progress=shared.progress,
-        **_k(shared),
-    )
-    return result.to_frame()
-
-
-def _run_spectral(base: Source, ft: Source, shared: Shared, metrics: set[str]) -> pd.DataFrame:
-    from ckptdiff.analyses.spectral import spectral
-
-    extra = _k(shared)
-    if metrics & NULL_METRICS:
-        extra["null"] = True  # the *_null_ratio metrics compare against a random update of the same size
-    result = spectral(
-        base,
-        ft,
-        as_dtype=shared.mode.as_dtype,
-        include=shared.include,
-        exclude=shared.exclude,
-        device=shared.device,
-        progress=shared.progress,
-        **extra,
-    )
-    return result.to_frame()
-
-
-Runner = Callable[[Source, Source, Shared, set[str]], pd.DataFrame]
-RUNNERS: dict[str, Runner] = {"sparsity": _run_sparsity, "principal": _run_principal, "spectral": _run_spectral}
+    out: dict[str, Analysis] = {}
+    if "sparsity" in needed:
+        out["sparsity"] = SparsityAnalysis(shared.mode)
+    if "principal" in needed:
+        out["principal"] = PrincipalAnalysis(mode=shared.mode, **_k(shared))
+    if "spectral" in needed:
+        # the *_null_ratio metrics compare against a random update of the same size
+        null = bool(metrics & NULL_METRICS)
+        out["spectral"] = SpectralAnalysis(as_dtype=shared.mode.as_dtype, null=null, **_k(shared))
+    return out
 
 
 def _metrics_of(config: R.CheckConfig, analysis: str) -> set[str]:
@@ -241,27 +214,32 @@ def check(
     needed = R.required_analyses(config.rules, config.structural) if not header_only else set()
     if header_only:
         _reject_for_header_only(config)
-        sources = _open_headers(base, ft)
+        opened = _open_headers(base, ft)
+        try:
+            items = align(opened, shared.include, shared.exclude, labels=["base", "ft"])
+            R.check_scopes(config.rules, config.structural, (it.name for it in items))
+            frames = {"sparsity": header_frame(items)}
+            resolved = [s.resolved for s in opened]
+        finally:
+            for s in opened:
+                s.close()
     else:
-        sources = [open_source(base, shared.progress), open_source(ft, shared.progress)]
-    try:
-        items = align(sources, shared.include, shared.exclude, labels=["base", "ft"])
-        R.check_scopes(config.rules, config.structural, (it.name for it in items))  # before any expensive work
-        frames: dict[str, pd.DataFrame] = {}
-        if header_only:
-            frames["sparsity"] = header_frame(items)
-        else:
-            for analysis in (a for a in ANALYSIS_ORDER if a in needed):
-                frames[analysis] = RUNNERS[analysis](sources[0], sources[1], shared, _metrics_of(config, analysis))
-        structural = config.structural if config.structural.active else None
-        outcome = R.evaluate(config.rules, frames, structural)
-    finally:
-        for s in sources:
-            s.close()
+        todo = plugins(needed, shared, {r.metric for r in config.rules})
+        dev = resolve_device(shared.device)
+        with open_sources([base, ft], shared.progress) as sources:
+            items = align(sources, shared.include, shared.exclude, labels=["base", "ft"])
+            R.check_scopes(config.rules, config.structural, (it.name for it in items))  # before any expensive work
+            filters = {"include": tuple(shared.include), "exclude": tuple(shared.exclude)}
+            run = Run(sources, ("base", "ft"), tuple(items), dev, budget_bytes(None, dev), filters)
+            results = execute(run, list(todo.values()), shared.progress, "checking")
+            frames = {name: r.to_frame() for name, r in zip(todo, results, strict=True)}
+            resolved = [s.resolved for s in sources]
+    structural = config.structural if config.structural.active else None
+    outcome = R.evaluate(config.rules, frames, structural)
     if same_param_count:
         outcome = R.CheckResult((*outcome.results, param_count_result(items)))
     ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
-    return CheckReport(_header(sources, shared, header_only, origin), outcome, ran)
+    return CheckReport(_header(resolved, shared, header_only, origin), outcome, ran)
 
 
 def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
@@ -270,10 +248,10 @@ def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
     return [s if isinstance(s, Source) else open_headers(str(s)) for s in (base, ft)]
 
 
-def _header(sources: Sequence[Source], shared: Shared, header_only: bool, origin: str) -> dict[str, str]:
+def _header(resolved: Sequence[str], shared: Shared, header_only: bool, origin: str) -> dict[str, str]:
     from ckptdiff import __version__
 
-    out = {"analysis": "check", "ckptdiff": __version__, "base": sources[0].resolved, "ft": sources[1].resolved}
+    out = {"analysis": "check", "ckptdiff": __version__, "base": resolved[0], "ft": resolved[1]}
     if origin:
         out["rules from"] = origin
     out["mode"] = "header-only (no tensor data read)" if header_only else shared.mode.describe()

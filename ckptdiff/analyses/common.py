@@ -1,4 +1,4 @@
-"""What every analysis shares: opening inputs, the report header, and per-tensor row basics."""
+"""What every analysis shares: opening one input, the report header, and per-tensor row basics."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import torch
 
 from ckptdiff import __version__
+from ckptdiff.alignment import Aligned
 from ckptdiff.metrics.mask import CompareMode, comparison_dtype
 from ckptdiff.naming import is_linear, layer_of, module_of
 from ckptdiff.sources import Source, resolve
-from ckptdiff.stream import Aligned
 
 SourceLike = str | Source
 
@@ -60,7 +60,7 @@ def row_basics(item: Aligned) -> dict[str, object]:
         "dtype_ft": ft.dtype.short if ft is not None else "",
         "numel": shape_src.numel if shape_src is not None else 0,
         "linear": is_linear(item.name, shape),
-        "status": item.status,
+        "status": item.status.value,
     }
 
 

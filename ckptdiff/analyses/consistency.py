@@ -17,15 +17,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.common import SourceLike, header, open_source
+from ckptdiff.alignment import Aligned, Status
+from ckptdiff.analyses.common import SourceLike
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
 from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, exponent_bins, update_mask
 from ckptdiff.naming import is_linear, layer_of, module_of
-from ckptdiff.progress import byte_progress
+from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table
 from ckptdiff.sources import HUB_ID, Source
-from ckptdiff.stream import OK, Aligned, align, iter_tensors, resolve_device
 
 # Per-(tensor, pair) CSV columns, in order.
 COLUMNS = [
@@ -305,7 +305,11 @@ class ConsistencyResult:
     def structural(self) -> pd.DataFrame:
         """Tensors without masks (non-float, missing, mismatched) or with a note (dtype changes)."""
         cols = ["tensor", "status", "detail", "dtype_base", "dtypes_ft", "shape"]
-        rows = [{k: t.item[k] for k in cols} for t in self.tensors if t.counts is None or t.item["status"] != OK]
+        rows = [
+            {k: t.item[k] for k in cols}
+            for t in self.tensors
+            if t.counts is None or t.item["status"] != Status.OK.value
+        ]
         return pd.DataFrame(rows, columns=cols)
 
     def _summary(self) -> list[str]:
@@ -409,7 +413,7 @@ def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
         "dtype_base": base.dtype.short if base is not None else "",
         "dtypes_ft": ",".join(i.dtype.short if i is not None else "" for i in fts),
         "compared_as": ",".join(compared_as),
-        "status": it.status,
+        "status": it.status.value,
         "detail": it.detail or ("not a float tensor: no update mask" if it.comparable and not it.is_float else ""),
     }
 
@@ -425,16 +429,40 @@ def _tensor_counts(tensors: tuple[torch.Tensor, ...], mode: CompareMode) -> Cons
     return consistency_from_masks(masks, bins, signs)
 
 
-def _open_all(specs: Sequence[SourceLike], progress: bool) -> list[Source]:
-    opened: list[Source] = []
-    try:
-        for s in specs:
-            opened.append(open_source(s, progress))
-    except BaseException:
-        for s in opened:
-            s.close()
-        raise
-    return opened
+class ConsistencyAnalysis(Analysis):
+    """Per-tensor update masks of every fine-tune against the base, reduced to exact counts."""
+
+    name = "consistency"
+
+    def __init__(self, labels: Sequence[str], mode: CompareMode = CompareMode(), sides: Sequence[int] | None = None):
+        super().__init__(sides if sides is not None else range(len(labels) + 1))
+        self.labels = tuple(labels)
+        self.mode = mode
+        self.items: list[Aligned] = []
+        self.counts: dict[str, Consistency] = {}
+
+    def form(self, item: Aligned) -> Form | None:
+        return Form.TENSOR if item.comparable and item.is_float else None
+
+    def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
+        self.items = list(items)
+
+    def on_tensor(self, item: Aligned, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.counts[item.name] = _tensor_counts(tensors, self.mode)
+
+    def finish(self, run: Run) -> ConsistencyResult:
+        tensors = tuple(TensorConsistency(_item(it, self.mode), self.counts.get(it.name)) for it in self.items)
+        head = run.header("consistency", self.sides, self.mode, runs=", ".join(self.labels))
+        return ConsistencyResult(head, self.labels, tensors)
+
+
+def run_labels(fts: Sequence[SourceLike], labels: Sequence[str] | None) -> list[str]:
+    """The fine-tunes' labels: given (checked), or derived from their paths or Hub ids."""
+    if isinstance(fts, (str, Source)) or len(fts) < 2:
+        got = 1 if isinstance(fts, (str, Source)) else len(fts)
+        raise InputError(f"consistency needs at least 2 fine-tuned checkpoints, got {got}; pass two or more after BASE")
+    specs = [s.spec if isinstance(s, Source) else str(s) for s in fts]
+    return _check_labels(labels, len(fts)) if labels is not None else derive_labels(specs)
 
 
 def consistency(
@@ -449,26 +477,15 @@ def consistency(
     progress: bool = True,
 ) -> ConsistencyResult:
     """Cross-run consistency of R >= 2 fine-tunes of ``base``, streamed one tensor per checkpoint at a time."""
-    if isinstance(fts, (str, Source)) or len(fts) < 2:
-        got = 1 if isinstance(fts, (str, Source)) else len(fts)
-        raise InputError(f"consistency needs at least 2 fine-tuned checkpoints, got {got}; pass two or more after BASE")
-    specs = [s.spec if isinstance(s, Source) else str(s) for s in fts]
-    names = _check_labels(labels, len(fts)) if labels is not None else derive_labels(specs)
-    dev = resolve_device(device)
-    sources = _open_all([base, *fts], progress)
-    try:
-        items = align(sources, include, exclude, labels=["base", *names])
-        todo = [it for it in items if it.comparable and it.is_float]
-        counts: dict[str, Consistency] = {}
-        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
-        with byte_progress(nbytes, "comparing", progress) as on_bytes:
-            for it, ts in iter_tensors(sources, todo, device=dev, on_bytes=on_bytes):
-                counts[it.name] = _tensor_counts(ts, mode)
-                del ts
-    finally:
-        for s in sources:
-            s.close()
-    tensors = tuple(TensorConsistency(_item(it, mode), counts.get(it.name)) for it in items)
-    roles = ["base", *(f"ft {lab}" for lab in names)]
-    head = header("consistency", sources, roles, dev, mode, runs=", ".join(names))
-    return ConsistencyResult(head, tuple(names), tensors)
+    names = run_labels(fts, labels)
+    (result,) = run_analyses(
+        [base, *fts],
+        [ConsistencyAnalysis(names, mode)],
+        labels=["base", *names],
+        include=include,
+        exclude=exclude,
+        device=device,
+        progress=progress,
+        label="comparing",
+    )
+    return result  # type: ignore[no-any-return]

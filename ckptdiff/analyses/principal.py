@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,13 +28,13 @@ import pandas as pd
 import torch
 
 from ckptdiff import linalg
-from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
+from ckptdiff.alignment import Aligned, Outcome
+from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, dtype_name, update_mask
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
-from ckptdiff.progress import byte_progress
+from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table, check_writable
-from ckptdiff.stream import NON_FINITE, Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
 
 SVD_METHODS = ("exact", "randomized", "auto")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -72,6 +72,7 @@ COLUMNS = [
     "linear",
     "analysed",
     "status",
+    "outcome",
     "detail",
 ]
 # (region, |M• ∩ M| column, |M•| column, magnitude-matched baseline column)
@@ -362,7 +363,7 @@ class _MaskFile:
 # the analysis
 
 
-def _validate(k: int, alpha: float, svd: str, precision: str, batch_budget: float | None) -> None:
+def _validate(k: int, alpha: float, svd: str, precision: str) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"--k must be an integer >= 1, got {k}; it is capped at min(m, n) per matrix")
     if not 0.0 < alpha < 1.0:
@@ -371,8 +372,6 @@ def _validate(k: int, alpha: float, svd: str, precision: str, batch_budget: floa
         raise InputError(f"--svd {svd} is not known; use exact, randomized or auto")
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision} is not known; use fp32 or fp64 (SVD never runs in bf16)")
-    if batch_budget is not None and not batch_budget > 0:
-        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
 
 
 def _reason(it: Aligned) -> str:
@@ -390,24 +389,8 @@ def _reason(it: Aligned) -> str:
     return ""
 
 
-def _max_batch(
-    budget: int, k: int, method: str, cdtype: torch.dtype, in0: torch.dtype, in1: torch.dtype, dev: str
-) -> Callable[[tuple[int, ...]], int]:
-    """max_batch(shape) for iter_matrix_batches: the SVD workspace plus the W1 stack and the update mask per matrix."""
-
-    def size(shape: tuple[int, ...]) -> int:
-        m, n = shape
-        chosen = linalg.choose_method(m, n, k, method)  # type: ignore[arg-type]
-        work = "randomized" if chosen == "randomized" else "svd"
-        per = linalg.workspace_bytes((m, n), in0, cdtype, work=work, k=k, device_type=dev)  # type: ignore[arg-type]
-        per += m * n * (torch.empty((), dtype=in1).element_size() + 1)
-        return max(1, budget // per)
-
-    return size
-
-
 def _batch_rows(
-    items: list[Aligned],
+    items: Sequence[Aligned],
     w0s: torch.Tensor,
     w1s: torch.Tensor,
     *,
@@ -436,6 +419,96 @@ def _batch_rows(
     return out
 
 
+class PrincipalAnalysis(Analysis):
+    """Principal-weight overlap per 2-D matrix of one base/fine-tune pair, in batched top-k SVDs of the base."""
+
+    name = "principal"
+
+    def __init__(
+        self,
+        *,
+        k: int = 64,
+        alpha: float = 0.5,
+        svd: str = "auto",
+        precision: str = "fp32",
+        mode: CompareMode = CompareMode(),
+        save_masks: str | Path | None = None,
+        sides: Sequence[int] = (0, 1),
+    ) -> None:
+        super().__init__(sides)
+        _validate(k, alpha, svd, precision)
+        self.k, self.alpha, self.svd, self.precision, self.mode = k, alpha, svd, precision, mode
+        self.cdtype = PRECISIONS[precision]
+        self.mask_path = Path(save_masks) if save_masks is not None else None
+        check_writable(self.mask_path)
+        self.items: list[Aligned] = []
+        self.results: dict[str, PrincipalResult] = {}
+        self.nonfinite: set[str] = set()
+        self.writer: _MaskFile | None = None
+        self.device_type = "cpu"
+        self.head: dict[str, str] = {}
+
+    def form(self, item: Aligned) -> Form | None:
+        return Form.MATRIX if item.is_matrix else None
+
+    def matrix_bytes(self, item: Aligned) -> int:
+        """The SVD workspace plus the W1 matrix and the update mask."""
+        m, n = item.base.shape
+        in0, in1 = (info.dtype.torch for info in item.infos if info is not None)
+        dev = self.device_type
+        chosen = linalg.choose_method(m, n, self.k, self.svd)  # type: ignore[arg-type]
+        work = "randomized" if chosen == "randomized" else "svd"
+        per = linalg.workspace_bytes((m, n), in0, self.cdtype, work=work, k=self.k, device_type=dev)  # type: ignore[arg-type]
+        return per + m * n * (torch.empty((), dtype=in1).element_size() + 1)
+
+    def params(self, run: Run) -> dict[str, object]:
+        """The header's parameters."""
+        return {
+            "k": self.k,
+            "alpha": self.alpha,
+            "svd": self.svd,
+            "precision": self.precision,
+            "batch_budget_gib": f"{run.budget / 1024**3:.3g}",
+            "save_masks": self.mask_path or "",
+        }
+
+    def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
+        self.items = list(items)
+        self.device_type = run.device.type
+        self.head = run.header("principal-overlap", self.sides, self.mode, **self.params(run))
+        if self.mask_path is not None:
+            meta = {"format": MASK_FORMAT, "packing": MASK_PACKING, **self.head}
+            shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in items if it.is_matrix]
+            self.writer = _MaskFile(self.mask_path, shapes, meta)
+
+    def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
+        w0s, w1s = stacks
+        rows = _batch_rows(
+            items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
+        )
+        finite_ft = torch.isfinite(w1s).flatten(1).all(1).tolist()  # (b,)
+        for (it, result, masks, upd), ok_ft in zip(rows, finite_ft, strict=True):
+            if result is None or not ok_ft:
+                self.nonfinite.add(it.name)  # masks stay meaningful for a NaN fine-tune; energy does not
+            if result is None:
+                continue
+            self.results[it.name] = result
+            if self.writer is not None and masks is not None and upd is not None:
+                self.writer.add(it.name, {"principal": masks.principal, "low": masks.low, "update": upd})
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def finish(self, run: Run) -> PrincipalOverlapResult:
+        if self.writer is not None:
+            self.writer.finish()
+            self.writer = None
+        rows = [_row(it, self.results.get(it.name), it.name in self.nonfinite, self.mode) for it in self.items]
+        return PrincipalOverlapResult(self.head, self.alpha, rows)
+
+
 def principal_overlap(
     base: SourceLike,
     ft: SourceLike,
@@ -455,70 +528,22 @@ def principal_overlap(
     """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (METRICS.md §2, §2b).
 
     ``k`` singular directions (capped at min(m, n)), masks of density ``alpha``, SVD by ``svd`` in ``precision``;
-    same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: stream.default_budget).
+    same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: pipeline.default_budget).
     ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc).
     """
-    _validate(k, alpha, svd, precision, batch_budget)
-    cdtype = PRECISIONS[precision]
-    mask_path = Path(save_masks) if save_masks is not None else None
-    check_writable(mask_path)
-    dev = resolve_device(device)
-    budget = int(batch_budget * 1024**3) if batch_budget is not None else default_budget(dev)
-    sources = [open_source(base, progress), open_source(ft, progress)]
-    results: dict[str, PrincipalResult] = {}
-    nonfinite: set[str] = set()
-    writer: _MaskFile | None = None
-    try:
-        items = align(sources, include, exclude, labels=["base", "ft"])
-        todo = [it for it in items if is_matrix(it) and not _reason(it)]
-        head = header(
-            "principal-overlap",
-            sources,
-            ["base", "ft"],
-            dev,
-            mode,
-            k=k,
-            alpha=alpha,
-            svd=svd,
-            precision=precision,
-            batch_budget_gib=f"{budget / 1024**3:.3g}",
-            save_masks=mask_path or "",
-        )
-        if mask_path is not None:
-            meta = {"format": MASK_FORMAT, "packing": MASK_PACKING, **{key: head[key] for key in head}}
-            shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in todo]
-            writer = _MaskFile(mask_path, shapes, meta)
-        groups: dict[tuple[str, str], list[Aligned]] = {}
-        for it in todo:  # one memory budget per dtype pair (stacks never mix dtypes either)
-            groups.setdefault((it.infos[0].dtype.name, it.infos[1].dtype.name), []).append(it)  # type: ignore[union-attr]
-        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
-        with byte_progress(nbytes, "principal overlap", progress) as on_bytes:
-            for group in groups.values():
-                in0, in1 = (info.dtype.torch for info in group[0].infos if info is not None)
-                max_batch = _max_batch(budget, k, svd, cdtype, in0, in1, dev.type)
-                for batch, (w0s, w1s) in iter_matrix_batches(sources, group, max_batch, device=dev, on_bytes=on_bytes):
-                    rows = _batch_rows(batch, w0s, w1s, k=k, alpha=alpha, svd=svd, cdtype=cdtype, mode=mode)
-                    finite_ft = torch.isfinite(w1s).flatten(1).all(1).tolist()  # (b,)
-                    for (it, result, masks, upd), ok_ft in zip(rows, finite_ft, strict=True):
-                        if result is None or not ok_ft:
-                            nonfinite.add(it.name)  # masks stay meaningful for a NaN fine-tune; energy does not
-                        if result is None:
-                            continue
-                        results[it.name] = result
-                        if writer is not None and masks is not None and upd is not None:
-                            writer.add(it.name, {"principal": masks.principal, "low": masks.low, "update": upd})
-                    del w0s, w1s, rows
-        if writer is not None:
-            writer.finish()
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
-        for s in sources:
-            s.close()
-    return PrincipalOverlapResult(
-        head, alpha, [_row(it, results.get(it.name), it.name in nonfinite, mode) for it in items]
+    analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=save_masks)
+    (result,) = run_analyses(
+        [base, ft],
+        [analysis],
+        labels=["base", "ft"],
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_budget=batch_budget,
+        progress=progress,
+        label="principal overlap",
     )
+    return result  # type: ignore[no-any-return]
 
 
 def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: CompareMode) -> dict[str, object]:
@@ -539,6 +564,11 @@ def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: Com
     if result is None:
         row["numel"] = row_basics(it)["numel"]
         row["svd"] = ""
-    if nonfinite:
-        row["status"] = NON_FINITE
+    row["outcome"] = _outcome(result is not None, nonfinite).value
     return row
+
+
+def _outcome(measured: bool, nonfinite: bool) -> Outcome:
+    if nonfinite:
+        return Outcome.NON_FINITE
+    return Outcome.ANALYSED if measured else Outcome.NOT_ANALYSED

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
+from ckptdiff.alignment import COMPARABLE, Aligned, Status
+from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.metrics.mask import CompareMode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
-from ckptdiff.progress import byte_progress
+from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table
-from ckptdiff.stream import COMPARABLE, align, iter_chunks, resolve_device
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 
@@ -55,7 +55,7 @@ class SparsityResult:
     def compared(self) -> pd.DataFrame:
         """Float tensors whose entries were compared: the population every sparsity figure is over."""
         df = self.to_frame()
-        return df[df["status"].isin(COMPARABLE) & (df["status"] != "non_float")]
+        return df[df["status"].isin([s.value for s in COMPARABLE]) & (df["status"] != Status.NON_FLOAT.value)]
 
     def _sum(self, df: pd.DataFrame) -> dict[str, float]:
         numel = float(df["numel"].sum())
@@ -155,6 +155,52 @@ def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeC
     return row
 
 
+class SparsityAnalysis(Analysis):
+    """Update masks counted chunk by chunk for every comparable tensor of one base/fine-tune pair."""
+
+    name = "sparsity"
+
+    def __init__(self, mode: CompareMode = CompareMode(), sides: Sequence[int] = (0, 1)) -> None:
+        super().__init__(sides)
+        self.mode = mode
+        self.totals: dict[str, ChangeCounts] = {}
+        self.totals_bf16: dict[str, ChangeCounts] = {}
+        self.items: list[Aligned] = []
+        self.targets: dict[str, torch.dtype] = {}
+
+    def form(self, item: Aligned) -> Form | None:
+        return Form.CHUNKS if item.comparable else None
+
+    def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
+        self.items = list(items)
+        self.targets = {it.name: pair_target(it, self.mode.as_dtype) for it in items if it.comparable and it.is_float}
+
+    def on_chunk(self, item: Aligned, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        w0, w1 = tensors
+        name = item.name
+        self.totals[name] = self.totals.get(name, ChangeCounts()) + count_changes(w0, w1, self.mode)
+        # fp32 storage: also report what bf16 would keep (only when comparing natively, without --as).
+        if self.targets.get(name) in (torch.float32, torch.float64):
+            extra = count_changes(w0, w1, BITWISE_BF16)
+            self.totals_bf16[name] = self.totals_bf16.get(name, ChangeCounts()) + extra
+
+    def finish(self, run: Run) -> SparsityResult:
+        rows = []
+        for it in self.items:
+            basics = row_basics(it)
+            basics["detail"] = it.detail
+            as_ = ""
+            if it.comparable and it.is_float:
+                as_ = dtype_name(self.targets[it.name])
+            elif it.comparable:
+                as_ = "exact"
+            counts = self.totals.get(it.name) if it.comparable else None
+            if it.comparable and counts is None:  # zero-size tensor
+                counts = ChangeCounts()
+            rows.append(_row(basics, counts, self.totals_bf16.get(it.name), as_))
+        return SparsityResult(run.header("sparsity", self.sides, self.mode), rows)
+
+
 def sparsity(
     base: SourceLike,
     ft: SourceLike,
@@ -166,39 +212,14 @@ def sparsity(
     progress: bool = True,
 ) -> SparsityResult:
     """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors)."""
-    sources = [open_source(base, progress), open_source(ft, progress)]
-    dev = resolve_device(device)
-    items = align(sources, include, exclude, labels=["base", "ft"])
-    totals: dict[str, ChangeCounts] = {}
-    totals_bf16: dict[str, ChangeCounts] = {}
-    # fp32 storage: also report what bf16 would keep (only when comparing natively, without --as).
-    targets = {it.name: pair_target(it, mode.as_dtype) for it in items if it.comparable and it.is_float}
-    wants_bf16 = {name: t in (torch.float32, torch.float64) for name, t in targets.items()}
-    nbytes = sum(i.nbytes for it in items if it.comparable for i in it.infos if i is not None)
-    try:
-        with byte_progress(nbytes, "comparing", progress) as on_bytes:
-            for chunk in iter_chunks(sources, items, device=dev, on_bytes=on_bytes):
-                w0, w1 = chunk.tensors
-                name = chunk.item.name
-                totals[name] = totals.get(name, ChangeCounts()) + count_changes(w0, w1, mode)
-                if wants_bf16.get(name):
-                    extra = count_changes(w0, w1, BITWISE_BF16)
-                    totals_bf16[name] = totals_bf16.get(name, ChangeCounts()) + extra
-    finally:
-        for s in sources:
-            s.close()
-    rows = []
-    for it in items:
-        basics = row_basics(it)
-        basics["detail"] = it.detail
-        as_ = ""
-        if it.comparable and it.is_float:
-            as_ = dtype_name(targets[it.name])
-        elif it.comparable:
-            as_ = "exact"
-        counts = totals.get(it.name) if it.comparable else None
-        if it.comparable and counts is None:  # zero-size tensor
-            counts = ChangeCounts()
-        rows.append(_row(basics, counts, totals_bf16.get(it.name), as_))
-    head = header("sparsity", sources, ["base", "ft"], dev, mode)
-    return SparsityResult(head, rows)
+    (result,) = run_analyses(
+        [base, ft],
+        [SparsityAnalysis(mode)],
+        labels=["base", "ft"],
+        include=include,
+        exclude=exclude,
+        device=device,
+        progress=progress,
+        label="comparing",
+    )
+    return result  # type: ignore[no-any-return]

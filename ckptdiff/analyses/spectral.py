@@ -21,15 +21,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.common import SourceLike, header, open_source, pair_target, row_basics
+from ckptdiff.alignment import Aligned, Outcome
+from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.dtypes import parse_as
 from ckptdiff.errors import InputError
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
-from ckptdiff.progress import byte_progress
+from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table, check_writable
-from ckptdiff.stream import NON_FINITE, Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
 NULLS = ("none", "random")
@@ -49,7 +49,7 @@ NULL_COLUMNS = [
 ]
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
 LEAD_COLUMNS = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "compared_as", "numel", "linear"]
-TAIL_COLUMNS = ["analysed", "status", "detail"]
+TAIL_COLUMNS = ["analysed", "status", "outcome", "detail"]
 TOP_MATRICES = 10
 TOP_LAYERS = 3
 
@@ -267,7 +267,7 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
 
 
 def _parse(
-    k: int, precision: str, null: str | bool, as_dtype: torch.dtype | str | None, batch_budget: float | None
+    k: int, precision: str, null: str | bool, as_dtype: torch.dtype | str | None
 ) -> tuple[torch.dtype, bool, torch.dtype | None]:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"--k must be a positive integer, got {k!r}")
@@ -277,8 +277,6 @@ def _parse(
         null = "random" if null else "none"
     if null not in NULLS:
         raise InputError(f"--null must be none or random, got {null!r}")
-    if batch_budget is not None and not batch_budget > 0:
-        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
     if isinstance(as_dtype, str):
         try:
             as_dtype = parse_as(as_dtype)
@@ -305,6 +303,89 @@ def write_spectra(path: str | Path, spectra: dict[str, torch.Tensor], metadata: 
         raise
 
 
+class SpectralAnalysis(Analysis):
+    """Spectral drift and top-k rotation per 2-D matrix of one base/fine-tune pair, in batched SVDs."""
+
+    name = "spectral"
+
+    def __init__(
+        self,
+        *,
+        k: int = 64,
+        precision: str = "fp64",
+        null: str | bool = "none",
+        seed: int = 0,
+        as_dtype: torch.dtype | str | None = None,
+        save_spectra: str | Path | None = None,
+        sides: Sequence[int] = (0, 1),
+    ) -> None:
+        super().__init__(sides)
+        self.dt, self.with_null, self.as_t = _parse(k, precision, null, as_dtype)
+        self.k, self.precision, self.seed = k, precision, seed
+        self.save_spectra = save_spectra
+        check_writable(save_spectra)
+        self.items: list[Aligned] = []
+        self.results: dict[str, SpectralResult] = {}
+        self.nonfinite: set[str] = set()
+        self.spectra: dict[str, torch.Tensor] = {}
+        self.device_type = "cpu"
+
+    def form(self, item: Aligned) -> Form | None:
+        return Form.MATRIX if item.is_matrix else None
+
+    def matrix_bytes(self, item: Aligned) -> int:
+        widest = max((i.dtype for i in item.infos if i is not None), key=lambda x: x.itemsize).torch
+        return _per_matrix_bytes(item.base.shape, widest, self.dt, self.device_type, self.with_null)
+
+    def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
+        self.items = list(items)
+        self.device_type = run.device.type
+
+    def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
+        s0, s1 = stacks
+        targets = [pair_target(it, self.as_t) for it in items]
+        a0, a1 = _to_compute(s0, targets, self.dt), _to_compute(s1, targets, self.dt)  # (b, m, n) each
+        del s0, s1, stacks
+        finite = (torch.isfinite(a0).flatten(1).all(1) & torch.isfinite(a1).flatten(1).all(1)).tolist()
+        keep = [i for i, ok in enumerate(finite) if ok]
+        self.nonfinite.update(it.name for it, ok in zip(items, finite, strict=True) if not ok)
+        if not keep:
+            return
+        if len(keep) < len(items):
+            idx = torch.tensor(keep, device=a0.device)
+            a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
+        kept = [items[i] for i in keep]
+        seeds = [null_seed(self.seed, it.name) for it in kept] if self.with_null else None
+        res, sig0, sig1 = spectral_metrics_with_spectra(a0, a1, self.k, dtype=self.dt, null_seeds=seeds)
+        del a0, a1
+        for i, (it, r) in enumerate(zip(kept, res, strict=True)):
+            self.results[it.name] = r
+            if self.save_spectra is not None:
+                self.spectra[f"{it.name}.sigma_base"] = sig0[i].to("cpu", torch.float64)
+                self.spectra[f"{it.name}.sigma_ft"] = sig1[i].to("cpu", torch.float64)
+
+    def finish(self, run: Run) -> SpectralReport:
+        params: dict[str, object] = {
+            "k": self.k,
+            "precision": self.precision,
+            "null": "random" if self.with_null else "none",
+        }
+        if self.with_null:
+            params["seed"] = self.seed
+        params["as"] = dtype_name(self.as_t) if self.as_t is not None else "native"
+        params["batch_budget_gib"] = f"{run.budget / 1024**3:.3g}"
+        if self.dt == torch.float32:
+            params["warning"] = FP32_WARNING
+        head = run.header("spectral", self.sides, None, **params)
+        rows = [
+            _row(it, self.results.get(it.name), it.name in self.nonfinite, self.as_t, self.with_null)
+            for it in self.items
+        ]
+        if self.save_spectra is not None:
+            write_spectra(self.save_spectra, self.spectra, head)
+        return SpectralReport(head, rows, self.with_null)
+
+
 def spectral(
     base: SourceLike,
     ft: SourceLike,
@@ -328,69 +409,21 @@ def spectral(
     both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
     2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
     """
-    dt, with_null, as_t = _parse(k, precision, null, as_dtype, batch_budget)
-    check_writable(save_spectra)
-    sources = [open_source(base, progress), open_source(ft, progress)]
-    try:
-        dev = resolve_device(device)
-        budget = int(batch_budget * 1024**3) if batch_budget is not None else default_budget(dev)
-        items = align(sources, include, exclude, labels=["base", "ft"])
-        todo = [it for it in items if is_matrix(it) and it.base.numel > 0]
-        widest: dict[tuple[int, ...], torch.dtype] = {}
-        for it in todo:
-            d = max((i.dtype for i in it.infos if i is not None), key=lambda x: x.itemsize).torch
-            if it.base.shape not in widest or d.itemsize > widest[it.base.shape].itemsize:
-                widest[it.base.shape] = d
-
-        def max_batch(shape: tuple[int, ...]) -> int:
-            return max(1, budget // _per_matrix_bytes(shape, widest[shape], dt, dev.type, with_null))
-
-        results: dict[str, SpectralResult] = {}
-        nonfinite: set[str] = set()
-        spectra: dict[str, torch.Tensor] = {}
-        nbytes = sum(i.nbytes for it in todo for i in it.infos if i is not None)
-        with byte_progress(nbytes, "decomposing", progress) as on_bytes:
-            for batch, (s0, s1) in iter_matrix_batches(sources, todo, max_batch, device=dev, on_bytes=on_bytes):
-                targets = [pair_target(it, as_t) for it in batch]
-                a0, a1 = _to_compute(s0, targets, dt), _to_compute(s1, targets, dt)  # (b, m, n) each
-                del s0, s1
-                finite = (torch.isfinite(a0).flatten(1).all(1) & torch.isfinite(a1).flatten(1).all(1)).tolist()
-                keep = [i for i, ok in enumerate(finite) if ok]
-                nonfinite.update(it.name for it, ok in zip(batch, finite, strict=True) if not ok)
-                if not keep:
-                    continue
-                if len(keep) < len(batch):
-                    idx = torch.tensor(keep, device=a0.device)
-                    a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
-                kept = [batch[i] for i in keep]
-                seeds = [null_seed(seed, it.name) for it in kept] if with_null else None
-                res, sig0, sig1 = spectral_metrics_with_spectra(a0, a1, k, dtype=dt, null_seeds=seeds)
-                del a0, a1
-                for i, (it, r) in enumerate(zip(kept, res, strict=True)):
-                    results[it.name] = r
-                    if save_spectra is not None:
-                        spectra[f"{it.name}.sigma_base"] = sig0[i].to("cpu", torch.float64)
-                        spectra[f"{it.name}.sigma_ft"] = sig1[i].to("cpu", torch.float64)
-    finally:
-        for s in sources:
-            s.close()
-
-    params: dict[str, object] = {
-        "k": k,
-        "precision": precision,
-        "null": "random" if with_null else "none",
-    }
-    if with_null:
-        params["seed"] = seed
-    params["as"] = dtype_name(as_t) if as_t is not None else "native"
-    params["batch_budget_gib"] = f"{budget / 1024**3:.3g}"
-    if dt == torch.float32:
-        params["warning"] = FP32_WARNING
-    head = header("spectral", sources, ["base", "ft"], dev, None, **params)
-    rows = [_row(it, results.get(it.name), it.name in nonfinite, as_t, with_null) for it in items]
-    if save_spectra is not None:
-        write_spectra(save_spectra, spectra, head)
-    return SpectralReport(head, rows, with_null)
+    analysis = SpectralAnalysis(
+        k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=save_spectra
+    )
+    (result,) = run_analyses(
+        [base, ft],
+        [analysis],
+        labels=["base", "ft"],
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_budget=batch_budget,
+        progress=progress,
+        label="decomposing",
+    )
+    return result  # type: ignore[no-any-return]
 
 
 def _row(
@@ -403,9 +436,9 @@ def _row(
         values = asdict(result)
         row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
         row["detail"] = item.detail
+        row["outcome"] = Outcome.ANALYSED.value
         return row
     row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
     row["detail"] = "non-finite entries: not analysed" if nonfinite else _not_analysed(item)
-    if nonfinite:
-        row["status"] = NON_FINITE
+    row["outcome"] = (Outcome.NON_FINITE if nonfinite else Outcome.NOT_ANALYSED).value
     return row

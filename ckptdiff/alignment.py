@@ -1,0 +1,139 @@
+"""Alignment: pair tensors by name across checkpoints and say, from headers alone, whether they compare.
+
+Two separate facts describe a tensor in every report:
+
+- its structural :class:`Status` (this module): what the headers say about the name across the checkpoints
+  (present everywhere with one shape, a dtype change, a shape mismatch, missing somewhere ...);
+- its :class:`Outcome` in one analysis: whether that analysis measured it, and if not, why
+  (not a matrix, non-finite values, ...). Outcomes are set by the analyses, never by alignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from ckptdiff.errors import InputError
+from ckptdiff.naming import natural_key, selected
+from ckptdiff.sources import Source, TensorInfo
+
+
+class Status(str, Enum):
+    """Structural status of an aligned tensor. Comparable statuses are analysed; the rest are findings only."""
+
+    OK = "ok"
+    DTYPE_CHANGED = "dtype_changed"  # both float, different dtypes: compared after rounding to a common dtype
+    NON_FLOAT = "non_float"  # integer/bool on every side: compared exactly
+    SHAPE_MISMATCH = "shape_mismatch"
+    KIND_MISMATCH = "kind_mismatch"  # float on one side, integer on the other
+    ONLY_BASE = "only_base"
+    ONLY_FT = "only_ft"
+    MISSING = "missing"  # absent from some of several fine-tunes
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, Enum):
+    """What one analysis did with one tensor."""
+
+    ANALYSED = "analysed"
+    NOT_ANALYSED = "not_analysed"  # outside the analysis's scope (1-D, integer, structural mismatch, empty)
+    NON_FINITE = "non_finite"  # NaN or inf where the metric needs finite values: undefined, never a pass
+
+    def __str__(self) -> str:
+        return self.value
+
+
+COMPARABLE = frozenset({Status.OK, Status.DTYPE_CHANGED, Status.NON_FLOAT})
+FLOAT_COMPARED = frozenset({Status.OK, Status.DTYPE_CHANGED})
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """One tensor name across several checkpoints (index 0 is the base)."""
+
+    name: str
+    infos: tuple[TensorInfo | None, ...]
+    status: Status
+    detail: str = ""
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the entries can be compared one to one."""
+        return self.status in COMPARABLE
+
+    @property
+    def base(self) -> TensorInfo:
+        """The base tensor's header (present for every comparable tensor)."""
+        info = self.infos[0]
+        assert info is not None, "base info is present for comparable tensors"  # internal invariant
+        return info
+
+    @property
+    def is_float(self) -> bool:
+        """Floating point on every side."""
+        return all(i is not None and i.dtype.is_float for i in self.infos)
+
+    @property
+    def is_matrix(self) -> bool:
+        """A comparable, non-empty floating-point 2-D tensor: what the SVD-based analyses work on."""
+        return self.comparable and self.is_float and len(self.base.shape) == 2 and self.base.numel > 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this tensor on every side together."""
+        return sum(i.nbytes for i in self.infos if i is not None)
+
+    def project(self, sides: Sequence[int], labels: Sequence[str]) -> Aligned:
+        """The same name seen from a subset of the checkpoints (e.g. base and one fine-tune of several)."""
+        infos = tuple(self.infos[k] for k in sides)
+        status, detail = status_of(infos, labels)
+        return Aligned(self.name, infos, status, detail)
+
+
+def status_of(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> tuple[Status, str]:
+    """The structural status of one name from its headers on every side (index 0 is the base)."""
+    present = [i for i in infos if i is not None]
+    if len(present) < len(infos):
+        missing = [labels[k] for k, i in enumerate(infos) if i is None]
+        if len(infos) == 2:
+            return (Status.ONLY_FT if infos[0] is None else Status.ONLY_BASE), ""
+        return Status.MISSING, "absent from " + ", ".join(missing)
+    shapes = {i.shape for i in present}
+    if len(shapes) > 1:
+        return Status.SHAPE_MISMATCH, " vs ".join(str(list(i.shape)) for i in present)
+    kinds = {i.dtype.is_float for i in present}
+    if len(kinds) > 1:
+        return Status.KIND_MISMATCH, " vs ".join(i.dtype.short for i in present)
+    if len({i.dtype.name for i in present}) > 1:
+        detail = " vs ".join(i.dtype.short for i in present)
+        return (Status.DTYPE_CHANGED if present[0].dtype.is_float else Status.NON_FLOAT), detail
+    return (Status.OK if present[0].dtype.is_float else Status.NON_FLOAT), ""
+
+
+def align(
+    sources: Sequence[Source],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    labels: Sequence[str] | None = None,
+) -> list[Aligned]:
+    """Pair tensors by name across checkpoints, filtered by globs, in natural name order."""
+    labels = list(labels) if labels is not None else [s.spec for s in sources]
+    names: dict[str, None] = {}
+    for s in sources:
+        names.update(dict.fromkeys(s.infos))
+    out: list[Aligned] = []
+    for name in sorted(names, key=natural_key):
+        if not selected(name, list(include), list(exclude)):
+            continue
+        infos = tuple(s.infos.get(name) for s in sources)
+        status, detail = status_of(infos, labels)
+        out.append(Aligned(name, infos, status, detail))
+    if not out and (include or exclude):
+        raise InputError(
+            "the --include/--exclude filters match no tensor; check the globs (they match full names, "
+            "e.g. 'model.layers.*.mlp.*')"
+        )
+    return out
