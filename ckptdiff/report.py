@@ -61,7 +61,12 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def to_json(report: Report) -> str:
     """The whole report as JSON: header, summary, tables, per-tensor rows, structural findings."""
-    doc = {
+    return json.dumps(to_json_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def to_json_dict(report: Report) -> dict[str, Any]:
+    """The report as JSON-safe Python data (see :func:`to_json`)."""
+    return {
         "title": report.title,
         "header": report.header,
         "summary": report.summary,
@@ -70,7 +75,6 @@ def to_json(report: Report) -> str:
         "structural": records(report.structural),
         **_clean(report.extra),
     }
-    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
 def to_csv(report: Report) -> str:

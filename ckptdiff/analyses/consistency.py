@@ -456,11 +456,16 @@ class ConsistencyAnalysis(Analysis):
         return ConsistencyResult(head, self.labels, tensors)
 
 
-def run_labels(fts: Sequence[SourceLike], labels: Sequence[str] | None) -> list[str]:
+def run_labels(
+    fts: Sequence[SourceLike], labels: Sequence[str] | None, *, minimum: int = 2, command: str = "consistency"
+) -> list[str]:
     """The fine-tunes' labels: given (checked), or derived from their paths or Hub ids."""
-    if isinstance(fts, (str, Source)) or len(fts) < 2:
+    if isinstance(fts, (str, Source)) or len(fts) < minimum:
         got = 1 if isinstance(fts, (str, Source)) else len(fts)
-        raise InputError(f"consistency needs at least 2 fine-tuned checkpoints, got {got}; pass two or more after BASE")
+        many = "two or more" if minimum > 1 else "one or more"
+        raise InputError(
+            f"{command} needs at least {minimum} fine-tuned checkpoint(s), got {got}; pass {many} after BASE"
+        )
     specs = [s.spec if isinstance(s, Source) else str(s) for s in fts]
     return _check_labels(labels, len(fts)) if labels is not None else derive_labels(specs)
 

@@ -1,0 +1,229 @@
+"""`ckptdiff report`: every analysis in one pass, written as a directory a person can open or paste.
+
+For each fine-tune the pairwise analyses (sparsity, principal-overlap, spectral) compare it with the base; with
+two or more fine-tunes, consistency compares them with each other. All of them are plug-ins of one pipeline
+run, so each checkpoint is read once whatever the number of analyses.
+
+The directory holds ``tensors.csv`` (one row per tensor and fine-tune: every per-tensor column of every analysis
+that ran, under the single commands' names and with their values), ``report.json``, ``report.md`` with its
+figures under ``figures/``, and ``index.html``, self-contained (figures inline, nothing fetched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ckptdiff.alignment import Aligned
+from ckptdiff.analyses.common import SourceLike
+from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
+from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
+from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
+from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralReport
+from ckptdiff.errors import InputError
+from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
+from ckptdiff.report import Report
+from ckptdiff.sources import Source
+
+ANALYSES = ("sparsity", "principal", "spectral", "consistency")
+# Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
+SHARED_COLUMNS = ("tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status")
+
+
+@dataclass(frozen=True)
+class FullReport:
+    """The results of one ``report`` run: per fine-tune (by label) each pairwise analysis, and consistency."""
+
+    header: dict[str, str]
+    runs: tuple[str, ...]  # fine-tune labels, in the order given
+    sparsity: dict[str, SparsityResult] = field(default_factory=dict)
+    principal: dict[str, PrincipalOverlapResult] = field(default_factory=dict)
+    spectral: dict[str, SpectralReport] = field(default_factory=dict)
+    consistency: ConsistencyResult | None = None
+
+    @property
+    def analyses(self) -> tuple[str, ...]:
+        """The analyses that ran, in report order."""
+        ran = {"sparsity": self.sparsity, "principal": self.principal, "spectral": self.spectral}
+        out = [name for name, results in ran.items() if results]
+        return (*out, "consistency") if self.consistency is not None else tuple(out)
+
+    def sections(self) -> list[tuple[str, Report]]:
+        """(heading, report) per analysis and fine-tune, in reading order."""
+        out: list[tuple[str, Report]] = []
+        several = len(self.runs) > 1
+        for name, results in (("Sparsity", self.sparsity), ("Principal overlap", self.principal)):
+            for run, result in results.items():
+                out.append((f"{name}: {run}" if several else name, result.report()))
+        for run, spec in self.spectral.items():
+            out.append((f"Spectral drift: {run}" if several else "Spectral drift", spec.report()))
+        if self.consistency is not None:
+            out.append(("Consistency across fine-tunes", self.consistency.report()))
+        return out
+
+    def tensors(self) -> pd.DataFrame:
+        """One row per tensor (and per fine-tune, with a leading ``run`` column, when several).
+
+        The pairwise analyses' per-tensor columns side by side, under the single commands' names and with their
+        values. The columns every analysis shares (:data:`SHARED_COLUMNS`) appear once. A column that two
+        analyses both have but mean differently (``changed``, ``compared_as``, ``detail``, ``analysed``,
+        ``outcome``, ``k``) keeps its name for sparsity and is prefixed for the others (``principal_detail``,
+        ``spectral_outcome``): :func:`split_columns` maps them back.
+        """
+        frames: list[pd.DataFrame] = []
+        for run in self.runs:
+            parts = {name: res[run].to_frame().set_index("tensor") for name, res in self._pairwise() if run in res}
+            if not parts:
+                continue
+            clash = _clashes([list(df.columns) for df in parts.values()])
+            joined: list[pd.DataFrame] = []
+            for name, df in parts.items():
+                if joined:
+                    df = df.drop(columns=[c for c in SHARED_COLUMNS if c in df.columns])
+                    df = df.rename(columns={c: f"{name}_{c}" for c in df.columns if c in clash})
+                joined.append(df)
+            both = pd.concat(joined, axis=1, join="outer").reset_index()
+            if len(self.runs) > 1:
+                both.insert(0, "run", run)
+            frames.append(both)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _pairwise(self) -> list[tuple[str, dict[str, Any]]]:
+        return [("sparsity", self.sparsity), ("principal", self.principal), ("spectral", self.spectral)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole report, machine-readable: header, runs, and each analysis's full JSON report."""
+        from ckptdiff.report import to_json_dict
+
+        out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
+        for name, results in self._pairwise():
+            if results:
+                out[name] = {run: to_json_dict(r.report()) for run, r in results.items()}
+        if self.consistency is not None:
+            out["consistency"] = to_json_dict(self.consistency.report())
+        return out
+
+
+def _clashes(columns: Sequence[Sequence[str]]) -> set[str]:
+    """Non-shared column names that more than one analysis uses."""
+    seen: dict[str, int] = {}
+    for cols in columns:
+        for c in cols:
+            seen[c] = seen.get(c, 0) + 1
+    return {c for c, n in seen.items() if n > 1 and c not in SHARED_COLUMNS}
+
+
+def split_columns(tensors: pd.DataFrame, analysis: str, columns: Sequence[str]) -> pd.DataFrame:
+    """The columns of one analysis's single-command CSV, taken back out of ``tensors.csv`` (renamed as there)."""
+    out = {}
+    for c in columns:
+        prefixed = f"{analysis}_{c}"
+        out[c] = tensors[prefixed] if prefixed in tensors.columns and c not in SHARED_COLUMNS else tensors[c]
+    return pd.DataFrame(out)
+
+
+def _analyses_for(chosen: Sequence[str], n_fts: int) -> tuple[str, ...]:
+    unknown = [a for a in chosen if a not in ANALYSES]
+    if unknown:
+        raise InputError(f"--analyses: unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
+    if "consistency" in chosen and n_fts < 2:
+        raise InputError("--analyses consistency needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
+    return tuple(a for a in ANALYSES if a in chosen)
+
+
+def full_report(
+    base: SourceLike,
+    fts: Sequence[SourceLike],
+    *,
+    labels: Sequence[str] | None = None,
+    analyses: Sequence[str] | None = None,
+    mode: CompareMode = CompareMode(),
+    k: int = 64,
+    alpha: float = 0.5,
+    svd: str = "auto",
+    principal_precision: str = "fp32",
+    spectral_precision: str = "fp64",
+    null: str | bool = "none",
+    seed: int = 0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    batch_budget: float | None = None,
+    progress: bool = True,
+) -> FullReport:
+    """Run every analysis (or ``analyses``) of ``fts`` against ``base`` in one pass of the checkpoints.
+
+    Defaults are the single commands' defaults; consistency runs when two or more fine-tunes are given.
+    """
+    if isinstance(fts, (str, Path, Source)):
+        fts = [fts]  # type: ignore[list-item]
+    names = run_labels(fts, labels, minimum=1, command="report")
+    chosen = _analyses_for(analyses if analyses is not None else ANALYSES[: 3 + (len(fts) > 1)], len(fts))
+    plugins: list[tuple[str, str, Analysis]] = []
+    for r, run in enumerate(names, start=1):
+        sides = (0, r)
+        if "sparsity" in chosen:
+            plugins.append(("sparsity", run, SparsityAnalysis(mode, sides=sides)))
+        if "principal" in chosen:
+            principal = PrincipalAnalysis(
+                k=k, alpha=alpha, svd=svd, precision=principal_precision, mode=mode, sides=sides
+            )
+            plugins.append(("principal", run, principal))
+        if "spectral" in chosen:
+            spectral = SpectralAnalysis(
+                k=k, precision=spectral_precision, null=null, seed=seed, as_dtype=mode.as_dtype, sides=sides
+            )
+            plugins.append(("spectral", run, spectral))
+    if "consistency" in chosen:
+        plugins.append(("consistency", "", ConsistencyAnalysis(names, mode)))
+    params: dict[str, object] = {
+        "analyses": ", ".join(chosen),
+        "k": k,
+        "alpha": alpha,
+        "svd": f"{svd} ({principal_precision})",
+        "spectral_precision": spectral_precision,
+        "null": "random" if null in (True, "random") else "none",
+    }
+    if params["null"] == "random":
+        params["seed"] = seed
+    head = _Header(len(names), mode, params)
+    *results, header = run_analyses(
+        [base, *fts],
+        [*(p for _, _, p in plugins), head],
+        labels=["base", *names],
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_budget=batch_budget,
+        progress=progress,
+        label="report",
+    )
+    out: dict[str, Any] = {"sparsity": {}, "principal": {}, "spectral": {}, "consistency": None}
+    for (name, run, _), result in zip(plugins, results, strict=True):
+        if name == "consistency":
+            out["consistency"] = result
+        else:
+            out[name][run] = result
+    return FullReport(header, tuple(names), out["sparsity"], out["principal"], out["spectral"], out["consistency"])
+
+
+class _Header(Analysis):
+    """Reads nothing; its result is the report's header (inputs as resolved, mode, parameters, device)."""
+
+    name = "header"
+
+    def __init__(self, n_fts: int, mode: CompareMode, params: dict[str, object]):
+        super().__init__(range(n_fts + 1))
+        self.mode = mode
+        self.params = params
+
+    def form(self, item: Aligned) -> Form | None:
+        return None
+
+    def finish(self, run: Run) -> dict[str, str]:
+        return run.header("report", self.sides, self.mode, **self.params)
