@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+from huggingface_hub.utils import TensorInfo as HubTensorInfo
 from safetensors.torch import save_file
+
+from ckptdiff.sources import Source
 
 
 def llama_like(layers: int = 2, d: int = 16, ff: int = 32, vocab: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,3 +68,45 @@ def save_single(sd: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
+
+
+class CountingSource(Source):
+    """Wraps a source and counts the bytes read per tensor; records whether it was closed."""
+
+    def __init__(self, inner: Source):
+        super().__init__(inner.spec, inner.resolved, dict(inner.infos))
+        self.inner = inner
+        self.bytes: Counter[str] = Counter()
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+        t = self.inner.read(name, start, count, out)
+        with self._lock:
+            self.bytes[name] += t.numel() * t.element_size()
+        return t
+
+    def close(self) -> None:
+        self.closed += 1
+        self.inner.close()
+
+
+def hub_metadata(sd: dict[str, torch.Tensor], shards: int = 2) -> SafetensorsRepoMetadata:
+    """What get_safetensors_metadata returns for sd stored in `shards` files."""
+    names = list(sd)
+    files: dict[str, SafetensorsFileMetadata] = {}
+    weight_map: dict[str, str] = {}
+    per = -(-len(names) // shards)
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        tensors: dict[str, HubTensorInfo] = {}
+        offset = 0
+        for name in names[i * per : (i + 1) * per]:
+            t = sd[name]
+            size = t.numel() * t.element_size()
+            dtype: Any = {torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype]
+            tensors[name] = HubTensorInfo(dtype=dtype, shape=list(t.shape), data_offsets=(offset, offset + size))
+            offset += size
+            weight_map[name] = fname
+        files[fname] = SafetensorsFileMetadata(metadata={}, tensors=tensors)
+    return SafetensorsRepoMetadata(metadata=None, sharded=shards > 1, weight_map=weight_map, files_metadata=files)

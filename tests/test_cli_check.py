@@ -13,9 +13,8 @@ from typing import Any
 import huggingface_hub
 import pytest
 import torch
-from factory import bump_ulps, llama_like, save_single
+from factory import bump_ulps, hub_metadata, llama_like, save_single
 from safetensors.torch import save_file
-from test_headers import hub_metadata
 from typer.testing import CliRunner
 
 from ckptdiff import rules as R

@@ -8,10 +8,9 @@ from typing import Any
 import huggingface_hub
 import pytest
 import torch
-from factory import llama_like, save_sharded, save_single
+from factory import hub_metadata, llama_like, save_sharded, save_single
 from huggingface_hub.errors import NotASafetensorsRepoError
-from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
-from huggingface_hub.utils import TensorInfo as HubTensorInfo
+from huggingface_hub.utils import SafetensorsRepoMetadata
 
 from ckptdiff.errors import InputError
 from ckptdiff.headers import HeaderSource, open_headers
@@ -26,27 +25,6 @@ def no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("header-only mode read tensor data")
 
     monkeypatch.setattr(SafetensorsSource, "read", refuse)
-
-
-def hub_metadata(sd: dict[str, torch.Tensor], shards: int = 2) -> SafetensorsRepoMetadata:
-    """What get_safetensors_metadata returns for sd stored in `shards` files."""
-    names = list(sd)
-    files: dict[str, SafetensorsFileMetadata] = {}
-    weight_map: dict[str, str] = {}
-    per = -(-len(names) // shards)
-    for i in range(shards):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        tensors: dict[str, HubTensorInfo] = {}
-        offset = 0
-        for name in names[i * per : (i + 1) * per]:
-            t = sd[name]
-            size = t.numel() * t.element_size()
-            dtype: Any = {torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype]
-            tensors[name] = HubTensorInfo(dtype=dtype, shape=list(t.shape), data_offsets=(offset, offset + size))
-            offset += size
-            weight_map[name] = fname
-        files[fname] = SafetensorsFileMetadata(metadata={}, tensors=tensors)
-    return SafetensorsRepoMetadata(metadata=None, sharded=shards > 1, weight_map=weight_map, files_metadata=files)
 
 
 def test_local_file_and_shards_match_the_state_dict(tmp_path: Path, no_reads: None) -> None:

@@ -9,11 +9,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from factory import bump_ulps, llama_like, save_single
+from factory import CountingSource, bump_ulps, llama_like, save_single
 
 from ckptdiff.alignment import Aligned, Status, align
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, consistency
@@ -24,27 +23,6 @@ from ckptdiff.errors import InputError
 from ckptdiff.pipeline import Analysis, Form, Run, execute, open_sources
 from ckptdiff.sources import Source, resolve
 from ckptdiff.stream import prefetch
-
-
-class CountingSource(Source):
-    """Wraps a source and counts the bytes read per tensor; records whether it was closed."""
-
-    def __init__(self, inner: Source):
-        super().__init__(inner.spec, inner.resolved, dict(inner.infos))
-        self.inner = inner
-        self.bytes: Counter[str] = Counter()
-        self.closed = 0
-        self._lock = threading.Lock()
-
-    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
-        t = self.inner.read(name, start, count, out)
-        with self._lock:
-            self.bytes[name] += t.numel() * t.element_size()
-        return t
-
-    def close(self) -> None:
-        self.closed += 1
-        self.inner.close()
 
 
 def _run(sources: Sequence[Source], labels: Sequence[str], budget: int = 2 * 1024**3) -> Run:

@@ -53,15 +53,19 @@ class FullReport:
         out = [name for name, results in ran.items() if results]
         return (*out, "consistency") if self.consistency is not None else tuple(out)
 
+    def section_keys(self) -> list[tuple[str, str]]:
+        """(analysis, run) per section, in the order of :meth:`sections` (run is '' for consistency)."""
+        out = [(name, run) for name, results in self._pairwise() for run in results]
+        return out + ([("consistency", "")] if self.consistency is not None else [])
+
     def sections(self) -> list[tuple[str, Report]]:
         """(heading, report) per analysis and fine-tune, in reading order."""
-        out: list[tuple[str, Report]] = []
+        titles = {"sparsity": "Sparsity", "principal": "Principal overlap", "spectral": "Spectral drift"}
         several = len(self.runs) > 1
-        for name, results in (("Sparsity", self.sparsity), ("Principal overlap", self.principal)):
+        out: list[tuple[str, Report]] = []
+        for name, results in self._pairwise():
             for run, result in results.items():
-                out.append((f"{name}: {run}" if several else name, result.report()))
-        for run, spec in self.spectral.items():
-            out.append((f"Spectral drift: {run}" if several else "Spectral drift", spec.report()))
+                out.append((f"{titles[name]}: {run}" if several else titles[name], result.report()))
         if self.consistency is not None:
             out.append(("Consistency across fine-tunes", self.consistency.report()))
         return out

@@ -83,9 +83,9 @@ def _root(
 
 
 def _register() -> None:
-    from ckptdiff.cli import check, consistency, principal, sparsity, spectral
+    from ckptdiff.cli import check, consistency, principal, report, sparsity, spectral
 
-    for module in (sparsity, check, consistency, spectral, principal):
+    for module in (sparsity, principal, spectral, consistency, report, check):
         module.register(app)
 
 

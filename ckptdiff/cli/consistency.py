@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from ckptdiff.cli.options import (
@@ -15,28 +13,15 @@ from ckptdiff.cli.options import (
     ExcludeOpt,
     Fmt,
     FormatOpt,
+    FtsArg,
     IncludeOpt,
     JsonOpt,
+    LabelOpt,
     QuietOpt,
     RtolOpt,
     compare_mode,
     emit,
 )
-
-FtsArg = Annotated[
-    list[str],
-    typer.Argument(
-        metavar="FT...", help="Two or more fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False
-    ),
-]
-LabelOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--label",
-        "-l",
-        help="Name for each fine-tune, in order (repeat once per fine-tune). Default: derived from the paths.",
-    ),
-]
 
 EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"

@@ -52,6 +52,40 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full rep
 FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: table, csv, json or md.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
+# SVD-based analyses (principal-overlap, spectral, report). Values are checked by the library, which answers a bad
+# one with a one-line error (exit 2), so library and CLI callers get the same wording.
+KOpt = Annotated[int, typer.Option("--k", help="Top-k singular directions per matrix (capped at min(m, n)).")]
+AlphaOpt = Annotated[
+    float, typer.Option("--alpha", help="Mask density in (0, 1): principal = top α, low = bottom α of the entries.")
+]
+SvdOpt = Annotated[
+    str, typer.Option("--svd", help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).")
+]
+NullOpt = Annotated[
+    str,
+    typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--batch-budget",
+        help="GiB one batch of same-shape matrices may use (default: half the free GPU memory, 2 on CPU).",
+    ),
+]
+FtsArg = Annotated[
+    list[str],
+    typer.Argument(metavar="FT...", help="Fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
+]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        "-l",
+        help="Name for each fine-tune, in order (repeat once per fine-tune). Default: derived from the paths.",
+    ),
+]
+
 
 def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> CompareMode:
     """Build the comparison mode from --rtol/--atol/--as, rejecting contradictory values."""

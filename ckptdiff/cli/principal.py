@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from ckptdiff.cli.options import (
+    AlphaOpt,
     AsOpt,
     AtolOpt,
     BaseArg,
+    BudgetOpt,
     CsvOpt,
     DeviceOpt,
     ExcludeOpt,
@@ -19,27 +21,15 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
+    KOpt,
     QuietOpt,
     RtolOpt,
+    SvdOpt,
     compare_mode,
     emit,
 )
 
-KOpt = Annotated[int, typer.Option("--k", help="Top-k singular directions of W0 (capped at min(m, n) per matrix).")]
-AlphaOpt = Annotated[
-    float, typer.Option("--alpha", help="Mask density in (0, 1): principal = top α, low = bottom α of the entries.")
-]
-SvdOpt = Annotated[
-    str, typer.Option("--svd", help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).")
-]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="SVD computation dtype: fp32 or fp64 (never bf16).")]
-BudgetOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--batch-budget",
-        help="GiB one batch of same-shape matrices may use (default: half the free GPU memory, 2 on CPU).",
-    ),
-]
 SaveMasksOpt = Annotated[
     Path | None,
     typer.Option(

@@ -10,6 +10,7 @@ import typer
 from ckptdiff.cli.options import (
     AsOpt,
     BaseArg,
+    BudgetOpt,
     CsvOpt,
     DeviceOpt,
     ExcludeOpt,
@@ -18,7 +19,10 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
+    KOpt,
+    NullOpt,
     QuietOpt,
+    SeedOpt,
     compare_mode,
     emit,
 )
@@ -33,18 +37,8 @@ EPILOG = (
 
 
 # Values are checked by the library, which answers a bad one with a one-line error (exit 2).
-KOpt = Annotated[int, typer.Option("--k", help="Top-k singular vectors per matrix (capped at min(m, n)).")]
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
-]
-NullOpt = Annotated[
-    str,
-    typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
-BudgetOpt = Annotated[
-    float | None,
-    typer.Option("--batch-budget", help="GiB per batched SVD call (default: half the free GPU memory, or 2 on CPU)."),
 ]
 SpectraOpt = Annotated[
     Path | None,

@@ -1,0 +1,119 @@
+"""``ckptdiff report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ckptdiff.cli.options import (
+    AlphaOpt,
+    AsOpt,
+    AtolOpt,
+    BaseArg,
+    BudgetOpt,
+    DeviceOpt,
+    ExcludeOpt,
+    FtsArg,
+    IncludeOpt,
+    KOpt,
+    LabelOpt,
+    NullOpt,
+    QuietOpt,
+    RtolOpt,
+    SeedOpt,
+    SvdOpt,
+    compare_mode,
+)
+
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out", "-o", help="Directory to write (new, empty, or an earlier report's, which is replaced whole)."
+    ),
+]
+AnalysesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--analyses",
+        "-a",
+        help="Comma-separated subset of sparsity, principal, spectral, consistency (default: all that apply).",
+    ),
+]
+PrincipalPrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).")
+]
+SpectralPrecisionOpt = Annotated[
+    str, typer.Option("--spectral-precision", help="spectral SVD dtype: fp64 (default) or fp32 (as in spectral).")
+]
+
+EPILOG = (
+    "Example: [bold]ckptdiff report Qwen/Qwen3-4B runs/grpo-seed1 runs/grpo-seed2 -o report/[/bold]\n\n"
+    "Runs sparsity, principal-overlap and spectral for every fine-tune (and consistency across them when there are "
+    "two or more) in one pass over the checkpoints, and writes index.html (self-contained), report.md with "
+    "figures/, tensors.csv (one row per tensor and fine-tune, the single commands' columns) and report.json."
+)
+
+
+def report(
+    base: BaseArg,
+    fts: FtsArg,
+    out: OutOpt,
+    analyses: AnalysesOpt = None,
+    label: LabelOpt = None,
+    k: KOpt = 64,
+    alpha: AlphaOpt = 0.5,
+    svd: SvdOpt = "auto",
+    precision: PrincipalPrecisionOpt = "fp32",
+    spectral_precision: SpectralPrecisionOpt = "fp64",
+    null: NullOpt = "none",
+    seed: SeedOpt = 0,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    as_: AsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    batch_budget: BudgetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
+    from ckptdiff.analyses.full import full_report
+    from ckptdiff.report_dir import check_directory, write_directory
+
+    mode = compare_mode(rtol, atol, as_)
+    check_directory(out)
+    chosen = [a.strip() for a in analyses.split(",") if a.strip()] if analyses is not None else None
+    result = full_report(
+        base,
+        fts,
+        labels=label or None,
+        analyses=chosen,
+        mode=mode,
+        k=k,
+        alpha=alpha,
+        svd=svd,
+        principal_precision=precision,
+        spectral_precision=spectral_precision,
+        null=null,
+        seed=seed,
+        include=include or [],
+        exclude=exclude or [],
+        device=device,
+        batch_budget=batch_budget,
+        progress=not quiet,
+    )
+    write_directory(result, out)
+    for heading, section in result.sections():
+        typer.echo(f"{heading}:")
+        for sentence in section.summary:
+            typer.echo(f"  {sentence}")
+    typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    from ckptdiff.cli import handle_errors
+
+    app.command("report", epilog=EPILOG)(handle_errors(report))

@@ -1,0 +1,136 @@
+"""`ckptdiff report`: one pass, the single commands' numbers, a directory written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from factory import CountingSource, bump_ulps, llama_like, save_single
+from typer.testing import CliRunner
+
+from ckptdiff import rules as R
+from ckptdiff.analyses.check import Shared, check
+from ckptdiff.analyses.consistency import consistency
+from ckptdiff.analyses.full import full_report, split_columns
+from ckptdiff.analyses.principal import principal_overlap
+from ckptdiff.analyses.sparsity import sparsity
+from ckptdiff.analyses.spectral import spectral
+from ckptdiff.cli import app
+from ckptdiff.sources import resolve
+
+runner = CliRunner()
+UP0 = "model.layers.0.mlp.up_proj.weight"
+Q1 = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> tuple[str, str, str]:
+    base = llama_like(layers=2, d=16, ff=32, seed=3)
+    ft1 = {k: v.clone() for k, v in base.items()}
+    ft2 = {k: v.clone() for k, v in base.items()}
+    ft1[UP0] = bump_ulps(base[UP0], torch.arange(0, 200, 2))
+    ft2[UP0] = bump_ulps(base[UP0], torch.arange(0, 100))
+    ft2[Q1] = bump_ulps(base[Q1], torch.arange(5), 4)
+    paths = [save_single(sd, tmp_path / f"{n}.safetensors") for n, sd in (("base", base), ("a", ft1), ("b", ft2))]
+    return str(paths[0]), str(paths[1]), str(paths[2])
+
+
+def test_tensors_table_holds_the_single_commands_values(trio: tuple[str, str, str]) -> None:
+    base, a, b = trio
+    rep = full_report(base, [a, b], k=4, svd="exact", null="random", progress=False)
+    assert rep.analyses == ("sparsity", "principal", "spectral", "consistency")
+    table = rep.tensors()
+    assert list(table["run"].unique()) == ["a", "b"]
+    for run, ft in (("a", a), ("b", b)):
+        rows = table[table["run"] == run].reset_index(drop=True)
+        singles = {
+            "sparsity": sparsity(base, ft, progress=False).to_frame(),
+            "principal": principal_overlap(base, ft, k=4, svd="exact", progress=False).to_frame(),
+            "spectral": spectral(base, ft, k=4, null="random", progress=False).to_frame(),
+        }
+        for name, single in singles.items():
+            got = split_columns(rows, name, list(single.columns))
+            pd.testing.assert_frame_equal(got, single, check_dtype=False, obj=f"{name} {run}")
+    cons = consistency(base, [a, b], progress=False).to_frame()
+    assert rep.consistency is not None
+    pd.testing.assert_frame_equal(rep.consistency.to_frame(), cons)
+    # Known by construction: 100 entries of UP0 changed in a, 105 entries in b.
+    assert int(rep.sparsity["a"].overall()["changed"]) == 100
+    assert int(rep.sparsity["b"].overall()["changed"]) == 105
+
+
+def test_one_fine_tune_has_no_run_column_and_no_consistency(trio: tuple[str, str, str]) -> None:
+    base, a, _ = trio
+    rep = full_report(base, [a], k=4, analyses=["sparsity", "spectral"], progress=False)
+    assert rep.analyses == ("sparsity", "spectral") and rep.consistency is None
+    assert "run" not in rep.tensors().columns
+    assert rep.header["analysis"] == "report" and rep.header["ft"].endswith("a.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--analyses", "sparsity,bogus"], "unknown analysis 'bogus'"),
+        (["--analyses", "consistency"], "needs at least 2 fine-tuned"),
+        (["--k", "0"], "--k must be"),
+        (["--label", "x", "--label", "y"], "--label"),
+    ],
+)
+def test_bad_options_exit_2_before_reading(
+    trio: tuple[str, str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    base, a, _ = trio
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_a_directory_holding_other_files_is_refused_untouched(trio: tuple[str, str, str], tmp_path: Path) -> None:
+    base, a, _ = trio
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q"])
+    assert res.exit_code == 2 and "holds other files" in res.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    res = runner.invoke(app, ["report", base, a, "-o", str(tmp_path / "no" / "such"), "-q"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_report_directory_is_written_whole_and_replaces_an_earlier_one(
+    trio: tuple[str, str, str], tmp_path: Path
+) -> None:
+    base, a, b = trio
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", base, a, b, "-o", str(out), "-q", "--k", "4", "--svd", "exact"])
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in out.iterdir()}
+    assert names == {"index.html", "report.md", "tensors.csv", "report.json", "figures"}
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["analyses"] == ["sparsity", "principal", "spectral", "consistency"] and doc["runs"] == ["a", "b"]
+    csv = pd.read_csv(out / "tensors.csv")
+    assert len(csv) == 2 * len(resolve(base).infos)
+    md = (out / "report.md").read_text()
+    for link in (line for line in md.splitlines() if line.startswith("![")):
+        assert (out / link.split("](", 1)[1].rstrip(")")).is_file(), link
+    # Run again into the same directory: replaced whole, nothing left over, no temporary directory behind.
+    res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q", "--k", "4", "--analyses", "sparsity"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["analyses"] == ["sparsity"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_check_reads_the_pair_once_for_any_mix_of_rules(trio: tuple[str, str, str]) -> None:
+    base, a, _ = trio
+    sources = [CountingSource(resolve(base)), CountingSource(resolve(a))]
+    rules = ("sparsity >= 0.1", "ratio_principal_magnitude <= 2", "nss < 1", "nss_null_ratio < 100")
+    cfg = R.CheckConfig(rules=tuple(R.parse_rule(r) for r in rules))
+    rep = check(*sources, cfg, shared=Shared(device="cpu", progress=False, k=4))
+    assert rep.analyses == ("sparsity", "principal", "spectral")
+    for src in sources:
+        assert sum(src.bytes.values()) == src.total_bytes  # every byte once: 1.00x the pair
