@@ -30,6 +30,7 @@ import torch
 from ckptdiff import linalg
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.declarations import PRINCIPAL, figures, ratio
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, dtype_name, update_mask
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
@@ -75,18 +76,6 @@ COLUMNS = [
     "outcome",
     "detail",
 ]
-# (region, |M• ∩ M| column, |M•| column, magnitude-matched baseline column)
-_REGIONS = (
-    ("principal", "changed_principal", "principal_size", "baseline_principal_magnitude"),
-    ("low", "changed_low", "low_size", "baseline_low_magnitude"),
-    (
-        "principal_not_low",
-        "changed_principal_not_low",
-        "principal_not_low_size",
-        "baseline_principal_not_low_magnitude",
-    ),
-)
-_ENERGIES = ("energy_principal", "energy_left", "energy_right")
 # Rollup columns shown in the per-module / per-layer tables (by() returns them all).
 _SHOWN = [
     "tensors",
@@ -102,45 +91,14 @@ _SHOWN = [
 ]
 
 
-def _div(num: float, den: float) -> float:
-    return num / den if den and not math.isnan(den) else math.nan
-
-
 def rollup(df: pd.DataFrame) -> dict[str, float]:
-    """Figures of a set of analysed rows, weighted by updated entries (energies by ‖ΔW‖_F²).
+    """Figures of a set of analysed rows: every declared principal-overlap metric (see :mod:`ckptdiff.declarations`).
 
     overlap = Σ|M•∩M| / Σ|M|; random baseline = Σ(|M|·|M•|/numel) / Σ|M|; magnitude-matched baseline
-    = Σ(|M|·baseline_•_magnitude) / Σ|M|; each ratio = Σ|M•∩M| over the matching expected intersection.
+    = Σ(|M|·baseline_•_magnitude) / Σ|M|; each ratio = Σ|M•∩M| over the matching expected intersection;
+    energies weighted by ‖ΔW‖_F².
     """
-
-    def col(name: str) -> pd.Series:
-        return df[name].astype("float64")
-
-    changed = col("changed")
-    total = float(changed.sum())
-    numel = float(col("numel").sum())
-    out: dict[str, float] = {
-        "tensors": float(len(df)),
-        "numel": numel,
-        "changed": total,
-        "update_density": _div(total, numel),
-    }
-    for region, count, size, magnitude in _REGIONS:
-        hits = float(col(count).sum())
-        random = float((changed * col(size) / col("numel")).sum())
-        matched = float((changed * col(magnitude)).where(changed != 0, 0.0).sum())
-        out[f"overlap_{region}"] = _div(hits, total)
-        out[f"baseline_{region}"] = _div(random, total)
-        out[f"ratio_{region}"] = _div(hits, random)
-        out[f"baseline_{region}_magnitude"] = _div(matched, total)
-        out[f"ratio_{region}_magnitude"] = _div(hits, matched)
-    weight = col("delta_fro_sq")
-    valid = col("energy_principal").notna() & (weight > 0)
-    w = weight[valid]
-    for name in _ENERGIES:
-        for key in (name, f"{name}_random"):
-            out[key] = _div(float((col(key)[valid] * w).sum()), float(w.sum()))
-    return out
+    return {"tensors": float(len(df)), **figures(df, PRINCIPAL)}
 
 
 def _verdict(ratio: float) -> str:
@@ -242,7 +200,7 @@ class PrincipalOverlapResult:
         if not math.isnan(e):
             lines.append(
                 f"Update energy in the top-k principal subspace E_k {e:.4g} vs {er:.4g} for an isotropic random "
-                f"update ({_div(e, er):.2f}x); one-sided U_k {o['energy_left']:.4g} vs {o['energy_left_random']:.4g}, "
+                f"update ({ratio(e, er):.2f}x); one-sided U_k {o['energy_left']:.4g} vs {o['energy_left_random']:.4g}, "
                 f"V_k {o['energy_right']:.4g} vs {o['energy_right_random']:.4g} (weighted by ‖ΔW‖_F²)."
             )
         lin = self.linear_only()

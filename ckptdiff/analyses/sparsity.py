@@ -10,6 +10,7 @@ import torch
 
 from ckptdiff.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.declarations import SPARSITY, by_name, figures, grouped, pick
 from ckptdiff.metrics.mask import CompareMode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
@@ -58,20 +59,11 @@ class SparsityResult:
         return df[df["status"].isin([s.value for s in COMPARABLE]) & (df["status"] != Status.NON_FLOAT.value)]
 
     def _sum(self, df: pd.DataFrame) -> dict[str, float]:
-        numel = float(df["numel"].sum())
-        changed = float(df["changed"].sum())
-        bf = df.dropna(subset=["changed_bf16"])
-        out = {
-            "tensors": float(len(df)),
-            "numel": numel,
-            "changed": changed,
-            "sparsity": 1.0 - changed / numel if numel else float("nan"),
-        }
-        if len(bf):
-            bnum = float(bf["numel"].sum())
-            out["sparsity_bf16"] = 1.0 - float(bf["changed_bf16"].sum()) / bnum if bnum else float("nan")
-        for label in ULP_LABELS:
-            out[label] = float(df[label].sum())
+        out = {"tensors": float(len(df)), **figures(df, pick(SPARSITY, "numel", "changed", "sparsity"))}
+        bf16 = by_name(SPARSITY)["sparsity_bf16"]
+        if len(bf16.rows(df)):  # only fp32/fp64 tensors have a bf16 view
+            out["sparsity_bf16"] = bf16.over(df)
+        out.update(figures(df, pick(SPARSITY, *ULP_LABELS)))
         return out
 
     def overall(self) -> dict[str, float]:
@@ -88,9 +80,8 @@ class SparsityResult:
         df = self.compared()
         if key == "layer":
             df = df.dropna(subset=["layer"])
-        g = df.groupby(key, sort=True)[["numel", "changed"]].sum()
-        g["sparsity"] = 1.0 - g["changed"] / g["numel"]
-        return g
+        out = grouped(df, key, pick(SPARSITY, "numel", "changed", "sparsity"))
+        return out.astype({"numel": "int64", "changed": "int64"})
 
     def grid(self) -> pd.DataFrame:
         """Layer x module sparsity of the linear matrices, parameter-weighted within each cell."""
@@ -98,9 +89,7 @@ class SparsityResult:
         df = df[df["linear"].astype(bool)]
         if df.empty:
             return pd.DataFrame()
-        g = df.groupby(["layer", "module"])[["numel", "changed"]].sum()
-        cell = 1.0 - g["changed"] / g["numel"]
-        return cell.unstack("module")
+        return grouped(df, ["layer", "module"], pick(SPARSITY, "sparsity"))["sparsity"].unstack("module")
 
     def structural(self) -> pd.DataFrame:
         """Tensors that were not compared one to one, or that carry a structural note."""

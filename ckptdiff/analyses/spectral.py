@@ -23,6 +23,7 @@ import torch
 
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.declarations import SPECTRAL, by_name
 from ckptdiff.dtypes import parse_as
 from ckptdiff.errors import InputError
 from ckptdiff.linalg import workspace_bytes
@@ -79,14 +80,13 @@ class SpectralReport:
         return df[df["analysed"].astype(bool)]
 
     def _stats(self, df: pd.DataFrame) -> dict[str, float]:
+        """The scope figures: the declared worst matrix (max) beside the median, and the weighted nss_per_update."""
+        metrics = by_name(SPECTRAL)
         out: dict[str, float] = {"matrices": float(len(df)), "params": float(df["numel"].sum())}
         for col, label in (("nss", "nss"), ("angle_u_max_deg", "angle_u_deg"), ("angle_v_max_deg", "angle_v_deg")):
-            out[f"{label}_max"] = float(df[col].max()) if len(df) else math.nan
+            out[f"{label}_max"] = metrics[col].over(df)
             out[f"{label}_median"] = float(df[col].median()) if len(df) else math.nan
-        ok = df.dropna(subset=["nss_per_update"])
-        weights = ok["numel"].astype("float64")
-        total = float(weights.sum())
-        out["nss_per_update"] = float((ok["nss_per_update"] * weights).sum()) / total if total else math.nan
+        out["nss_per_update"] = metrics["nss_per_update"].over(df)
         if self.with_null:
             for col in ("nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"):
                 out[f"{col}_median"] = float(df[col].median()) if len(df) else math.nan
