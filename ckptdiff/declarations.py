@@ -27,15 +27,11 @@ import pandas as pd
 
 from ckptdiff.alignment import COMPARABLE as _COMPARABLE
 from ckptdiff.alignment import FLOAT_COMPARED as _FLOAT_COMPARED
+from ckptdiff.numeric import ratio
 
 AnalysisName = Literal["sparsity", "principal", "spectral"]
 COMPARABLE = frozenset(s.value for s in _COMPARABLE)
 FLOAT_COMPARED = frozenset(s.value for s in _FLOAT_COMPARED)
-
-
-def ratio(num: float, den: float) -> float:
-    """num / den, NaN when the denominator is 0 or NaN: the one safe division of scope figures."""
-    return num / den if den and not math.isnan(den) else math.nan
 
 
 def ratios(num: pd.Series, den: pd.Series) -> pd.Series:

@@ -52,6 +52,17 @@ BY_NAME: dict[str, DType] = {n: DType(n, t, s, f, _u(s)) for n, t, s, f in _TABL
 BY_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in BY_NAME.values()}
 
 
+# Signed integer views of each width, for bit-level arithmetic on float encodings (uint8 for the 1-byte
+# formats, whose codes are compared, never subtracted).
+INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """Short name of a torch dtype as every report writes it: torch.bfloat16 -> 'bf16', torch.int64 -> 'i64'."""
+    found = BY_TORCH.get(dtype)
+    return found.short if found is not None else str(dtype).removeprefix("torch.")
+
+
 def from_name(name: str) -> DType | None:
     """The DType for a safetensors dtype string, or None if unknown."""
     return BY_NAME.get(name)
@@ -62,10 +73,3 @@ def from_torch(dtype: torch.dtype) -> DType | None:
     return BY_TORCH.get(dtype)
 
 
-def parse_as(value: str) -> torch.dtype:
-    """Parse the value of ``--as``: bf16, fp16 or fp32."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    try:
-        return table[value.lower()]
-    except KeyError:
-        raise ValueError(f"--as must be one of {', '.join(table)}, got {value!r}") from None

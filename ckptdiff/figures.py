@@ -46,6 +46,8 @@ class Figure:
 MODULE_ORDER = ("qkv", "q", "k", "v", "kv", "o", "gate_up", "router", "gate", "up", "down")
 WIDTH = 8.0  # inches; 576 pt in the SVG
 ANNOTATE_CELLS = 16 * 12  # heatmaps with at most this many cells get their values written in
+RASTER_CELLS = 240  # heatmaps with more cells draw them as one embedded PNG (at RASTER_DPI) instead of paths
+RASTER_DPI = 200
 COLORS = {"observed": "#1f4e79", "random": "#8c8c8c", "magnitude": "#d9730d", "median": "#5b9bd5"}
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -128,7 +130,7 @@ def _svg(fig: MplFigure, name: str) -> str:
     FigureCanvasSVG(fig)  # attaches itself as fig.canvas: no pyplot, no GUI backend
     buf = io.StringIO()
     no_meta = {"Date": None, "Creator": None, "Format": None, "Type": None}
-    fig.savefig(buf, format="svg", metadata=no_meta, facecolor="white")
+    fig.savefig(buf, format="svg", metadata=no_meta, facecolor="white", dpi=RASTER_DPI)
     text = _COMMENT.sub("", buf.getvalue())
     text = _PROLOG.sub("", text, count=1)
     ids = list(dict.fromkeys(_ID.findall(text)))
@@ -215,8 +217,11 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     import numpy as np
 
     data = np.ma.masked_invalid(np.array(values, dtype=float))
-    edge = 0.5 if n_l <= 40 else 0.0
-    mesh = ax.pcolormesh(data, cmap=cmap, norm=norm, edgecolors="white", linewidth=edge)
+    if n_l * n_m <= RASTER_CELLS:  # vector cells, white gaps between them
+        mesh = ax.pcolormesh(data, cmap=cmap, norm=norm, edgecolors="white", linewidth=0.5)
+    else:  # many cells: one embedded bitmap keeps the SVG small; axes, labels and colourbar stay vector
+        mesh = ax.pcolormesh(data, cmap=cmap, norm=norm, edgecolors="face", linewidth=0.2, rasterized=True)
+        ax.hlines(range(1, n_m), 0, n_l, colors="white", linewidth=1.0)
     ax.set_xlim(0, n_l)
     ax.set_ylim(n_m, 0)
     ax.set_yticks([j + 0.5 for j in range(n_m)], [_t(m) for m in modules])
@@ -452,19 +457,25 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     fig = _new(side, width=side + 1.4)
     ax = fig.add_subplot()
     cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
-    norm = Normalize(0.0, 1.0)
+    off = [float(v) for v in jac[np.isfinite(jac)]]
+    lo, hi = min(off), max(off)
+    spread = hi - lo >= 0.005  # several distinct values: the colour spans them; else a fixed 0-1 scale
+    norm = Normalize(max(0.0, lo - 0.1 * (hi - lo)), min(1.0, hi + 0.1 * (hi - lo))) if spread else Normalize(0, 1)
     mesh = ax.pcolormesh(np.ma.masked_invalid(jac), cmap=cmap, norm=norm, edgecolors="white", linewidth=1.0)
     ax.set_xlim(0, n)
     ax.set_ylim(n, 0)
     ax.set_aspect("equal")
     labels = [_t(_short(lab)) for lab in result.labels]
-    ax.set_xticks([i + 0.5 for i in range(n)], labels, rotation=30 if n > 2 else 0, ha="right" if n > 2 else "center")
+    if n > 2:
+        ax.set_xticks([i + 0.5 for i in range(n)], labels, rotation=30, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks([i + 0.5 for i in range(n)], labels)
     ax.set_yticks([i + 0.5 for i in range(n)], labels)
     ax.tick_params(labelsize=8, length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
     if n <= 10:
-        size = 8 if n <= 4 else 6
+        size = 9 if n <= 3 else 8 if n <= 6 else 7 if n <= 8 else 6
         for a in range(n):
             for b in range(n):
                 if a == b:
@@ -481,9 +492,10 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     bar.outline.set_visible(False)
     ax.set_title("Jaccard of the update masks", fontsize=10, loc="left")
     f = o.mean_jaccard, o.mean_jaccard_random, o.mean_jaccard_magnitude
+    scale = f", the scale spanning the pairs' range {lo:.3f} to {hi:.3f}" if spread else ", on a fixed 0–1 scale"
     caption = (
         f"Jaccard index |A∩B| / |A∪B| of the update masks of each pair of fine-tunes, over every compared entry "
-        f"(colour, on a fixed 0–1 scale); in brackets the magnitude-matched baseline, the Jaccard two runs would "
+        f"(colour{scale}); in brackets the magnitude-matched baseline, the Jaccard two runs would "
         f"reach by changing, at their own densities, entries picked at random among base weights of the same "
         f"magnitude. Mean off-diagonal: {f[0]:.4f}, against {f[1]:.4f} for random masks of the same densities and "
         f"{f[2]:.4f} magnitude-matched."
@@ -514,8 +526,9 @@ def _consensus(result: ConsistencyResult) -> _Drawn | None:
     b2 = ax.bar([i + w / 2 for i in range(n)], expected, w, color=COLORS["random"], label="independent runs")
     positive = [v for v in observed + expected if math.isfinite(v) and v > 0]
     log = bool(positive) and max(positive) / min(positive) >= 100
-    if log:
-        ax.set_yscale("log", nonpositive="mask")
+    if log:  # bars start at 0: clip (not mask) so they still draw, from just below the smallest share
+        ax.set_yscale("log", nonpositive="clip")
+        ax.set_ylim(min(positive) / 2, max(positive) * 1.6)
     elif n <= 8:
         for bars in (b1, b2):
             for rect in bars:

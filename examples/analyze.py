@@ -27,6 +27,7 @@ from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
+from ckptdiff.numeric import OVERLAP_BAND
 from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +44,7 @@ ALPHA = 0.5  # principal / low-magnitude mask density (PNT §5.1)
 SVD = "exact"
 PRECISION = "fp64"
 NULL_SEED = 0
-BAND = 0.02  # a ratio within ±2% of 1 reads as "no difference" (the band ckptdiff principal-overlap uses)
+BAND = OVERLAP_BAND  # a ratio within ±2% of 1 reads as "no difference" (ckptdiff's own band)
 GATE_RULES = ("sparsity >= 0.15", "nss <= 0.01")
 VERDICTS = ("reproduced", "not reproduced", "explained by update size")
 

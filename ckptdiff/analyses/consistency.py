@@ -21,8 +21,9 @@ from ckptdiff.alignment import Aligned, Status
 from ckptdiff.analyses.common import SourceLike
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
-from ckptdiff.metrics.mask import CompareMode, comparison_dtype, dtype_name, exponent_bins, update_mask
+from ckptdiff.metrics.mask import CompareMode, compare_mode, comparison_dtype, dtype_name, exponent_bins, update_mask
 from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.numeric import AGREEMENT_BAND, against_one, ratio
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table
 from ckptdiff.sources import HUB_ID, Source
@@ -65,7 +66,6 @@ COLUMNS = [
 _METRICS = COLUMNS[COLUMNS.index("n_a") : COLUMNS.index("same_sign") + 1]
 _INTS = ["layer", "numel", "n_a", "n_b", "n_both", "n_union", "n_signed", "n_same_sign"]
 _GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "adapter_model", "weights", "checkpoint"}
-_SAME = 0.05  # |J / J* − 1| within this reads as "matches the magnitude-matched baseline"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +143,6 @@ class TensorConsistency:
     counts: Consistency | None
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den and not math.isnan(den) else math.nan
-
-
 def _expected_consensus(c: Consistency) -> list[float]:
     """E[entries changed by exactly k runs] if each run changed its |M_r| entries independently at random."""
     poly = [1.0]
@@ -157,21 +153,21 @@ def _expected_consensus(c: Consistency) -> list[float]:
 
 def _same_sign(c: Consistency) -> float:
     """Pooled over pairs: of commonly changed entries with a sign, the share moving the same way."""
-    return _ratio(sum(p.n_same_sign for p in c.pairs), sum(p.n_signed for p in c.pairs))
+    return ratio(sum(p.n_same_sign for p in c.pairs), sum(p.n_signed for p in c.pairs))
 
 
 def _figures(c: Consistency) -> dict[str, float]:
     j, jr, jm = c.mean_jaccard, c.mean_jaccard_random, c.mean_jaccard_magnitude
     return {
         "numel": float(c.numel),
-        "density": _ratio(sum(c.changed), c.n_runs * c.numel),
+        "density": ratio(sum(c.changed), c.n_runs * c.numel),
         "jaccard": j,
         "jaccard_random": jr,
         "jaccard_magnitude": jm,
-        "vs_random": _ratio(j, jr),
-        "vs_magnitude": _ratio(j, jm),
+        "vs_random": ratio(j, jr),
+        "vs_magnitude": ratio(j, jm),
         "same_sign": _same_sign(c),
-        "all_runs": _ratio(c.consensus[-1], c.numel),
+        "all_runs": ratio(c.consensus[-1], c.numel),
     }
 
 
@@ -284,7 +280,7 @@ class ConsistencyResult:
             {
                 "count": list(c.consensus),
                 "fraction": list(c.consensus_fraction),
-                "fraction_random": [_ratio(e, c.numel) for e in expected],
+                "fraction_random": [ratio(e, c.numel) for e in expected],
             },
             index=pd.Index(range(c.n_runs + 1), name="runs"),
         )
@@ -328,22 +324,23 @@ class ConsistencyResult:
             f"{len(self.compared())} tensors, {o.numel:,} entries): random baseline pq/(p+q−pq) "
             f"{f['jaccard_random']:.4f}, magnitude-matched baseline {f['jaccard_magnitude']:.4f}.",
         ]
-        ratio = f["vs_magnitude"]
-        if math.isnan(ratio):
+        vs = f["vs_magnitude"]
+        side = against_one(vs, AGREEMENT_BAND)
+        if side == "undefined":
             out.append("The magnitude-matched baseline is undefined here (no entries in common bins).")
-        elif ratio > 1 + _SAME:
+        elif side == "above":
             out.append(
-                f"Agreement exceeds the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x random): "
+                f"Agreement exceeds the magnitude-matched baseline ({vs:.2f}x; {f['vs_random']:.2f}x random): "
                 "the runs share more than update size and bf16 rounding explain."
             )
-        elif ratio < 1 - _SAME:
+        elif side == "below":
             out.append(
-                f"Agreement is below the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x random): "
+                f"Agreement is below the magnitude-matched baseline ({vs:.2f}x; {f['vs_random']:.2f}x random): "
                 "the runs avoid each other's entries more than update size and bf16 rounding predict."
             )
         else:
             out.append(
-                f"Agreement does not exceed the magnitude-matched baseline ({ratio:.2f}x; {f['vs_random']:.2f}x "
+                f"Agreement does not exceed the magnitude-matched baseline ({vs:.2f}x; {f['vs_random']:.2f}x "
                 "random): update size and bf16 rounding alone explain it."
             )
         if lin is not None and not math.isnan(lin.mean_jaccard):
@@ -475,13 +472,17 @@ def consistency(
     fts: Sequence[SourceLike],
     *,
     labels: Sequence[str] | None = None,
-    mode: CompareMode = CompareMode(),
+    mode: CompareMode | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    as_dtype: torch.dtype | str | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
 ) -> ConsistencyResult:
     """Cross-run consistency of R >= 2 fine-tunes of ``base``, streamed one tensor per checkpoint at a time."""
+    mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     names = run_labels(fts, labels)
     (result,) = run_analyses(
         [base, *fts],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ckptdiff.alignment import Aligned
 from ckptdiff.analyses.common import SourceLike
@@ -25,7 +26,7 @@ from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResul
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
 from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralReport
 from ckptdiff.errors import InputError
-from ckptdiff.metrics.mask import CompareMode
+from ckptdiff.metrics.mask import CompareMode, compare_mode
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report
 from ckptdiff.sources import Source
@@ -146,7 +147,10 @@ def full_report(
     *,
     labels: Sequence[str] | None = None,
     analyses: Sequence[str] | None = None,
-    mode: CompareMode = CompareMode(),
+    mode: CompareMode | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    as_dtype: torch.dtype | str | None = None,
     k: int = 64,
     alpha: float = 0.5,
     svd: str = "auto",
@@ -164,6 +168,7 @@ def full_report(
 
     Defaults are the single commands' defaults; consistency runs when two or more fine-tunes are given.
     """
+    mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     if isinstance(fts, (str, Path, Source)):
         fts = [fts]  # type: ignore[list-item]
     names = run_labels(fts, labels, minimum=1, command="report")

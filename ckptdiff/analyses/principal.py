@@ -27,25 +27,22 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff import linalg
+from ckptdiff import choices, linalg
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
-from ckptdiff.declarations import PRINCIPAL, figures, ratio
+from ckptdiff.declarations import PRINCIPAL, figures
 from ckptdiff.errors import InputError
-from ckptdiff.metrics.mask import CompareMode, dtype_name, update_mask
+from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
+from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table, check_writable
 
-SVD_METHODS = ("exact", "randomized", "auto")
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 MASK_FORMAT = "ckptdiff.principal-masks/1"
 MASK_PACKING = (
     "uint8, numpy.packbits(mask, axis=-1, bitorder='big'): shape (m, ceil(n/8)), row-major, rows zero-padded; "
     "unpack with numpy.unpackbits(x, axis=-1, count=n)"
 )
-# A ratio within 1 ± BAND counts as "neither avoids nor targets" in the summary (the numbers are always printed).
-BAND = 0.02
 
 _RESULT_FIELDS = [f.name for f in fields(PrincipalResult)]
 _COUNTS = [
@@ -101,14 +98,9 @@ def rollup(df: pd.DataFrame) -> dict[str, float]:
     return {"tensors": float(len(df)), **figures(df, PRINCIPAL)}
 
 
-def _verdict(ratio: float) -> str:
-    if math.isnan(ratio):
-        return "undefined"
-    if ratio < 1 - BAND:
-        return "avoids"
-    if ratio > 1 + BAND:
-        return "targets"
-    return "neutral"
+def _verdict(value: float) -> str:
+    words = {"below": "avoids", "above": "targets", "within": "neutral", "undefined": "undefined"}
+    return words[against_one(value, OVERLAP_BAND)]
 
 
 def principal_sentence(o: dict[str, float], alpha: float) -> str:
@@ -133,7 +125,7 @@ def principal_sentence(o: dict[str, float], alpha: float) -> str:
         tail = "no preference either way"
     verb = {"avoids": "avoids", "targets": "targets", "neutral": "neither avoids nor targets"}.get(naive)
     head = f"The update {verb} the principal weights" if verb else "Principal overlap is undefined"
-    return f"{head}: {numbers}: {tail} (ratios within ±{BAND:.0%} of 1 count as no effect)."
+    return f"{head}: {numbers}: {tail} (ratios within ±{OVERLAP_BAND:.0%} of 1 count as no effect)."
 
 
 @dataclass(frozen=True)
@@ -321,17 +313,6 @@ class _MaskFile:
 # the analysis
 
 
-def _validate(k: int, alpha: float, svd: str, precision: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"--k must be an integer >= 1, got {k}; it is capped at min(m, n) per matrix")
-    if not 0.0 < alpha < 1.0:
-        raise InputError(f"--alpha must lie strictly between 0 and 1, got {alpha}; PNT uses 0.5")
-    if svd not in SVD_METHODS:
-        raise InputError(f"--svd {svd} is not known; use exact, randomized or auto")
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision} is not known; use fp32 or fp64 (SVD never runs in bf16)")
-
-
 def _reason(it: Aligned) -> str:
     """Why a tensor is not analysed ('' when it is)."""
     if not it.comparable:
@@ -394,9 +375,9 @@ class PrincipalAnalysis(Analysis):
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
-        _validate(k, alpha, svd, precision)
-        self.k, self.alpha, self.svd, self.precision, self.mode = k, alpha, svd, precision, mode
-        self.cdtype = PRECISIONS[precision]
+        self.cdtype = choices.precision_dtype(precision)
+        self.k, self.alpha, self.svd = choices.k_value(k), choices.alpha_value(alpha), choices.svd_method(svd)
+        self.precision, self.mode = precision, mode
         self.mask_path = Path(save_masks) if save_masks is not None else None
         check_writable(self.mask_path)
         self.items: list[Aligned] = []
@@ -475,7 +456,10 @@ def principal_overlap(
     alpha: float = 0.5,
     svd: str = "auto",
     precision: str = "fp32",
-    mode: CompareMode = CompareMode(),
+    mode: CompareMode | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    as_dtype: torch.dtype | str | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     device: str = "auto",
@@ -489,6 +473,7 @@ def principal_overlap(
     same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: pipeline.default_budget).
     ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc).
     """
+    mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=save_masks)
     (result,) = run_analyses(
         [base, ft],

@@ -11,7 +11,7 @@ import torch
 from ckptdiff.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.declarations import SPARSITY, by_name, figures, grouped, pick
-from ckptdiff.metrics.mask import CompareMode, dtype_name
+from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table
@@ -194,13 +194,17 @@ def sparsity(
     base: SourceLike,
     ft: SourceLike,
     *,
-    mode: CompareMode = CompareMode(),
+    mode: CompareMode | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    as_dtype: torch.dtype | str | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
 ) -> SparsityResult:
     """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors)."""
+    mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     (result,) = run_analyses(
         [base, ft],
         [SparsityAnalysis(mode)],

@@ -21,19 +21,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ckptdiff import choices
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.declarations import SPECTRAL, by_name
-from ckptdiff.dtypes import parse_as
-from ckptdiff.errors import InputError
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table, check_writable
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
-NULLS = ("none", "random")
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
     "an H100 fp32 run gave NSS 1.76e-5 against a true 3.06e-7; use fp64 for such checkpoints"
@@ -266,25 +263,6 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
     return workspace_bytes((m, n), in_dtype, dt, work="svd", device_type=device) + extra
 
 
-def _parse(
-    k: int, precision: str, null: str | bool, as_dtype: torch.dtype | str | None
-) -> tuple[torch.dtype, bool, torch.dtype | None]:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"--k must be a positive integer, got {k!r}")
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be fp32 or fp64, got {precision!r} (SVDs never run in bf16/fp16)")
-    if isinstance(null, bool):
-        null = "random" if null else "none"
-    if null not in NULLS:
-        raise InputError(f"--null must be none or random, got {null!r}")
-    if isinstance(as_dtype, str):
-        try:
-            as_dtype = parse_as(as_dtype)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-    return PRECISIONS[precision], null == "random", as_dtype
-
-
 def write_spectra(path: str | Path, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save singular values as safetensors atomically: a temporary file in the same folder, then a rename."""
     from safetensors.torch import save_file
@@ -320,8 +298,9 @@ class SpectralAnalysis(Analysis):
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
-        self.dt, self.with_null, self.as_t = _parse(k, precision, null, as_dtype)
-        self.k, self.precision, self.seed = k, precision, seed
+        self.dt, self.k = choices.precision_dtype(precision), choices.k_value(k)
+        self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
+        self.precision, self.seed = precision, seed
         self.save_spectra = save_spectra
         check_writable(save_spectra)
         self.items: list[Aligned] = []

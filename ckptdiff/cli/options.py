@@ -89,24 +89,9 @@ LabelOpt = Annotated[
 
 def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> CompareMode:
     """Build the comparison mode from --rtol/--atol/--as, rejecting contradictory values."""
-    from ckptdiff.dtypes import parse_as
-    from ckptdiff.errors import InputError
-    from ckptdiff.metrics.mask import CompareMode
+    from ckptdiff.metrics.mask import compare_mode as build
 
-    if rtol is not None and atol is not None:
-        raise InputError("--rtol and --atol are alternatives; pass one of them (or neither for bitwise)")
-    for flag, value in (("--rtol", rtol), ("--atol", atol)):
-        if value is not None and not value >= 0:
-            raise InputError(f"{flag} must be a non-negative number, got {value}")
-    try:
-        as_dtype = parse_as(as_) if as_ is not None else None
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if rtol is not None:
-        return CompareMode("rtol", rtol, as_dtype)
-    if atol is not None:
-        return CompareMode("atol", atol, as_dtype)
-    return CompareMode("bitwise", 0.0, as_dtype)
+    return build(rtol=rtol, atol=atol, as_dtype=as_)
 
 
 def emit(report: Report, fmt: Fmt, csv: Path | None, json_path: Path | None) -> None:

@@ -33,11 +33,7 @@ import torch
 
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, bin_counts, exponent_bins, update_mask
-
-
-def _ratio(num: float, den: float) -> float:
-    """num / den, NaN when den is 0."""
-    return num / den if den else math.nan
+from ckptdiff.numeric import ratio
 
 
 @dataclass(frozen=True)
@@ -73,42 +69,42 @@ class PairCounts:
     @property
     def jaccard(self) -> float:
         """|A ∩ B| / |A ∪ B|; NaN when both masks are empty."""
-        return _ratio(self.n_both, self.n_union)
+        return ratio(self.n_both, self.n_union)
 
     @property
     def jaccard_random(self) -> float:
         """Random baseline E / (|A| + |B| − E); pq / (p + q − pq) for one tensor."""
-        return _ratio(self.expected_random, self.n_a + self.n_b - self.expected_random)
+        return ratio(self.expected_random, self.n_a + self.n_b - self.expected_random)
 
     @property
     def jaccard_magnitude(self) -> float:
         """Magnitude-matched baseline E* / (|A| + |B| − E*)."""
-        return _ratio(self.expected_magnitude, self.n_a + self.n_b - self.expected_magnitude)
+        return ratio(self.expected_magnitude, self.n_a + self.n_b - self.expected_magnitude)
 
     @property
     def overlap_a(self) -> float:
         """|A ∩ B| / |A|: how much of run a's update run b repeats."""
-        return _ratio(self.n_both, self.n_a)
+        return ratio(self.n_both, self.n_a)
 
     @property
     def overlap_b(self) -> float:
         """|A ∩ B| / |B|: how much of run b's update run a repeats."""
-        return _ratio(self.n_both, self.n_b)
+        return ratio(self.n_both, self.n_b)
 
     @property
     def overlap_a_random(self) -> float:
         """Random baseline of overlap_a: E / |A| (q for one tensor)."""
-        return _ratio(self.expected_random, self.n_a)
+        return ratio(self.expected_random, self.n_a)
 
     @property
     def overlap_b_random(self) -> float:
         """Random baseline of overlap_b: E / |B| (p for one tensor)."""
-        return _ratio(self.expected_random, self.n_b)
+        return ratio(self.expected_random, self.n_b)
 
     @property
     def same_sign(self) -> float:
         """Fraction of commonly changed entries whose deltas share a sign; NaN when none has a sign."""
-        return _ratio(self.n_same_sign, self.n_signed)
+        return ratio(self.n_same_sign, self.n_signed)
 
     def __add__(self, other: PairCounts) -> PairCounts:
         """Sum the counts of two tensors (or groups) for the same pair of runs."""
@@ -175,7 +171,7 @@ class Consistency:
     @property
     def consensus_fraction(self) -> tuple[float, ...]:
         """The consensus histogram as fractions of n (NaN for an empty tensor)."""
-        return tuple(_ratio(c, self.numel) for c in self.consensus)
+        return tuple(ratio(c, self.numel) for c in self.consensus)
 
     @property
     def mean_jaccard(self) -> float:

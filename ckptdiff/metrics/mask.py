@@ -11,10 +11,10 @@ from typing import Literal
 
 import torch
 
+from ckptdiff.dtypes import INT_VIEW, short_name
+
 Kind = Literal["bitwise", "rtol", "atol"]
 
-# Integer views of each float width, used for bit comparisons.
-_INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Lossless embeddings: (narrow, wide) pairs where every narrow value is exact in wide.
 _EXACT_IN: set[tuple[torch.dtype, torch.dtype]] = {
@@ -47,15 +47,35 @@ class CompareMode:
         return base
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short dtype name: torch.bfloat16 -> 'bf16'."""
-    names = {
-        torch.bfloat16: "bf16",
-        torch.float16: "fp16",
-        torch.float32: "fp32",
-        torch.float64: "fp64",
-    }
-    return names.get(dtype, str(dtype).removeprefix("torch."))
+dtype_name = short_name  # the one short-name table lives in ckptdiff.dtypes
+
+
+def compare_mode(
+    mode: CompareMode | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    as_dtype: torch.dtype | str | None = None,
+) -> CompareMode:
+    """The comparison mode from a ready ``mode`` or from ``rtol``/``atol``/``as_dtype`` (bitwise when none is given).
+
+    ``rtol`` and ``atol`` are alternatives; ``as_dtype`` is bf16, fp16 or fp32 (a name or a torch dtype).
+    """
+    from ckptdiff import choices
+    from ckptdiff.errors import InputError
+
+    if mode is not None:
+        if rtol is not None or atol is not None or as_dtype is not None:
+            raise InputError("pass either mode= or rtol=/atol=/as_dtype=, not both")
+        return mode
+    if rtol is not None and atol is not None:
+        raise InputError("--rtol and --atol are alternatives; pass one of them (or neither for bitwise)")
+    as_t = choices.as_dtype(as_dtype)
+    if rtol is not None:
+        return CompareMode("rtol", choices.tolerance("--rtol", rtol), as_t)
+    if atol is not None:
+        return CompareMode("atol", choices.tolerance("--atol", atol), as_t)
+    return CompareMode("bitwise", 0.0, as_t)
 
 
 def comparison_dtype(a: torch.dtype, b: torch.dtype, as_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -89,7 +109,7 @@ def bitwise_changed(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bitwise_changed needs one dtype, got {w0.dtype} and {w1.dtype}")
     if not _is_float(w0.dtype):
         return w0 != w1
-    iview = _INT_VIEW[w0.element_size()]
+    iview = INT_VIEW[w0.element_size()]
     a = w0.view(iview)
     b = w1.view(iview)
     nbits = 8 * w0.element_size()
@@ -151,7 +171,7 @@ def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
     if w0.dtype not in _LAYOUT:
         w0 = w0.to(torch.float32)
     mant_bits, exp_mask, bias = _LAYOUT[w0.dtype]
-    bits = w0.reshape(w0.shape).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[w0.element_size()])
+    bits = w0.reshape(w0.shape).view(INT_VIEW[w0.element_size()])
     bits = bits.to(torch.int64) if w0.element_size() == 8 else bits.to(torch.int32)
     field = (bits >> mant_bits) & exp_mask
     mantissa = bits & ((1 << mant_bits) - 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptdiff.metrics.mask import exponent_bins, magnitude_matched_overlap
+from ckptdiff.numeric import ratio
 
 # Integer views whose order equals the float order for non-negative values (sign bit cleared).
 _KEY_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {
@@ -160,7 +161,7 @@ def region_masks(w0: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Te
 def overlap(region: torch.Tensor, update: torch.Tensor) -> float:
     """|region ∩ update| / |update|; NaN when the update is empty."""
     changed = int(torch.count_nonzero(update))
-    return int(torch.count_nonzero(region & update)) / changed if changed else math.nan
+    return ratio(int(torch.count_nonzero(region & update)), changed)
 
 
 def update_energy(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float, float, float]:
@@ -178,10 +179,6 @@ def update_energy(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tupl
         float(left.square().sum()) / total,
         float(right.square().sum()) / total,
     )
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b != 0 and not math.isnan(b) else math.nan
 
 
 def principal_metrics_with_masks(
@@ -217,7 +214,7 @@ def principal_metrics_with_masks(
     changed = int(torch.count_nonzero(upd))
     sizes = [int(torch.count_nonzero(x)) for x in (masks.principal, masks.low, masks.principal_not_low)]
     hits = [int(torch.count_nonzero(x & upd)) for x in (masks.principal, masks.low, masks.principal_not_low)]
-    over = [h / changed if changed else math.nan for h in hits]
+    over = [ratio(h, changed) for h in hits]
     base = sizes[0] / numel
     base_pnl = sizes[2] / numel
     mag = [magnitude_matched_overlap(b, upd, x) for x in (masks.principal, masks.low, masks.principal_not_low)]
@@ -240,14 +237,14 @@ def principal_metrics_with_masks(
         overlap_principal_not_low=over[2],
         baseline=base,
         baseline_principal_not_low=base_pnl,
-        ratio_principal=_ratio(over[0], base),
-        ratio_low=_ratio(over[1], sizes[1] / numel),
-        ratio_principal_not_low=_ratio(over[2], base_pnl),
+        ratio_principal=ratio(over[0], base),
+        ratio_low=ratio(over[1], sizes[1] / numel),
+        ratio_principal_not_low=ratio(over[2], base_pnl),
         baseline_principal_magnitude=mag[0],
         baseline_low_magnitude=mag[1],
         baseline_principal_not_low_magnitude=mag[2],
-        ratio_principal_magnitude=_ratio(over[0], mag[0]),
-        ratio_low_magnitude=_ratio(over[1], mag[1]),
+        ratio_principal_magnitude=ratio(over[0], mag[0]),
+        ratio_low_magnitude=ratio(over[1], mag[1]),
         delta_fro_sq=fro_sq,
         energy_principal=e_k,
         energy_principal_random=k * k / (m * n),

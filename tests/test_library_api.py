@@ -1,0 +1,63 @@
+"""The library as a notebook user calls it: plain keyword arguments, one wording for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factory import save_single
+
+import ckptdiff
+from ckptdiff.errors import InputError
+from ckptdiff.metrics.mask import CompareMode
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[str, str]:
+    w0 = torch.tensor([[1.0, 2.0, 4.0, 8.0]] * 4)
+    w1 = w0.clone()
+    w1[0, 0] = 1.0005  # relative change 5e-4: under rtol 1e-3, over rtol 1e-4; below bf16 resolution at 1 (2**-7)
+    w1[1, 1] = 2.1  # relative change ~5e-2: over both
+    w1[2, 2] = 4.0 + 2**-20  # below bf16's resolution at 4: equal once both sides are rounded to bf16
+    base = save_single({"m.w": w0}, tmp_path / "b.safetensors")
+    ft = save_single({"m.w": w1}, tmp_path / "f.safetensors")
+    return str(base), str(ft)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "changed"),
+    [
+        ({}, 3),
+        ({"rtol": 1e-3}, 1),
+        ({"rtol": 1e-4}, 2),
+        ({"atol": 0.01}, 1),
+        ({"as_dtype": "bf16"}, 1),  # 1.0005 and 4 + 2**-20 both round back to the base value in bf16
+        ({"as_dtype": torch.bfloat16}, 1),
+        ({"mode": CompareMode("rtol", 1e-3)}, 1),
+    ],
+)
+def test_sparsity_takes_plain_keywords(pair: tuple[str, str], kwargs: dict[str, object], changed: int) -> None:
+    result = ckptdiff.sparsity(*pair, progress=False, **kwargs)  # type: ignore[arg-type]
+    assert int(result.overall()["changed"]) == changed
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda b, f: ckptdiff.sparsity(b, f, rtol=1e-3, atol=1e-3), "alternatives"),
+        (lambda b, f: ckptdiff.sparsity(b, f, rtol=-1.0), "--rtol must be a finite non-negative number"),
+        (lambda b, f: ckptdiff.sparsity(b, f, as_dtype="fp8"), "--as must be one of bf16, fp16, fp32"),
+        (lambda b, f: ckptdiff.sparsity(b, f, mode=CompareMode(), rtol=1e-3), "not both"),
+        (lambda b, f: ckptdiff.principal_overlap(b, f, svd="fast"), "--svd must be one of exact, randomized, auto"),
+        (lambda b, f: ckptdiff.principal_overlap(b, f, precision="bf16"), "--precision must be one of fp32, fp64"),
+        (lambda b, f: ckptdiff.spectral(b, f, precision="fp16"), "--precision must be one of fp32, fp64"),
+        (lambda b, f: ckptdiff.spectral(b, f, k=0), "--k must be a positive integer"),
+        (lambda b, f: ckptdiff.principal_overlap(b, f, k=0), "--k must be a positive integer"),
+        (lambda b, f: ckptdiff.principal_overlap(b, f, alpha=1.5), "--alpha must lie strictly between 0 and 1"),
+        (lambda b, f: ckptdiff.spectral(b, f, null="gauss"), "--null must be one of none, random"),
+    ],
+)
+def test_bad_values_get_one_wording_from_every_function(pair: tuple[str, str], call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        call(*pair)
