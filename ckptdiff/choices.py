@@ -18,6 +18,7 @@ Precision = Literal["fp32", "fp64"]
 NullKind = Literal["none", "random"]
 AsName = Literal["bf16", "fp16", "fp32"]
 
+DEFAULT_K = 64  # top-k singular directions, principal-overlap and spectral alike
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
 AS_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

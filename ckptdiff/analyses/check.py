@@ -8,17 +8,21 @@ runs an SVD) together in one pass of the pipeline, so every byte is read once, a
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ckptdiff import rules as R
 from ckptdiff.alignment import Aligned, align
 from ckptdiff.analyses.common import SourceLike, row_basics
+from ckptdiff.choices import DEFAULT_K
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.pipeline import Analysis, Run, budget_bytes, execute, open_sources
@@ -239,7 +243,7 @@ def check(
     if same_param_count:
         outcome = R.CheckResult((*outcome.results, param_count_result(items)))
     ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
-    return CheckReport(_header(resolved, shared, header_only, origin), outcome, ran)
+    return CheckReport(_header(resolved, shared, header_only, origin, needed), outcome, ran)
 
 
 def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
@@ -248,7 +252,9 @@ def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
     return [s if isinstance(s, Source) else open_headers(str(s)) for s in (base, ft)]
 
 
-def _header(resolved: Sequence[str], shared: Shared, header_only: bool, origin: str) -> dict[str, str]:
+def _header(
+    resolved: Sequence[str], shared: Shared, header_only: bool, origin: str, needed: set[str]
+) -> dict[str, str]:
     from ckptdiff import __version__
 
     out = {"analysis": "check", "ckptdiff": __version__, "base": resolved[0], "ft": resolved[1]}
@@ -259,4 +265,10 @@ def _header(resolved: Sequence[str], shared: Shared, header_only: bool, origin: 
         out["include"] = ", ".join(shared.include)
     if shared.exclude:
         out["exclude"] = ", ".join(shared.exclude)
+    if needed & {"principal", "spectral"}:
+        out["k"] = str(shared.k if shared.k is not None else DEFAULT_K)
+    out["device"] = "none (headers only)" if header_only else str(resolve_device(shared.device))
+    out["torch"] = torch.__version__
+    out["host"] = platform.node()
+    out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return out

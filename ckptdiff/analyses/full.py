@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ckptdiff import choices
 from ckptdiff.alignment import Aligned
 from ckptdiff.analyses.common import SourceLike
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
@@ -151,7 +152,7 @@ def full_report(
     rtol: float | None = None,
     atol: float | None = None,
     as_dtype: torch.dtype | str | None = None,
-    k: int = 64,
+    k: int = choices.DEFAULT_K,
     alpha: float = 0.5,
     svd: str = "auto",
     principal_precision: str = "fp32",

@@ -366,7 +366,7 @@ class PrincipalAnalysis(Analysis):
     def __init__(
         self,
         *,
-        k: int = 64,
+        k: int = choices.DEFAULT_K,
         alpha: float = 0.5,
         svd: str = "auto",
         precision: str = "fp32",
@@ -452,7 +452,7 @@ def principal_overlap(
     base: SourceLike,
     ft: SourceLike,
     *,
-    k: int = 64,
+    k: int = choices.DEFAULT_K,
     alpha: float = 0.5,
     svd: str = "auto",
     precision: str = "fp32",

@@ -289,7 +289,7 @@ class SpectralAnalysis(Analysis):
     def __init__(
         self,
         *,
-        k: int = 64,
+        k: int = choices.DEFAULT_K,
         precision: str = "fp64",
         null: str | bool = "none",
         seed: int = 0,
@@ -369,7 +369,7 @@ def spectral(
     base: SourceLike,
     ft: SourceLike,
     *,
-    k: int = 64,
+    k: int = choices.DEFAULT_K,
     precision: str = "fp64",
     null: str | bool = "none",
     seed: int = 0,
