@@ -11,8 +11,6 @@ anything. The one weighted figure is ``nss_per_update``, a ratio of norms, avera
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,8 +25,9 @@ from ckptdiff.errors import InputError
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
+from ckptdiff.outputs import Output, standalone
 from ckptdiff.progress import byte_progress
-from ckptdiff.report import Report, Table, check_writable
+from ckptdiff.report import Report, Table
 from ckptdiff.stream import NON_FINITE, Aligned, align, default_budget, is_matrix, iter_matrix_batches, resolve_device
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
@@ -287,21 +286,17 @@ def _parse(
     return PRECISIONS[precision], null == "random", as_dtype
 
 
-def write_spectra(path: str | Path, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save singular values as safetensors atomically: a temporary file in the same folder, then a rename."""
-    from safetensors.torch import save_file
+def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save singular values as safetensors atomically (see :mod:`ckptdiff.outputs`): a path is renamed into place
+    at once, an :class:`~ckptdiff.outputs.Output` of a caller's set when the set commits."""
+    from safetensors.torch import save
 
-    target = Path(path)
-    check_writable(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    out = standalone(path, "save_spectra")
+    assert out is not None
     try:
-        save_file({k: v.contiguous() for k, v in spectra.items()}, tmp, metadata=metadata)
-        os.replace(tmp, target)
+        out.write(save({k: v.contiguous() for k, v in spectra.items()}, metadata=metadata))
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        out.discard()
         raise
 
 
@@ -318,7 +313,7 @@ def spectral(
     exclude: Sequence[str] = (),
     device: str = "auto",
     batch_budget: float | None = None,
-    save_spectra: str | Path | None = None,
+    save_spectra: str | Path | Output | None = None,
     progress: bool = True,
 ) -> SpectralReport:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
@@ -329,7 +324,7 @@ def spectral(
     2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
     """
     dt, with_null, as_t = _parse(k, precision, null, as_dtype, batch_budget)
-    check_writable(save_spectra)
+    save_spectra = standalone(save_spectra, "save_spectra", [base, ft])  # checked now, before any read
     sources = [open_source(base, progress), open_source(ft, progress)]
     try:
         dev = resolve_device(device)
