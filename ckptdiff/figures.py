@@ -113,7 +113,7 @@ def _t(text: object) -> str:
 def _new(height: float, width: float = WIDTH, **kwargs: Any) -> MplFigure:
     from matplotlib.figure import Figure as MplFigure
 
-    fig = MplFigure(figsize=(width, height), layout="constrained", **kwargs)
+    fig = MplFigure(figsize=(width, height), dpi=72, layout="constrained", **kwargs)
     fig.patch.set_facecolor("white")
     return fig
 
@@ -128,6 +128,9 @@ def _svg(fig: MplFigure, name: str) -> str:
     from matplotlib.backends.backend_svg import FigureCanvasSVG
 
     FigureCanvasSVG(fig)  # attaches itself as fig.canvas: no pyplot, no GUI backend
+    # Lay out once, then freeze: savefig would otherwise redo the constrained layout in a dry run and again.
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
     buf = io.StringIO()
     no_meta = {"Date": None, "Creator": None, "Format": None, "Type": None}
     fig.savefig(buf, format="svg", metadata=no_meta, facecolor="white", dpi=RASTER_DPI)
@@ -322,7 +325,7 @@ def _compact(n: float) -> str:
 
 def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | None:
     """Per layer: overlap with the principal mask against both baselines, and the two ratios around 1."""
-    from ckptdiff.analyses.principal import BAND
+    from ckptdiff.numeric import OVERLAP_BAND as BAND
 
     df = result.by("layer")
     cols = ["overlap_principal", "baseline_principal", "baseline_principal_magnitude"]

@@ -1,22 +1,25 @@
 """Reports: one structure every analysis fills, rendered as rich tables, CSV, JSON or Markdown.
 
-Files are written atomically (temporary file in the same folder, then rename), so a failed or interrupted
-run never leaves a partial output file.
+Files are written atomically through :mod:`ckptdiff.outputs` (temporary file beside the target, then rename), so
+a failed or interrupted run never leaves a partial output file. CSV floats are written so that they read back
+exactly (shortest round-trip repr): a tensor with 5 of 16,777,216 entries changed does not show sparsity 1.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ckptdiff.errors import InputError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -78,8 +81,14 @@ def to_json_dict(report: Report) -> dict[str, Any]:
 
 
 def to_csv(report: Report) -> str:
-    """Per-tensor rows as CSV."""
-    return str(report.tensors.to_csv(index=False, float_format="%.6g"))
+    """Per-tensor rows as CSV, every float written so that it reads back exactly (``float(cell) == value``).
+
+    pandas writes float64 as the shortest repr that round-trips; narrower floats are widened first, so a cell
+    holds the value itself rather than the shortest float32 spelling of it.
+    """
+    frame = report.tensors
+    narrow = {c: "float64" for c in frame.columns if str(frame[c].dtype) in ("float16", "float32", "Float32")}
+    return str(frame.astype(narrow).to_csv(index=False))
 
 
 def _fmt(value: Any) -> str:
@@ -130,10 +139,9 @@ def to_markdown(report: Report, max_rows: int = 60) -> str:
 
 def print_tables(report: Report, max_rows: int = 40) -> None:
     """Render the report with rich on stdout."""
-    from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console()
+    console = stdout_console()
     head = RichTable(title=report.title, show_header=False, title_justify="left", box=None)
     for k, v in report.header.items():
         head.add_row(f"[dim]{k}[/dim]", v)
@@ -167,33 +175,42 @@ def render(report: Report, fmt: str) -> str | None:
     raise InputError(f"--format {fmt} is not known; use table, csv, json or md")
 
 
+def stdout_console() -> Console:
+    """A rich console on stdout that raises BrokenPipeError when the reader has gone (``| head``).
+
+    rich's default exits with status 1 instead; the CLI treats a closed stdout as the reader's choice and keeps
+    the command's own exit status.
+    """
+    from rich.console import Console
+
+    class _StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, "stdout was closed")
+
+    return _StdoutConsole()
+
+
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write text to path via a temporary file and an atomic rename: never a partial file."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"cannot write {target}: folder {folder} does not exist; create it or pick another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    """Write text to path via a temporary file beside it and an atomic rename: never a partial file.
+
+    The checks and rules of :class:`ckptdiff.outputs.OutputSet` apply (a symlink is written through, mode
+    0666 & ~umask, a non-regular destination is refused, write errors are one-line InputErrors).
+    """
+    from ckptdiff.outputs import standalone
+
+    out = standalone(path, "output")
+    assert out is not None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        out.write(text)
+    finally:
+        out.discard()  # nothing left to remove once renamed
 
 
 def check_writable(*paths: str | Path | None) -> None:
-    """Fail before any work if an output file's folder is missing (nothing is written either way)."""
+    """Fail before any work if an output file cannot be created (nothing is written either way)."""
+    from ckptdiff.outputs import OutputSet
+
+    outs = OutputSet()
     for p in paths:
-        if p is None:
-            continue
-        target = Path(p)
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"cannot write {target}: folder {folder} does not exist; create it or pick another path")
-        if target.is_dir():
-            raise InputError(f"cannot write {target}: it is a directory; give a file name")
+        outs.add("output", p)

@@ -265,19 +265,14 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
-    """Shards named by a ``*.index.json`` and its weight map; every shard must exist."""
-    try:
-        data = json.loads(index.read_text())
-        weight_map: dict[str, str] = {str(k): str(v) for k, v in data["weight_map"].items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise InputError(f"index {index} is not a valid checkpoint index (no weight_map); re-download it") from None
-    shards: list[Path] = []
-    for shard in dict.fromkeys(weight_map.values()):
-        p = index.parent / shard
-        if not p.is_file():
-            raise InputError(f"index {index} names shard {shard}, which is missing; download the missing shard")
-        shards.append(p)
-    return shards, weight_map
+    """Shards named by a ``*.index.json`` and its weight map; every shard must exist inside the index's folder.
+
+    One function for every reader (full reads, ``check --header-only``, the output checks): see
+    :mod:`ckptdiff.shards` for the containment rule and why it is lexical.
+    """
+    from ckptdiff.shards import read_index
+
+    return read_index(index)
 
 
 def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:

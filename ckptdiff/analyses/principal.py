@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,8 +33,9 @@ from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
+from ckptdiff.outputs import Output, standalone
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table, check_writable
+from ckptdiff.report import Report, Table
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"
 MASK_PACKING = (
@@ -253,12 +252,13 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 class _MaskFile:
     """A safetensors file written tensor by tensor: a header region is reserved first and filled in at the end.
 
-    Data goes to a temporary file in the target folder; ``finish`` writes the header (JSON padded with spaces, which
-    the format allows) and renames it into place; ``abort`` removes it. Memory holds one matrix's masks at a time.
+    Data goes to the output's temporary file; ``finish`` writes the header (JSON padded with spaces, which the
+    format allows) and completes the output (its set renames it into place); ``abort`` removes it. Memory holds one
+    matrix's masks at a time.
     """
 
-    def __init__(self, path: Path, candidates: Sequence[tuple[str, int, int]], metadata: dict[str, str]):
-        self.path = path
+    def __init__(self, out: Output, candidates: Sequence[tuple[str, int, int]], metadata: dict[str, str]):
+        self.out = out
         self.metadata = metadata
         self.entries: dict[str, dict[str, object]] = {}
         self.shapes: dict[str, list[int]] = {}
@@ -270,9 +270,9 @@ class _MaskFile:
             for part in ("principal", "low", "update")
         }
         self.reserved = len(self._header(fake, worst)) + 8 - len(self._header(fake, worst)) % 8
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.file = os.fdopen(fd, "wb")
-        self.file.seek(8 + self.reserved)
+        self.file = out.open()
+        with out.writing():
+            self.file.seek(8 + self.reserved)
         self.offset = 0
 
     def _header(self, entries: dict[str, dict[str, object]], shapes: dict[str, list[int]]) -> bytes:
@@ -285,28 +285,25 @@ class _MaskFile:
         self.shapes[name] = [m, n]
         for part, mask in masks.items():
             data = pack_rows(mask).cpu().numpy().tobytes()
-            self.file.write(data)
+            with self.out.writing():
+                self.file.write(data)
             end = self.offset + len(data)
             shape = [m, (n + 7) // 8]
             self.entries[f"{name}.{part}"] = {"dtype": "U8", "shape": shape, "data_offsets": [self.offset, end]}
             self.offset = end
 
     def finish(self) -> None:
-        """Write the header into the reserved region and rename the file into place."""
+        """Write the header into the reserved region and complete the output."""
         head = self._header(self.entries, self.shapes)
         head += b" " * (self.reserved - len(head))
-        self.file.seek(0)
-        self.file.write(struct.pack("<Q", len(head)) + head)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        with self.out.writing():
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", len(head)) + head)
+        self.out.finish()
 
     def abort(self) -> None:
         """Close and delete the temporary file."""
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self.out.discard()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,15 +368,14 @@ class PrincipalAnalysis(Analysis):
         svd: str = "auto",
         precision: str = "fp32",
         mode: CompareMode = CompareMode(),
-        save_masks: str | Path | None = None,
+        save_masks: str | Path | Output | None = None,
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
         self.cdtype = choices.precision_dtype(precision)
         self.k, self.alpha, self.svd = choices.k_value(k), choices.alpha_value(alpha), choices.svd_method(svd)
         self.precision, self.mode = precision, mode
-        self.mask_path = Path(save_masks) if save_masks is not None else None
-        check_writable(self.mask_path)
+        self.mask_out = standalone(save_masks, "save_masks")  # the caller checks a path against its inputs
         self.items: list[Aligned] = []
         self.results: dict[str, PrincipalResult] = {}
         self.nonfinite: set[str] = set()
@@ -408,17 +404,17 @@ class PrincipalAnalysis(Analysis):
             "svd": self.svd,
             "precision": self.precision,
             "batch_budget_gib": f"{run.budget / 1024**3:.3g}",
-            "save_masks": self.mask_path or "",
+            "save_masks": self.mask_out or "",
         }
 
     def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
         self.items = list(items)
         self.device_type = run.device.type
         self.head = run.header("principal-overlap", self.sides, self.mode, **self.params(run))
-        if self.mask_path is not None:
+        if self.mask_out is not None:
             meta = {"format": MASK_FORMAT, "packing": MASK_PACKING, **self.head}
             shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in items if it.is_matrix]
-            self.writer = _MaskFile(self.mask_path, shapes, meta)
+            self.writer = _MaskFile(self.mask_out, shapes, meta)
 
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         w0s, w1s = stacks
@@ -464,17 +460,19 @@ def principal_overlap(
     exclude: Sequence[str] = (),
     device: str = "auto",
     batch_budget: float | None = None,
-    save_masks: str | Path | None = None,
+    save_masks: str | Path | Output | None = None,
     progress: bool = True,
 ) -> PrincipalOverlapResult:
     """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (METRICS.md §2, §2b).
 
     ``k`` singular directions (capped at min(m, n)), masks of density ``alpha``, SVD by ``svd`` in ``precision``;
     same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: pipeline.default_budget).
-    ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc).
+    ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc): a
+    path, or an :class:`~ckptdiff.outputs.Output` of the caller's set, which then renames it with its other files.
     """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
-    analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=save_masks)
+    mask_out = standalone(save_masks, "save_masks", [base, ft])  # checked now; the CLI hands in one of its set
+    analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=mask_out)
     (result,) = run_analyses(
         [base, ft],
         [analysis],

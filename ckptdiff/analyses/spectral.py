@@ -11,8 +11,6 @@ anything. The one weighted figure is ``nss_per_update``, a ratio of norms, avera
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,8 +26,9 @@ from ckptdiff.declarations import SPECTRAL, by_name
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
+from ckptdiff.outputs import Output, standalone
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table, check_writable
+from ckptdiff.report import Report, Table
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
@@ -263,21 +262,17 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
     return workspace_bytes((m, n), in_dtype, dt, work="svd", device_type=device) + extra
 
 
-def write_spectra(path: str | Path, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save singular values as safetensors atomically: a temporary file in the same folder, then a rename."""
-    from safetensors.torch import save_file
+def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save singular values as safetensors atomically (see :mod:`ckptdiff.outputs`): a path is renamed into place
+    at once, an :class:`~ckptdiff.outputs.Output` of a caller's set when the set commits."""
+    from safetensors.torch import save
 
-    target = Path(path)
-    check_writable(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    out = standalone(path, "save_spectra")
+    assert out is not None
     try:
-        save_file({k: v.contiguous() for k, v in spectra.items()}, tmp, metadata=metadata)
-        os.replace(tmp, target)
+        out.write(save({k: v.contiguous() for k, v in spectra.items()}, metadata=metadata))
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        out.discard()
         raise
 
 
@@ -294,15 +289,14 @@ class SpectralAnalysis(Analysis):
         null: str | bool = "none",
         seed: int = 0,
         as_dtype: torch.dtype | str | None = None,
-        save_spectra: str | Path | None = None,
+        save_spectra: str | Path | Output | None = None,
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
         self.dt, self.k = choices.precision_dtype(precision), choices.k_value(k)
         self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
         self.precision, self.seed = precision, seed
-        self.save_spectra = save_spectra
-        check_writable(save_spectra)
+        self.save_spectra = standalone(save_spectra, "save_spectra")  # the caller checks a path against its inputs
         self.items: list[Aligned] = []
         self.results: dict[str, SpectralResult] = {}
         self.nonfinite: set[str] = set()
@@ -343,6 +337,10 @@ class SpectralAnalysis(Analysis):
                 self.spectra[f"{it.name}.sigma_base"] = sig0[i].to("cpu", torch.float64)
                 self.spectra[f"{it.name}.sigma_ft"] = sig1[i].to("cpu", torch.float64)
 
+    def abort(self) -> None:
+        if self.save_spectra is not None:
+            self.save_spectra.discard()
+
     def finish(self, run: Run) -> SpectralReport:
         params: dict[str, object] = {
             "k": self.k,
@@ -378,7 +376,7 @@ def spectral(
     exclude: Sequence[str] = (),
     device: str = "auto",
     batch_budget: float | None = None,
-    save_spectra: str | Path | None = None,
+    save_spectra: str | Path | Output | None = None,
     progress: bool = True,
 ) -> SpectralReport:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
@@ -388,8 +386,9 @@ def spectral(
     both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
     2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
     """
+    spectra_out = standalone(save_spectra, "save_spectra", [base, ft])  # checked now, before any read
     analysis = SpectralAnalysis(
-        k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=save_spectra
+        k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=spectra_out
     )
     (result,) = run_analyses(
         [base, ft],

@@ -2,13 +2,16 @@
 
 Each command lives in its own module and registers itself on :data:`app`. User-facing failures
 (:class:`~ckptdiff.errors.CkptdiffError`) become one line on stderr and exit code 2; set
-``CKPTDIFF_DEBUG=1`` to see the traceback instead.
+``CKPTDIFF_DEBUG=1`` to see the traceback instead. Ctrl-C, SIGTERM and SIGHUP remove every temporary output
+file and exit with 128 + the signal number (130, 143, 129) and one line. A closed stdout (``| head``) is not an
+error: printing stops quietly and the exit status is the command's own (click's own ``--help`` still exits 1).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -41,18 +44,20 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from ckptdiff.errors import CkptdiffError
+        from ckptdiff.outputs import signals_as_interrupts
 
         debug = os.environ.get("CKPTDIFF_DEBUG", "") not in ("", "0")
         try:
-            return fn(*args, **kwargs)
+            with signals_as_interrupts():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except CkptdiffError as e:
             if debug:
                 raise
             raise _fail(str(e), e.exit_code) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted; no output file was written", 130) from None
+        except KeyboardInterrupt as e:
+            raise _fail(*_interrupted(e)) from None
         except MemoryError:
             if debug:
                 raise
@@ -69,9 +74,24 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The message and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
+    from ckptdiff.outputs import Interrupted
+
+    if not isinstance(e, Interrupted):
+        return "interrupted; no output file was written", 130
+    how = "interrupted" if e.signum == signal.SIGINT else f"stopped by {signal.Signals(e.signum).name}"
+    if e.after_commit:
+        return f"{how} after the output files were written", e.exit_code
+    return f"{how}; no output file was written", e.exit_code
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"ckptdiff {__version__}")
+        from ckptdiff.cli.options import stdout_may_close
+
+        with stdout_may_close():
+            typer.echo(f"ckptdiff {__version__}")
         raise typer.Exit()
 
 

@@ -20,6 +20,8 @@ from ckptdiff.cli.options import (
     QuietOpt,
     RtolOpt,
     compare_mode,
+    outputs,
+    stdout_may_close,
 )
 
 if TYPE_CHECKING:
@@ -108,59 +110,62 @@ def check(
     """Gate a fine-tune on rules: each metric or structural rule must hold, or the exit code is 1."""
     from ckptdiff.analyses.check import Shared, gather_config
     from ckptdiff.analyses.check import check as run
-    from ckptdiff.report import check_writable, write_atomic
     from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
 
-    check_writable(json)
-    cli = CheckConfig(
-        rules=tuple(parse_rule(text) for text in rule or []),
-        structural=StructuralRules(
-            same_keys=same_keys or same_structure,
-            same_shapes=same_shapes or same_structure,
-            same_dtypes=same_dtypes or same_structure,
-            expect_unchanged=tuple(expect_unchanged or ()),
-            allow_changed=tuple(allow_changed or ()),
-        ),
-    )
-    gathered = gather_config(config, cli)
-    shared = Shared(
-        include=include or [],
-        exclude=exclude or [],
-        device=device,
-        mode=compare_mode(rtol, atol, as_),
-        k=k,
-        progress=not quiet,
-    )
-    report = run(
-        base,
-        ft,
-        gathered.config,
-        shared=shared,
-        header_only=header_only,
-        same_param_count=same_param_count or same_structure,
-        origin=gathered.origin,
-    )
-    if json is not None:
-        write_atomic(json, report.to_json())
-    if fmt is CheckFmt.json:
-        typer.echo(report.to_json(), nl=False)
-    elif fmt is CheckFmt.md:
-        typer.echo(report.to_markdown(), nl=False)
-    else:
-        print_table(report)
+    rules_files = [config if config is not None else Path("pyproject.toml")]  # inputs too: never overwritten
+    with outputs([base, ft, *rules_files], {"--json": json}) as outs:
+        cli = CheckConfig(
+            rules=tuple(parse_rule(text) for text in rule or []),
+            structural=StructuralRules(
+                same_keys=same_keys or same_structure,
+                same_shapes=same_shapes or same_structure,
+                same_dtypes=same_dtypes or same_structure,
+                expect_unchanged=tuple(expect_unchanged or ()),
+                allow_changed=tuple(allow_changed or ()),
+            ),
+        )
+        gathered = gather_config(config, cli)
+        shared = Shared(
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            mode=compare_mode(rtol, atol, as_),
+            k=k,
+            progress=not quiet,
+        )
+        report = run(
+            base,
+            ft,
+            gathered.config,
+            shared=shared,
+            header_only=header_only,
+            same_param_count=same_param_count or same_structure,
+            origin=gathered.origin,
+        )
+        out = outs.get("--json")
+        if out is not None:
+            out.write(report.to_json())
+        outs.commit()
+    with stdout_may_close():
+        if fmt is CheckFmt.json:
+            typer.echo(report.to_json(), nl=False)
+        elif fmt is CheckFmt.md:
+            typer.echo(report.to_markdown(), nl=False)
+        else:
+            print_table(report)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 
 
 def print_table(report: CheckReport) -> None:
     """Rule | value | threshold | result with rich, the worst tensors indented under each failing rule."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from ckptdiff.report import stdout_console
     from ckptdiff.rules import exact_number, format_value
 
-    console = Console()
+    console = stdout_console()
     if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line
         console.width = max(console.width, 200)
     results = report.outcome.results

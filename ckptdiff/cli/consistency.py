@@ -21,6 +21,7 @@ from ckptdiff.cli.options import (
     RtolOpt,
     compare_mode,
     emit,
+    outputs,
 )
 
 EPILOG = (
@@ -47,21 +48,20 @@ def consistency(
 ) -> None:
     """Consistency across runs: do several fine-tunes of one base change the same entries?"""
     from ckptdiff.analyses.consistency import consistency as run
-    from ckptdiff.report import check_writable
 
     mode = compare_mode(rtol, atol, as_)
-    check_writable(csv, json)
-    result = run(
-        base,
-        fts,
-        labels=label or None,
-        mode=mode,
-        include=include or [],
-        exclude=exclude or [],
-        device=device,
-        progress=not quiet,
-    )
-    emit(result.report(), fmt, csv, json)
+    with outputs([base, *fts], {"--csv": csv, "--json": json}) as outs:
+        result = run(
+            base,
+            fts,
+            labels=label or None,
+            mode=mode,
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            progress=not quiet,
+        )
+        emit(result.report(), fmt, outs)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,10 @@ Nothing here imports torch: ``ckptdiff --help`` must stay fast.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,6 +17,7 @@ import typer
 
 if TYPE_CHECKING:
     from ckptdiff.metrics.mask import CompareMode
+    from ckptdiff.outputs import OutputSet
     from ckptdiff.report import Report
 
 
@@ -94,16 +99,46 @@ def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> Com
     return build(rtol=rtol, atol=atol, as_dtype=as_)
 
 
-def emit(report: Report, fmt: Fmt, csv: Path | None, json_path: Path | None) -> None:
-    """Write the requested files atomically, then print to stdout in the requested format."""
-    from ckptdiff.report import print_tables, render, to_csv, to_json, write_atomic
+def outputs(inputs: Sequence[str | Path | None], files: dict[str, Path | None]) -> OutputSet:
+    """The run's output files by option (``{"--csv": path, ...}``), checked against the inputs and each other
+    before any checkpoint is read (see :mod:`ckptdiff.outputs`). Use the result as a context manager."""
+    from ckptdiff.outputs import OutputSet
+
+    outs = OutputSet([i for i in inputs if i is not None])
+    for flag, path in files.items():
+        outs.add(flag, path)
+    return outs
+
+
+@contextmanager
+def stdout_may_close() -> Iterator[None]:
+    """A reader that stops reading (``ckptdiff ... | head -3``) is not an error: printing stops quietly, with no
+    traceback, and the command keeps its own exit status (0, or check's 1, so a gate piped into ``head`` still
+    fails); output files are already in place by then."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # later flushes, including the interpreter's at exit, go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
+def emit(report: Report, fmt: Fmt, outs: OutputSet) -> None:
+    """Write the report to the set's --csv/--json, put every output file in place together, then print to stdout."""
+    from ckptdiff.report import print_tables, render, to_csv, to_json
 
     text = render(report, fmt.value)
-    if csv is not None:
-        write_atomic(csv, to_csv(report))
-    if json_path is not None:
-        write_atomic(json_path, to_json(report))
-    if text is None:
-        print_tables(report)
-    else:
-        typer.echo(text, nl=False)
+    for flag, content in (("--csv", to_csv), ("--json", to_json)):
+        out = outs.get(flag)
+        if out is not None:
+            out.write(content(report))
+    outs.commit()
+    with stdout_may_close():
+        if text is None:
+            print_tables(report)
+        else:
+            typer.echo(text, nl=False)

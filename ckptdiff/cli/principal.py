@@ -27,6 +27,7 @@ from ckptdiff.cli.options import (
     SvdOpt,
     compare_mode,
     emit,
+    outputs,
 )
 
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="SVD computation dtype: fp32 or fp64 (never bf16).")]
@@ -69,26 +70,25 @@ def principal_overlap(
 ) -> None:
     """Principal-weight overlap: does the update avoid the base's principal weights, beyond what its size explains?"""
     from ckptdiff.analyses.principal import principal_overlap as run
-    from ckptdiff.report import check_writable
 
     mode = compare_mode(rtol, atol, as_)
-    check_writable(csv, json, save_masks)
-    result = run(
-        base,
-        ft,
-        k=k,
-        alpha=alpha,
-        svd=svd,
-        precision=precision,
-        mode=mode,
-        include=include or [],
-        exclude=exclude or [],
-        device=device,
-        batch_budget=batch_budget,
-        save_masks=save_masks,
-        progress=not quiet,
-    )
-    emit(result.report(), fmt, csv, json)
+    with outputs([base, ft], {"--save-masks": save_masks, "--csv": csv, "--json": json}) as outs:
+        result = run(
+            base,
+            ft,
+            k=k,
+            alpha=alpha,
+            svd=svd,
+            precision=precision,
+            mode=mode,
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            batch_budget=batch_budget,
+            save_masks=outs.get("--save-masks"),
+            progress=not quiet,
+        )
+        emit(result.report(), fmt, outs)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ from ckptdiff.cli.options import (
     SeedOpt,
     SvdOpt,
     compare_mode,
+    stdout_may_close,
 )
 
 OutOpt = Annotated[
@@ -105,11 +106,12 @@ def report(
         progress=not quiet,
     )
     write_directory(result, out)
-    for heading, section in result.sections():
-        typer.echo(f"{heading}:")
-        for sentence in section.summary:
-            typer.echo(f"  {sentence}")
-    typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
+    with stdout_may_close():
+        for heading, section in result.sections():
+            typer.echo(f"{heading}:")
+            for sentence in section.summary:
+                typer.echo(f"  {sentence}")
+        typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ from ckptdiff.cli.options import (
     RtolOpt,
     compare_mode,
     emit,
+    outputs,
 )
 
 EPILOG = (
@@ -44,12 +45,13 @@ def sparsity(
 ) -> None:
     """Update sparsity: which entries did the fine-tune change? Bitwise by default, bf16-aware."""
     from ckptdiff.analyses.sparsity import sparsity as run
-    from ckptdiff.report import check_writable
 
     mode = compare_mode(rtol, atol, as_)
-    check_writable(csv, json)
-    result = run(base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet)
-    emit(result.report(), fmt, csv, json)
+    with outputs([base, ft], {"--csv": csv, "--json": json}) as outs:
+        result = run(
+            base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet
+        )
+        emit(result.report(), fmt, outs)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ from ckptdiff.cli.options import (
     SeedOpt,
     compare_mode,
     emit,
+    outputs,
 )
 
 EPILOG = (
@@ -67,28 +68,27 @@ def spectral(
     """Spectral drift and principal-subspace rotation of every weight matrix, with equal-norm random controls."""
     from ckptdiff.analyses.spectral import FP32_WARNING
     from ckptdiff.analyses.spectral import spectral as run
-    from ckptdiff.report import check_writable
 
     mode = compare_mode(None, None, as_)
-    check_writable(csv, json, save_spectra)
-    if precision == "fp32":
-        typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
-    result = run(
-        base,
-        ft,
-        k=k,
-        precision=precision,
-        null=null,
-        seed=seed,
-        as_dtype=mode.as_dtype,
-        include=include or [],
-        exclude=exclude or [],
-        device=device,
-        batch_budget=batch_budget,
-        save_spectra=save_spectra,
-        progress=not quiet,
-    )
-    emit(result.report(), fmt, csv, json)
+    with outputs([base, ft], {"--save-spectra": save_spectra, "--csv": csv, "--json": json}) as outs:
+        if precision == "fp32":
+            typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
+        result = run(
+            base,
+            ft,
+            k=k,
+            precision=precision,
+            null=null,
+            seed=seed,
+            as_dtype=mode.as_dtype,
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            batch_budget=batch_budget,
+            save_spectra=outs.get("--save-spectra"),
+            progress=not quiet,
+        )
+        emit(result.report(), fmt, outs)
 
 
 def register(app: typer.Typer) -> None:
