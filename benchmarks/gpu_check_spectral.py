@@ -1,4 +1,4 @@
-"""Validate GPU spectral metrics against fp64 CPU on near-identical, bf16-like matrices (METRICS.md §3).
+"""Validate GPU spectral metrics against fp64 CPU on near-identical, bf16-like matrices (docs/metrics.md §3).
 
 RL-size updates (‖ΔW‖_F / ‖W0‖_F ≈ 1e-5) make NSS and principal angles tiny, so rounding error in the SVD can
 swamp them. This script runs ckptdiff.metrics.spectral.spectral_metrics on the same batched stacks three ways:

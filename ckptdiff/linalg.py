@@ -1,4 +1,4 @@
-"""SVD machinery shared by the principal-weight (METRICS.md §2) and spectral (§3) analyses.
+"""SVD machinery shared by the principal-weight (docs/metrics.md §2) and spectral (§3) analyses.
 
 Exact batched SVD / svdvals, randomized top-k (``torch.svd_lowrank``), the computation dtype rule
 (fp32 or fp64, never bf16: inputs are upcast), a memory-budget batch planner and the ``auto`` method rule.

@@ -3,8 +3,8 @@
     python -m examples.analyze          # from the repository root; a few seconds on one CPU thread
 
 Every number in results.json and in the generated part of examples/README.md comes from the ckptdiff library
-(sparsity, principal_overlap, spectral, consistency, check). The paper's predictions (PNT, METRICS.md) are then
-compared with what was measured, each beside its confound control (METRICS.md §2b), and given a verdict by the
+(sparsity, principal_overlap, spectral, consistency, check). The paper's predictions (PNT, docs/metrics.md) are then
+compared with what was measured, each beside its confound control (docs/metrics.md §2b), and given a verdict by the
 fixed rule in :func:`verdict`. Output is deterministic: no dates, hosts or timings are written.
 """
 

@@ -1,4 +1,4 @@
-"""Consistency metrics (METRICS.md §4, §2b): answers known by construction."""
+"""Consistency metrics (docs/metrics.md §4, §2b): answers known by construction."""
 
 from __future__ import annotations
 

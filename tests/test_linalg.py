@@ -71,7 +71,7 @@ def test_randomized_is_seeded_and_leaves_global_rng_alone() -> None:
 
 @pytest.mark.parametrize("kind", ["pow", "exp"])
 def test_randomized_principal_mask_agrees_with_exact(kind: str) -> None:
-    """METRICS §2: a randomized top-k must give >= 99% of the exact principal-mask entries on realistic spectra."""
+    """docs/metrics.md §2: a randomized top-k gives >= 99% of the exact principal-mask entries on realistic spectra."""
     k, alpha = 64, 0.5
     for seed in (1, 2):
         w = decaying(512, 256, kind, seed)

@@ -1,4 +1,4 @@
-"""Update masks and magnitude bins (METRICS.md §1, §2b), with answers known by construction."""
+"""Update masks and magnitude bins (docs/metrics.md §1, §2b), with answers known by construction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ckptdiff.metrics.principal: masks, overlaps, magnitude-matched baselines and update energy (METRICS §2, §2b)."""
+"""ckptdiff.metrics.principal: masks, overlaps, magnitude-matched baselines and update energy
+(docs/metrics.md §2, §2b)."""
 
 from __future__ import annotations
 

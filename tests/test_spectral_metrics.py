@@ -1,4 +1,5 @@
-"""ckptdiff.metrics.spectral: NSS, top-k σ changes, principal angles, ΔW norms and the random null (METRICS §3, §2b)."""
+"""ckptdiff.metrics.spectral: NSS, top-k σ changes, principal angles, ΔW norms and the random null
+(docs/metrics.md §3, §2b)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`ckptdiff consistency`: do several fine-tunes of one base change the same entries? (METRICS.md §4, §2b).
+"""`ckptdiff consistency`: do several fine-tunes of one base change the same entries? (docs/metrics.md §4, §2b).
 
 The base and every fine-tune are streamed together, one aligned tensor per checkpoint at a time. Each run's
 update mask (same modes as ``sparsity``), its delta signs and the base's exponent bins are reduced on the
@@ -370,7 +370,7 @@ class ConsistencyResult:
             Table(
                 "Pairwise Jaccard, overall",
                 self.matrix(o),
-                "Each cell: Jaccard (magnitude-matched baseline, METRICS.md §2b).",
+                "Each cell: Jaccard (magnitude-matched baseline, docs/metrics.md §2b).",
             ),
             Table("Pairs, overall", self.pairs(o), "overlap_a = |A∩B|/|A| (random baseline: density_b)."),
             Table("Per module type (mean off-diagonal Jaccard)", self.by("module")),

@@ -1,4 +1,4 @@
-"""`ckptdiff principal-overlap`: does the update avoid or target the base's principal weights? (METRICS.md §2, §2b)
+"""`ckptdiff principal-overlap`: does the update avoid or target the base's principal weights? (docs/metrics.md §2, §2b)
 
 Per 2-D float matrix, on the device: the update mask (§1), the top-k SVD of W0 (batched over same-shape matrices
 within a memory budget), the principal and low-magnitude masks, their overlaps with the update against the random
@@ -463,7 +463,7 @@ def principal_overlap(
     save_masks: str | Path | Output | None = None,
     progress: bool = True,
 ) -> PrincipalOverlapResult:
-    """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (METRICS.md §2, §2b).
+    """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (docs/metrics.md §2, §2b).
 
     ``k`` singular directions (capped at min(m, n)), masks of density ``alpha``, SVD by ``svd`` in ``precision``;
     same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: pipeline.default_budget).

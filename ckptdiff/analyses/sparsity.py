@@ -1,4 +1,4 @@
-"""`ckptdiff sparsity`: bf16-aware update masks and update sparsity (METRICS.md §1), streamed."""
+"""`ckptdiff sparsity`: bf16-aware update masks and update sparsity (docs/metrics.md §1), streamed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`ckptdiff spectral`: spectral drift and principal-subspace rotation per 2-D matrix (METRICS.md §3, §2b).
+"""`ckptdiff spectral`: spectral drift and principal-subspace rotation per 2-D matrix (docs/metrics.md §3, §2b).
 
 Same-shaped matrices are read in stacks sized by a memory budget and decomposed in batched calls
 (``metrics.spectral``); everything else (1-D, integer, structural mismatches) is listed as not analysed.

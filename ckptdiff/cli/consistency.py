@@ -27,7 +27,7 @@ from ckptdiff.cli.options import (
 EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
-    "baseline (METRICS.md §2b); the CSV has one row per tensor and pair of runs."
+    "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
 )
 
 

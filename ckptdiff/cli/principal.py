@@ -44,7 +44,7 @@ EPILOG = (
     "Example: [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64 --csv principal.csv"
     "[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
-    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (METRICS.md §2, §2b)."
+    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
 )
 
 

@@ -1,4 +1,4 @@
-"""Consistency across runs (METRICS.md §4) with the magnitude-matched Jaccard baseline of §2b.
+"""Consistency across runs (docs/metrics.md §4) with the magnitude-matched Jaccard baseline of §2b.
 
 Given one base tensor W0 and R >= 2 fine-tunes of it, each pair of update masks (A, B) gets raw counts
 (|A|, |B|, |A∩B|, expected intersections, sign agreement) from which every ratio is derived. Ratios are

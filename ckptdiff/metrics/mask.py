@@ -1,4 +1,4 @@
-"""Update masks (METRICS.md §1) and magnitude bins (METRICS.md §2b), as pure tensor functions.
+"""Update masks (docs/metrics.md §1) and magnitude bins (docs/metrics.md §2b), as pure tensor functions.
 
 Everything here takes tensors and returns tensors or floats: no I/O, no device choice.
 The streaming engine decides where the tensors live; these functions keep them there.
@@ -134,7 +134,7 @@ def tolerance_changed(w0: torch.Tensor, w1: torch.Tensor, kind: Kind, tol: float
 
 
 def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareMode()) -> torch.Tensor:
-    """The update mask M = 1[changed] of METRICS.md §1, same shape as the inputs (flattened shapes must match)."""
+    """The update mask M = 1[changed] of docs/metrics.md §1, same shape as the inputs (flattened shapes must match)."""
     if not (_is_float(w0.dtype) and _is_float(w1.dtype)):
         return w0 != w1  # integers and bools: exact value comparison
     target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
@@ -146,7 +146,7 @@ def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareM
 
 
 # ---------------------------------------------------------------------------------------------
-# Magnitude bins (METRICS.md §2b)
+# Magnitude bins (docs/metrics.md §2b)
 
 ZERO_BIN = -2000  # the bin of exact zeros: below every finite exponent
 NONFINITE_BIN = 2000  # inf and NaN

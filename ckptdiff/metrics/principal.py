@@ -1,4 +1,4 @@
-"""Principal-weight overlap (METRICS.md §2) and its confound controls (§2b), as pure tensor functions.
+"""Principal-weight overlap (docs/metrics.md §2) and its confound controls (§2b), as pure tensor functions.
 
 Inputs are one (m, n) weight matrix, its update mask and the top-k singular triplets of W0 (from
 ``ckptdiff.linalg``). Outputs are a frozen ``PrincipalResult`` of floats and exact integer counts, and

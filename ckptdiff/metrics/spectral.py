@@ -1,4 +1,4 @@
-"""Spectral drift and principal-subspace rotation (METRICS.md §3) with the equal-norm random null (§2b).
+"""Spectral drift and principal-subspace rotation (docs/metrics.md §3) with the equal-norm random null (§2b).
 
 Works on stacks: given (b, m, n) stacks of W0 and W1 it runs one batched SVD per side (and one for the null),
 keeping only what it needs between them, and returns one frozen ``SpectralResult`` per matrix.
