@@ -1,14 +1,19 @@
 """Update sparsity counts (METRICS.md §1) for one flat chunk of a tensor pair, as a pure function.
 
 The counts add up across chunks, so a tensor of any size is measured in bounded memory.
-The bitwise CPU path works on integer views in cache-sized pieces with numpy, which runs near memory
-speed; every other case (GPU, tolerances, mixed dtypes) goes through :func:`update_mask` in torch.
-Both paths define "changed" identically; a test checks they agree.
+On the CPU, bf16/fp16/fp32/fp64 pairs (after any rounding to the comparison dtype) are counted from their
+raw bit patterns in one compiled pass per chunk when numba is installed (:mod:`ckptdiff.metrics._kernels`,
+bitwise and rtol/atol tests alike): no torch calls, and the GIL released while it counts. Without numba, or
+with the environment variable ``CKPTDIFF_NO_NUMBA=1`` (read at each call), the bitwise test runs on numpy
+integer views in cache-sized pieces; every other case (GPU, tolerances, fp8 tolerances) goes through
+:func:`update_mask` in torch. All paths define "changed" identically; tests check that they agree exactly.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -155,6 +160,75 @@ def _bitwise_counts_numpy(w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
     return exact + ChangeCounts(int(a.size), n_near, c1, c2, c4, c16, 0, 0)
 
 
+_NO_NUMBA_ENV = "CKPTDIFF_NO_NUMBA"
+_kernel_module: list[ModuleType | None] = []  # filled on first use: the import is deferred, and tried once
+
+
+def _compiled_kernels() -> ModuleType | None:
+    """The numba kernels module, or None when numba is missing or switched off with ``CKPTDIFF_NO_NUMBA``."""
+    if os.environ.get(_NO_NUMBA_ENV, "") not in ("", "0"):
+        return None
+    if not _kernel_module:
+        try:
+            from ckptdiff.metrics import _kernels
+        except (ImportError, OSError):  # numba absent, or present but unusable (llvmlite, numpy version)
+            _kernel_module.append(None)
+        else:
+            _kernel_module.append(_kernels)
+    return _kernel_module[0]
+
+
+def _kernel_args(dtype: torch.dtype) -> tuple[np.generic, np.generic, np.generic]:
+    """(mag_mask, inf, big) for :func:`ckptdiff.metrics._kernels.bitwise_counts`, in the bits' own dtype."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    u = np.dtype(f"u{size}").type
+    return u((1 << (8 * size - 1)) - 1), u(_INF_BITS[dtype]), u((1 << (8 * size)) - 1)
+
+
+# The compiled kernel's dtypes; fp8 takes the numpy path (its 8-bit per-block counters would overflow).
+_KERNEL_ARGS = {dtype: _kernel_args(dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A 1-D float tensor's raw bit patterns as a contiguous unsigned numpy view (no copy when contiguous)."""
+    t = t.reshape(-1)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    size = t.element_size()
+    return t.view(_SIGNED[size]).numpy().view(f"u{size}")
+
+
+def _from_kernel(n: int, out: tuple[int, ...]) -> ChangeCounts:
+    """ChangeCounts from a kernel's (d == 0, d <= 1, d <= 2, d <= 4, d <= 16, NaN) entry counts."""
+    c0, c1, c2, c4, c16, nan = (int(c) for c in out)
+    return ChangeCounts(n, n - c0, c1 - c0, c2 - c1, c4 - c2, c16 - c4, n - c16 - nan, nan)
+
+
+def _bitwise_counts_compiled(kernels: ModuleType, w0: torch.Tensor, w1: torch.Tensor) -> ChangeCounts:
+    """Bitwise counts on the CPU in one compiled pass over the bit patterns (same dtype both sides)."""
+    a, b = _bits(w0), _bits(w1)
+    return _from_kernel(int(a.size), kernels.bitwise_counts(a, b, *_KERNEL_ARGS[w0.dtype]))
+
+
+def _values(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The values of bit patterns as float32 or float64 (exact): a view, or one numpy conversion for 16 bits."""
+    if dtype == torch.bfloat16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an fp32
+    if dtype == torch.float16:
+        return bits.view(np.float16).astype(np.float32)
+    return bits.view(np.float32 if dtype == torch.float32 else np.float64)
+
+
+def _tolerance_counts_compiled(
+    kernels: ModuleType, w0: torch.Tensor, w1: torch.Tensor, kind: str, tol: float
+) -> ChangeCounts:
+    """rtol/atol counts on the CPU in one compiled pass (same dtype both sides), as :func:`tolerance_changed`."""
+    a, b = _bits(w0), _bits(w1)
+    v0, v1 = _values(a, w0.dtype), _values(b, w0.dtype)
+    out = kernels.tolerance_counts(a, b, v0, v1, kind == "rtol", float(tol), *_KERNEL_ARGS[w0.dtype])
+    return _from_kernel(int(a.size), out)
+
+
 def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareMode()) -> ChangeCounts:
     """Changed-entry counts and ULP buckets for one chunk pair (any shapes with equal numel)."""
     numel = int(w0.numel())
@@ -163,7 +237,13 @@ def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = Compar
     target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
     a = w0.reshape(-1) if w0.dtype == target else w0.reshape(-1).to(target)
     b = w1.reshape(-1) if w1.dtype == target else w1.reshape(-1).to(target)
-    if mode.kind == "bitwise" and a.device.type == "cpu" and target in _INF_BITS:
+    cpu = a.device.type == "cpu"
+    kernels = _compiled_kernels() if cpu and target in _KERNEL_ARGS else None
+    if kernels is not None:
+        if mode.kind == "bitwise":
+            return _bitwise_counts_compiled(kernels, a, b)
+        return _tolerance_counts_compiled(kernels, a, b, mode.kind, mode.tol)
+    if mode.kind == "bitwise" and cpu and target in _INF_BITS:
         return _bitwise_counts_numpy(a, b)
     mask = bitwise_changed(a, b) if mode.kind == "bitwise" else tolerance_changed(a, b, mode.kind, mode.tol)
     changed = int(torch.count_nonzero(mask))
