@@ -1,4 +1,4 @@
-"""Update sparsity counts (METRICS.md §1) for one flat chunk of a tensor pair, as a pure function.
+"""Update sparsity counts (docs/metrics.md §1) for one flat chunk of a tensor pair, as a pure function.
 
 The counts add up across chunks, so a tensor of any size is measured in bounded memory.
 On the CPU, bf16/fp16/fp32/fp64 pairs (after any rounding to the comparison dtype) are counted from their
