@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class Figure:
     """One rendered figure."""
 
-    name: str  # file stem, unique within a report, safe for a filename ("sparsity_heatmap_rl_seed1")
+    name: str  # file stem, unique, filename-safe: "<analysis>_<kind>", + "_<run>" with several runs
     title: str
     caption: str  # what is shown, and which baseline or control stands beside it
     svg: str  # a standalone SVG document
@@ -49,7 +49,7 @@ ANNOTATE_CELLS = 16 * 12  # heatmaps with at most this many cells get their valu
 RASTER_CELLS = 240  # heatmaps with more cells draw them as one embedded PNG (at RASTER_DPI) instead of paths
 RASTER_DPI = 200
 COLORS = {"observed": "#1f4e79", "random": "#8c8c8c", "magnitude": "#d9730d", "median": "#5b9bd5"}
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def figures(report: FullReport) -> list[Figure]:
@@ -68,7 +68,7 @@ def figures(report: FullReport) -> list[Figure]:
 
     out: list[Figure] = []
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
-        ("sparsity", report.sparsity, [("sparsity_heatmap", _sparsity_heatmap), ("ulp_hist", _ulp_hist)]),
+        ("sparsity", report.sparsity, [("sparsity_heatmap", _sparsity_heatmap), ("sparsity_ulp", _ulp_hist)]),
         ("principal", report.principal, [("principal_overlap", _principal_overlap)]),
         ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
     ]
@@ -100,9 +100,8 @@ class _Drawn:
 
 
 def _slug(text: str) -> str:
-    """A filename-safe fragment of a label (letters, digits, _ . -), never empty, never hidden."""
-    s = _SAFE.sub("_", text).strip("._-")[:60]
-    return s or "run"
+    """A filename-safe fragment of a label: ASCII letters, digits and ``_ . -`` kept, anything else ``_``."""
+    return _SAFE.sub("_", text)[:80] or "run"
 
 
 def _t(text: object) -> str:
@@ -125,12 +124,15 @@ _PROLOG = re.compile(r"<\?xml[^>]*\?>\s*(<!DOCTYPE[^>]*>\s*)?", re.S)
 
 def _svg(fig: MplFigure, name: str) -> str:
     """The figure as a standalone SVG: no metadata, comments or DOCTYPE; ids renumbered ``<name>-<i>``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.backends.backend_svg import FigureCanvasSVG
 
-    FigureCanvasSVG(fig)  # attaches itself as fig.canvas: no pyplot, no GUI backend
-    # Lay out once, then freeze: savefig would otherwise redo the constrained layout in a dry run and again.
+    # Lay out once on an Agg canvas (drawing disabled: cheap), then freeze the positions: savefig would
+    # otherwise run the constrained layout again in an SVG dry run and in the real draw.
+    FigureCanvasAgg(fig)  # a canvas attaches itself as fig.canvas: no pyplot, no GUI backend
     fig.draw_without_rendering()
     fig.set_layout_engine("none")
+    FigureCanvasSVG(fig)
     buf = io.StringIO()
     no_meta = {"Date": None, "Creator": None, "Format": None, "Type": None}
     fig.savefig(buf, format="svg", metadata=no_meta, facecolor="white", dpi=RASTER_DPI)
@@ -203,8 +205,7 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     grid = grid[_module_order([str(c) for c in grid.columns])]
     layers = [int(x) for x in grid.index]
     modules = [str(c) for c in grid.columns]
-    values = [[float(grid.iloc[i, j]) if _present(grid.iloc[i, j]) else math.nan for i in range(len(layers))]
-              for j in range(len(modules))]  # (modules, layers)
+    values = grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()  # (modules, layers)
     flat = _finite([v for row in values for v in row])
     if not flat:
         return None
@@ -237,7 +238,7 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     for spine in ax.spines.values():
         spine.set_visible(False)
     if n_l * n_m <= ANNOTATE_CELLS and n_l <= 16:
-        size = 7 if n_l <= 10 else 6
+        size = 8 if n_l <= 8 else 7 if n_l <= 12 else 6
         for j, row in enumerate(values):
             for i, v in enumerate(row):
                 if math.isfinite(v):
@@ -254,17 +255,11 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
         f"Fraction of entries left unchanged (update sparsity) in each linear matrix type (rows) of each of "
         f"{n_l} transformer layers (columns), parameter-weighted within a cell; the colour scale spans the "
         f"observed range {lo:.4f} to {hi:.4f}.{missing} For reference: {o['sparsity']:.4f} over every compared "
-        f"tensor, {lin['sparsity']:.4f} over the linear layers; the bf16-storage figure, where the checkpoint is "
-        f"fp32, is in the table."
+        f"tensor, {lin['sparsity']:.4f} over the linear layers."
     )
+    if "sparsity_bf16" in o:
+        caption += f" Rounded to bf16, as bf16 storage would keep them: {o['sparsity_bf16']:.4f} overall."
     return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption)
-
-
-def _present(v: object) -> bool:
-    try:
-        return math.isfinite(float(v))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
 
 
 _ULP_NAMES = {"ulp_1": "1", "ulp_2": "2", "ulp_3_4": "3–4", "ulp_5_16": "5–16", "ulp_gt16": ">16"}
@@ -281,7 +276,7 @@ def _ulp_hist(result: SparsityResult, run: str) -> _Drawn | None:
     nonfinite = float(compared["changed_nonfinite"].astype("float64").fillna(0.0).sum()) if len(compared) else 0.0
     if nonfinite > 0:
         counts["non-finite"] = nonfinite
-    fig = _new(3.0, width=6.5)
+    fig = _new(3.2, width=4.8)
     ax = fig.add_subplot()
     _style(ax)
     ax.grid(False, axis="x")
@@ -290,8 +285,16 @@ def _ulp_hist(result: SparsityResult, run: str) -> _Drawn | None:
     colors = [COLORS["observed"]] * len(_ULP_NAMES) + [COLORS["magnitude"]] * (len(labels) - len(_ULP_NAMES))
     bars = ax.bar(range(len(labels)), shares, color=colors, width=0.7)
     for rect, c in zip(bars, counts.values(), strict=True):
-        ax.annotate(_compact(c), (rect.get_x() + rect.get_width() / 2, rect.get_height()), xytext=(0, 2),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=7, color="#333333")
+        ax.annotate(
+            _compact(c),
+            (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="#333333",
+        )
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("distance moved, in ULPs of the compared dtype", fontsize=9)
     ax.set_ylabel("% of changed entries", fontsize=9)
@@ -345,8 +348,9 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     matched = _floats(df["baseline_principal_magnitude"])
     top.plot(x, overlap, color=COLORS["observed"], marker=marker, ms=3.5, lw=1.6, label="observed overlap")
     top.plot(x, random, color=COLORS["random"], ls="--", lw=1.2, label="random baseline (≈ α)")
-    top.plot(x, matched, color=COLORS["magnitude"], ls=":", marker=marker, ms=3, lw=1.4,
-             label="magnitude-matched baseline")
+    top.plot(
+        x, matched, color=COLORS["magnitude"], ls=":", marker=marker, ms=3, lw=1.4, label="magnitude-matched baseline"
+    )
     top.set_ylabel("share of updated entries\nin the principal mask", fontsize=8)
     top.legend(fontsize=8, frameon=False, ncols=3, loc="lower left", bbox_to_anchor=(0, 1.0))
     r_random = _floats(df["ratio_principal"])
@@ -359,8 +363,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     bottom.legend(fontsize=8, frameon=False, ncols=2, loc="best")
     bottom.set_xlabel("layer", fontsize=9)
     _layer_axis(bottom, layers)
-    top.set_title(_t(f"Overlap with the principal weights per layer{_for_run(run)}"), fontsize=10, loc="left",
-                  pad=18)
+    top.set_title(_t(f"Overlap with the principal weights per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
     caption = (
         f"Top: the share of each layer's updated entries that fall in the base's principal mask (top-k = {k} "
@@ -384,10 +387,12 @@ def _spectral_drift(result: SpectralReport, run: str) -> _Drawn | None:
     if df.empty or "nss_max" not in df.columns:
         return None
     nss_max, nss_med = _floats(df["nss_max"]), _floats(df["nss_median"])
-    ang_max = [_nanmax(u, v) for u, v in zip(_floats(df["angle_u_deg_max"]), _floats(df["angle_v_deg_max"]),
-                                             strict=True)]
-    ang_med = [_nanmax(u, v) for u, v in zip(_floats(df["angle_u_deg_median"]), _floats(df["angle_v_deg_median"]),
-                                             strict=True)]
+    ang_max = [
+        _nanmax(u, v) for u, v in zip(_floats(df["angle_u_deg_max"]), _floats(df["angle_v_deg_max"]), strict=True)
+    ]
+    ang_med = [
+        _nanmax(u, v) for u, v in zip(_floats(df["angle_u_deg_median"]), _floats(df["angle_v_deg_median"]), strict=True)
+    ]
     if not _finite(nss_max) and not _finite(ang_max):
         return None
     layers = [int(x) for x in df.index]
@@ -537,8 +542,16 @@ def _consensus(result: ConsistencyResult) -> _Drawn | None:
             for rect in bars:
                 h = rect.get_height()
                 if math.isfinite(h):
-                    ax.annotate(f"{h:.1%}", (rect.get_x() + rect.get_width() / 2, h), xytext=(0, 2),
-                                textcoords="offset points", ha="center", va="bottom", fontsize=7, color="#333333")
+                    ax.annotate(
+                        f"{h:.1%}",
+                        (rect.get_x() + rect.get_width() / 2, h),
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color="#333333",
+                    )
         ax.set_ylim(0, max(positive) * 1.15 if positive else 1)
     ax.set_xticks(range(n), [str(k) for k in ks])
     ax.set_xlabel(f"number of runs (of {result.n_runs}) that changed the entry", fontsize=9)

@@ -18,14 +18,8 @@ if TYPE_CHECKING:
     from ckptdiff.figures import Figure
     from ckptdiff.report import Report, Table
 
-# Report.title -> the FullReport attribute (and Figure.analysis) it comes from.
-_ANALYSIS_OF_TITLE = {
-    "ckptdiff sparsity": "sparsity",
-    "ckptdiff principal-overlap": "principal",
-    "ckptdiff spectral": "spectral",
-    "ckptdiff consistency": "consistency",
-}
 COLLAPSE_ROWS = 30  # longer tables start folded
+_TEXT_COLUMNS = {"tensor", "module", "shape", "status", "detail", "run", "run_a", "run_b", "outcome"}
 _NUMBER = re.compile(r"^(?:[-+−]?(?:\d[\d,]*)?\.?\d+(?:e[-+]?\d+)?%?|—|inf|-inf|nan)$")
 
 CSS = """
@@ -39,7 +33,7 @@ h1 { font-size: 1.7rem; margin: 0 0 .25rem; line-height: 1.2; }
 h2 { font-size: 1.35rem; margin: 2.75rem 0 .75rem; padding-top: .75rem; border-top: 2px solid var(--line); }
 h3 { font-size: 1rem; margin: 1.5rem 0 .4rem; }
 p, li { max-width: 48rem; }
-.lede { color: var(--muted); margin: 0 0 1.25rem; overflow-wrap: anywhere; }
+.lede { color: var(--muted); margin: 0 0 1.25rem; overflow-wrap: break-word; }
 code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", monospace;
   font-size: .88em; }
 nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: .6rem 1rem;
@@ -52,9 +46,9 @@ a { color: var(--accent); }
 ul.summary { padding-left: 1.2rem; margin: .5rem 0 1rem; }
 ul.summary li { margin: .35rem 0; }
 .warning { border-left: 4px solid #c0392b; background: #fdf2f0; padding: .5rem .8rem; margin: .8rem 0; }
-figure { margin: 1.25rem 0 1.75rem; padding: 0; }
-figure .svg { border: 1px solid var(--line); border-radius: 4px; background: #fff; padding: .25rem;
-  max-width: 100%; }
+.figures { display: flex; flex-wrap: wrap; gap: 0 1.5rem; align-items: flex-start; }
+figure { margin: 1.25rem 0 1.5rem; padding: 0; max-width: 100%; }
+figure .svg { border: 1px solid var(--line); border-radius: 4px; background: #fff; padding: .25rem; }
 figure svg { display: block; width: 100%; height: auto; }
 figcaption { font-size: .88rem; color: var(--muted); margin-top: .4rem; max-width: 48rem; }
 figcaption strong { color: var(--fg); }
@@ -84,21 +78,23 @@ footer { margin-top: 3rem; font-size: .8rem; color: var(--muted); }
 def to_html(report: FullReport, figures: Sequence[Figure]) -> str:
     """The whole report as one self-contained HTML page (figures inline, nothing fetched, all input escaped)."""
     sections = report.sections()
-    owners = _section_keys(report, [r for _, r in sections])
+    owners = report.section_keys()
     placed: set[str] = set()
     body: list[str] = []
     toc: list[tuple[str, str]] = [("inputs", "Inputs and settings")]
     for i, ((heading, rep), key) in enumerate(zip(sections, owners, strict=True), start=1):
         anchor = f"s{i}-{_slug(heading)}"
         toc.append((anchor, heading))
-        mine = [f for f in figures if key is not None and (f.analysis, f.run) == key]
+        mine = [f for f in figures if (f.analysis, f.run) == key]
         placed.update(f.name for f in mine)
         body.append(_section(anchor, heading, rep, mine, report.header))
     rest = [f for f in figures if f.name not in placed]
     if rest:
         toc.append(("other-figures", "Other figures"))
-        body.append('<section id="other-figures">\n<h2>Other figures</h2>\n' + "".join(map(_figure, rest)))
-        body.append("</section>\n")
+        figs = "".join(map(_figure, rest))
+        body.append(
+            f'<section id="other-figures">\n<h2>Other figures</h2>\n<div class="figures">\n{figs}</div>\n</section>\n'
+        )
     title = _title(report)
     parts = [
         "<!DOCTYPE html>\n",
@@ -106,7 +102,7 @@ def to_html(report: FullReport, figures: Sequence[Figure]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         '<meta name="generator" content="ckptdiff">\n',
         f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n",
-        f"<header>\n<h1>ckptdiff report</h1>\n<p class=\"lede\">{_e(_lede(report))}</p>\n</header>\n",
+        f'<header>\n<h1>ckptdiff report</h1>\n<p class="lede">{_e(_lede(report))}</p>\n</header>\n',
         _toc(toc),
         '<section id="inputs">\n<h2>Inputs and settings</h2>\n',
         _kv(report.header),
@@ -145,28 +141,6 @@ def _lede(report: FullReport) -> str:
     return f"{n} fine-tune{'s' if n != 1 else ''} ({runs}) against {base}; analyses: {what}."
 
 
-def _section_keys(report: FullReport, reports: Sequence[Report]) -> list[tuple[str, str] | None]:
-    """(analysis, run) for each section, from its report's title and its rank among that analysis's sections."""
-    runs_of = {
-        "sparsity": list(report.sparsity),
-        "principal": list(report.principal),
-        "spectral": list(report.spectral),
-        "consistency": [""],
-    }
-    seen: dict[str, int] = {}
-    out: list[tuple[str, str] | None] = []
-    for rep in reports:
-        analysis = _ANALYSIS_OF_TITLE.get(rep.title)
-        if analysis is None:
-            out.append(None)
-            continue
-        rank = seen.get(analysis, 0)
-        seen[analysis] = rank + 1
-        runs = runs_of[analysis]
-        out.append((analysis, runs[rank]) if rank < len(runs) else None)
-    return out
-
-
 def _toc(entries: Sequence[tuple[str, str]]) -> str:
     items = "".join(f'<li><a href="#{_e(anchor)}">{_e(text)}</a></li>\n' for anchor, text in entries)
     return f'<nav class="toc" aria-label="Contents">\n<h2>Contents</h2>\n<ol>\n{items}</ol>\n</nav>\n'
@@ -186,7 +160,8 @@ def _section(anchor: str, heading: str, rep: Report, figs: Sequence[Figure], top
         out.append(f'<p class="warning">{_e(warning)}</p>\n')
     if rep.summary:
         out.append('<ul class="summary">\n' + "".join(f"<li>{_e(s)}</li>\n" for s in rep.summary) + "</ul>\n")
-    out += [_figure(f) for f in figs]
+    if figs:
+        out.append('<div class="figures">\n' + "".join(_figure(f) for f in figs) + "</div>\n")
     blocks = [b for b in (_table_block(t) for t in rep.tables) if b]
     if blocks:
         out.append('<div class="tables">\n' + "".join(f"<div>\n{b}</div>\n" for b in blocks) + "</div>\n")
@@ -211,7 +186,7 @@ def _figure(fig: Figure) -> str:
     size = _WIDTH.search(svg)
     style = f' style="width: {float(size.group(1)) * 4 / 3 + 10:.0f}px"' if size else ""  # pt -> CSS px + padding
     return (
-        f'<figure id="fig-{_e(fig.name)}">\n<div class="svg"{style} role="img" aria-label="{_e(fig.title)}">\n'
+        f'<figure id="fig-{_e(fig.name)}"{style}>\n<div class="svg" role="img" aria-label="{_e(fig.title)}">\n'
         f"{svg}\n</div>\n<figcaption><strong>{_e(fig.title)}.</strong> {_e(fig.caption)}</figcaption>\n</figure>\n"
     )
 
@@ -231,10 +206,14 @@ def _table_block(table: Table, bare: bool = False) -> str:
     if frame is None or frame.empty:
         return ""
     heads, rows = _cells(frame)
-    numeric = [all(_NUMBER.match(r[j]) for r in rows) and any(r[j] != "—" for r in rows) for j in range(len(heads))]
+    numeric = [
+        h not in _TEXT_COLUMNS and all(_NUMBER.match(r[j]) for r in rows) and any(r[j] != "—" for r in rows)
+        for j, h in enumerate(heads)
+    ]
     th = "".join(f'<th scope="col"{_cls(num)}>{_e(h)}</th>' for h, num in zip(heads, numeric, strict=True))
     body = "".join(
-        "<tr>" + "".join(f"<td{_cls(num, cell)}>{_e(cell)}</td>" for cell, num in zip(r, numeric, strict=True))
+        "<tr>"
+        + "".join(f"<td{_cls(num, cell)}>{_e(cell)}</td>" for cell, num in zip(r, numeric, strict=True))
         + "</tr>\n"
         for r in rows
     )

@@ -133,6 +133,22 @@ def exact_topk(stack: torch.Tensor, k: int, *, dtype: torch.dtype = torch.float3
     return TopK(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous(), "exact")
 
 
+FLOPS = 5e9  # floating-point operations per second assumed for one core when balancing work (only ratios matter)
+
+
+def svd_seconds(m: int, n: int, k: int, method: str) -> float:
+    """A rough cost model of one SVD of an (m, n) matrix, for sharing work fairly between ranks.
+
+    Exact (full economy SVD): about 6·m·n·min(m, n) flops. Randomized top-k: about (2·niter + 4) passes of an
+    (m, n) × (n, q) product with q = k + oversampling, plus the small SVD.
+    """
+    p = min(m, n)
+    if method == "randomized":
+        q = min(k + oversample_for(k), p)
+        return ((2 * NITER + 4) * 2 * m * n * q + 6 * q * q * max(m, n)) / FLOPS
+    return 6 * m * n * p / FLOPS
+
+
 def choose_method(m: int, n: int, k: int, method: SvdMethod = "auto", oversample: int | None = None) -> str:
     """Resolve ``auto``: randomized iff min(m, n) >= AUTO_MIN_DIM and q = k + oversample <= min(m, n) / AUTO_RATIO.
 

@@ -251,6 +251,9 @@ class OutputSet:
 
     def commit(self) -> None:
         """Rename every finished temporary onto its target, back to back, with SIGINT/SIGTERM/SIGHUP held off."""
+        if not _leader():  # under torchrun ranks only rank 0 writes; the others hold identical results
+            self.discard()
+            return
         pending = [o for o in self.outputs.values() if o.tmp is not None or not o.finished]
         for out in pending:
             if not out.finished:
@@ -280,6 +283,15 @@ class OutputSet:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.discard()
+
+
+def _leader() -> bool:
+    """False on every rank but 0 when several torchrun ranks run (torch is not imported for this)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    from ckptdiff.distributed import is_leader
+
+    return is_leader()
 
 
 def standalone(output: PathLike | Output | None, flag: str, inputs: Iterable[object] = ()) -> Output | None:

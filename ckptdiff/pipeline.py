@@ -89,6 +89,9 @@ class Analysis(ABC):
     """
 
     name: ClassVar[str]
+    # Attributes (dicts keyed by tensor name, or sets of names) that hold everything the hooks accumulated: under
+    # several ranks each rank fills them for its own tensors and rank 0 merges them before ``finish``.
+    state_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, sides: Sequence[int] = (0, 1)) -> None:
         self.sides = tuple(sides)
@@ -115,6 +118,26 @@ class Analysis(ABC):
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         """(b, m, n) stacks of same-shape, same-dtype matrices, one per side (Form.MATRIX)."""
         raise NotImplementedError
+
+    def cost(self, item: Aligned) -> float:
+        """Estimated seconds of compute for ``item`` beyond reading it (for balancing work across ranks)."""
+        return 0.0
+
+    def state(self) -> dict[str, Any]:
+        """What this rank accumulated (see ``state_fields``), to be merged on rank 0."""
+        return {f: getattr(self, f) for f in self.state_fields}
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """Fold other ranks' states into this one (each tensor is measured on exactly one rank)."""
+        for state in states:
+            for f, value in state.items():
+                mine = getattr(self, f)
+                if isinstance(mine, dict):
+                    mine.update(value)
+                elif isinstance(mine, set):
+                    mine |= value
+                else:
+                    raise TypeError(f"{type(self).__name__}.{f}: state fields must be dicts or sets")
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """The run failed or was interrupted: drop anything half-written."""
@@ -198,73 +221,152 @@ def _group_key(plan: _Plan) -> tuple[object, ...]:
     return (plan.item.base.shape, plan.sides, *(i.dtype.name if i is not None else None for i in infos))
 
 
+READ_RATE = 2e9  # bytes/s assumed for reading when balancing work across ranks
+
+
+@dataclass
+class _Unit:
+    """The smallest piece of work given to one rank: a tensor read in chunks, a tensor read whole, or a batch."""
+
+    form: Form
+    plans: list[_Plan]
+
+    def nbytes(self) -> int:
+        return sum(Read(p.item, p.sides).nbytes for p in self.plans)
+
+    def cost(self) -> float:
+        compute = sum(a.cost(item) for p in self.plans for a, item, _ in p.wants)
+        return self.nbytes() / READ_RATE + compute
+
+
+def _units(run: Run, plans: Sequence[_Plan]) -> list[_Unit]:
+    """Every plan in a unit, in the single-process order; matrices grouped by (shape, sides, dtypes) into batches.
+
+    A batch's members depend only on the plans, never on how units are spread over ranks, so a batched SVD sees
+    the same stack (and gives the same bits) in one process or many.
+    """
+    units = [_Unit(Form.CHUNKS, [p]) for p in plans if p.forms() == {Form.CHUNKS}]
+    units += [_Unit(Form.TENSOR, [p]) for p in plans if Form.TENSOR in p.forms() and Form.MATRIX not in p.forms()]
+    groups: dict[tuple[object, ...], list[_Plan]] = {}
+    for p in plans:
+        if Form.MATRIX in p.forms():
+            groups.setdefault(_group_key(p), []).append(p)
+    for group in groups.values():
+        costs = [a.matrix_bytes(item) for a, item, form in group[0].wants if form is Form.MATRIX]
+        cap = max(1, run.budget // max(1, *costs))
+        units += [_Unit(Form.MATRIX, group[i : i + cap]) for i in range(0, len(group), cap)]
+    return units
+
+
 def execute(run: Run, analyses: Sequence[Analysis], progress: bool = True, label: str = "reading") -> list[Any]:
-    """Run ``analyses`` over ``run`` in one pass; return their results in order."""
-    plans = plan_reads(run, analyses)
-    matrices = [p for p in plans if Form.MATRIX in p.forms()]
-    whole = [p for p in plans if Form.TENSOR in p.forms() and Form.MATRIX not in p.forms()]
-    chunked = [p for p in plans if p.forms() == {Form.CHUNKS}]
-    total = sum(Read(p.item, p.sides).nbytes for p in plans)
+    """Run ``analyses`` over ``run`` in one pass; return their results in order.
+
+    Under several ranks (:mod:`ckptdiff.distributed`) each rank reads and measures its share of the units, rank 0
+    merges the analyses' states and finishes them, and every rank returns rank 0's results.
+    """
+    from ckptdiff import distributed
+
+    units = distributed.agree(lambda: _units(run, plan_reads(run, analyses)), "planning")
+    w = distributed.world()
+    if w is not None:
+        owner = distributed.balance([u.cost() for u in units], w.size)
+        units = [u for u, r in zip(units, owner, strict=True) if r == w.rank]
+        progress = progress and w.leader
     try:
-        with byte_progress(total, label, progress) as on_bytes:
-            by_name = {p.item.name: p for p in chunked}
-            reads = [Read(p.item, p.sides) for p in chunked]
-            for chunk in iter_chunks(
-                run.sources, reads, device=run.device, chunk_bytes=run.chunk_bytes, on_bytes=on_bytes
-            ):
-                for a, item, _ in by_name[chunk.item.name].wants:
-                    a.on_chunk(item, chunk.start, _pick(chunk.tensors, a.sides))
-            by_name = {p.item.name: p for p in whole}
-            reads = [Read(p.item, p.sides) for p in whole]
-            for read, tensors in iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes):
-                _feed_elementwise(by_name[read.item.name], tensors)
-            _matrix_pass(run, matrices, on_bytes)
-        return [a.finish(run) for a in analyses]
+        distributed.agree(lambda: _read_and_measure(run, units, progress, label), "measuring")
+        if w is None:
+            return [a.finish(run) for a in analyses]
+        states = distributed.all_gather([a.state() for a in analyses])
+        results = None
+        if w.leader:
+            for i, a in enumerate(analyses):
+                a.merge([s[i] for r, s in enumerate(states) if r != w.rank])
+            results = distributed.agree(lambda: [a.finish(run) for a in analyses], "finishing")
+        else:
+            distributed.agree(lambda: None, "finishing")
+        out: list[Any] = distributed.broadcast(results or [])
+        return out
     except BaseException:
         for a in analyses:
             a.abort()
         raise
 
 
-def _matrix_pass(run: Run, plans: Sequence[_Plan], on_bytes: Callable[[int], None]) -> None:
-    """Matrices grouped by (shape, sides, dtypes), read once, batched for every SVD analysis within the budget."""
-    groups: dict[tuple[object, ...], list[_Plan]] = {}
-    for p in plans:
-        groups.setdefault(_group_key(p), []).append(p)
-    ordered = [p for group in groups.values() for p in group]
-    by_name = {p.item.name: p for p in ordered}
-    batch: list[_Plan] = []
+def _read_and_measure(run: Run, units: Sequence[_Unit], progress: bool, label: str) -> None:
+    total = sum(u.nbytes() for u in units)
+    with byte_progress(total, label, progress) as on_bytes:
+        chunked = [p for u in units if u.form is Form.CHUNKS for p in u.plans]
+        by_name = {p.item.name: p for p in chunked}
+        reads = [Read(p.item, p.sides) for p in chunked]
+        for chunk in iter_chunks(run.sources, reads, device=run.device, chunk_bytes=run.chunk_bytes, on_bytes=on_bytes):
+            for a, item, _ in by_name[chunk.item.name].wants:
+                a.on_chunk(item, chunk.start, _pick(chunk.tensors, a.sides))
+        whole = [p for u in units if u.form is Form.TENSOR for p in u.plans]
+        by_name = {p.item.name: p for p in whole}
+        reads = [Read(p.item, p.sides) for p in whole]
+        for read, tensors in iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes):
+            _feed_elementwise(by_name[read.item.name], tensors)
+        _matrix_pass(run, [u.plans for u in units if u.form is Form.MATRIX], on_bytes)
+
+
+def _matrix_pass(run: Run, batches: Sequence[list[_Plan]], on_bytes: Callable[[int], None]) -> None:
+    """Read each batch's matrices once, feed them one by one to the element-wise analyses, then batch the SVDs."""
+    plans = [p for b in batches for p in b]
+    ends: set[int] = set()
+    n = 0
+    for b in batches:
+        n += len(b)
+        ends.add(n - 1)
+    current: list[_Plan] = []
     parts: dict[int, list[torch.Tensor]] = {}
-
-    def cap(p: _Plan) -> int:
-        costs = [a.matrix_bytes(item) for a, item, form in p.wants if form is Form.MATRIX]
-        return max(1, run.budget // max(1, *costs))
-
-    def flush() -> None:
-        stacks = {k: torch.stack(v) for k, v in parts.items()}  # (b, m, n) per side, one dtype each
-        n = len(batch)
-        for a, _, form in batch[0].wants:
-            if form is Form.MATRIX:
-                views = [next(v for b, v, f in p.wants if b is a) for p in batch]
-                a.on_batch(views, tuple(stacks[k] for k in a.sides))
-        batch.clear()
-        parts.clear()
-        del stacks
-        assert n > 0
-
-    reads = [Read(p.item, p.sides) for p in ordered]
-    for read, tensors in iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes):
-        plan = by_name[read.item.name]
-        if batch and (_group_key(plan) != _group_key(batch[0]) or len(batch) >= cap(batch[0])):
-            flush()
+    reads = [Read(p.item, p.sides) for p in plans]
+    for i, (read, tensors) in enumerate(iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes)):
+        plan = plans[i]
+        assert plan.item.name == read.item.name
         _feed_elementwise(plan, tensors)
-        batch.append(plan)
+        current.append(plan)
         for k in plan.sides:
             t = tensors[k]
             assert t is not None
             parts.setdefault(k, []).append(t)
-    if batch:
-        flush()
+        del tensors
+        if i in ends:
+            stacks = {k: torch.stack(v) for k, v in parts.items()}  # (b, m, n) per side, one dtype each
+            parts.clear()
+            for a, _, form in current[0].wants:
+                if form is Form.MATRIX:
+                    views = [next(v for b, v, f in p.wants if b is a) for p in current]
+                    a.on_batch(views, tuple(stacks[k] for k in a.sides))
+            current = []
+            del stacks
+
+
+@contextlib.contextmanager
+def open_run(
+    specs: Sequence[SourceLike],
+    *,
+    labels: Sequence[str],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    batch_budget: float | None = None,
+    progress: bool = True,
+) -> Iterator[Run]:
+    """Resolve the device and budget, open and align the inputs: the :class:`Run` every analysis of a pass shares.
+
+    Under several ranks every step is agreed on (a failure on one rank stops all of them with its message); the
+    sources opened here are closed on leaving, once.
+    """
+    from ckptdiff import distributed
+
+    dev = resolve_device(distributed.device_spec(device))
+    budget = budget_bytes(batch_budget, dev)
+    with contextlib.ExitStack() as stack:
+        opener = open_sources(specs, progress and distributed.is_leader())
+        sources = distributed.agree(lambda: stack.enter_context(opener), "opening")
+        items = distributed.agree(lambda: align(sources, include, exclude, labels=labels), "aligning")
+        filters = {"include": tuple(include), "exclude": tuple(exclude)}
+        yield Run(sources, tuple(labels), tuple(items), dev, budget, filters)
 
 
 def run_analyses(
@@ -280,10 +382,13 @@ def run_analyses(
     label: str = "reading",
 ) -> list[Any]:
     """Open ``specs``, align them, run ``analyses`` in one pass, close what was opened; the results in order."""
-    dev = resolve_device(device)
-    budget = budget_bytes(batch_budget, dev)
-    with open_sources(specs, progress) as sources:
-        items = align(sources, include, exclude, labels=labels)
-        filters = {"include": tuple(include), "exclude": tuple(exclude)}
-        run = Run(sources, tuple(labels), tuple(items), dev, budget, filters)
+    with open_run(
+        specs,
+        labels=labels,
+        include=include,
+        exclude=exclude,
+        device=device,
+        batch_budget=batch_budget,
+        progress=progress,
+    ) as run:
         return execute(run, analyses, progress, label)

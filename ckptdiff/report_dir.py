@@ -53,20 +53,9 @@ def check_directory(directory: str | Path) -> Path:
     return target
 
 
-def _section_figures(figures: Sequence[Figure], key: str, run: str, several: bool) -> list[Figure]:
-    """The figures of one section, by name: '<analysis>_...' and, with several runs, ending '_<run>'."""
-    out = []
-    for f in figures:
-        if not f.name.startswith(key):
-            continue
-        if several and key != "consistency" and not f.name.endswith(f"_{_safe(run)}"):
-            continue
-        out.append(f)
-    return out
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+def _section_figures(figures: Sequence[Figure], key: str, run: str) -> list[Figure]:
+    """The figures of one section: those drawn from that analysis (and fine-tune)."""
+    return [f for f in figures if (f.analysis, f.run) == (key, run)]
 
 
 def to_markdown_dir(report: FullReport, figures: Sequence[Figure]) -> str:
@@ -74,14 +63,13 @@ def to_markdown_dir(report: FullReport, figures: Sequence[Figure]) -> str:
     lines = ["# ckptdiff report", ""]
     lines += [f"- **{k}**: `{v}`" for k, v in report.header.items()]
     lines.append("")
-    several = len(report.runs) > 1
     placed: set[str] = set()
     for (key, run), (heading, section) in zip(report.section_keys(), report.sections(), strict=True):
         body = to_markdown(section).splitlines()
         body = [line for line in body if not line.startswith("- **")]  # the header is given once, above
         body[0] = f"## {heading}"
         lines += body
-        for fig in _section_figures(figures, key, run, several):
+        for fig in _section_figures(figures, key, run):
             if fig.name in placed:
                 continue
             placed.add(fig.name)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from ckptdiff.html import to_html
 
 HOSTILE_TENSOR = "model.layers.1.mlp.<script>alert('tensor')</script>.weight"
 EXTRA_TENSOR = 'extra.<img src=x onerror="alert(1)">'
-LABELS = ["<script>alert(1)</script>", "two & <b>bold</b>"]
-PER_RUN = ("sparsity_heatmap", "ulp_hist", "principal_overlap", "spectral_drift")
+LABELS = ["<script>alert(1)</script>", "two & <b>bold</b> $\\frac{1$"]  # $…$ must not parse as mathtext
+PER_RUN = ("sparsity_heatmap", "sparsity_ulp", "principal_overlap", "spectral_drift")
 CROSS_RUN = ("consistency_jaccard", "consistency_consensus")
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
@@ -58,12 +59,21 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return base_path, [save_single(ft1, root / "ft1.safetensors"), save_single(ft2, root / "ft2.safetensors")]
 
 
+@dataclass(frozen=True)
+class Built:
+    report: FullReport
+    figs: list[Figure]
+    page: str
+    sections: list[tuple[str, str]]  # (heading, report title)
+
+
 @pytest.fixture(scope="module")
-def full(ckpts: tuple[Path, list[Path]]) -> tuple[FullReport, list[Figure], str]:
+def full(ckpts: tuple[Path, list[Path]]) -> Built:
     base, fts = ckpts
     report = full_report(base, fts, labels=LABELS, k=4, svd="exact", progress=False)
     figs = figures(report)
-    return report, figs, to_html(report, figs)
+    sections = [(heading, rep.title) for heading, rep in report.sections()]
+    return Built(report, figs, to_html(report, figs), sections)
 
 
 class _Page(HTMLParser):
@@ -115,8 +125,8 @@ def _check_svg(fig: Figure) -> None:
                 assert ref.startswith("#") and ref[1:] in ids, (fig.name, ref)
 
 
-def test_every_expected_figure_is_present_and_valid_svg(full: tuple[FullReport, list[Figure], str]) -> None:
-    report, figs, _ = full
+def test_every_expected_figure_is_present_and_valid_svg(full: Built) -> None:
+    report, figs = full.report, full.figs
     names = [f.name for f in figs]
     assert len(set(names)) == len(names)
     for name in names:
@@ -136,8 +146,8 @@ def test_every_expected_figure_is_present_and_valid_svg(full: tuple[FullReport, 
     assert "layer" in heatmap.caption
 
 
-def test_html_is_self_contained_and_has_every_section(full: tuple[FullReport, list[Figure], str]) -> None:
-    report, figs, page = full
+def test_html_is_self_contained_and_has_every_section(full: Built) -> None:
+    report, figs, page = full.report, full.figs, full.page
     parsed = _parse(page)
     tags = [t for t, _ in parsed.tags]
     assert "script" not in tags and "link" not in tags and "iframe" not in tags and "img" not in tags
@@ -148,7 +158,7 @@ def test_html_is_self_contained_and_has_every_section(full: tuple[FullReport, li
                 assert not re.search(r"https?://", value), (key, value)
                 assert value.startswith(("#", "data:")), (key, value)
     assert "@import" not in page and "url(http" not in page
-    headings = [h for h, _ in report.sections()]
+    headings = [h for h, _ in full.sections]
     assert len(headings) == 3 * len(report.runs) + 1
     for heading in headings:
         assert heading in parsed.h2
@@ -158,19 +168,19 @@ def test_html_is_self_contained_and_has_every_section(full: tuple[FullReport, li
         assert f'id="fig-{fig.name}"' in page
     # each figure sits in its own section: between that section's heading and the next one
     starts = [page.index(f"<h2>{html.escape(h)}</h2>") for h in headings] + [len(page)]
-    for i, (heading, rep) in enumerate(report.sections()):
+    for i, key in enumerate(report.section_keys()):
         chunk = page[starts[i] : starts[i + 1]]
-        analysis = {"ckptdiff sparsity": "sparsity", "ckptdiff spectral": "spectral"}.get(rep.title)
-        if analysis is not None:
-            run = heading.split(": ", 1)[1]
-            assert all(f'id="fig-{f.name}"' in chunk for f in figs if (f.analysis, f.run) == (analysis, run))
+        mine = [f for f in figs if (f.analysis, f.run) == key]
+        assert mine, key
+        assert all(f'id="fig-{f.name}"' in chunk for f in mine), key
+    assert {f.analysis for f in figs} == {"sparsity", "principal", "spectral", "consistency"}
     assert 'id="fig-consistency_jaccard"' in page[starts[-2] :]
     # numbers formatted as the Markdown tables format them
     assert "0.5000" in page and "<details>" in page
 
 
-def test_hostile_labels_and_names_are_escaped(full: tuple[FullReport, list[Figure], str]) -> None:
-    _, figs, page = full
+def test_hostile_labels_and_names_are_escaped(full: Built) -> None:
+    figs, page = full.figs, full.page
     assert "<script" not in page.lower()
     assert "<img" not in page.lower() and "<b>bold" not in page and "<i>x" not in page
     assert html.escape(LABELS[0]) in page and html.escape(LABELS[1]) in page
@@ -188,13 +198,12 @@ def test_only_what_ran_is_drawn_and_output_is_deterministic(ckpts: tuple[Path, l
     base, fts = ckpts
     report = full_report(base, fts[:1], analyses=["sparsity"], progress=False)
     figs = figures(report)
-    assert [f.name for f in figs] == ["sparsity_heatmap", "ulp_hist"]  # one fine-tune: no run suffix
+    assert [f.name for f in figs] == ["sparsity_heatmap", "sparsity_ulp"]  # one fine-tune: no run suffix
     assert [f.svg for f in figures(report)] == [f.svg for f in figs]
     assert "dc:date" not in figs[0].svg
     page = to_html(report, figs)
     parsed = _parse(page)
     assert parsed.h2 == ["Contents", "Inputs and settings", "Sparsity"]
-    assert to_html(report, figs) == page
 
 
 def test_layerless_and_unchanged_checkpoints_omit_figures(tmp_path: Path) -> None:
@@ -212,7 +221,7 @@ def test_layerless_and_unchanged_checkpoints_omit_figures(tmp_path: Path) -> Non
     figs = figures(report)
     names = {f.name for f in figs}
     # no layers: no heatmap, no per-layer lines; the unchanged run has no ULP histogram
-    assert names == {"ulp_hist_moved", "consistency_jaccard", "consistency_consensus"}
+    assert names == {"sparsity_ulp_moved", "consistency_jaccard", "consistency_consensus"}
     for fig in figs:
         _check_svg(fig)
     page = to_html(report, figs)
@@ -221,11 +230,11 @@ def test_layerless_and_unchanged_checkpoints_omit_figures(tmp_path: Path) -> Non
         assert heading in parsed.h2
 
 
-def test_page_renders_in_a_headless_browser(full: tuple[FullReport, list[Figure], str], tmp_path: Path) -> None:
+def test_page_renders_in_a_headless_browser(full: Built, tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no chromium/chromium-browser/google-chrome on PATH to render the page with")
-    _, _, page = full
+    page = full.page
     index = tmp_path / "index.html"
     index.write_text(page, encoding="utf-8")
     shot = tmp_path / "shot.png"

@@ -23,9 +23,10 @@ from ckptdiff import rules as R
 from ckptdiff.alignment import Aligned, align
 from ckptdiff.analyses.common import SourceLike, row_basics
 from ckptdiff.choices import DEFAULT_K
+from ckptdiff.distributed import agree
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
-from ckptdiff.pipeline import Analysis, Run, budget_bytes, execute, open_sources
+from ckptdiff.pipeline import Analysis, execute, open_run
 from ckptdiff.sources import Source
 from ckptdiff.stream import resolve_device
 
@@ -229,15 +230,20 @@ def check(
                 s.close()
     else:
         todo = plugins(needed, shared, {r.metric for r in config.rules})
-        dev = resolve_device(shared.device)
-        with open_sources([base, ft], shared.progress) as sources:
-            items = align(sources, shared.include, shared.exclude, labels=["base", "ft"])
-            R.check_scopes(config.rules, config.structural, (it.name for it in items))  # before any expensive work
-            filters = {"include": tuple(shared.include), "exclude": tuple(shared.exclude)}
-            run = Run(sources, ("base", "ft"), tuple(items), dev, budget_bytes(None, dev), filters)
+        with open_run(
+            [base, ft],
+            labels=("base", "ft"),
+            include=shared.include,
+            exclude=shared.exclude,
+            device=shared.device,
+            progress=shared.progress,
+        ) as run:
+            items = list(run.items)
+            names = [it.name for it in items]
+            agree(lambda: R.check_scopes(config.rules, config.structural, names), "checking scopes")
             results = execute(run, list(todo.values()), shared.progress, "checking")
             frames = {name: r.to_frame() for name, r in zip(todo, results, strict=True)}
-            resolved = [s.resolved for s in sources]
+            resolved = [s.resolved for s in run.sources]
     structural = config.structural if config.structural.active else None
     outcome = R.evaluate(config.rules, frames, structural)
     if same_param_count:

@@ -430,6 +430,7 @@ class ConsistencyAnalysis(Analysis):
     """Per-tensor update masks of every fine-tune against the base, reduced to exact counts."""
 
     name = "consistency"
+    state_fields = ("counts",)
 
     def __init__(self, labels: Sequence[str], mode: CompareMode = CompareMode(), sides: Sequence[int] | None = None):
         super().__init__(sides if sides is not None else range(len(labels) + 1))

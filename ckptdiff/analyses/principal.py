@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff import choices, linalg
+from ckptdiff import choices, distributed, linalg
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.declarations import PRINCIPAL, figures
@@ -359,6 +359,7 @@ class PrincipalAnalysis(Analysis):
     """Principal-weight overlap per 2-D matrix of one base/fine-tune pair, in batched top-k SVDs of the base."""
 
     name = "principal"
+    state_fields = ("results", "nonfinite")
 
     def __init__(
         self,
@@ -396,6 +397,11 @@ class PrincipalAnalysis(Analysis):
         per = linalg.workspace_bytes((m, n), in0, self.cdtype, work=work, k=self.k, device_type=dev)  # type: ignore[arg-type]
         return per + m * n * (torch.empty((), dtype=in1).element_size() + 1)
 
+    def cost(self, item: Aligned) -> float:
+        """Seconds for the top-k SVD of W0 (see linalg.svd_seconds)."""
+        m, n = item.base.shape
+        return linalg.svd_seconds(m, n, self.k, linalg.choose_method(m, n, self.k, self.svd))
+
     def params(self, run: Run) -> dict[str, object]:
         """The header's parameters."""
         return {
@@ -412,6 +418,8 @@ class PrincipalAnalysis(Analysis):
         self.device_type = run.device.type
         self.head = run.header("principal-overlap", self.sides, self.mode, **self.params(run))
         if self.mask_out is not None:
+            if distributed.world() is not None:
+                raise InputError("--save-masks is not supported with several ranks (torchrun); run one process for it")
             meta = {"format": MASK_FORMAT, "packing": MASK_PACKING, **self.head}
             shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in items if it.is_matrix]
             self.writer = _MaskFile(self.mask_out, shapes, meta)

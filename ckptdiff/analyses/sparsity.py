@@ -148,6 +148,7 @@ class SparsityAnalysis(Analysis):
     """Update masks counted chunk by chunk for every comparable tensor of one base/fine-tune pair."""
 
     name = "sparsity"
+    state_fields = ("totals", "totals_bf16")
 
     def __init__(self, mode: CompareMode = CompareMode(), sides: Sequence[int] = (0, 1)) -> None:
         super().__init__(sides)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ckptdiff import choices
+from ckptdiff import choices, linalg
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
 from ckptdiff.declarations import SPECTRAL, by_name
@@ -280,6 +280,7 @@ class SpectralAnalysis(Analysis):
     """Spectral drift and top-k rotation per 2-D matrix of one base/fine-tune pair, in batched SVDs."""
 
     name = "spectral"
+    state_fields = ("results", "nonfinite", "spectra")
 
     def __init__(
         self,
@@ -309,6 +310,11 @@ class SpectralAnalysis(Analysis):
     def matrix_bytes(self, item: Aligned) -> int:
         widest = max((i.dtype for i in item.infos if i is not None), key=lambda x: x.itemsize).torch
         return _per_matrix_bytes(item.base.shape, widest, self.dt, self.device_type, self.with_null)
+
+    def cost(self, item: Aligned) -> float:
+        """Seconds for the two full SVDs (base and fine-tune) of one matrix (see linalg.svd_seconds)."""
+        m, n = item.base.shape
+        return 2 * linalg.svd_seconds(m, n, min(m, n), "exact")
 
     def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
         self.items = list(items)

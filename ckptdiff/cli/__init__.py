@@ -30,11 +30,14 @@ app = typer.Typer(
 )
 
 P = ParamSpec("P")
+# 0 in a single process; under torchrun (WORLD_SIZE > 1) -1 until the process group is joined, then the rank.
+_RANK = -1 if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
 R = TypeVar("R")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"ckptdiff: error: {message}", err=True)
+    if _RANK == 0:  # under torchrun, every rank stops with the same code; rank 0 alone says why
+        typer.echo(f"ckptdiff: error: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -117,7 +120,33 @@ def main() -> None:
     # OpenMP threads that spin while waiting make LAPACK (the SVDs) tens of times slower when the machine is
     # shared or oversubscribed; passive waiting costs nothing measurable here. Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app(prog_name="ckptdiff")
+    if _RANK < 0:  # launched by torchrun with several ranks
+        _run_as_rank()
+    else:
+        app(prog_name="ckptdiff")
+
+
+def _run_as_rank() -> None:
+    """One torchrun rank: join the process group, run the command; rank 0 alone prints and writes."""
+    global _RANK
+    from ckptdiff import distributed
+
+    device = "auto"
+    if "--device" in sys.argv[:-1]:
+        device = sys.argv[sys.argv.index("--device") + 1]
+    try:
+        world = distributed.init_from_env(device)
+    except Exception as e:
+        typer.echo(f"ckptdiff: error: cannot join the torchrun process group ({e}); check the launch", err=True)
+        raise SystemExit(2) from None
+    _RANK = world.rank if world is not None else 0
+    if _RANK != 0:
+        devnull = open(os.devnull, "w")  # noqa: SIM115 - kept open for the life of the process
+        sys.stdout = devnull
+    try:
+        app(prog_name="ckptdiff")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover
