@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from fnmatch import fnmatchcase
 
 from ckptdiff.errors import InputError
+from ckptdiff.log import log
 from ckptdiff.naming import natural_key, selected
 from ckptdiff.sources import Source, TensorInfo
 
@@ -113,6 +115,26 @@ def status_of(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> tupl
     return (Status.OK if present[0].dtype.is_float else Status.NON_FLOAT), ""
 
 
+def require_comparable(items: Sequence[Aligned], sources: Sequence[Source]) -> None:
+    """Fail (exit 2) when no tensor can be compared at all, saying why: nothing to measure is not a result."""
+    if not items or any(it.comparable for it in items):
+        return
+    counts: dict[Status, int] = {}
+    for it in items:
+        counts[it.status] = counts.get(it.status, 0) + 1
+    ranked = sorted(counts.items(), key=lambda x: -x[1])
+    why = ", ".join(f"{n} {status.value.replace('_', ' ')}" for status, n in ranked)
+    names = [n for s in sources for n in s.infos]
+    if any("lora_" in n or ".lora" in n for n in names):
+        hint = "; this looks like a LoRA adapter: merge it into its base model first (e.g. peft's merge_and_unload)"
+    elif counts.get(Status.SHAPE_MISMATCH, 0) == len(items):
+        hint = "; every shape differs: these look like different model sizes or architectures"
+    else:
+        hint = "; the names differ: these look like different models, or one uses another naming scheme"
+    specs = " and ".join(s.spec for s in sources)
+    raise InputError(f"nothing to compare between {specs}: no tensor has one shape on every side ({why}){hint}")
+
+
 def align(
     sources: Sequence[Source],
     include: Sequence[str] = (),
@@ -131,6 +153,10 @@ def align(
         infos = tuple(s.infos.get(name) for s in sources)
         status, detail = status_of(infos, labels)
         out.append(Aligned(name, infos, status, detail))
+    for flag, globs in (("--include", include), ("--exclude", exclude)):
+        for glob in globs if out else ():  # with nothing left, the error below says it all
+            if not any(fnmatchcase(n, glob) for n in names):
+                log.warning(f"{flag} {glob!r} matches no tensor name; check the glob (it matches full names)")
     if not out and (include or exclude):
         raise InputError(
             "the --include/--exclude filters match no tensor; check the globs (they match full names, "

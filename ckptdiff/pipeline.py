@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ckptdiff.alignment import Aligned, align
+from ckptdiff.alignment import Aligned, align, require_comparable
 from ckptdiff.analyses.common import SourceLike, header, open_source
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
@@ -365,6 +365,7 @@ def open_run(
         opener = open_sources(specs, progress and distributed.is_leader())
         sources = distributed.agree(lambda: stack.enter_context(opener), "opening")
         items = distributed.agree(lambda: align(sources, include, exclude, labels=labels), "aligning")
+        distributed.agree(lambda: require_comparable(items, sources), "aligning")
         filters = {"include": tuple(include), "exclude": tuple(exclude)}
         yield Run(sources, tuple(labels), tuple(items), dev, budget, filters)
 

@@ -237,3 +237,38 @@ def test_a_failing_analysis_aborts_every_analysis(tmp_path: Path) -> None:
     with pytest.raises(_Boom):
         execute(_run([src, src], ("base", "ft")), [Watching(Form.CHUNKS), Failing(Form.MATRIX)], progress=False)
     assert aborted == ["watching"]
+
+
+@pytest.mark.parametrize(
+    ("base", "ft", "expect"),
+    [
+        ({"a.weight": torch.ones(4, 4)}, {"a.weight": torch.ones(4, 5)}, "1 shape mismatch"),
+        ({"a.weight": torch.ones(4)}, {"b.weight": torch.ones(4)}, "1 only base, 1 only ft"),
+        (
+            {"model.q.weight": torch.ones(4, 4)},
+            {
+                "base_model.model.q.lora_A.weight": torch.ones(2, 4),
+                "base_model.model.q.lora_B.weight": torch.ones(4, 2),
+            },
+            "LoRA adapter",
+        ),
+    ],
+)
+def test_nothing_comparable_is_an_input_error_that_says_why(
+    tmp_path: Path, base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], expect: str
+) -> None:
+    b = save_single(base, tmp_path / "b.safetensors")
+    f = save_single(ft, tmp_path / "f.safetensors")
+    with pytest.raises(InputError, match="nothing to compare") as err:
+        sparsity(str(b), str(f), progress=False)
+    assert expect in str(err.value)
+
+
+def test_a_glob_that_matches_nothing_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = save_single({"m.a.weight": torch.ones(3), "m.b.weight": torch.ones(3)}, tmp_path / "x.safetensors")
+    with caplog.at_level("WARNING", logger="ckptdiff"):
+        result = sparsity(str(path), str(path), include=["m.a.*", "m.typo.*"], progress=False)
+    assert list(result.to_frame()["tensor"]) == ["m.a.weight"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "--include 'm.typo.*' matches no tensor name; check the glob (it matches full names)"
+    ]

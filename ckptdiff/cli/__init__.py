@@ -47,7 +47,10 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from ckptdiff.errors import CkptdiffError
+        from ckptdiff.log import to_stderr
         from ckptdiff.outputs import signals_as_interrupts
+
+        to_stderr(enabled=_RANK == 0)  # under torchrun, rank 0 alone speaks
 
         debug = os.environ.get("CKPTDIFF_DEBUG", "") not in ("", "0")
         try:
