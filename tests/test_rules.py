@@ -480,3 +480,23 @@ def test_pyproject_flat_tool_ckptdiff_table(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[tool.ckptdiff]\nrules = ["sparsity >= 0.5"]\nsame_keys = true\n')
     cfg = load_pyproject(tmp_path)
     assert cfg is not None and [str(r) for r in cfg.rules] == ["sparsity >= 0.5"] and cfg.structural.same_keys
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"tool = 5\n", False),  # not a table: no ckptdiff rules, not a crash
+        (b"[tool]\nckptdiff = 5\n", False),
+        (b"[tool.ckptdiff]\nrules = ['sparsity >= 0.5']\n", True),
+    ],
+)
+def test_pyproject_shapes_that_hold_no_rules_are_not_errors(tmp_path: Path, content: bytes, found: bool) -> None:
+    (tmp_path / "pyproject.toml").write_bytes(content)
+    assert (load_pyproject(tmp_path) is not None) == found
+
+
+def test_a_rules_file_that_is_not_utf8_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_bytes(b"rules = ['sparsity \xff >= 0.5']\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        load_config(path)

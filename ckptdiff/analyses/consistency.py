@@ -9,6 +9,7 @@ every rollup (module type, layer, linear layers, overall) is exact: counts are s
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def _tails(spec: str) -> list[str]:
         repo, _, rev = spec.partition("@")
         name = repo.split("/")[-1]
         return [name, f"{name}@{rev}", f"{repo}@{rev}"] if rev else [name, repo]
-    parts = [p for p in path.resolve().parts if p not in ("/", "")] or [spec]
+    parts = [p for p in Path(os.path.abspath(path)).parts if p not in ("/", "")] or [spec]  # no resolve(): loops
     stem = parts[-1].split(".")[0]
     generic = path.is_file() and (stem in _GENERIC_STEMS or parts[-1].endswith(".index.json") or "-of-" in stem)
     if generic and len(parts) > 1:

@@ -48,6 +48,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"config file {path} does not exist: check the --config path") from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from None
+    except UnicodeDecodeError:
+        raise InputError(f"config file {path} is not UTF-8 text, as TOML must be: re-save it as UTF-8") from None
     except OSError as exc:
         raise InputError(f"cannot read config file {path} ({exc.strerror}): check the path") from None
 
@@ -85,7 +87,8 @@ def config_from_table(table: dict[str, Any], where: str) -> CheckConfig:
 
 def _check_table(data: dict[str, Any]) -> dict[str, Any] | None:
     """The rules of a parsed pyproject.toml: [tool.ckptdiff.check] if present, else [tool.ckptdiff] itself."""
-    tool = data.get("tool", {}).get("ckptdiff")
+    tool = data.get("tool")
+    tool = tool.get("ckptdiff") if isinstance(tool, dict) else None
     if not isinstance(tool, dict):
         return None
     table = tool.get("check", tool)
