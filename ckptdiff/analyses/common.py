@@ -8,18 +8,19 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptdiff import __version__
+from ckptdiff import __version__, fp8
 from ckptdiff.alignment import Aligned
 from ckptdiff.metrics.mask import CompareMode, comparison_dtype
-from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
 from ckptdiff.sources import Source, resolve
+from ckptdiff.views import logical
 
 SourceLike = str | Source
 
 
 def open_source(src: SourceLike, progress: bool = True) -> Source:
-    """Resolve a path or Hub id, or pass an already open source through."""
-    return src if isinstance(src, Source) else resolve(str(src), progress=progress)
+    """Resolve a path or Hub id to its logical view (``views.logical``), or pass an already open source through."""
+    return src if isinstance(src, Source) else logical(resolve(str(src), progress=progress))
 
 
 def header(
@@ -46,7 +47,11 @@ def header(
 
 
 def row_basics(item: Aligned) -> dict[str, object]:
-    """The leading columns of every per-tensor row: tensor, layer, module, shape, dtypes, numel, status."""
+    """The leading columns of every per-tensor row: tensor, layer, module, expert, shape, dtypes, numel, status.
+
+    A block-scaled FP8 weight's dtype reads ``f8_e4m3/128x128`` (stored codes / block size; its values are
+    compared dequantized, in fp32).
+    """
     infos = item.infos
     base, ft = infos[0], infos[-1]
     shape_src = base or ft
@@ -55,13 +60,19 @@ def row_basics(item: Aligned) -> dict[str, object]:
         "tensor": item.name,
         "layer": layer_of(item.name),
         "module": module_of(item.name),
+        "expert": expert_of(item.name),
         "shape": "x".join(str(d) for d in shape) if shape else "scalar",
-        "dtype_base": base.dtype.short if base is not None else "",
-        "dtype_ft": ft.dtype.short if ft is not None else "",
+        "dtype_base": fp8.label(base) if base is not None else "",
+        "dtype_ft": fp8.label(ft) if ft is not None else "",
         "numel": shape_src.numel if shape_src is not None else 0,
         "linear": is_linear(item.name, shape),
         "status": item.status.value,
     }
+
+
+def item_detail(item: Aligned) -> str:
+    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.fp8)."""
+    return "; ".join(d for d in (item.detail, fp8.notes(item.infos)) if d)
 
 
 def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dtype:

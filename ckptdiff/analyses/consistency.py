@@ -17,12 +17,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ckptdiff import fp8
 from ckptdiff.alignment import Aligned, Status
-from ckptdiff.analyses.common import SourceLike
+from ckptdiff.analyses.common import SourceLike, item_detail
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
-from ckptdiff.metrics.mask import CompareMode, compare_mode, comparison_dtype, dtype_name, exponent_bins, update_mask
-from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.metrics.mask import (
+    CompareMode,
+    compare_mode,
+    comparison_dtype,
+    dtype_name,
+    exponent_bins,
+    update_mask,
+    widen_fp8,
+)
+from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
 from ckptdiff.numeric import AGREEMENT_BAND, against_one, ratio
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.report import Report, Table
@@ -33,6 +42,7 @@ COLUMNS = [
     "tensor",
     "layer",
     "module",
+    "expert",
     "shape",
     "numel",
     "linear",
@@ -404,20 +414,21 @@ def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
         "tensor": it.name,
         "layer": layer_of(it.name),
         "module": module_of(it.name),
+        "expert": expert_of(it.name),
         "shape": "x".join(str(d) for d in shape) if shape else "scalar",
         "numel": shape_src.numel if shape_src is not None else 0,
         "linear": is_linear(it.name, shape),
-        "dtype_base": base.dtype.short if base is not None else "",
-        "dtypes_ft": ",".join(i.dtype.short if i is not None else "" for i in fts),
+        "dtype_base": fp8.label(base) if base is not None else "",
+        "dtypes_ft": ",".join(fp8.label(i) if i is not None else "" for i in fts),
         "compared_as": ",".join(compared_as),
         "status": it.status.value,
-        "detail": it.detail or ("not a float tensor: no update mask" if it.comparable and not it.is_float else ""),
+        "detail": item_detail(it) or ("not a float tensor: no update mask" * (it.comparable and not it.is_float)),
     }
 
 
 def _tensor_counts(tensors: tuple[torch.Tensor, ...], mode: CompareMode) -> Consistency:
     """Masks and signs of every run on the tensors' device, then the base's bins; counts only come back."""
-    w0, fts = tensors[0].reshape(-1), [t.reshape(-1) for t in tensors[1:]]  # (n,) each
+    w0, fts = widen_fp8(tensors[0].reshape(-1)), [widen_fp8(t.reshape(-1)) for t in tensors[1:]]  # (n,) each
     masks = [update_mask(w0, w1, mode) for w1 in fts]  # R x (n,) bool
     signs = [delta_sign(w0, w1) for w1 in fts]  # R x (n,) int8
     del fts

@@ -27,10 +27,10 @@ import torch
 
 from ckptdiff import choices, linalg
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
 from ckptdiff.declarations import PRINCIPAL, figures
 from ckptdiff.errors import InputError
-from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask
+from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.outputs import Output, standalone
@@ -61,6 +61,7 @@ COLUMNS = [
     "tensor",
     "layer",
     "module",
+    "expert",
     "shape",
     "dtype_base",
     "dtype_ft",
@@ -389,7 +390,7 @@ class PrincipalAnalysis(Analysis):
     def matrix_bytes(self, item: Aligned) -> int:
         """The SVD workspace plus the W1 matrix and the update mask."""
         m, n = item.base.shape
-        in0, in1 = (info.dtype.torch for info in item.infos if info is not None)
+        in0, in1 = (widened(info.dtype.torch) for info in item.infos if info is not None)  # fp8 is upcast
         dev = self.device_type
         chosen = linalg.choose_method(m, n, self.k, self.svd)  # type: ignore[arg-type]
         work = "randomized" if chosen == "randomized" else "svd"
@@ -417,7 +418,7 @@ class PrincipalAnalysis(Analysis):
             self.writer = _MaskFile(self.mask_out, shapes, meta)
 
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
-        w0s, w1s = stacks
+        w0s, w1s = (widen_fp8(s) for s in stacks)  # exact; torch has no isfinite or SVD for fp8
         rows = _batch_rows(
             items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
         )
@@ -500,7 +501,7 @@ def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: Com
             else "not analysed: base has non-finite values (SVD undefined)"
         )
     row["analysed"] = result is not None
-    row["detail"] = reason or it.detail
+    row["detail"] = reason or item_detail(it)
     row.update(asdict(result) if result is not None else dict.fromkeys(_RESULT_FIELDS, math.nan))
     if result is None:
         row["numel"] = row_basics(it)["numel"]

@@ -21,7 +21,7 @@ import torch
 
 from ckptdiff import choices
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
 from ckptdiff.declarations import SPECTRAL, by_name
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
@@ -45,7 +45,8 @@ NULL_COLUMNS = [
     "angle_v_max_null_ratio",
 ]
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
-LEAD_COLUMNS = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "compared_as", "numel", "linear"]
+LEAD_COLUMNS = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "compared_as", "numel"]
+LEAD_COLUMNS.append("linear")
 TAIL_COLUMNS = ["analysed", "status", "outcome", "detail"]
 TOP_MATRICES = 10
 TOP_LAYERS = 3
@@ -413,7 +414,7 @@ def _row(
     if result is not None:
         values = asdict(result)
         row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
-        row["detail"] = item.detail
+        row["detail"] = item_detail(item)
         row["outcome"] = Outcome.ANALYSED.value
         return row
     row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
