@@ -323,7 +323,7 @@ def test_consistency_and_check_on_fp8(ckpts: dict[str, Path], tmp_path: Path, sd
     rules = rules_of([f"changed@{Q} == {want}", "nss@*q_proj* > 0", "ratio_principal > 0"])
     report = check(ckpts["base"], ckpts["ft"], rules)
     assert report.passed, report.to_json()
-    assert "fp8 findings" not in report.header and "128x128" in report.header["base"]
+    assert "fp8_findings" not in report.header and "128x128" in report.header["base"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def test_mismatched_and_orphan_scales_are_findings(tmp_path: Path) -> None:
     p = _rows(ckptdiff.principal_overlap(base, ft, k=4, progress=False).to_frame())
     assert p.loc[Q, "analysed"] and "fp8 weight not dequantized" in p.loc[Q, "detail"]
     report = check(base, ft, CheckConfig(structural=StructuralRules(same_keys=True)), header_only=True)
-    assert "not dequantized" in report.header["fp8 findings"] and report.passed
+    assert "not dequantized" in report.header["fp8_findings"] and report.passed
 
 
 # ---------------------------------------------------------------------------------------------

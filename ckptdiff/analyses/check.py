@@ -247,7 +247,7 @@ def check(
     head = _header(resolved, shared, header_only, origin, needed)
     found = fp8_findings(items)
     if found:
-        head["fp8 findings"] = found
+        head["fp8_findings"] = found
     return CheckReport(head, outcome, ran)
 
 
