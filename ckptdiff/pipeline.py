@@ -235,6 +235,8 @@ def _matrix_pass(run: Run, plans: Sequence[_Plan], on_bytes: Callable[[int], Non
     by_name = {p.item.name: p for p in ordered}
     batch: list[_Plan] = []
     parts: dict[int, list[torch.Tensor]] = {}
+    # Progress follows the work: a matrix's bytes are reported once its batch's SVDs are done, not when read.
+    batch_bytes, last_read = [0], [0]
 
     def cap(p: _Plan) -> int:
         costs = [a.matrix_bytes(item) for a, item, form in p.wants if form is Form.MATRIX]
@@ -251,12 +253,18 @@ def _matrix_pass(run: Run, plans: Sequence[_Plan], on_bytes: Callable[[int], Non
         parts.clear()
         del stacks
         assert n > 0
+        on_bytes(batch_bytes[0])
+        batch_bytes[0] = 0
+
+    def read_bytes(nbytes: int) -> None:
+        last_read[0] = nbytes
 
     reads = [Read(p.item, p.sides) for p in ordered]
-    for read, tensors in iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes):
+    for read, tensors in iter_tensors(run.sources, reads, device=run.device, on_bytes=read_bytes):
         plan = by_name[read.item.name]
         if batch and (_group_key(plan) != _group_key(batch[0]) or len(batch) >= cap(batch[0])):
             flush()
+        batch_bytes[0] += last_read[0]
         _feed_elementwise(plan, tensors)
         batch.append(plan)
         for k in plan.sides:

@@ -274,7 +274,7 @@ def _header(
 
     out = {"analysis": "check", "ckptdiff": __version__, "base": resolved[0], "ft": resolved[1]}
     if origin:
-        out["rules from"] = origin
+        out["rules_from"] = origin
     out["mode"] = "header-only (no tensor data read)" if header_only else shared.mode.describe()
     if shared.include:
         out["include"] = ", ".join(shared.include)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 from collections.abc import Sequence
 
 import torch
@@ -31,19 +32,30 @@ def header(
     mode: CompareMode | None = None,
     **params: object,
 ) -> dict[str, str]:
-    """The report header: tool version, inputs as resolved, comparison mode, parameters, device."""
+    """The report header: tool version, inputs as resolved, comparison mode, parameters, device.
+
+    Keys are snake_case (:func:`header_key`): a fine-tune labelled ``rl-seed1`` is ``ft_rl_seed1``.
+    """
     out: dict[str, str] = {"analysis": analysis, "ckptdiff": __version__}
     for role, src in zip(roles, sources, strict=True):
-        out[role] = src.resolved
+        key = header_key(role)
+        while key in out:  # labels that differ only in punctuation or case
+            key += "_"
+        out[key] = src.resolved
     if mode is not None:
         out["comparison"] = mode.describe()
     for key, value in params.items():
-        out[key] = str(value)
+        out[header_key(key)] = str(value)
     out["device"] = str(device)
     out["torch"] = torch.__version__
     out["host"] = platform.node()
     out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return out
+
+
+def header_key(name: str) -> str:
+    """A report header key in snake_case: lower case, runs of anything but letters and digits as one ``_``."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "_"
 
 
 def row_basics(item: Aligned) -> dict[str, object]:

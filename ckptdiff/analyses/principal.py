@@ -35,7 +35,7 @@ from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principa
 from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.outputs import Output, standalone
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest, expected_skips
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"
 MASK_PACKING = (
@@ -86,6 +86,21 @@ _SHOWN = [
     "energy_principal",
     "energy_principal_random",
 ]
+# The terminal's columns of the per-module / per-layer tables, under short headers (see report.Table.view).
+_VIEW = {
+    "overlap_principal": "ov_P",
+    "ratio_principal": "P/rand",
+    "ratio_principal_magnitude": "P/mag",
+    "overlap_low": "ov_low",
+    "ratio_low_magnitude": "low/mag",
+    "energy_principal": "E_k",
+    "energy_principal_random": "E_k_rand",
+}
+_LEGEND = (
+    "ov_P, ov_low: overlap of the update with the principal and the low-magnitude mask; P/rand, P/mag, low/mag: "
+    "overlap over its random and magnitude-matched baselines; E_k: update energy in the top-k subspace (E_k_rand: "
+    "an isotropic random update's). All columns: --json, --rollups-csv."
+)
 
 
 def rollup(df: pd.DataFrame) -> dict[str, float]:
@@ -174,12 +189,11 @@ class PrincipalOverlapResult:
 
     def _summary(self) -> list[str]:
         o = self.overall()
-        n_skipped = len(self.to_frame()) - int(o["tensors"])
-        skipped = f" {n_skipped} tensor(s) not analysed (1-D, non-float or mismatched; see the list)." * bool(n_skipped)
         if o["tensors"] == 0:
-            return ["No 2-D float matrix was analysed." + skipped]
+            return ["No 2-D float matrix was analysed."]
         if o["changed"] == 0:
-            return [f"No entry of the {int(o['tensors'])} analysed matrices changed: overlaps are undefined." + skipped]
+            n = count(int(o["tensors"]), "analysed matrix", "analysed matrices")
+            return [f"No entry of the {n} changed: overlaps are undefined."]
         lines = [principal_sentence(o, self.alpha)]
         pnl = (o["overlap_principal_not_low"], o["ratio_principal_not_low"], o["ratio_principal_not_low_magnitude"])
         lines.append(
@@ -197,9 +211,10 @@ class PrincipalOverlapResult:
             )
         lin = self.linear_only()
         lines.append(
-            f"{int(o['tensors'])} matrices, {int(o['changed']):,} updated entries (density {o['update_density']:.4f}); "
+            f"{count(int(o['tensors']), 'matrix', 'matrices')}, {int(o['changed']):,} updated entries "
+            f"(density {o['update_density']:.4f}); "
             f"linear layers only: ratio {lin['ratio_principal']:.2f}, magnitude-matched "
-            f"{lin['ratio_principal_magnitude']:.2f}.{skipped}"
+            f"{lin['ratio_principal_magnitude']:.2f}."
         )
         return lines
 
@@ -214,10 +229,12 @@ class PrincipalOverlapResult:
         tables = [Table("Overall", overall, note)]
         for key, title in (("module", "Per module type"), ("layer", "Per layer")):
             g = self.by(key)
-            tables.append(Table(title, g[_SHOWN] if not g.empty else g))
-        return Report(
-            "ckptdiff principal-overlap", self.header, self._summary(), tables, self.to_frame(), self.structural()
-        )
+            tables.append(Table(title, g[_SHOWN] if not g.empty else g, view=_VIEW, legend=_LEGEND))
+        df = self.to_frame()
+        listed = ~df["analysed"].astype(bool) | (df["detail"] != "")  # as structural() lists them
+        findings, notes = digest(df, listed, expected_skips(df))
+        findings = findings[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
+        return Report("ckptdiff principal-overlap", self.header, self._summary() + notes, tables, df, findings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 
@@ -139,7 +139,7 @@ class SparsityResult:
         lin = self.linear_only()
         summary = [
             f"Update sparsity (fraction of entries unchanged) {o['sparsity']:.4f} overall "
-            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {int(o['tensors'])} tensors); "
+            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {count(int(o['tensors']), 'tensor')}); "
             f"linear layers only {lin['sparsity']:.4f}.",
         ]
         if "sparsity_bf16" in o:
@@ -150,13 +150,23 @@ class SparsityResult:
         if o["changed"]:
             share1 = o["ulp_1"] / o["changed"]
             summary.append(f"{share1:.1%} of changed entries moved by exactly 1 ULP of the compared dtype.")
+        findings, notes = self._findings()
+        summary += notes
         overall = pd.DataFrame({"overall": o, "linear layers": lin})
         overall.index.name = "figure"
+        grid = self.grid()
+        per_layer = self.by("layer")
+        if not grid.empty:  # every layer on one line: the layer's sparsity over all its tensors, then per module
+            grid.insert(0, "all", per_layer["sparsity"].reindex(grid.index))
         tables = [
             Table("Overall (parameter-weighted)", overall),
             Table("Per module type", self.by("module")),
-            Table("Per layer", self.by("layer")),
-            Table("Sparsity, layer x module (linear matrices)", self.grid()),
+            Table("Per layer", per_layer, terminal=grid.empty),
+            Table(
+                "Sparsity, layer x module (linear matrices)",
+                grid,
+                "all: every tensor of the layer (norms included); the modules: its linear matrices.",
+            ),
         ]
         if not self.by("expert").empty:
             tables += [
@@ -164,7 +174,20 @@ class SparsityResult:
                 Table("Experts that moved most (layer, expert; highest density first)", self.top_experts()),
             ]
         tensors = self.to_frame()
-        return Report("ckptdiff sparsity", self.header, summary, tables, tensors, self.structural())
+        return Report("ckptdiff sparsity", self.header, summary, tables, tensors, findings)
+
+    def _findings(self) -> tuple[pd.DataFrame, list[str]]:
+        """The structural rows worth listing, and one line each for integer tensors and a model-wide dtype change."""
+        df = self.to_frame()
+        listed = (df["status"] != Status.OK.value) | (df["detail"] != "")  # as structural() lists them
+        is_int = df["status"] == Status.NON_FLOAT.value
+        found, lines = digest(df, listed & ~is_int, pd.Series("", index=df.index))
+        ints = df[is_int]
+        if len(ints):
+            moved = ints[ints["changed"].fillna(0) > 0]["tensor"].astype(str).tolist()
+            which = "none changed" if not moved else f"changed: {', '.join(moved[:3])}" + " ..." * (len(moved) > 3)
+            lines.append(f"{count(len(ints), 'integer/bool tensor')} compared exactly ({which}).")
+        return found[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape", "changed"]], lines
 
 
 def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeCounts | None, as_: str) -> dict:
