@@ -59,11 +59,25 @@ class Metric:
     statuses: frozenset[str]  # structural statuses whose rows enter the metric
     per_tensor: Callable[[pd.DataFrame], pd.Series]
     aggregate: Callable[[pd.DataFrame], float]
+    # Rows whose value is a number but not a measurement (e.g. a principal angle of an unstable subspace): they
+    # are left out of the scope figure, and ``check`` says so in a note.
+    defined: Callable[[pd.DataFrame], pd.Series] | None = None
+    undefined_why: str = ""
 
-    def rows(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The rows of ``frame`` this metric is defined over."""
+    def measured(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of ``frame`` that have a value of this metric (right status, no NA in the columns it reads)."""
         ok = frame["status"].isin(self.statuses) & frame[list(self.needs)].notna().all(axis=1)
         return frame[ok]
+
+    def rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of ``frame`` this metric is defined over: measured, and meaningful (see ``defined``)."""
+        rows = self.measured(frame)
+        return rows[self.defined(rows)] if self.defined is not None and len(rows) else rows
+
+    def left_out(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Measured rows whose value is not meaningful, so not part of the scope figure."""
+        rows = self.measured(frame)
+        return rows[~self.defined(rows)] if self.defined is not None and len(rows) else rows.iloc[:0]
 
     def over(self, frame: pd.DataFrame) -> float:
         """The metric over every usable row of ``frame`` (NaN when none is usable)."""
@@ -76,14 +90,17 @@ def _count(name: str, analysis: AnalysisName, statuses: frozenset[str] = FLOAT_C
 
 
 def _maximum(name: str) -> Metric:
+    angle = name.startswith("angle_")
     return Metric(
         name,
         "spectral",
-        "maximum over the scope (the worst matrix)",
+        "maximum over the scope (the worst matrix" + (" whose angles are defined and stable)" if angle else ")"),
         (name,),
         COMPARABLE,
         _col(name),
         lambda f: float(f[name].astype("float64").max()),
+        angles_ok if angle else None,
+        ANGLES_WHY if angle else "",
     )
 
 
@@ -275,6 +292,36 @@ def _per_parameter(name: str) -> Metric:
         _col(name),
         weighted,
     )
+
+
+# Principal angles between top-k subspaces are a measurement only when the subspaces are well defined. Per matrix
+# the spectral analysis's ``angles`` column says: ``ok``; ``trivial_k`` when k = min(m, n) (the top-k subspace of
+# the shorter side is the whole space: its angles are 0 by construction, and σ_{k+1} does not exist, so there is
+# no gap); ``unstable_gap`` when the Wedin bound arcsin(‖ΔW‖₂ / (σ_k − σ_{k+1})) is at least WEDIN_UNSTABLE_DEG
+# (the update is as large as the gap, so the top-k and the next directions can trade places: a large angle says
+# the gap is small, not that the subspace turned). Only ``ok`` angles enter the worst-matrix figures, the
+# rankings and ``check`` rules.
+WEDIN_UNSTABLE_DEG = 45.0
+ANGLES_WHY = (
+    f"angles undefined (trivial_k: k = min(m, n)) or unstable (unstable_gap: Wedin bound >= {WEDIN_UNSTABLE_DEG:g}°)"
+)
+
+
+def angle_status(k: float, shape: str, wedin_deg: float, delta_2: float) -> str:
+    """``ok``, ``trivial_k`` or ``unstable_gap`` for one analysed matrix (see :data:`WEDIN_UNSTABLE_DEG`)."""
+    dims = [int(d) for d in str(shape).split("x")]
+    if len(dims) == 2 and k >= min(dims):
+        return "trivial_k"
+    if delta_2 == 0:
+        return "ok"  # nothing moved: angles are 0 whatever the gap
+    return "ok" if wedin_deg < WEDIN_UNSTABLE_DEG else "unstable_gap"  # NaN (a zero gap) is unstable too
+
+
+def angles_ok(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose principal angles are a measurement (all rows of a frame without an ``angles`` column)."""
+    if "angles" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return frame["angles"] == "ok"
 
 
 SPECTRAL: tuple[Metric, ...] = (

@@ -15,7 +15,8 @@ import torch
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
-from ckptdiff.sources import HUB_ID, Source, TensorInfo, resolve
+from ckptdiff.safetensors_header import I64_MAX
+from ckptdiff.sources import HUB_ID, Source, TensorInfo, resolve, stat_input
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _PICKLES_ONLY = "header-only mode needs safetensors ({what} holds PyTorch pickles, which have no header); "
@@ -38,7 +39,7 @@ class HeaderSource(Source):
 def open_headers(spec: str) -> HeaderSource:
     """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data."""
     path = Path(spec).expanduser()
-    if path.exists():
+    if stat_input(spec) is not None:  # refuses links that loop, pipes and devices before anything is opened
         return _local(spec, path)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _hub(spec)
@@ -54,6 +55,7 @@ def _local(spec: str, path: Path) -> HeaderSource:
     if path.is_dir() and not _has_safetensors(path) and _has_pickles(path):
         raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
     src = resolve(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
+    src.close()
     return HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
 
 
@@ -92,6 +94,12 @@ def _hub(spec: str) -> HeaderSource:
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"could not fetch the safetensors headers of Hub repo {spec}: {_first_line(e)}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        # huggingface_hub parses the remote header itself and trips over malformed entries with these
+        raise InputError(
+            f"Hub repo {spec} has a corrupt safetensors header ({type(e).__name__}: {_first_line(e)}); "
+            "report it upstream"
+        ) from None
     infos = infos_from_hub_metadata(spec, meta)
     label = f"hub:{repo}@{revision or 'main'} ({len(meta.files_metadata)} safetensors file(s), headers only)"
     return HeaderSource(spec, label, infos)
@@ -113,7 +121,13 @@ def infos_from_hub_metadata(spec: str, meta: Any) -> dict[str, TensorInfo]:
                     f"Hub repo {spec}: tensor {name!r} appears in both {infos[name].file} and {filename}; "
                     "the repo's shards overlap"
                 )
-            infos[name] = TensorInfo(name, dt, tuple(int(d) for d in tensor.shape), f"hub:{filename}")
+            shape = tensor.shape
+            if not isinstance(shape, (list, tuple)) or not all(type(d) is int and 0 <= d <= I64_MAX for d in shape):
+                raise InputError(
+                    f"Hub repo {spec}: tensor {name!r} in {filename} has shape {str(shape)[:60]}, which is not a list "
+                    "of non-negative integers; the repo's safetensors header is corrupt: report it upstream"
+                )
+            infos[name] = TensorInfo(name, dt, tuple(shape), f"hub:{filename}")
     return infos
 
 

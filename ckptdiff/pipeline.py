@@ -320,7 +320,7 @@ def _matrix_pass(run: Run, batches: Sequence[list[_Plan]], on_bytes: Callable[[i
     current: list[_Plan] = []
     parts: dict[int, list[torch.Tensor]] = {}
     reads = [Read(p.item, p.sides) for p in plans]
-    for i, (read, tensors) in enumerate(iter_tensors(run.sources, reads, device=run.device, on_bytes=on_bytes)):
+    for i, (read, tensors) in enumerate(iter_tensors(run.sources, reads, device=run.device)):
         plan = plans[i]
         assert plan.item.name == read.item.name
         _feed_elementwise(plan, tensors)
@@ -337,6 +337,8 @@ def _matrix_pass(run: Run, batches: Sequence[list[_Plan]], on_bytes: Callable[[i
                 if form is Form.MATRIX:
                     views = [next(v for b, v, f in p.wants if b is a) for p in current]
                     a.on_batch(views, tuple(stacks[k] for k in a.sides))
+            # Progress follows the work: a batch's bytes count once its SVDs are done, not when it is read.
+            on_bytes(sum(Read(p.item, p.sides).nbytes for p in current))
             current = []
             del stacks
 

@@ -4,16 +4,16 @@ A source knows every tensor's name, dtype and shape from headers alone, and read
 flat range of a tensor, on demand. Nothing is loaded up front, so memory does not grow with model size.
 
 Supported inputs: a ``.safetensors`` file; a directory with ``model.safetensors`` or a sharded set with
-``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict (weights-only, memory-mapped);
+``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict (weights-only, positioned reads);
 a Hugging Face Hub id ``org/name[@revision]`` (see :mod:`ckptdiff.hub`).
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
-import pickle
 import re
+import stat
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptdiff import dtypes
+from ckptdiff import dtypes, fileio, torch_archive
+from ckptdiff import safetensors_header as st_header
 from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = st_header.MAX_HEADER_BYTES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -67,7 +68,7 @@ class Source(ABC):
 
         ``out``, a uint8 buffer large enough for the bytes, is filled and viewed instead of allocating:
         reusing buffers avoids the page faults of fresh memory, which cost more than the read itself.
-        Sources that need no copy (memory-mapped pickles) ignore it.
+        Sources that must gather a non-contiguous view allocate instead.
         """
 
     def read_full(self, name: str) -> torch.Tensor:
@@ -97,51 +98,75 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     """Parse and validate one safetensors header: infos, absolute data offsets, and ``__metadata__``.
 
     Every check that can be made without reading tensor data is made here, so a truncated or corrupt
-    file fails before any work starts.
+    file fails before any work starts. The header rules are exactly those of the ``safetensors`` library
+    (see :mod:`ckptdiff.safetensors_header`).
     """
+    infos, offsets, meta, _ = _read_safetensors_header(path)
+    return infos, offsets, meta
+
+
+def _read_safetensors_header(
+    path: Path,
+) -> tuple[dict[str, TensorInfo], dict[str, int], dict[str, str], tuple[int, int]]:
+    """:func:`read_safetensors_header`, plus the file's (device, inode) so later reads can check it is the same."""
     what = f"safetensors file {path}"
-    fix = "re-download or re-save it"
+    fd, st = fileio.open_regular(path, what)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
+        size = st.st_size
+        try:
+            head = fileio.pread_bytes(fd, 8, 0)
             if len(head) < 8:
-                raise InputError(f"{what} is truncated (shorter than its 8-byte header length); {fix}")
+                raise InputError(f"{what} is truncated (shorter than its 8-byte header length); {st_header.FIX}")
             hlen = int.from_bytes(head, "little")
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise InputError(f"{what} is corrupt or truncated (header length {hlen} exceeds the file); {fix}")
-            raw = f.read(hlen)
-    except OSError as e:
-        raise InputError(f"cannot read {what}: {e.strerror}; check the path and permissions") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError(f"{what} has a corrupt header (not valid JSON); {fix}") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{what} has a corrupt header (not a JSON object); {fix}")
+            st_header.check_length(hlen, size)
+            raw = fileio.pread_bytes(fd, hlen, 8)
+        except OSError as e:
+            raise InputError(f"cannot read {what}: {e.strerror}; check the file") from None
+        if len(raw) < hlen:
+            raise InputError(f"{what} is truncated (it ends inside its header); {st_header.FIX}")
+        header = st_header.parse(raw, size - 8 - hlen)
+    except st_header.HeaderProblem as p:
+        raise InputError(f"{what} {p.reason}; {p.fix}") from None
+    finally:
+        os.close(fd)
     data_start = 8 + hlen
-    meta = header.pop("__metadata__", None) or {}
     infos: dict[str, TensorInfo] = {}
     offsets: dict[str, int] = {}
-    for name, entry in header.items():
-        try:
-            dt = dtypes.from_name(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{what} has a malformed header entry for tensor {name!r}; {fix}") from None
+    for entry in header.entries:
+        dt = dtypes.from_name(entry.dtype)
         if dt is None:
-            raise InputError(f"{what}: tensor {name!r} has dtype {entry['dtype']!r}, which ckptdiff does not support")
-        info = TensorInfo(name, dt, shape, str(path))
-        if end - begin != info.nbytes or begin < 0:
-            raise InputError(f"{what}: tensor {name!r} has data offsets that disagree with its shape; {fix}")
-        if data_start + end > size:
+            supported = ", ".join(dtypes.BY_NAME)
             raise InputError(
-                f"{what} is truncated: tensor {name!r} ends at byte {data_start + end} of {size}; {fix}"
+                f"{what}: tensor {entry.name!r} has dtype {entry.dtype!r}, which ckptdiff does not support "
+                f"(it compares {supported})"
             )
-        infos[name] = info
-        offsets[name] = data_start + begin
-    return infos, offsets, {str(k): str(v) for k, v in meta.items()}
+        if entry.shape and max(entry.shape) > st_header.I64_MAX:
+            raise InputError(
+                f"{what}: tensor {entry.name!r} has shape {list(entry.shape)}, with a dimension of 2^63 or more, which "
+                f"PyTorch cannot represent; {st_header.FIX}"
+            )
+        infos[entry.name] = TensorInfo(entry.name, dt, entry.shape, str(path))
+        offsets[entry.name] = data_start + entry.begin
+    return infos, offsets, header.metadata, (st.st_dev, st.st_ino)
+
+
+def _read_at(fd: int, buf: np.ndarray, pos: int, what: str, name: str) -> None:
+    """Fill ``buf`` from byte ``pos``: a short read means the file shrank after its header was checked."""
+    try:
+        got = fileio.pread_into(fd, memoryview(buf), pos)  # type: ignore[arg-type]
+    except OSError as e:
+        raise InputError(f"cannot read tensor {name!r} from {what}: {e.strerror}; check the file") from None
+    if got < len(buf):
+        raise InputError(
+            f"{what} ended early while reading tensor {name!r} (was it truncated or rewritten while ckptdiff "
+            "read it?); rerun on a complete file"
+        )
+
+
+def _as_dtype(buf: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if buf.size == 0:  # an empty numpy buffer has a zero stride, which torch cannot view as another dtype
+        return torch.empty(0, dtype=dtype)
+    return torch.from_numpy(buf).view(dtype)
 
 
 class SafetensorsSource(Source):
@@ -151,9 +176,11 @@ class SafetensorsSource(Source):
         super().__init__(spec, resolved)
         self._spans: dict[str, _Span] = {}
         self._fds: dict[str, int] = {}
+        self._identity: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         for path in files:
-            infos, offsets, _ = read_safetensors_header(path)
+            infos, offsets, _, identity = _read_safetensors_header(path)
+            self._identity[str(path)] = identity
             for name, info in infos.items():
                 if name in self.infos:
                     raise InputError(
@@ -174,7 +201,7 @@ class SafetensorsSource(Source):
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = os.open(path, os.O_RDONLY)
+                fd = fileio.reopen(path, f"safetensors file {path}", self._identity[path])
                 self._fds[path] = fd
             return fd
 
@@ -184,16 +211,8 @@ class SafetensorsSource(Source):
         size = info.dtype.itemsize
         buf = np.empty(n * size, dtype=np.uint8) if out is None else out[: n * size]
         span = self._spans[name]
-        fd = self._fd(span.path)
-        pos = span.offset + start * size
-        view = memoryview(buf)  # type: ignore[arg-type]
-        done = 0
-        while done < len(buf):
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got <= 0:
-                raise InputError(f"safetensors file {span.path} ended early while reading {name!r}; re-download it")
-            done += got
-        return torch.from_numpy(buf).view(info.dtype.torch)
+        _read_at(self._fd(span.path), buf, span.offset + start * size, f"safetensors file {span.path}", name)
+        return _as_dtype(buf, info.dtype.torch)
 
     def close(self) -> None:
         with self._lock:
@@ -207,57 +226,88 @@ class SafetensorsSource(Source):
 
 
 class TorchFileSource(Source):
-    """A ``.bin``/``.pt`` state dict (or several shards), loaded weights-only and memory-mapped."""
+    """A ``.bin``/``.pt`` state dict (or several shards): unpickled weights-only, data read with positioned reads.
+
+    Nothing but the pickle is read up front (see :mod:`ckptdiff.torch_archive`); no mmap, so a file truncated
+    while it is read fails with a message instead of SIGBUS.
+    """
 
     def __init__(self, spec: str, files: list[Path], resolved: str):
         super().__init__(spec, resolved)
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._stored: dict[str, torch_archive.StoredTensor] = {}
+        self._paths: dict[str, str] = {}
+        self._identity: dict[str, tuple[int, int]] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._strided: tuple[str, torch.Tensor] | None = None  # the last non-contiguous tensor, flattened
         for path in files:
-            for name, t in _load_torch_file(path).items():
-                if name in self._tensors:
+            stored, identity = _load_torch_file(path)
+            self._identity[str(path)] = identity
+            for name, t in stored.items():
+                if name in self._stored:
                     raise InputError(f"tensor {name!r} appears twice in the shards of {spec}; re-save the checkpoint")
                 dt = dtypes.from_torch(t.dtype)
                 if dt is None:
                     raise InputError(f"{path}: tensor {name!r} has dtype {t.dtype}, which ckptdiff does not support")
-                self._tensors[name] = t
-                self.infos[name] = TensorInfo(name, dt, tuple(t.shape), str(path))
+                self._stored[name] = t
+                self._paths[name] = str(path)
+                self.infos[name] = TensorInfo(name, dt, t.shape, str(path))
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = fileio.reopen(path, f"PyTorch file {path}", self._identity[path])
+                self._fds[path] = fd
+            return fd
 
     def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
-        flat = self._tensors[name].reshape(-1)
-        end = flat.numel() if count is None else start + count
-        return flat[start:end]
+        info = self.infos[name]
+        t = self._stored[name]
+        n = info.numel - start if count is None else count
+        if not t.contiguous:
+            return self._flat(name)[start : start + n]
+        size = info.dtype.itemsize
+        buf = np.empty(n * size, dtype=np.uint8) if out is None else out[: n * size]
+        path = self._paths[name]
+        _read_at(self._fd(path), buf, t.storage_pos + (t.offset + start) * size, f"PyTorch file {path}", name)
+        return _as_dtype(buf, info.dtype.torch)
+
+    def _flat(self, name: str) -> torch.Tensor:
+        """A non-contiguous view (a transpose, a strided slice) in row-major order; the last one is kept."""
+        with self._lock:
+            if self._strided is not None and self._strided[0] == name:
+                return self._strided[1]
+        t = self._stored[name]
+        dtype = self.infos[name].dtype
+        first, end = t.span
+        buf = np.empty((end - first) * dtype.itemsize, dtype=np.uint8)
+        path = self._paths[name]
+        _read_at(self._fd(path), buf, t.storage_pos + first * dtype.itemsize, f"PyTorch file {path}", name)
+        flat = _as_dtype(buf, dtype.torch).as_strided(t.shape, t.stride, t.offset - first).reshape(-1)
+        with self._lock:
+            self._strided = (name, flat)
+        return flat
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._strided = None
 
 
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True and mmap=True; unwrap ``{"state_dict": ...}``."""
+def _load_torch_file(path: Path) -> tuple[dict[str, torch_archive.StoredTensor], tuple[int, int]]:
+    """Where every tensor of a ``torch.save`` state dict lies in ``path``, validated (no data read).
+
+    Unwraps ``{"state_dict": ...}``; also returns the file's (device, inode) so later reads can check that
+    they read the file that was validated.
+    """
+    fd, st = fileio.open_regular(path, f"PyTorch file {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise InputError(
-            f"{path} is not a weights-only PyTorch checkpoint (it pickles code or objects, which ckptdiff refuses "
-            f"to execute): {str(e).splitlines()[0]}; convert it to safetensors from a trusted environment"
-        ) from None
-    except RuntimeError as e:
-        msg = str(e).splitlines()[0]
-        if "mmap" in msg or "zipfile" in msg or "zip archive" in msg:
-            raise InputError(
-                f"{path} uses PyTorch's legacy (non-zip) format, which cannot be memory-mapped; "
-                "re-save it with torch.save or convert it to safetensors"
-            ) from None
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg}); check the file") from None
-    except (EOFError, OSError, ValueError) as e:
-        msg = f"{path} is not a readable PyTorch checkpoint ({e}); check the file or re-download it"
-        raise InputError(msg) from None
-    for key in ("state_dict", "model_state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict of named tensors")
-    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not out and obj:
-        raise InputError(f"{path} holds no tensors at its top level; pass a state dict")
-    return out
+        return torch_archive.read_archive(path, fd, st.st_size), (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,11 +352,41 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     raise InputError(f"directory {d} holds no checkpoint (.safetensors, index.json, .bin or .pt); check the path")
 
 
+def stat_input(spec: str) -> os.stat_result | None:
+    """What the local path ``spec`` names, or None if nothing; :class:`InputError` if it cannot be a checkpoint.
+
+    Checked before anything is opened: a symbolic-link loop, a dangling link, a path that cannot be accessed,
+    and anything but a regular file or a folder (a named pipe would block ``open`` forever, a device never end).
+    """
+    path = Path(spec).expanduser()
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if path.is_symlink():
+            raise InputError(f"{spec} is a symbolic link to a path that does not exist; fix the link") from None
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(
+                f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
+            ) from None
+        raise InputError(f"cannot access {spec}: {e.strerror}; check the path and permissions") from None
+    except ValueError:  # an embedded NUL byte
+        raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise InputError(
+            f"{spec} is {fileio.kind(st.st_mode)}, not a checkpoint file or folder; pass a regular file, a folder "
+            "or a Hub id"
+        )
+    return st
+
+
 def resolve(spec: str, *, progress: bool = True) -> Source:
     """Turn a path or Hub id into a lazy :class:`Source`; raise :class:`InputError` on anything unusable."""
     path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_dir():
+    found = stat_input(spec)
+    if found is not None:
+        if stat.S_ISDIR(found.st_mode):
             return _from_directory(spec, path)
         suffix = path.suffix.lower()
         if suffix == ".safetensors":

@@ -217,14 +217,14 @@ def test_config_file_and_pyproject(pair: tuple[Path, Path], tmp_path: Path, monk
     (work / "pyproject.toml").write_text('[tool.ckptdiff.check]\nrules = ["sparsity >= 0.999"]\n')
     res = invoke(*pair, "-f", "json")
     assert res.exit_code == 1  # sparsity is about 0.95
-    assert "pyproject.toml" in as_json(res)["header"]["rules from"]
+    assert "pyproject.toml" in as_json(res)["header"]["rules_from"]
     rules = tmp_path / "rules.toml"
     rules.write_text(f'rules = ["changed@{EMBED} == 0"]\nsame-keys = true\n')
     res = invoke(*pair, "--config", str(rules), "--expect-unchanged", "lm_head.*", "-f", "json")
     assert res.exit_code == 0, res.output  # --config replaces pyproject; command-line rules add to it
     doc = as_json(res)
     assert [r["rule"] for r in doc["rules"]] == [f"changed@{EMBED} == 0", "same_keys", "unchanged@lm_head.*"]
-    assert doc["header"]["rules from"] == f"{rules} + command line"
+    assert doc["header"]["rules_from"] == f"{rules} + command line"
 
 
 def test_example_rules_file_gates_the_pair(pair: tuple[Path, Path]) -> None:
@@ -403,9 +403,8 @@ def test_header_only_hub_ids(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_real_principal_and_spectral_analyses(pair: tuple[Path, Path]) -> None:
     pytest.importorskip("ckptdiff.analyses.principal")
     pytest.importorskip("ckptdiff.analyses.spectral")
-    res = invoke(
-        *pair, "-r", "ratio_principal <= 100", "-r", "nss@*.mlp.* < 10", "-r", "angle_u_max_deg <= 90", "-f", "json"
-    )
+    rules = ["-r", "ratio_principal <= 100", "-r", "nss@*.mlp.* < 10", "-r", "angle_u_max_deg <= 90"]
+    res = invoke(*pair, *rules, "--k", "4", "-f", "json")  # k < min(m, n): angles are measured, not 0 by definition
     assert res.exit_code == 0, res.output
     doc = as_json(res)
     assert doc["analyses"] == ["principal", "spectral"]

@@ -180,14 +180,15 @@ def test_labels_derived_and_overridden(tmp_path: Path, base_sd: dict[str, torch.
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["labels"] == ["seed1", "seed2"]
-    assert "ft seed1" in doc["header"] and str(a) in doc["header"]["ft seed1"]
+    assert "ft_seed1" in doc["header"] and str(a) in doc["header"]["ft_seed1"]
 
     args = ["consistency", str(base), str(a), str(b), str(c), "-l", "A", "-l", "B", "--label", "C", "-f", "csv", "-q"]
     res = runner.invoke(_app(), args)
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].split(",") == COLUMNS
-    pairs = {tuple(line.split(",")[6:8]) for line in lines[1:]}
+    at = COLUMNS.index("run_a")
+    pairs = {tuple(line.split(",")[at : at + 2]) for line in lines[1:]}
     assert pairs == {("A", "B"), ("A", "C"), ("B", "C")}
 
 

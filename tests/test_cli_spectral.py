@@ -58,9 +58,16 @@ def orthonormal(m: int, p: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(m, p, generator=gen(seed), dtype=torch.float64))[0]  # (m, p)
 
 
+def spectrum() -> torch.Tensor:
+    """σ(W0) of the rotated matrix: a wide gap after the top K, so its Wedin bound (about 15°) is informative and
+    the angle counts as a measurement (declarations.WEDIN_UNSTABLE_DEG)."""
+    top = torch.tensor([10.0, 9.0, 8.0, 7.0], dtype=torch.float64)[:K]
+    return torch.cat([top, torch.linspace(2.0, 1.0, N - K, dtype=torch.float64)])
+
+
 def rotated_pair(theta_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
     """W0 = U diag(s) Vᵀ and W1 with u_1 turned by theta towards u_{K+1} (outside the top K): one principal angle θ."""
-    s = torch.linspace(10.0, 1.0, N, dtype=torch.float64)
+    s = spectrum()
     u, v = orthonormal(M, N, 1), orthonormal(N, N, 2)  # (M, N), (N, N)
     t = math.radians(theta_deg)
     u1 = u.clone()
@@ -117,8 +124,9 @@ def test_known_answers_through_the_cli(pair: tuple[Path, Path], tmp_path: Path) 
     assert sc["delta_stable_rank"] == pytest.approx(_stable_rank(build()[0][SCALED]), rel=1e-5)
     for col in ("angle_u_max_deg", "angle_v_max_deg", "angle_u_mean_deg", "angle_v_mean_deg"):
         assert sc[col] < 1e-5
-    s = torch.linspace(10.0, 1.0, N, dtype=torch.float64)
+    s = spectrum()
     assert rot["gap_k"] == pytest.approx(float(s[K - 1] - s[K]), rel=1e-5)
+    assert rot["wedin_bound_deg"] < 45 and rot["angles"] == "ok"
 
 
 def _stable_rank(w0: torch.Tensor) -> float:

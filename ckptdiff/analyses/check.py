@@ -21,7 +21,7 @@ import torch
 
 from ckptdiff import rules as R
 from ckptdiff.alignment import Aligned, align
-from ckptdiff.analyses.common import SourceLike, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, row_basics
 from ckptdiff.choices import DEFAULT_K
 from ckptdiff.distributed import agree
 from ckptdiff.errors import InputError
@@ -175,8 +175,9 @@ def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
 
 def header_frame(items: Sequence[Aligned]) -> pd.DataFrame:
     """The per-tensor frame structural rules read, from headers alone (``changed`` is unknown: NA)."""
-    rows = [{**row_basics(it), "detail": it.detail, "changed": pd.NA} for it in items]
-    columns = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status", "detail"]
+    rows = [{**row_basics(it), "detail": item_detail(it), "changed": pd.NA} for it in items]
+    columns = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status"]
+    columns.append("detail")
     return pd.DataFrame(rows, columns=[*columns, "changed"]).astype({"numel": "Int64", "changed": "Int64"})
 
 
@@ -249,13 +250,27 @@ def check(
     if same_param_count:
         outcome = R.CheckResult((*outcome.results, param_count_result(items)))
     ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
-    return CheckReport(_header(resolved, shared, header_only, origin, needed), outcome, ran)
+    head = _header(resolved, shared, header_only, origin, needed)
+    found = fp8_findings(items)
+    if found:
+        head["fp8_findings"] = found
+    return CheckReport(head, outcome, ran)
+
+
+def fp8_findings(items: Sequence[Aligned], most: int = 5) -> str:
+    """The tensors whose FP8 storage could not be read as intended (see ckptdiff.fp8), for the report header."""
+    from ckptdiff.fp8 import notes
+
+    found = [f"{it.name}: {note}" for it in items if (note := notes(it.infos))]
+    more = f"; ... {len(found)} in all" if len(found) > most else ""
+    return "; ".join(found[:most]) + more
 
 
 def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
     from ckptdiff.headers import open_headers
+    from ckptdiff.views import logical
 
-    return [s if isinstance(s, Source) else open_headers(str(s)) for s in (base, ft)]
+    return [s if isinstance(s, Source) else logical(open_headers(str(s))) for s in (base, ft)]
 
 
 def _header(
@@ -265,7 +280,7 @@ def _header(
 
     out = {"analysis": "check", "ckptdiff": __version__, "base": resolved[0], "ft": resolved[1]}
     if origin:
-        out["rules from"] = origin
+        out["rules_from"] = origin
     out["mode"] = "header-only (no tensor data read)" if header_only else shared.mode.describe()
     if shared.include:
         out["include"] = ", ".join(shared.include)

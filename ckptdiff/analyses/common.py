@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 from collections.abc import Sequence
 
 import torch
 
-from ckptdiff import __version__
+from ckptdiff import __version__, fp8
 from ckptdiff.alignment import Aligned
 from ckptdiff.metrics.mask import CompareMode, comparison_dtype
-from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
 from ckptdiff.sources import Source, resolve
+from ckptdiff.views import logical
 
 SourceLike = str | Source
 
 
 def open_source(src: SourceLike, progress: bool = True) -> Source:
-    """Resolve a path or Hub id, or pass an already open source through."""
-    return src if isinstance(src, Source) else resolve(str(src), progress=progress)
+    """Resolve a path or Hub id to its logical view (``views.logical``), or pass an already open source through."""
+    return src if isinstance(src, Source) else logical(resolve(str(src), progress=progress))
 
 
 def header(
@@ -30,14 +32,20 @@ def header(
     mode: CompareMode | None = None,
     **params: object,
 ) -> dict[str, str]:
-    """The report header: tool version, inputs as resolved, comparison mode, parameters, device."""
+    """The report header: tool version, inputs as resolved, comparison mode, parameters, device.
+
+    Keys are snake_case (:func:`header_key`): a fine-tune labelled ``rl-seed1`` is ``ft_rl_seed1``.
+    """
     out: dict[str, str] = {"analysis": analysis, "ckptdiff": __version__}
     for role, src in zip(roles, sources, strict=True):
-        out[role] = src.resolved
+        key = header_key(role)
+        while key in out:  # labels that differ only in punctuation or case
+            key += "_"
+        out[key] = src.resolved
     if mode is not None:
         out["comparison"] = mode.describe()
     for key, value in params.items():
-        out[key] = str(value)
+        out[header_key(key)] = str(value)
     out["device"] = str(device)
     out["torch"] = torch.__version__
     out["host"] = platform.node()
@@ -45,8 +53,17 @@ def header(
     return out
 
 
+def header_key(name: str) -> str:
+    """A report header key in snake_case: lower case, runs of anything but letters and digits as one ``_``."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "_"
+
+
 def row_basics(item: Aligned) -> dict[str, object]:
-    """The leading columns of every per-tensor row: tensor, layer, module, shape, dtypes, numel, status."""
+    """The leading columns of every per-tensor row: tensor, layer, module, expert, shape, dtypes, numel, status.
+
+    A block-scaled FP8 weight's dtype reads ``f8_e4m3/128x128`` (stored codes / block size; its values are
+    compared dequantized, in fp32).
+    """
     infos = item.infos
     base, ft = infos[0], infos[-1]
     shape_src = base or ft
@@ -55,13 +72,19 @@ def row_basics(item: Aligned) -> dict[str, object]:
         "tensor": item.name,
         "layer": layer_of(item.name),
         "module": module_of(item.name),
+        "expert": expert_of(item.name),
         "shape": "x".join(str(d) for d in shape) if shape else "scalar",
-        "dtype_base": base.dtype.short if base is not None else "",
-        "dtype_ft": ft.dtype.short if ft is not None else "",
+        "dtype_base": fp8.label(base) if base is not None else "",
+        "dtype_ft": fp8.label(ft) if ft is not None else "",
         "numel": shape_src.numel if shape_src is not None else 0,
         "linear": is_linear(item.name, shape),
         "status": item.status.value,
     }
+
+
+def item_detail(item: Aligned) -> str:
+    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.fp8)."""
+    return "; ".join(d for d in (item.detail, fp8.notes(item.infos)) if d)
 
 
 def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dtype:

@@ -18,15 +18,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ckptdiff import fp8
 from ckptdiff.alignment import Aligned, Status
-from ckptdiff.analyses.common import SourceLike
+from ckptdiff.analyses.common import SourceLike, item_detail
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
-from ckptdiff.metrics.mask import CompareMode, compare_mode, comparison_dtype, dtype_name, exponent_bins, update_mask
-from ckptdiff.naming import is_linear, layer_of, module_of
+from ckptdiff.metrics.mask import (
+    CompareMode,
+    compare_mode,
+    comparison_dtype,
+    dtype_name,
+    exponent_bins,
+    update_mask,
+    widen_fp8,
+)
+from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
 from ckptdiff.numeric import AGREEMENT_BAND, against_one, ratio
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest
 from ckptdiff.sources import HUB_ID, Source
 
 # Per-(tensor, pair) CSV columns, in order.
@@ -34,6 +43,7 @@ COLUMNS = [
     "tensor",
     "layer",
     "module",
+    "expert",
     "shape",
     "numel",
     "linear",
@@ -65,6 +75,22 @@ COLUMNS = [
     "detail",
 ]
 _METRICS = COLUMNS[COLUMNS.index("n_a") : COLUMNS.index("same_sign") + 1]
+_ITEM_COLUMNS = ("tensor", "status", "detail", "dtype_base", "dtypes_ft", "shape")
+# The terminal's columns of the rollup tables, under short headers (see report.Table.view).
+_VIEW = {
+    "jaccard": "jaccard",
+    "jaccard_random": "J_rand",
+    "jaccard_magnitude": "J_mag",
+    "vs_magnitude": "J/J_mag",
+    "same_sign": "same_sign",
+    "all_runs": "all_runs",
+}
+_PAIR_VIEW = {"jaccard": "jaccard", "jaccard_random": "J_rand", "jaccard_magnitude": "J_mag", "same_sign": "same_sign"}
+_LEGEND = (
+    "J_rand, J_mag: the random and magnitude-matched baselines of the Jaccard (J/J_mag: their ratio); same_sign: "
+    "share of the entries both runs changed that moved the same way; all_runs: share of entries every run "
+    "changed. All columns: --json, --rollups-csv."
+)
 _INTS = ["layer", "numel", "n_a", "n_b", "n_both", "n_union", "n_signed", "n_same_sign"]
 _GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "adapter_model", "weights", "checkpoint"}
 
@@ -321,8 +347,8 @@ class ConsistencyResult:
                 "undefined (shown as —)."
             ]
         out = [
-            f"Mean off-diagonal Jaccard {f['jaccard']:.4f} over {self.n_runs} runs ({n_pairs} pairs, "
-            f"{len(self.compared())} tensors, {o.numel:,} entries): random baseline pq/(p+q−pq) "
+            f"Mean off-diagonal Jaccard {f['jaccard']:.4f} over {self.n_runs} runs ({count(n_pairs, 'pair')}, "
+            f"{count(len(self.compared()), 'tensor')}, {o.numel:,} entries): random baseline pq/(p+q−pq) "
             f"{f['jaccard_random']:.4f}, magnitude-matched baseline {f['jaccard_magnitude']:.4f}.",
         ]
         vs = f["vs_magnitude"]
@@ -353,8 +379,9 @@ class ConsistencyResult:
         if not math.isnan(f["same_sign"]):
             out.append(f"{f['same_sign']:.1%} of entries changed by both runs of a pair moved in the same direction.")
         cons = self.consensus()
+        every = "both runs" if self.n_runs == 2 else f"all {self.n_runs} runs"
         out.append(
-            f"{cons['fraction'].iloc[-1]:.2%} of entries were changed by all {self.n_runs} runs (independent runs: "
+            f"{cons['fraction'].iloc[-1]:.2%} of entries were changed by {every} (independent runs: "
             f"{cons['fraction_random'].iloc[-1]:.2%}); {cons['fraction'].iloc[0]:.2%} by none."
         )
         return out
@@ -366,16 +393,26 @@ class ConsistencyResult:
             {name: _figures(c) for name, c in (("overall", o), ("linear layers", lin)) if c is not None}
         )
         overall.index.name = "figure"
+        matrix = self.matrix(o)
+        numbered = matrix.set_axis([str(i) for i in range(1, len(matrix.columns) + 1)], axis=1)
+        numbered.index = pd.MultiIndex.from_arrays([range(1, len(matrix) + 1), matrix.index], names=["#", "run"])
         tables = [
             Table("Overall (counts summed over tensors)", overall),
             Table(
                 "Pairwise Jaccard, overall",
-                self.matrix(o),
+                matrix,
                 "Each cell: Jaccard (magnitude-matched baseline, docs/metrics.md §2b).",
+                compact=numbered,  # columns by run number when the labels make the matrix too wide
             ),
-            Table("Pairs, overall", self.pairs(o), "overlap_a = |A∩B|/|A| (random baseline: density_b)."),
-            Table("Per module type (mean off-diagonal Jaccard)", self.by("module")),
-            Table("Per layer (mean off-diagonal Jaccard)", self.by("layer")),
+            Table(
+                "Pairs, overall",
+                self.pairs(o),
+                "overlap_a = |A∩B|/|A| (random baseline: density_b).",
+                _PAIR_VIEW,
+                _LEGEND,
+            ),
+            Table("Per module type (mean off-diagonal Jaccard)", self.by("module"), view=_VIEW, legend=_LEGEND),
+            Table("Per layer (mean off-diagonal Jaccard)", self.by("layer"), view=_VIEW, legend=_LEGEND),
             Table("Consensus histogram: entries changed by exactly k runs", self.consensus()),
         ]
         extra = {
@@ -383,7 +420,12 @@ class ConsistencyResult:
             "per_tensor": self.tensor_summary().to_dict(orient="records"),
         }
         title = "ckptdiff consistency"
-        return Report(title, self.header, self._summary(), tables, self.to_frame(), self.structural(), extra)
+        items = pd.DataFrame([t.item for t in self.tensors], columns=[*_ITEM_COLUMNS])
+        listed = pd.Series([t.counts is None or t.item["status"] != Status.OK.value for t in self.tensors])
+        skipped = (items["status"] == Status.NON_FLOAT.value).map({True: "integer", False: ""})
+        findings, notes = digest(items, listed, skipped)
+        findings = findings[["tensor", "status", "detail", "dtype_base", "dtypes_ft", "shape"]]
+        return Report(title, self.header, self._summary() + notes, tables, self.to_frame(), findings, extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,20 +447,21 @@ def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
         "tensor": it.name,
         "layer": layer_of(it.name),
         "module": module_of(it.name),
+        "expert": expert_of(it.name),
         "shape": "x".join(str(d) for d in shape) if shape else "scalar",
         "numel": shape_src.numel if shape_src is not None else 0,
         "linear": is_linear(it.name, shape),
-        "dtype_base": base.dtype.short if base is not None else "",
-        "dtypes_ft": ",".join(i.dtype.short if i is not None else "" for i in fts),
+        "dtype_base": fp8.label(base) if base is not None else "",
+        "dtypes_ft": ",".join(fp8.label(i) if i is not None else "" for i in fts),
         "compared_as": ",".join(compared_as),
         "status": it.status.value,
-        "detail": it.detail or ("not a float tensor: no update mask" if it.comparable and not it.is_float else ""),
+        "detail": item_detail(it) or ("not a float tensor: no update mask" * (it.comparable and not it.is_float)),
     }
 
 
 def _tensor_counts(tensors: tuple[torch.Tensor, ...], mode: CompareMode) -> Consistency:
     """Masks and signs of every run on the tensors' device, then the base's bins; counts only come back."""
-    w0, fts = tensors[0].reshape(-1), [t.reshape(-1) for t in tensors[1:]]  # (n,) each
+    w0, fts = widen_fp8(tensors[0].reshape(-1)), [widen_fp8(t.reshape(-1)) for t in tensors[1:]]  # (n,) each
     masks = [update_mask(w0, w1, mode) for w1 in fts]  # R x (n,) bool
     signs = [delta_sign(w0, w1) for w1 in fts]  # R x (n,) int8
     del fts

@@ -34,7 +34,7 @@ from ckptdiff.sources import Source
 
 ANALYSES = ("sparsity", "principal", "spectral", "consistency")
 # Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
-SHARED_COLUMNS = ("tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status")
+SHARED_COLUMNS = ("tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status")
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,15 @@ import torch
 
 from ckptdiff import choices, distributed, linalg
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
 from ckptdiff.declarations import PRINCIPAL, figures
 from ckptdiff.errors import InputError
-from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask
+from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.outputs import Output, standalone
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest, expected_skips
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"
 MASK_PACKING = (
@@ -61,6 +61,7 @@ COLUMNS = [
     "tensor",
     "layer",
     "module",
+    "expert",
     "shape",
     "dtype_base",
     "dtype_ft",
@@ -85,6 +86,21 @@ _SHOWN = [
     "energy_principal",
     "energy_principal_random",
 ]
+# The terminal's columns of the per-module / per-layer tables, under short headers (see report.Table.view).
+_VIEW = {
+    "overlap_principal": "ov_P",
+    "ratio_principal": "P/rand",
+    "ratio_principal_magnitude": "P/mag",
+    "overlap_low": "ov_low",
+    "ratio_low_magnitude": "low/mag",
+    "energy_principal": "E_k",
+    "energy_principal_random": "E_k_rand",
+}
+_LEGEND = (
+    "ov_P, ov_low: overlap of the update with the principal and the low-magnitude mask; P/rand, P/mag, low/mag: "
+    "overlap over its random and magnitude-matched baselines; E_k: update energy in the top-k subspace (E_k_rand: "
+    "an isotropic random update's). All columns: --json, --rollups-csv."
+)
 
 
 def rollup(df: pd.DataFrame) -> dict[str, float]:
@@ -173,12 +189,11 @@ class PrincipalOverlapResult:
 
     def _summary(self) -> list[str]:
         o = self.overall()
-        n_skipped = len(self.to_frame()) - int(o["tensors"])
-        skipped = f" {n_skipped} tensor(s) not analysed (1-D, non-float or mismatched; see the list)." * bool(n_skipped)
         if o["tensors"] == 0:
-            return ["No 2-D float matrix was analysed." + skipped]
+            return ["No 2-D float matrix was analysed."]
         if o["changed"] == 0:
-            return [f"No entry of the {int(o['tensors'])} analysed matrices changed: overlaps are undefined." + skipped]
+            n = count(int(o["tensors"]), "analysed matrix", "analysed matrices")
+            return [f"No entry of the {n} changed: overlaps are undefined."]
         lines = [principal_sentence(o, self.alpha)]
         pnl = (o["overlap_principal_not_low"], o["ratio_principal_not_low"], o["ratio_principal_not_low_magnitude"])
         lines.append(
@@ -196,9 +211,10 @@ class PrincipalOverlapResult:
             )
         lin = self.linear_only()
         lines.append(
-            f"{int(o['tensors'])} matrices, {int(o['changed']):,} updated entries (density {o['update_density']:.4f}); "
+            f"{count(int(o['tensors']), 'matrix', 'matrices')}, {int(o['changed']):,} updated entries "
+            f"(density {o['update_density']:.4f}); "
             f"linear layers only: ratio {lin['ratio_principal']:.2f}, magnitude-matched "
-            f"{lin['ratio_principal_magnitude']:.2f}.{skipped}"
+            f"{lin['ratio_principal_magnitude']:.2f}."
         )
         return lines
 
@@ -213,10 +229,12 @@ class PrincipalOverlapResult:
         tables = [Table("Overall", overall, note)]
         for key, title in (("module", "Per module type"), ("layer", "Per layer")):
             g = self.by(key)
-            tables.append(Table(title, g[_SHOWN] if not g.empty else g))
-        return Report(
-            "ckptdiff principal-overlap", self.header, self._summary(), tables, self.to_frame(), self.structural()
-        )
+            tables.append(Table(title, g[_SHOWN] if not g.empty else g, view=_VIEW, legend=_LEGEND))
+        df = self.to_frame()
+        listed = ~df["analysed"].astype(bool) | (df["detail"] != "")  # as structural() lists them
+        findings, notes = digest(df, listed, expected_skips(df))
+        findings = findings[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
+        return Report("ckptdiff principal-overlap", self.header, self._summary() + notes, tables, df, findings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +408,7 @@ class PrincipalAnalysis(Analysis):
     def matrix_bytes(self, item: Aligned) -> int:
         """The SVD workspace plus the W1 matrix and the update mask."""
         m, n = item.base.shape
-        in0, in1 = (info.dtype.torch for info in item.infos if info is not None)
+        in0, in1 = (widened(info.dtype.torch) for info in item.infos if info is not None)  # fp8 is upcast
         dev = self.device_type
         chosen = linalg.choose_method(m, n, self.k, self.svd)  # type: ignore[arg-type]
         work = "randomized" if chosen == "randomized" else "svd"
@@ -425,7 +443,7 @@ class PrincipalAnalysis(Analysis):
             self.writer = _MaskFile(self.mask_out, shapes, meta)
 
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
-        w0s, w1s = stacks
+        w0s, w1s = (widen_fp8(s) for s in stacks)  # exact; torch has no isfinite or SVD for fp8
         rows = _batch_rows(
             items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
         )
@@ -508,7 +526,7 @@ def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: Com
             else "not analysed: base has non-finite values (SVD undefined)"
         )
     row["analysed"] = result is not None
-    row["detail"] = reason or it.detail
+    row["detail"] = reason or item_detail(it)
     row.update(asdict(result) if result is not None else dict.fromkeys(_RESULT_FIELDS, math.nan))
     if result is None:
         row["numel"] = row_basics(it)["numel"]

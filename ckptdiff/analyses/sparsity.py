@@ -9,12 +9,14 @@ import pandas as pd
 import torch
 
 from ckptdiff.alignment import COMPARABLE, Aligned, Status
-from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
 from ckptdiff.declarations import SPARSITY, by_name, figures, grouped, pick
+from ckptdiff.fp8 import FP8_COLUMNS, CodeStats
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
+from ckptdiff.naming import natural_key
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 
@@ -23,6 +25,7 @@ COLUMNS = [
     "tensor",
     "layer",
     "module",
+    "expert",
     "shape",
     "dtype_base",
     "dtype_ft",
@@ -34,6 +37,7 @@ COLUMNS = [
     "sparsity_bf16",
     *ULP_LABELS,
     "changed_nonfinite",
+    *FP8_COLUMNS,
     "linear",
     "status",
     "detail",
@@ -50,7 +54,7 @@ class SparsityResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (compared or not), columns as in :data:`COLUMNS`."""
         df = pd.DataFrame(self.rows, columns=COLUMNS)
-        counts = ["layer", "numel", "changed", "changed_bf16", *ULP_LABELS, "changed_nonfinite"]
+        counts = ["layer", "numel", "changed", "changed_bf16", *ULP_LABELS, "changed_nonfinite", *FP8_COLUMNS]
         return df.astype({c: "Int64" for c in counts})
 
     def compared(self) -> pd.DataFrame:
@@ -76,12 +80,44 @@ class SparsityResult:
         return self._sum(df[df["linear"].astype(bool)])
 
     def by(self, key: str) -> pd.DataFrame:
-        """Parameter-weighted rollup per ``layer`` or ``module``: numel, changed, sparsity."""
+        """Parameter-weighted rollup per ``layer``, ``module`` or ``expert``: numel, changed, sparsity.
+
+        ``expert`` groups the tensors of each routed expert index (over every layer) and the shared experts
+        (``shared``), in natural order; tensors outside the experts are left out.
+        """
         df = self.compared()
         if key == "layer":
             df = df.dropna(subset=["layer"])
+        if key == "expert":
+            df = df[df["expert"] != ""]
+            if df.empty:
+                return pd.DataFrame(columns=["numel", "changed", "sparsity"]).rename_axis("expert")
         out = grouped(df, key, pick(SPARSITY, "numel", "changed", "sparsity"))
+        if key == "expert":
+            out = out.loc[sorted(out.index, key=natural_key)]
         return out.astype({"numel": "int64", "changed": "int64"})
+
+    def expert_grid(self) -> pd.DataFrame:
+        """Experts x module sparsity over every layer, parameter-weighted within each cell (empty without experts)."""
+        df = self.compared()
+        df = df[df["expert"] != ""]
+        if df.empty:
+            return pd.DataFrame()
+        grid = grouped(df, ["expert", "module"], pick(SPARSITY, "sparsity"))["sparsity"].unstack("module")
+        return grid.loc[sorted(grid.index, key=natural_key)]
+
+    def top_experts(self, n: int = 10) -> pd.DataFrame:
+        """The (layer, expert) pairs that moved most: highest density (changed / numel) first, ties by changed."""
+        df = self.compared()
+        df = df[df["expert"] != ""]
+        if df.empty:
+            return pd.DataFrame()
+        out = grouped(df.dropna(subset=["layer"]), ["layer", "expert"], pick(SPARSITY, "numel", "changed", "sparsity"))
+        out["density"] = 1.0 - out["sparsity"]
+        out = out.astype({"numel": "int64", "changed": "int64"}).sort_values(
+            ["density", "changed"], ascending=False, kind="stable"
+        )
+        return out.head(n)
 
     def grid(self) -> pd.DataFrame:
         """Layer x module sparsity of the linear matrices, parameter-weighted within each cell."""
@@ -103,7 +139,7 @@ class SparsityResult:
         lin = self.linear_only()
         summary = [
             f"Update sparsity (fraction of entries unchanged) {o['sparsity']:.4f} overall "
-            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {int(o['tensors'])} tensors); "
+            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {count(int(o['tensors']), 'tensor')}); "
             f"linear layers only {lin['sparsity']:.4f}.",
         ]
         if "sparsity_bf16" in o:
@@ -114,16 +150,44 @@ class SparsityResult:
         if o["changed"]:
             share1 = o["ulp_1"] / o["changed"]
             summary.append(f"{share1:.1%} of changed entries moved by exactly 1 ULP of the compared dtype.")
+        findings, notes = self._findings()
+        summary += notes
         overall = pd.DataFrame({"overall": o, "linear layers": lin})
         overall.index.name = "figure"
+        grid = self.grid()
+        per_layer = self.by("layer")
+        if not grid.empty:  # every layer on one line: the layer's sparsity over all its tensors, then per module
+            grid.insert(0, "all", per_layer["sparsity"].reindex(grid.index))
         tables = [
             Table("Overall (parameter-weighted)", overall),
             Table("Per module type", self.by("module")),
-            Table("Per layer", self.by("layer")),
-            Table("Sparsity, layer x module (linear matrices)", self.grid()),
+            Table("Per layer", per_layer, terminal=grid.empty),
+            Table(
+                "Sparsity, layer x module (linear matrices)",
+                grid,
+                "all: every tensor of the layer (norms included); the modules: its linear matrices.",
+            ),
         ]
+        if not self.by("expert").empty:
+            tables += [
+                Table("Sparsity, expert x module (every layer)", self.expert_grid()),
+                Table("Experts that moved most (layer, expert; highest density first)", self.top_experts()),
+            ]
         tensors = self.to_frame()
-        return Report("ckptdiff sparsity", self.header, summary, tables, tensors, self.structural())
+        return Report("ckptdiff sparsity", self.header, summary, tables, tensors, findings)
+
+    def _findings(self) -> tuple[pd.DataFrame, list[str]]:
+        """The structural rows worth listing, and one line each for integer tensors and a model-wide dtype change."""
+        df = self.to_frame()
+        listed = (df["status"] != Status.OK.value) | (df["detail"] != "")  # as structural() lists them
+        is_int = df["status"] == Status.NON_FLOAT.value
+        found, lines = digest(df, listed & ~is_int, pd.Series("", index=df.index))
+        ints = df[is_int]
+        if len(ints):
+            moved = ints[ints["changed"].fillna(0) > 0]["tensor"].astype(str).tolist()
+            which = "none changed" if not moved else f"changed: {', '.join(moved[:3])}" + " ..." * (len(moved) > 3)
+            lines.append(f"{count(len(ints), 'integer/bool tensor')} compared exactly ({which}).")
+        return found[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape", "changed"]], lines
 
 
 def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeCounts | None, as_: str) -> dict:
@@ -131,7 +195,7 @@ def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeC
     row["compared_as"] = as_
     if counts is None:
         row.update({c: float("nan") for c in ("changed", "sparsity", "changed_bf16", "sparsity_bf16")})
-        row.update({c: float("nan") for c in (*ULP_LABELS, "changed_nonfinite")})
+        row.update({c: float("nan") for c in (*ULP_LABELS, "changed_nonfinite", *FP8_COLUMNS)})
         return row
     row.update(
         changed=counts.changed,
@@ -157,6 +221,7 @@ class SparsityAnalysis(Analysis):
         self.totals_bf16: dict[str, ChangeCounts] = {}
         self.items: list[Aligned] = []
         self.targets: dict[str, torch.dtype] = {}
+        self.fp8: CodeStats | None = None  # raw code / scale changes of block-scaled FP8 weights
 
     def form(self, item: Aligned) -> Form | None:
         return Form.CHUNKS if item.comparable else None
@@ -164,6 +229,8 @@ class SparsityAnalysis(Analysis):
     def prepare(self, run: Run, items: Sequence[Aligned]) -> None:
         self.items = list(items)
         self.targets = {it.name: pair_target(it, self.mode.as_dtype) for it in items if it.comparable and it.is_float}
+        base, ft = (run.sources[k] for k in self.sides)
+        self.fp8 = CodeStats.for_pair(base, ft)
 
     def on_chunk(self, item: Aligned, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
         w0, w1 = tensors
@@ -173,12 +240,20 @@ class SparsityAnalysis(Analysis):
         if self.targets.get(name) in (torch.float32, torch.float64):
             extra = count_changes(w0, w1, BITWISE_BF16)
             self.totals_bf16[name] = self.totals_bf16.get(name, ChangeCounts()) + extra
+        if self.fp8 is not None:
+            self.fp8.add(item, start, w0.numel())
+
+    def abort(self) -> None:
+        if self.fp8 is not None:
+            self.fp8.close()
 
     def finish(self, run: Run) -> SparsityResult:
+        if self.fp8 is not None:
+            self.fp8.close()
         rows = []
         for it in self.items:
             basics = row_basics(it)
-            basics["detail"] = it.detail
+            basics["detail"] = item_detail(it)
             as_ = ""
             if it.comparable and it.is_float:
                 as_ = dtype_name(self.targets[it.name])
@@ -187,7 +262,11 @@ class SparsityAnalysis(Analysis):
             counts = self.totals.get(it.name) if it.comparable else None
             if it.comparable and counts is None:  # zero-size tensor
                 counts = ChangeCounts()
-            rows.append(_row(basics, counts, self.totals_bf16.get(it.name), as_))
+            row = _row(basics, counts, self.totals_bf16.get(it.name), as_)
+            if counts is not None:
+                fp8 = self.fp8.columns(it) if self.fp8 is not None else dict.fromkeys(FP8_COLUMNS, float("nan"))
+                row.update(fp8)
+            rows.append(row)
         return SparsityResult(run.header("sparsity", self.sides, self.mode), rows)
 
 

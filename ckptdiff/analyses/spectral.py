@@ -21,14 +21,14 @@ import torch
 
 from ckptdiff import choices, linalg
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, pair_target, row_basics
-from ckptdiff.declarations import SPECTRAL, by_name
+from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
+from ckptdiff.declarations import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
 from ckptdiff.outputs import Output, standalone
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table
+from ckptdiff.report import Report, Table, count, digest, expected_skips
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
@@ -45,7 +45,8 @@ NULL_COLUMNS = [
     "angle_v_max_null_ratio",
 ]
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
-LEAD_COLUMNS = ["tensor", "layer", "module", "shape", "dtype_base", "dtype_ft", "compared_as", "numel", "linear"]
+LEAD_COLUMNS = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "compared_as", "numel"]
+LEAD_COLUMNS.append("linear")
 TAIL_COLUMNS = ["analysed", "status", "outcome", "detail"]
 TOP_MATRICES = 10
 TOP_LAYERS = 3
@@ -53,7 +54,7 @@ TOP_LAYERS = 3
 
 def columns(with_null: bool) -> list[str]:
     """Per-tensor CSV columns, in order (the null's only when a null was computed)."""
-    return [*LEAD_COLUMNS, *METRIC_COLUMNS, *(NULL_COLUMNS if with_null else []), *TAIL_COLUMNS]
+    return [*LEAD_COLUMNS, *METRIC_COLUMNS, *(NULL_COLUMNS if with_null else []), "angles", *TAIL_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,14 @@ class SpectralReport:
         """One row per tensor (analysed or not), columns as in :func:`columns`."""
         df = pd.DataFrame(self.rows, columns=columns(self.with_null))
         df = df.astype({"layer": "Int64", "numel": "Int64", "k": "Int64"})
-        return df.astype({c: "float64" for c in METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else []) if c != "k"})
+        df = df.astype({c: "float64" for c in METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else []) if c != "k"})
+        analysed = df["analysed"].astype(bool)
+        cols = [df[c].tolist() for c in ("k", "shape", "wedin_bound_deg", "delta_spectral_norm")]
+        df["angles"] = [  # whether the row's principal angles are a measurement (declarations.angle_status)
+            angle_status(float(k), str(shape), float(wedin), float(d2)) if ok else ""
+            for k, shape, wedin, d2, ok in zip(*cols, analysed, strict=True)
+        ]
+        return df
 
     def analysed(self) -> pd.DataFrame:
         """The 2-D float matrices that were decomposed: the population of every rollup."""
@@ -79,13 +87,18 @@ class SpectralReport:
         """The scope figures: the declared worst matrix (max) beside the median, and the weighted nss_per_update."""
         metrics = by_name(SPECTRAL)
         out: dict[str, float] = {"matrices": float(len(df)), "params": float(df["numel"].sum())}
+        # Angles: the worst stable matrix (declarations.angles_ok); medians over every matrix with k < min(m, n)
+        # (an unstable angle is one value among many there, a trivial one is 0 by construction).
+        nontrivial = df[df["angles"] != "trivial_k"] if "angles" in df.columns else df
         for col, label in (("nss", "nss"), ("angle_u_max_deg", "angle_u_deg"), ("angle_v_max_deg", "angle_v_deg")):
             out[f"{label}_max"] = metrics[col].over(df)
-            out[f"{label}_median"] = float(df[col].median()) if len(df) else math.nan
+            sub = df if col == "nss" else nontrivial
+            out[f"{label}_median"] = float(sub[col].median()) if len(sub) else math.nan
         out["nss_per_update"] = metrics["nss_per_update"].over(df)
         if self.with_null:
             for col in ("nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"):
-                out[f"{col}_median"] = float(df[col].median()) if len(df) else math.nan
+                sub = df if col == "nss_null_ratio" else nontrivial
+                out[f"{col}_median"] = float(sub[col].median()) if len(sub) else math.nan
         return out
 
     def overall(self) -> dict[str, float]:
@@ -108,8 +121,10 @@ class SpectralReport:
         return out.astype({"matrices": "int64", "params": "int64"}) if len(out) else out
 
     def most_rotated(self, n: int = TOP_MATRICES) -> pd.DataFrame:
-        """The ``n`` matrices with the largest principal angle (left or right)."""
+        """The ``n`` matrices with the largest principal angle (left or right), among those whose angles are a
+        measurement (``angles`` ok: k < min(m, n) and a Wedin bound below 45°)."""
         df = self.analysed()
+        df = df[angles_ok(df)]
         cols = ["tensor", "shape", "k", "nss", "angle_u_max_deg", "angle_v_max_deg", "gap_k", "wedin_bound_deg"]
         cols += ["delta_rel_fro", "nss_per_update"]
         if self.with_null:
@@ -131,17 +146,10 @@ class SpectralReport:
         nss = df["nss"].to_numpy(dtype=float)
         worst_nss = str(df["tensor"].iloc[int(np.nanargmax(nss))]) if np.isfinite(nss).any() else "—"
         lines = [
-            f"Spectral drift over {int(o['matrices'])} matrices ({int(o['params']):,} parameters), "
+            f"Spectral drift over {count(int(o['matrices']), 'matrix', 'matrices')} ({int(o['params']):,} parameters), "
             f"{h['precision']}, k = {h['k']}: NSS median {o['nss_median']:.3e}, max {o['nss_max']:.3e} ({worst_nss}).",
-            f"Largest principal angle between top-k subspaces: {o['angle_u_deg_max']:.4g}° left (median "
-            f"{o['angle_u_deg_median']:.4g}°), {o['angle_v_deg_max']:.4g}° right "
-            f"(median {o['angle_v_deg_median']:.4g}°).",
+            *self._angle_sentences(df, o),
         ]
-        layers = self.by("layer")
-        if len(layers):
-            rot = layers[["angle_u_deg_max", "angle_v_deg_max"]].max(axis=1).sort_values(ascending=False)
-            named = ", ".join(f"layer {int(i)} ({v:.4g}°)" for i, v in rot.head(TOP_LAYERS).items())  # type: ignore[call-overload]
-            lines.append(f"Layers that rotate most: {named}.")
         if math.isnan(o["nss_per_update"]):
             lines.append("No matrix changed: drift per unit of update is undefined.")
         else:
@@ -150,8 +158,54 @@ class SpectralReport:
                 "(at most 1; 1 means the whole update went into the singular values, e.g. a rescaling)."
             )
         if self.with_null:
-            lines.append(self._null_sentence(df))
+            lines.append(self._null_sentence(df[df["angles"] != "trivial_k"]))
         return lines
+
+    def _angle_sentences(self, df: pd.DataFrame, o: dict[str, float]) -> list[str]:
+        """Largest stable angles, medians, which layers rotate most, and which angles are left out and why."""
+        flags = df["angles"].value_counts()
+        ok, trivial, unstable = (int(flags.get(f, 0)) for f in ("ok", "trivial_k", "unstable_gap"))
+        if trivial == len(df):
+            return [
+                f"Principal angles are undefined for every matrix: k = min(m, n) for all {len(df)}, so the top-k "
+                "subspace is the whole space (0° by construction); pass a smaller --k."
+            ]
+        out = []
+        medians = (
+            f"medians over the {count(len(df) - trivial, 'matrix', 'matrices')} with k < min(m, n): "
+            f"{o['angle_u_deg_median']:.4g}° left, {o['angle_v_deg_median']:.4g}° right"
+        )
+        if ok:
+            out.append(
+                f"Largest principal angle between top-k subspaces: {o['angle_u_deg_max']:.4g}° left, "
+                f"{o['angle_v_deg_max']:.4g}° right (over the {count(ok, 'matrix', 'matrices')} whose angles are "
+                f"stable); {medians}."
+            )
+            layers = self.by("layer")
+            if len(layers):
+                rot = layers[["angle_u_deg_max", "angle_v_deg_max"]].max(axis=1).dropna()
+                rot = rot.sort_values(ascending=False, kind="stable").head(TOP_LAYERS)
+                if len(rot):
+                    named = ", ".join(f"layer {int(i)} ({v:.4g}°)" for i, v in rot.items())  # type: ignore[call-overload]
+                    out.append(f"{'Layers that rotate' if len(rot) > 1 else 'The layer that rotates'} most: {named}.")
+        else:
+            out.append(f"No matrix has stable principal angles; {medians}.")
+        if trivial or unstable:
+            parts = []
+            if trivial:
+                parts.append(
+                    f"{count(trivial, 'matrix', 'matrices')} with k = min(m, n), whose top-k subspace is the whole "
+                    "space (0° by construction)"
+                )
+            if unstable:
+                parts.append(
+                    f"{unstable} with an unstable gap, Wedin bound ≥ {WEDIN_UNSTABLE_DEG:g}° (the update is as large "
+                    "as σ_k − σ_{k+1}, so a large angle can be directions trading places)"
+                )
+            out.append(
+                f"Left out of the largest angles and the rankings: {'; '.join(parts)}. The angles column says which."
+            )
+        return out
 
     def _null_sentence(self, df: pd.DataFrame) -> str:
         cols = {
@@ -165,20 +219,32 @@ class SpectralReport:
         medians = {label: float(r.median()) for label, r in ratios.items()}
         meds = ", ".join(f"{label} {v:.3g}" for label, v in medians.items())
         below = ", ".join(f"{label} {int((r < 1).sum())}/{len(r)}" for label, r in ratios.items())
-        drift = "smaller" if medians["NSS"] < 1 else "not smaller"
-        rotation = "smaller" if medians["left angle"] < 1 and medians["right angle"] < 1 else "not smaller"
-        if drift == rotation == "smaller":
-            verdict = "both are structure-preserving beyond what the update's size implies"
-        elif rotation == "smaller":
-            verdict = "the top-k subspaces are preserved beyond what the update's size implies, the spectrum is not"
-        elif drift == "smaller":
-            verdict = "the spectrum is preserved beyond what the update's size implies, the top-k subspaces are not"
+        drift = medians["NSS"] < 1
+        rotation = medians["left angle"] < 1 and medians["right angle"] < 1
+        same = "than an equal-norm random update would cause"
+        if drift and rotation:
+            verdict = (
+                f"both the spectral drift and the rotation are smaller {same}: the update preserves the spectrum and "
+                "the top-k subspaces beyond what its size implies"
+            )
+        elif rotation:
+            verdict = (
+                f"the rotation is smaller {same}, the spectral drift is not: the update preserves the top-k "
+                "subspaces beyond what its size implies, not the spectrum"
+            )
+        elif drift:
+            verdict = (
+                f"the spectral drift is smaller {same}, the rotation is not: the update preserves the spectrum "
+                "beyond what its size implies, not the top-k subspaces"
+            )
         else:
-            verdict = "the update preserves no more structure than its size implies"
+            verdict = (
+                f"neither the spectral drift nor the rotation is smaller {same}: the update preserves no more "
+                "structure than its size implies"
+            )
         return (
             f"Against an equal-norm random null (seed {self.header.get('seed', '?')}), median ratios: {meds}; "
-            f"matrices below 1: {below}. Spectral drift is {drift} and rotation {rotation} than a random update of "
-            f"the same size would cause: {verdict}."
+            f"matrices below 1: {below}. So {verdict}."
         )
 
     def report(self) -> Report:
@@ -187,46 +253,47 @@ class SpectralReport:
         overall.index.name = "figure"
         note = (
             "max / median over matrices of NSS and of each matrix's largest principal angle (degrees); drift is not "
-            "additive, so no sums. nss_per_update is weighted by parameter count."
+            "additive, so no sums. Largest angles over the matrices whose angles are stable (angles column: ok), "
+            "medians over those with k < min(m, n). nss_per_update is weighted by parameter count."
         )
-        short = "angles in degrees; *_r: ratio to the equal-norm random null; wedin: arcsin(‖ΔW‖₂ / γ_k)"
-        rotated = self.most_rotated().set_index("tensor")
+        legend = (
+            "nss_max, nss_med: largest and median NSS; u_max, v_max: largest left / right angle; u_med, v_med: "
+            "median angles"
+        )
+        view = {"nss_max": "nss_max", "nss_median": "nss_med", "angle_u_deg_max": "u_max"}
+        view |= {"angle_u_deg_median": "u_med", "angle_v_deg_max": "v_max", "angle_v_deg_median": "v_med"}
+        rotated_view = {"angle_u_max_deg": "u", "angle_v_max_deg": "v", "wedin_bound_deg": "wedin", "nss": "nss"}
+        short = (
+            "u, v: largest left / right principal angle (degrees), matrices with stable angles only; wedin: the "
+            "Wedin bound arcsin(‖ΔW‖₂ / γ_k), degrees."
+        )
+        if self.with_null:
+            view = {"nss_median": "nss_med", "angle_u_deg_max": "u_max", "angle_v_deg_max": "v_max"}
+            view |= {"nss_null_ratio_median": "nss_r", "angle_u_max_null_ratio_median": "u_r"}
+            view["angle_v_max_null_ratio_median"] = "v_r"
+            legend = (
+                "nss_med: median NSS; u_max, v_max: largest left / right angle; *_r: median ratio to the "
+                "equal-norm random null"
+            )
+            rotated_view = {"angle_u_max_deg": "u", "angle_v_max_deg": "v", "angle_u_max_null_ratio": "u_r"}
+            rotated_view |= {"angle_v_max_null_ratio": "v_r", "wedin_bound_deg": "wedin"}
+            short += " *_r: ratio to the equal-norm random null."
+        legend += ". All columns: --json, --rollups-csv."
+        rotated = self.most_rotated().set_index("tensor").drop(columns=["shape", "k", "gap_k"])
         tables = [
             Table("Overall", overall, note),
-            Table("Per module type", _display(self.by("module").drop(columns="params", errors="ignore")), note),
-            Table("Per layer", _display(self.by("layer").drop(columns="params", errors="ignore")), note),
-            Table("Most rotated matrices", _display(rotated.drop(columns=["shape", "k", "gap_k"])), short),
+            Table("Per module type", self.by("module").drop(columns="params", errors="ignore"), note, view, legend),
+            Table("Per layer", self.by("layer").drop(columns="params", errors="ignore"), "", view, legend),
+            Table("Most rotated matrices", rotated, short, rotated_view),
         ]
-        return Report("ckptdiff spectral", self.header, self._summary(), tables, self.to_frame(), self.structural())
+        df = self.to_frame()
+        findings, notes = digest(df, ~df["analysed"].astype(bool), expected_skips(df))
+        findings = findings[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
+        return Report("ckptdiff spectral", self.header, self._summary() + notes, tables, df, findings)
 
 
 # ---------------------------------------------------------------------------------------------
 # Running it
-
-
-_SHORT_NAMES = {
-    "nss_median": "nss_med",
-    "angle_u_deg_max": "ang_u_max",
-    "angle_u_deg_median": "ang_u_med",
-    "angle_v_deg_max": "ang_v_max",
-    "angle_v_deg_median": "ang_v_med",
-    "nss_per_update": "nss/upd",
-    "nss_null_ratio_median": "nss_r_med",
-    "angle_u_max_null_ratio_median": "ang_u_r_med",
-    "angle_v_max_null_ratio_median": "ang_v_r_med",
-    "angle_u_max_deg": "ang_u",
-    "angle_v_max_deg": "ang_v",
-    "wedin_bound_deg": "wedin",
-    "delta_rel_fro": "rel_dW",
-    "nss_null_ratio": "nss_r",
-    "angle_u_max_null_ratio": "ang_u_r",
-    "angle_v_max_null_ratio": "ang_v_r",
-}
-
-
-def _display(frame: pd.DataFrame) -> pd.DataFrame:
-    """Short column names for the terminal and Markdown tables (CSV/JSON rows keep the full names)."""
-    return frame.rename(columns=_SHORT_NAMES)
 
 
 def _not_analysed(item: Aligned) -> str:
@@ -419,7 +486,7 @@ def _row(
     if result is not None:
         values = asdict(result)
         row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
-        row["detail"] = item.detail
+        row["detail"] = item_detail(item)
         row["outcome"] = Outcome.ANALYSED.value
         return row
     row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})

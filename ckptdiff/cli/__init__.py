@@ -17,10 +17,32 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
+from typer import _click as click
+from typer.core import TyperCommand, TyperGroup
 
 from ckptdiff import __version__
 
+
+def _flags_without_metavar(params: list[click.Parameter]) -> list[click.Parameter]:
+    """typer labels plain flags (``--quiet``, ``--help``) ``<bool>`` in --help; a flag takes no value, so none."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="ckptdiff",
     help="Checkpoint forensics: what did this fine-tune actually do to the weights?",
     no_args_is_help=True,
@@ -113,6 +135,9 @@ def _register() -> None:
 
     for module in (sparsity, principal, spectral, consistency, report, check):
         module.register(app)
+    for info in app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
 
 
 _register()

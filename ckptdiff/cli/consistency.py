@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ckptdiff.cli.options import (
+    VERBOSITY,
     AsOpt,
     AtolOpt,
     BaseArg,
@@ -18,7 +19,10 @@ from ckptdiff.cli.options import (
     JsonOpt,
     LabelOpt,
     QuietOpt,
+    RollupsCsvOpt,
     RtolOpt,
+    SummaryOpt,
+    check_summary,
     compare_mode,
     emit,
     outputs,
@@ -28,6 +32,8 @@ EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
     "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
+    "\n\n"
+    + VERBOSITY
 )
 
 
@@ -43,14 +49,17 @@ def consistency(
     device: DeviceOpt = "auto",
     csv: CsvOpt = None,
     json: JsonOpt = None,
+    rollups_csv: RollupsCsvOpt = None,
     fmt: FormatOpt = Fmt.table,
+    summary: SummaryOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Consistency across runs: do several fine-tunes of one base change the same entries?"""
     from ckptdiff.analyses.consistency import consistency as run
 
+    check_summary(fmt, summary)
     mode = compare_mode(rtol, atol, as_)
-    with outputs([base, *fts], {"--csv": csv, "--json": json}) as outs:
+    with outputs([base, *fts], {"--csv": csv, "--json": json, "--rollups-csv": rollups_csv}) as outs:
         result = run(
             base,
             fts,
@@ -61,7 +70,7 @@ def consistency(
             device=device,
             progress=not quiet,
         )
-        emit(result.report(), fmt, outs)
+        emit(result.report(), fmt, outs, summary)
 
 
 def register(app: typer.Typer) -> None:

@@ -54,8 +54,37 @@ AsOpt = Annotated[
 ]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write per-tensor rows as CSV to this file.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")]
+RollupsCsvOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rollups-csv",
+        help="Write every rollup table (overall, per module, per layer, ...) to this CSV, one under the other, "
+        "with a leading 'table' column naming each.",
+    ),
+]
 FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: table, csv, json or md.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout "
+        "is unchanged."
+    ),
+]
+SummaryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--summary",
+        "-s",
+        help="Print only the header and the summary sentences (table, md or json); output files are complete.",
+    ),
+]
+# What each verbosity prints, for the commands' --help (their epilogs end with it).
+VERBOSITY = (
+    "Output: stdout gets the header (inputs, settings, versions), the summary sentences, the rollup tables (every "
+    "layer) and the structural findings; --summary prints the header and the summary sentences only. Progress "
+    "goes to stderr, a bar on a terminal and a plain line every few seconds otherwise (CI logs); --quiet "
+    "silences it. Files (--csv, --json, --rollups-csv) always hold everything."
+)
 
 # SVD-based analyses (principal-overlap, spectral, report). Values are checked by the library, which answers a bad
 # one with a one-line error (exit 2), so library and CLI callers get the same wording.
@@ -127,18 +156,29 @@ def stdout_may_close() -> Iterator[None]:
             pass
 
 
-def emit(report: Report, fmt: Fmt, outs: OutputSet) -> None:
-    """Write the report to the set's --csv/--json, put every output file in place together, then print to stdout."""
-    from ckptdiff.report import print_tables, render, to_csv, to_json
+def check_summary(fmt: Fmt, summary: bool) -> None:
+    """--summary has no CSV form: refuse the pair before any work."""
+    if summary and fmt is Fmt.csv:
+        from ckptdiff.errors import InputError
 
-    text = render(report, fmt.value)
-    for flag, content in (("--csv", to_csv), ("--json", to_json)):
+        raise InputError("--summary has no CSV form; use --format table, md or json (--csv writes the rows)")
+
+
+def emit(report: Report, fmt: Fmt, outs: OutputSet, summary: bool = False) -> None:
+    """Write the report to the set's --csv/--json/--rollups-csv, put every output file in place together, then print
+    to stdout (only the header and the summary with ``summary``)."""
+    from ckptdiff.report import print_summary, print_tables, render, to_csv, to_json, to_rollups_csv
+
+    text = render(report, fmt.value, summary)
+    for flag, content in (("--csv", to_csv), ("--json", to_json), ("--rollups-csv", to_rollups_csv)):
         out = outs.get(flag)
         if out is not None:
             out.write(content(report))
     outs.commit()
     with stdout_may_close():
-        if text is None:
-            print_tables(report)
-        else:
+        if text is not None:
             typer.echo(text, nl=False)
+        elif summary:
+            print_summary(report)
+        else:
+            print_tables(report)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptdiff.cli.options import (
+    VERBOSITY,
     AlphaOpt,
     AsOpt,
     AtolOpt,
@@ -23,8 +24,11 @@ from ckptdiff.cli.options import (
     JsonOpt,
     KOpt,
     QuietOpt,
+    RollupsCsvOpt,
     RtolOpt,
+    SummaryOpt,
     SvdOpt,
+    check_summary,
     compare_mode,
     emit,
     outputs,
@@ -45,6 +49,8 @@ EPILOG = (
     "[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
     "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
+    "\n\n"
+    + VERBOSITY
 )
 
 
@@ -65,14 +71,18 @@ def principal_overlap(
     save_masks: SaveMasksOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
+    rollups_csv: RollupsCsvOpt = None,
     fmt: FormatOpt = Fmt.table,
+    summary: SummaryOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Principal-weight overlap: does the update avoid the base's principal weights, beyond what its size explains?"""
     from ckptdiff.analyses.principal import principal_overlap as run
 
+    check_summary(fmt, summary)
     mode = compare_mode(rtol, atol, as_)
-    with outputs([base, ft], {"--save-masks": save_masks, "--csv": csv, "--json": json}) as outs:
+    files = {"--save-masks": save_masks, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
+    with outputs([base, ft], files) as outs:
         result = run(
             base,
             ft,
@@ -88,7 +98,7 @@ def principal_overlap(
             save_masks=outs.get("--save-masks"),
             progress=not quiet,
         )
-        emit(result.report(), fmt, outs)
+        emit(result.report(), fmt, outs, summary)
 
 
 def register(app: typer.Typer) -> None:

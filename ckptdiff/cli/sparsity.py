@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ckptdiff.cli.options import (
+    VERBOSITY,
     AsOpt,
     AtolOpt,
     BaseArg,
@@ -17,7 +18,10 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     QuietOpt,
+    RollupsCsvOpt,
     RtolOpt,
+    SummaryOpt,
+    check_summary,
     compare_mode,
     emit,
     outputs,
@@ -26,6 +30,8 @@ from ckptdiff.cli.options import (
 EPILOG = (
     "Example: [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --csv sparsity.csv[/bold]\n\n"
     "Sparsity is the fraction of entries whose stored value did not change, weighted by parameter count."
+    "\n\n"
+    + VERBOSITY
 )
 
 
@@ -40,18 +46,21 @@ def sparsity(
     device: DeviceOpt = "auto",
     csv: CsvOpt = None,
     json: JsonOpt = None,
+    rollups_csv: RollupsCsvOpt = None,
     fmt: FormatOpt = Fmt.table,
+    summary: SummaryOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Update sparsity: which entries did the fine-tune change? Bitwise by default, bf16-aware."""
     from ckptdiff.analyses.sparsity import sparsity as run
 
+    check_summary(fmt, summary)
     mode = compare_mode(rtol, atol, as_)
-    with outputs([base, ft], {"--csv": csv, "--json": json}) as outs:
+    with outputs([base, ft], {"--csv": csv, "--json": json, "--rollups-csv": rollups_csv}) as outs:
         result = run(
             base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet
         )
-        emit(result.report(), fmt, outs)
+        emit(result.report(), fmt, outs, summary)
 
 
 def register(app: typer.Typer) -> None:

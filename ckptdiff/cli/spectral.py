@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptdiff.cli.options import (
+    VERBOSITY,
     AsOpt,
     BaseArg,
     BudgetOpt,
@@ -22,7 +23,10 @@ from ckptdiff.cli.options import (
     KOpt,
     NullOpt,
     QuietOpt,
+    RollupsCsvOpt,
     SeedOpt,
+    SummaryOpt,
+    check_summary,
     compare_mode,
     emit,
     outputs,
@@ -34,6 +38,8 @@ EPILOG = (
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
+    "\n\n"
+    + VERBOSITY
 )
 
 
@@ -62,15 +68,19 @@ def spectral(
     save_spectra: SpectraOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
+    rollups_csv: RollupsCsvOpt = None,
     fmt: FormatOpt = Fmt.table,
+    summary: SummaryOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Spectral drift and principal-subspace rotation of every weight matrix, with equal-norm random controls."""
     from ckptdiff.analyses.spectral import FP32_WARNING
     from ckptdiff.analyses.spectral import spectral as run
 
+    check_summary(fmt, summary)
     mode = compare_mode(None, None, as_)
-    with outputs([base, ft], {"--save-spectra": save_spectra, "--csv": csv, "--json": json}) as outs:
+    files = {"--save-spectra": save_spectra, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
+    with outputs([base, ft], files) as outs:
         if precision == "fp32":
             typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
         result = run(
@@ -88,7 +98,7 @@ def spectral(
             save_spectra=outs.get("--save-spectra"),
             progress=not quiet,
         )
-        emit(result.report(), fmt, outs)
+        emit(result.report(), fmt, outs, summary)
 
 
 def register(app: typer.Typer) -> None:

@@ -96,6 +96,23 @@ def comparison_dtype(a: torch.dtype, b: torch.dtype, as_dtype: torch.dtype | Non
     return torch.float32
 
 
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def widened(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the fp8 dtypes (which torch cannot test for finiteness nor decompose), else ``dtype``."""
+    return torch.float32 if dtype in _FP8 else dtype
+
+
+def widen_fp8(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor upcast to fp32 (exact: every fp8 value, ±0, inf and NaN included, is an fp32 value), else ``t``.
+
+    The upcast keeps every comparison: bit patterns map one to one, so update masks (bitwise or tolerance, with
+    or without ``--as``) are the same as on the stored fp8 values.
+    """
+    return t.to(torch.float32) if t.dtype in _FP8 else t
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 

@@ -148,13 +148,31 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
             n_tensors=len(in_scope),
             offenders=listed,
             n_offenders=len(broken),
-            note=f"{len(broken)} matrix(es) in scope hold NaN or inf values, so {rule.metric} is undefined for them",
+            note=f"{_matrices(len(broken))} in scope {'holds' if len(broken) == 1 else 'hold'} NaN or inf values, "
+            f"so {rule.metric} is undefined for {'it' if len(broken) == 1 else 'them'}",
         )
-    usable = in_scope[in_scope["status"].isin(spec.statuses) & in_scope[list(spec.needs)].notna().all(axis=1)]
-    if usable.empty:
+    measured = spec.measured(in_scope)
+    if measured.empty:
+        tensors = "tensor" if len(in_scope) == 1 else "tensors"
         raise InputError(
-            f"rule '{rule}' matches {len(in_scope)} tensor(s) but none has a {rule.metric} value "
+            f"rule '{rule}' matches {len(in_scope)} {tensors} but none has a {rule.metric} value "
             f"(not compared, or no {spec.analysis} analysis for them): narrow or fix the scope"
+        )
+    usable, left = spec.rows(measured), spec.left_out(measured)
+    if usable.empty:
+        # Every value in scope is a number that is not a measurement: say so, and never pass on it.
+        listed = tuple(Offender(str(t), None, _flag(r)) for t, r in zip(left["tensor"], _flags(left), strict=True))
+        return RuleResult(
+            rule=str(rule),
+            kind="metric",
+            op=rule.op,
+            threshold=rule.value,
+            value=math.nan,
+            passed=False,
+            n_tensors=len(measured),
+            offenders=listed[:max_offenders],
+            n_offenders=len(left),
+            note=f"{rule.metric} is not measured for any of the {_matrices(len(left))} in scope: {spec.undefined_why}",
         )
     value = spec.aggregate(usable)
     passed = not math.isnan(value) and _COMPARE[rule.op](value, rule.value)
@@ -170,6 +188,9 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
         worst = per_tensor.sort_values(["key", "tensor"], ascending=[False, True], kind="stable").head(max_offenders)
         offenders = tuple(Offender(t, float(v)) for t, v in zip(worst["tensor"], worst["value"], strict=True))
     note = f"undefined over this scope ({spec.aggregation})" if math.isnan(value) else ""
+    if len(left):
+        out = f"{len(left)} of {_matrices(len(measured))} in scope left out: {spec.undefined_why}"
+        note = "; ".join(n for n in (note, out) if n)
     return RuleResult(
         rule=str(rule),
         kind="metric",
@@ -182,6 +203,18 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
         n_offenders=len(offenders),
         note=note,
     )
+
+
+def _matrices(n: int) -> str:
+    return f"{n} matrix" if n == 1 else f"{n} matrices"
+
+
+def _flags(rows: pd.DataFrame) -> list[str]:
+    return [str(x) for x in rows["angles"]] if "angles" in rows.columns else [""] * len(rows)
+
+
+def _flag(flag: str) -> str:
+    return {"trivial_k": "k = min(m, n)", "unstable_gap": "unstable: small gap"}.get(flag, flag)
 
 
 def _structural_result(name: str, n_tensors: int, violations: Sequence[Offender], max_offenders: int) -> RuleResult:
