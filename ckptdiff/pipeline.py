@@ -222,6 +222,9 @@ def _group_key(plan: _Plan) -> tuple[object, ...]:
 
 
 READ_RATE = 2e9  # bytes/s assumed for reading when balancing work across ranks
+# At most this many matrices per SVD batch: batching saves call overhead only (BENCHMARKS.md §2), and smaller
+# batches are units that ranks can share evenly. Fixed, so a batch is the same in one process or many.
+MAX_BATCH = 8
 
 
 @dataclass
@@ -253,7 +256,7 @@ def _units(run: Run, plans: Sequence[_Plan]) -> list[_Unit]:
             groups.setdefault(_group_key(p), []).append(p)
     for group in groups.values():
         costs = [a.matrix_bytes(item) for a, item, form in group[0].wants if form is Form.MATRIX]
-        cap = max(1, run.budget // max(1, *costs))
+        cap = min(MAX_BATCH, max(1, run.budget // max(1, *costs)))
         units += [_Unit(Form.MATRIX, group[i : i + cap]) for i in range(0, len(group), cap)]
     return units
 

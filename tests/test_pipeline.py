@@ -272,3 +272,13 @@ def test_a_glob_that_matches_nothing_is_named_in_a_warning(tmp_path: Path, caplo
     assert [r.getMessage() for r in caplog.records] == [
         "--include 'm.typo.*' matches no tensor name; check the glob (it matches full names)"
     ]
+
+
+def test_batches_hold_at_most_max_batch_matrices_whatever_the_budget(tmp_path: Path) -> None:
+    from ckptdiff.pipeline import MAX_BATCH
+
+    sd = {f"m.w{i:02d}": torch.full((3, 2), float(i)) for i in range(MAX_BATCH + 2)}
+    src = resolve(str(save_single(sd, tmp_path / "x.safetensors")))
+    rec = Recorder(Form.MATRIX, cost=1)
+    execute(_run([src, src], ("base", "ft"), budget=10**12), [rec], progress=False)
+    assert [len(names) for names, _ in rec.batches] == [MAX_BATCH, 2]
