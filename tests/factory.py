@@ -110,3 +110,23 @@ def hub_metadata(sd: dict[str, torch.Tensor], shards: int = 2) -> SafetensorsRep
             weight_map[name] = fname
         files[fname] = SafetensorsFileMetadata(metadata={}, tensors=tensors)
     return SafetensorsRepoMetadata(metadata=None, sharded=shards > 1, weight_map=weight_map, files_metadata=files)
+
+
+def as_two_ranks(run: Any, make: Any) -> list[Any]:
+    """Results of ``make()``'s analyses measured as two ranks would: the units dealt out as under torchrun, each
+    half measured by its own analyses, the second half's states merged into the first, then finished."""
+    from ckptdiff.distributed import balance
+    from ckptdiff.pipeline import _read_and_measure, _units, plan_reads
+
+    ranks = [make(), make()]
+    shares = []
+    for analyses in ranks:
+        units = _units(run, plan_reads(run, analyses))
+        owner = balance([u.cost() for u in units], 2)
+        shares.append((analyses, [u for u, r in zip(units, owner, strict=True) if r == len(shares)]))
+    for _analyses, units in shares:
+        _read_and_measure(run, units, False, "")
+    first, second = ranks
+    for a, b in zip(first, second, strict=True):
+        a.merge([b.state()])
+    return [a.finish(run) for a in first]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from factory import CountingSource, save_sharded, save_single
+from factory import CountingSource, as_two_ranks, save_sharded, save_single
 from typer.testing import CliRunner
 
 import ckptdiff
@@ -461,3 +461,12 @@ def test_header_only_reports_fp8_weights_and_block_size(ckpts: dict[str, Path], 
     )
     assert res.exit_code == 1 and f"{Q}" in res.stdout and "bf16 vs fp32" in res.stdout
     assert "same_param_count" in res.stdout
+
+
+def test_fp8_code_counts_survive_being_split_across_ranks(ckpts: dict[str, Path]) -> None:
+    views = [fp8.wrap(resolve(str(ckpts[k]))) for k in ("base", "ft")]
+    run = Run(tuple(views), ("base", "ft"), tuple(align(views, labels=["base", "ft"])), torch.device("cpu"), 2**31)
+    (whole,) = execute(run, [SparsityAnalysis()], progress=False)
+    (split,) = as_two_ranks(run, lambda: [SparsityAnalysis()])
+    pd.testing.assert_frame_equal(whole.to_frame(), split.to_frame())
+    assert (split.to_frame()["codes_changed"].fillna(0) > 0).any()  # the FP8 columns were measured, and kept

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from factory import CountingSource, bump_ulps, llama_like, save_single
+from factory import CountingSource, as_two_ranks, bump_ulps, llama_like, save_single
 
 from ckptdiff.alignment import Aligned, Status, align
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, consistency
@@ -282,3 +282,21 @@ def test_batches_hold_at_most_max_batch_matrices_whatever_the_budget(tmp_path: P
     rec = Recorder(Form.MATRIX, cost=1)
     execute(_run([src, src], ("base", "ft"), budget=10**12), [rec], progress=False)
     assert [len(names) for names, _ in rec.batches] == [MAX_BATCH, 2]
+
+
+def test_states_merged_from_two_ranks_give_the_one_process_results(trio: tuple[Path, Path, Path]) -> None:
+    srcs = [resolve(str(p)) for p in trio]
+    run = _run(srcs, ("base", "ft1", "ft2"))
+
+    def make() -> list[Analysis]:
+        return [
+            SparsityAnalysis(sides=(0, 1)),
+            PrincipalAnalysis(k=4, svd="exact", sides=(0, 2)),
+            SpectralAnalysis(k=4, null="random", sides=(0, 1)),
+            ConsistencyAnalysis(["ft1", "ft2"]),
+        ]
+
+    whole = execute(run, make(), progress=False)
+    split = as_two_ranks(run, make)
+    for one, two in zip(whole, split, strict=True):
+        pd.testing.assert_frame_equal(one.to_frame(), two.to_frame())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -242,6 +243,20 @@ class SparsityAnalysis(Analysis):
             self.totals_bf16[name] = self.totals_bf16.get(name, ChangeCounts()) + extra
         if self.fp8 is not None:
             self.fp8.add(item, start, w0.numel())
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        if self.fp8 is not None:  # FP8 code and scale-block counts, per tensor, travel with the totals
+            state["fp8"] = (self.fp8.codes, self.fp8.blocks)
+        return state
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        for state in states:
+            codes_blocks = state.pop("fp8", None)
+            if codes_blocks is not None and self.fp8 is not None:
+                self.fp8.codes.update(codes_blocks[0])
+                self.fp8.blocks.update(codes_blocks[1])
+        super().merge(states)
 
     def abort(self) -> None:
         if self.fp8 is not None:
