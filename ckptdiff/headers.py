@@ -42,6 +42,9 @@ def open_headers(spec: str) -> HeaderSource:
     if stat_input(spec) is not None:  # refuses links that loop, pipes and devices before anything is opened
         return _local(spec, path)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        from ckptdiff import hub
+
+        hub.refuse_path_like(spec)
         return _hub(spec)
     raise InputError(
         f"{spec} does not exist; pass a safetensors file, a directory or a Hub id like org/name[@revision]"
@@ -75,13 +78,11 @@ def _hub(spec: str) -> HeaderSource:
     from ckptdiff import hub
 
     repo, revision = hub.split_id(spec)
-    if hub.offline():
-        raise InputError(
-            f"header-only mode reads Hub repo {spec}'s headers over the network, but HF_HUB_OFFLINE is set; "
-            "unset it, or pass the local snapshot folder instead of the Hub id"
-        )
+    if hub.offline():  # the headers of the snapshot in the local cache, parsed like any local folder's
+        folder, resolved = hub.download(spec, progress=False)
+        return HeaderSource(spec, f"{resolved} (headers only)", _local(str(folder), folder).infos)
     try:
-        with hub.repo_errors(repo, revision):
+        with hub.network_errors(), hub.repo_errors(repo, revision):
             meta = hf.get_safetensors_metadata(repo, revision=revision)
     except hf_errors.NotASafetensorsRepoError:
         raise InputError(

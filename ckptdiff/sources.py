@@ -129,7 +129,14 @@ def _read_safetensors_header(
         raise InputError(f"{what} {p.reason}; {p.fix}") from None
     finally:
         os.close(fd)
-    data_start = 8 + hlen
+    infos, offsets = header_infos(header, 8 + hlen, what, str(path))
+    return infos, offsets, header.metadata, (st.st_dev, st.st_ino)
+
+
+def header_infos(
+    header: st_header.Header, data_start: int, what: str, file: str
+) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """TensorInfo records and absolute data offsets from a validated header (local files and Hub streams alike)."""
     infos: dict[str, TensorInfo] = {}
     offsets: dict[str, int] = {}
     for entry in header.entries:
@@ -145,9 +152,9 @@ def _read_safetensors_header(
                 f"{what}: tensor {entry.name!r} has shape {list(entry.shape)}, with a dimension of 2^63 or more, which "
                 f"PyTorch cannot represent; {st_header.FIX}"
             )
-        infos[entry.name] = TensorInfo(entry.name, dt, entry.shape, str(path))
+        infos[entry.name] = TensorInfo(entry.name, dt, entry.shape, file)
         offsets[entry.name] = data_start + entry.begin
-    return infos, offsets, header.metadata, (st.st_dev, st.st_ino)
+    return infos, offsets
 
 
 def _read_at(fd: int, buf: np.ndarray, pos: int, what: str, name: str) -> None:
@@ -381,8 +388,12 @@ def stat_input(spec: str) -> os.stat_result | None:
     return st
 
 
-def resolve(spec: str, *, progress: bool = True) -> Source:
-    """Turn a path or Hub id into a lazy :class:`Source`; raise :class:`InputError` on anything unusable."""
+def resolve(spec: str, *, progress: bool = True, stream: bool | None = None) -> Source:
+    """Turn a path or Hub id into a lazy :class:`Source`; raise :class:`InputError` on anything unusable.
+
+    ``stream`` (Hub ids only): read tensors by byte range over HTTP instead of downloading the repo
+    (:mod:`ckptdiff.hub_stream`); ``None`` follows the environment variable ``CKPTDIFF_HUB_STREAM``.
+    """
     path = Path(spec).expanduser()
     found = stat_input(spec)
     if found is not None:
@@ -404,6 +415,11 @@ def resolve(spec: str, *, progress: bool = True) -> Source:
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         from ckptdiff import hub
 
+        hub.refuse_path_like(spec)
+        if hub.stream_wanted(stream):
+            from ckptdiff.hub_stream import HubStreamSource
+
+            return HubStreamSource.open(spec)
         folder, resolved = hub.download(spec, progress=progress)
         return _from_directory(spec, folder, resolved)
     raise InputError(

@@ -170,17 +170,24 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
     save_sharded(sd, snap, [3, len(sd) - 3])
     calls: dict[str, object] = {}
 
-    def fake_list(self: object, repo_id: str, revision: str | None = None, **_: object) -> list[str]:
+    def fake_info(self: object, repo_id: str, revision: str | None = None, **_: object) -> SimpleNamespace:
         calls["list"] = (repo_id, revision)
-        return ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                "model-00002-of-00002.safetensors", "pytorch_model.bin", "consolidated.safetensors"]
+        names = [
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "pytorch_model.bin",
+            "consolidated.safetensors",
+        ]
+        return SimpleNamespace(sha=SHA, siblings=[SimpleNamespace(rfilename=n) for n in names])
 
     def fake_snapshot(repo_id: str, **kw: object) -> str:
         calls["snapshot"] = (repo_id, kw)
         return str(snap)
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hf.HfApi, "list_repo_files", fake_list)
+    monkeypatch.setattr(hf.HfApi, "model_info", fake_info)
     monkeypatch.setattr(hf, "snapshot_download", fake_snapshot)
     src = resolve("acme/big@v1.0", progress=False)
     _same(sd, src)
@@ -207,6 +214,6 @@ def test_hub_not_found_is_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
         raise errors.RepositoryNotFoundError("404 Repository Not Found", response=response)  # type: ignore[arg-type]
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hf.HfApi, "list_repo_files", missing)
+    monkeypatch.setattr(hf.HfApi, "model_info", missing)
     with pytest.raises(InputError, match="not found"):
         resolve("acme/nothing", progress=False)
