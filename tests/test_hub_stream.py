@@ -366,3 +366,17 @@ def test_header_only_offline_reads_the_cached_headers(tmp_path: Path, monkeypatc
     # Offline, a streamed Hub id reads the cache too: the weights are on disk already.
     monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
     assert isinstance(resolve("acme/tiny"), SafetensorsSource)
+
+
+def test_the_hub_stream_flag_streams_from_the_command_line(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, ft = _pair(tmp_path)
+    fake_hub.add("acme/base", base, SHA_BASE)
+    fake_hub.add("acme/ft", ft, SHA_FT)
+    monkeypatch.delenv("CKPTDIFF_HUB_STREAM")  # only the flag asks for streaming here
+    res = runner.invoke(app, ["--hub-stream", "sparsity", "acme/base", "acme/ft", "-q", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    assert "streamed by byte range" in json.loads(res.stdout)["header"]["base"]
+    assert fake_hub.bytes_served() == _repo_bytes(base) + _repo_bytes(ft)
+    _nothing_written(tmp_path)

@@ -126,8 +126,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    hub_stream: bool = typer.Option(
+        False,
+        "--hub-stream",
+        help="Read Hub ids (org/name) by byte range straight from the Hub: nothing is written to disk; each byte "
+        "still crosses the network once. Same as CKPTDIFF_HUB_STREAM=1. Put it before the command.",
+    ),
 ) -> None:
     """Checkpoint forensics: what did this fine-tune actually do to the weights?"""
+    if hub_stream:
+        os.environ["CKPTDIFF_HUB_STREAM"] = "1"  # read by sources.resolve for every Hub id of this run
 
 
 def _register() -> None:
