@@ -23,12 +23,18 @@ _LAZY = {
     "spectral": ("ckptdiff.analyses.spectral", "spectral"),
     "consistency": ("ckptdiff.analyses.consistency", "consistency"),
     "check": ("ckptdiff.analyses.check", "check"),
+    "full_report": ("ckptdiff.analyses.full", "full_report"),
     "resolve": ("ckptdiff.sources", "resolve"),
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),
     "CkptdiffError": ("ckptdiff.errors", "CkptdiffError"),
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    """The lazily loaded names too, so ``dir(ckptdiff)`` and tab completion show the whole API."""
+    return sorted(__all__)
 
 
 def __getattr__(name: str) -> Any:

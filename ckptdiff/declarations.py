@@ -44,6 +44,11 @@ def total(frame: pd.DataFrame, column: str) -> float:
     return float(frame[column].astype("float64").sum())
 
 
+def count(frame: pd.DataFrame, column: str) -> int:
+    """Σ column of an integer count, as an int (NA skipped): counts stay exact and print as integers."""
+    return int(frame[column].astype("float64").sum())
+
+
 def _col(column: str) -> Callable[[pd.DataFrame], pd.Series]:
     return lambda f: f[column].astype("float64")
 
@@ -86,7 +91,7 @@ class Metric:
 
 
 def _count(name: str, analysis: AnalysisName, statuses: frozenset[str] = FLOAT_COMPARED) -> Metric:
-    return Metric(name, analysis, f"Σ{name}", (name,), statuses, _col(name), lambda f: total(f, name))
+    return Metric(name, analysis, f"Σ{name}", (name,), statuses, _col(name), lambda f: count(f, name))
 
 
 def _maximum(name: str) -> Metric:
@@ -121,7 +126,7 @@ SPARSITY: tuple[Metric, ...] = (
         ("changed",),
         COMPARABLE,
         _col("changed"),
-        lambda f: total(f, "changed"),
+        lambda f: count(f, "changed"),
     ),
     Metric(
         "sparsity",

@@ -446,7 +446,7 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     import numpy as np
     from matplotlib.colors import Normalize
 
-    o = result.overall()
+    o = result.overall_counts()
     n = result.n_runs
     if o is None or n < 2:
         return None

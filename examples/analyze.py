@@ -107,7 +107,7 @@ def measure_run(name: str, include: Sequence[str] = ()) -> Figures:
 def measure_pairs(runs: Sequence[str] = FINE_TUNES, include: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Pairwise update-mask agreement of the fine-tunes (§4) over the block matrices, with both baselines."""
     result = consistency(ckpt("base"), [ckpt(r) for r in runs], labels=list(runs), include=include, progress=False)
-    lin = result.linear_only()
+    lin = result.linear_counts()
     if lin is None:
         return []
     out: list[dict[str, Any]] = []

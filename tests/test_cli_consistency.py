@@ -115,8 +115,9 @@ def test_disjoint_masks_give_jaccard_zero(tmp_path: Path, base_sd: dict[str, tor
     df = r.to_frame()
     assert (df["n_both"] == 0).all() and (df["jaccard"] == 0.0).all()
     assert df["same_sign"].isna().all()  # nothing changed in common: no division by zero
-    o = r.overall()
+    o = r.overall_counts()
     assert o is not None and o.mean_jaccard == 0.0
+    assert r.overall()["jaccard"] == 0.0 and r.overall()["numel"] == o.numel
     assert o.pair(0, 1).n_a == sum(len(x) for x in pa.values())
     assert r.labels == ("a", "b")
 
@@ -129,7 +130,7 @@ def test_planted_consensus_histogram(planted: tuple[Path, list[Path], dict[str, 
         assert [per[k][f"consensus_{i}"] for i in range(4)] == h
     total = [sum(h[i] for h in hist.values()) for i in range(4)]
     assert r.consensus()["count"].tolist() == total
-    o = r.overall()
+    o = r.overall_counts()
     assert o is not None and list(o.consensus) == total
     assert o.pair(0, 1).same_sign == 1.0  # both move away from zero
     assert o.pair(0, 2).same_sign == 0.0 and o.pair(1, 2).same_sign == 0.0  # run 2 moves toward zero
@@ -306,7 +307,7 @@ def test_random_masks_near_random_baseline(tmp_path: Path) -> None:
     base = save_single({name: w0}, tmp_path / "base.safetensors")
     fa = _save_run({name: w0}, {name: a}, tmp_path / "a.safetensors")
     fb = _save_run({name: w0}, {name: b}, tmp_path / "b.safetensors")
-    o = consistency(str(base), [str(fa), str(fb)], mode=CompareMode("rtol", 1e-3), progress=False).overall()
+    o = consistency(str(base), [str(fa), str(fb)], mode=CompareMode("rtol", 1e-3), progress=False).overall_counts()
     assert o is not None
     pair = o.pair(0, 1)
     p, q = pair.density_a, pair.density_b

@@ -61,3 +61,25 @@ def test_sparsity_takes_plain_keywords(pair: tuple[str, str], kwargs: dict[str, 
 def test_bad_values_get_one_wording_from_every_function(pair: tuple[str, str], call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         call(*pair)
+
+
+def test_the_api_a_notebook_sees(pair: tuple[str, str]) -> None:
+    assert {"sparsity", "principal_overlap", "spectral", "consistency", "full_report", "check"} <= set(dir(ckptdiff))
+    results = [
+        ckptdiff.sparsity(*pair, progress=False),
+        ckptdiff.principal_overlap(*pair, k=2, progress=False),
+        ckptdiff.spectral(*pair, k=2, progress=False),
+        ckptdiff.consistency(pair[0], [pair[1], pair[1]], progress=False),
+    ]
+    for r in results:
+        assert isinstance(r.overall(), dict) and all(isinstance(k, str) for k in r.overall())
+        text = repr(r)
+        assert "\n" not in text and len(text) < 300 and text.startswith("<")
+    counts = results[0].overall()
+    assert (counts["changed"], counts["numel"], counts["tensors"]) == (3, 16, 1)
+    assert all(type(counts[k]) is int for k in ("changed", "numel", "tensors", "ulp_1"))
+    gate = ckptdiff.check(*pair, rules=["changed == 3", "sparsity >= 0.9"], progress=False)
+    assert [r.passed for r in gate.outcome.results] == [True, False]  # 3 of 16 changed: sparsity 0.8125
+    assert repr(gate).startswith("<CheckReport: FAIL, 1/2 rules pass")
+    with pytest.raises(InputError, match="cannot parse rule"):
+        ckptdiff.check(*pair, rules=["sparsity is high"], progress=False)

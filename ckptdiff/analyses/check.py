@@ -75,6 +75,11 @@ class CheckReport:
     outcome: R.CheckResult
     analyses: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        n_pass = sum(r.passed for r in self.outcome.results)
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"<CheckReport: {verdict}, {n_pass}/{len(self.outcome.results)} rules pass; .to_dict() .to_markdown()>"
+
     @property
     def passed(self) -> bool:
         """Whether every rule passed."""
@@ -203,15 +208,30 @@ def _reject_for_header_only(config: R.CheckConfig) -> None:
 def check(
     base: SourceLike,
     ft: SourceLike,
-    config: R.CheckConfig,
+    config: R.CheckConfig | None = None,
     *,
+    rules: Sequence[str] = (),
     shared: Shared | None = None,
     header_only: bool = False,
     same_param_count: bool = False,
     origin: str = "",
+    **options: Any,
 ) -> CheckReport:
-    """Evaluate ``config``'s rules on ``ft`` against ``base``, running only the analyses they need."""
-    shared = shared or Shared()
+    """Evaluate rules on ``ft`` against ``base``, running only the analyses they need, in one pass.
+
+    From Python: ``ckptdiff.check(base, ft, rules=["sparsity >= 0.5", "nss@*.mlp.* < 1e-3"])``; rules are
+    ``METRIC[@GLOB] OP VALUE`` (README, check). ``config`` (a :class:`~ckptdiff.rules.CheckConfig`) adds structural
+    rules; ``shared`` or keywords (``include``, ``exclude``, ``device``, ``mode``, ``k``, ``progress``) set the
+    options every analysis gets. ``.passed``, ``.exit_code`` and ``.to_dict()`` give the outcome.
+    """
+    parsed = tuple(R.parse_rule(text, "rules=") for text in rules)
+    config = R.CheckConfig(rules=parsed).merged(config) if config is not None else R.CheckConfig(rules=parsed)
+    if shared is not None and options:
+        raise InputError("pass either shared= or option keywords (include=, device=, k=, ...), not both")
+    try:
+        shared = shared or Shared(**options)
+    except TypeError as e:
+        raise InputError(f"check(): {e}; options are include, exclude, device, mode, k and progress") from None
     if not config.rules and not config.structural.active and not same_param_count:
         raise InputError(
             "no rules to check: pass --rule 'METRIC[@GLOB] OP VALUE', a structural flag such as --same-keys, "

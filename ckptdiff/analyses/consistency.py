@@ -206,6 +206,14 @@ class ConsistencyResult:
     labels: tuple[str, ...]
     tensors: tuple[TensorConsistency, ...]
 
+    def __repr__(self) -> str:
+        o = self.overall()
+        j = f"Jaccard {o['jaccard']:.4f} (magnitude-matched {o['jaccard_magnitude']:.4f})" if o else "nothing compared"
+        return (
+            f"<ConsistencyResult: {self.n_runs} runs {', '.join(self.labels)}; {j}; "
+            ".to_frame() .overall() .pairs() .consensus() .report()>"
+        )
+
     @property
     def n_runs(self) -> int:
         """R."""
@@ -241,13 +249,24 @@ class ConsistencyResult:
         items = [t.counts for t in ts if t.counts is not None]
         return combine(items) if items else None
 
-    def overall(self) -> Consistency | None:
-        """Exact rollup over every compared tensor (None when none was compared)."""
+    def overall_counts(self) -> Consistency | None:
+        """Exact rollup (summed counts) over every compared tensor (None when none was compared)."""
         return self._combine(self.tensors)
 
-    def linear_only(self) -> Consistency | None:
-        """Exact rollup over the 2-D matrices inside transformer blocks."""
+    def linear_counts(self) -> Consistency | None:
+        """Exact rollup (summed counts) over the 2-D matrices inside transformer blocks."""
         return self._combine(t for t in self.tensors if t.item["linear"])
+
+    def overall(self) -> dict[str, float]:
+        """Mean Jaccard against both baselines, same sign, consensus, over every compared tensor (like every
+        analysis's ``overall()``: figure -> value; empty when nothing was compared). Counts: ``overall_counts()``."""
+        c = self.overall_counts()
+        return _figures(c) if c is not None else {}
+
+    def linear_only(self) -> dict[str, float]:
+        """The same figures over the 2-D matrices inside transformer blocks."""
+        c = self.linear_counts()
+        return _figures(c) if c is not None else {}
 
     def groups(self, key: str) -> dict[object, Consistency]:
         """Exact rollup per ``module`` or ``layer`` (tensors outside the blocks have no layer)."""
@@ -267,7 +286,7 @@ class ConsistencyResult:
 
     def pairs(self, c: Consistency | None = None) -> pd.DataFrame:
         """One row per pair of runs for a rollup (default: overall)."""
-        c = c if c is not None else self.overall()
+        c = c if c is not None else self.overall_counts()
         if c is None:
             return pd.DataFrame()
         keep = ["density_a", "density_b", "jaccard", "jaccard_random", "jaccard_magnitude"]
@@ -280,7 +299,7 @@ class ConsistencyResult:
 
     def matrix(self, c: Consistency | None = None) -> pd.DataFrame:
         """Runs x runs: "Jaccard (magnitude-matched baseline)" in each off-diagonal cell."""
-        c = c if c is not None else self.overall()
+        c = c if c is not None else self.overall_counts()
         if c is None:
             return pd.DataFrame()
 
@@ -336,7 +355,7 @@ class ConsistencyResult:
         return pd.DataFrame(rows, columns=cols)
 
     def _summary(self) -> list[str]:
-        o, lin = self.overall(), self.linear_only()
+        o, lin = self.overall_counts(), self.linear_counts()
         if o is None:
             return ["No float tensor could be compared across all runs; see the structural findings."]
         f = _figures(o)
@@ -388,7 +407,7 @@ class ConsistencyResult:
 
     def report(self) -> Report:
         """The report the CLI renders."""
-        o, lin = self.overall(), self.linear_only()
+        o, lin = self.overall_counts(), self.linear_counts()
         overall = pd.DataFrame(
             {name: _figures(c) for name, c in (("overall", o), ("linear layers", lin)) if c is not None}
         )

@@ -48,6 +48,12 @@ class FullReport:
     spectral: dict[str, SpectralReport] = field(default_factory=dict)
     consistency: ConsistencyResult | None = None
 
+    def __repr__(self) -> str:
+        return (
+            f"<FullReport: {', '.join(self.analyses)} of {len(self.runs)} fine-tune(s) {', '.join(self.runs)}; "
+            ".sparsity[run] .principal[run] .spectral[run] .consistency .tensors() .sections()>"
+        )
+
     @property
     def analyses(self) -> tuple[str, ...]:
         """The analyses that ran, in report order."""

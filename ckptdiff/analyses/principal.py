@@ -110,7 +110,7 @@ def rollup(df: pd.DataFrame) -> dict[str, float]:
     = Σ(|M|·baseline_•_magnitude) / Σ|M|; each ratio = Σ|M•∩M| over the matching expected intersection;
     energies weighted by ‖ΔW‖_F².
     """
-    return {"tensors": float(len(df)), **figures(df, PRINCIPAL)}
+    return {"tensors": len(df), **figures(df, PRINCIPAL)}
 
 
 def _verdict(value: float) -> str:
@@ -150,6 +150,14 @@ class PrincipalOverlapResult:
     header: dict[str, str]
     alpha: float
     rows: list[dict[str, object]] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        o = self.overall()
+        return (
+            f"<PrincipalOverlapResult: {int(o['tensors'])} matrices, overlap {o['overlap_principal']:.3f} "
+            f"(ratio {o['ratio_principal']:.2f} to random, {o['ratio_principal_magnitude']:.2f} to magnitude-matched); "
+            ".to_frame() .overall() .by() .report()>"
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (analysed or not), columns as in :data:`COLUMNS`; metric columns NA when not analysed."""

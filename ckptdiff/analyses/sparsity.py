@@ -52,6 +52,13 @@ class SparsityResult:
     header: dict[str, str]
     rows: list[dict[str, object]] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        o = self.overall()
+        return (
+            f"<SparsityResult: {len(self.rows)} tensors, sparsity {o['sparsity']:.4f} overall "
+            f"({int(o['changed']):,} of {int(o['numel']):,} changed); .to_frame() .overall() .by() .report()>"
+        )
+
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (compared or not), columns as in :data:`COLUMNS`."""
         df = pd.DataFrame(self.rows, columns=COLUMNS)
@@ -64,7 +71,7 @@ class SparsityResult:
         return df[df["status"].isin([s.value for s in COMPARABLE]) & (df["status"] != Status.NON_FLOAT.value)]
 
     def _sum(self, df: pd.DataFrame) -> dict[str, float]:
-        out = {"tensors": float(len(df)), **figures(df, pick(SPARSITY, "numel", "changed", "sparsity"))}
+        out = {"tensors": len(df), **figures(df, pick(SPARSITY, "numel", "changed", "sparsity"))}
         bf16 = by_name(SPARSITY)["sparsity_bf16"]
         if len(bf16.rows(df)):  # only fp32/fp64 tensors have a bf16 view
             out["sparsity_bf16"] = bf16.over(df)

@@ -65,6 +65,13 @@ class SpectralReport:
     rows: list[dict[str, object]] = field(default_factory=list)
     with_null: bool = False
 
+    def __repr__(self) -> str:
+        o = self.overall()
+        return (
+            f"<SpectralReport: {int(o['matrices'])} matrices, NSS median {o['nss_median']:.3e}, max "
+            f"{o['nss_max']:.3e}; .to_frame() .overall() .by() .most_rotated() .report()>"
+        )
+
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (analysed or not), columns as in :func:`columns`."""
         df = pd.DataFrame(self.rows, columns=columns(self.with_null))
@@ -86,7 +93,7 @@ class SpectralReport:
     def _stats(self, df: pd.DataFrame) -> dict[str, float]:
         """The scope figures: the declared worst matrix (max) beside the median, and the weighted nss_per_update."""
         metrics = by_name(SPECTRAL)
-        out: dict[str, float] = {"matrices": float(len(df)), "params": float(df["numel"].sum())}
+        out: dict[str, float] = {"matrices": len(df), "params": int(df["numel"].sum())}
         # Angles: the worst stable matrix (declarations.angles_ok); medians over every matrix with k < min(m, n)
         # (an unstable angle is one value among many there, a trivial one is 0 by construction).
         nontrivial = df[df["angles"] != "trivial_k"] if "angles" in df.columns else df

@@ -174,7 +174,7 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
             n_offenders=len(left),
             note=f"{rule.metric} is not measured for any of the {_matrices(len(left))} in scope: {spec.undefined_why}",
         )
-    value = spec.aggregate(usable)
+    value = float(spec.aggregate(usable))
     passed = not math.isnan(value) and _COMPARE[rule.op](value, rule.value)
     offenders: tuple[Offender, ...] = ()
     if not passed:
