@@ -178,6 +178,7 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
                 patterns = SAFETENSORS_PATTERNS + PICKLE_PATTERNS
             else:
                 patterns = _choose_patterns(repo_files(repo, revision))
+            patterns = [*patterns, "config.json"]  # small; says how FP8 weights are block-scaled (ckptdiff.fp8)
             folder = hf.snapshot_download(
                 repo,
                 revision=revision,

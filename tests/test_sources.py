@@ -198,6 +198,7 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
     assert "model.safetensors.index.json" in patterns
     assert not any(p.endswith(".bin") for p in patterns)
     assert "consolidated.safetensors" not in patterns
+    assert "config.json" in patterns  # how FP8 weights are block-scaled, read by ckptdiff.fp8
 
 
 def test_hub_bin_fallback_patterns() -> None:
