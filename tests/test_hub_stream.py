@@ -46,6 +46,8 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHu
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: a test that imported it offline must not leak here.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
     monkeypatch.setattr(hub_stream, "RETRY_WAITS", (0.05, 0.1))
     (tmp_path / "cwd").mkdir()
