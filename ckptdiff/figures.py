@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
 
     from ckptdiff.analyses.consistency import ConsistencyResult
-    from ckptdiff.analyses.full import FullReport
+    from ckptdiff.analyses.full import FullReportResult
     from ckptdiff.analyses.principal import PrincipalOverlapResult
     from ckptdiff.analyses.sparsity import SparsityResult
-    from ckptdiff.analyses.spectral import SpectralReport
+    from ckptdiff.analyses.spectral import SpectralDriftResult
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ COLORS = {"observed": "#1f4e79", "random": "#8c8c8c", "magnitude": "#d9730d", "m
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def figures(report: FullReport) -> list[Figure]:
+def figures(report: FullReportResult) -> list[Figure]:
     """Every figure the report's data supports, in section order (per fine-tune where per-run)."""
     several = len(report.runs) > 1
     names: set[str] = set()
@@ -381,7 +381,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
 # spectral drift
 
 
-def _spectral_drift(result: SpectralReport, run: str) -> _Drawn | None:
+def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     """Per layer: NSS (max, median) and the largest principal angle of the top-k subspaces."""
     df = result.by("layer")
     if df.empty or "nss_max" not in df.columns:

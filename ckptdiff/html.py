@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ckptdiff.analyses.full import FullReport
+    from ckptdiff.analyses.full import FullReportResult
     from ckptdiff.figures import Figure
     from ckptdiff.report import Report, Table
 
@@ -75,7 +75,7 @@ footer { margin-top: 3rem; font-size: .8rem; color: var(--muted); }
 """
 
 
-def to_html(report: FullReport, figures: Sequence[Figure]) -> str:
+def to_html(report: FullReportResult, figures: Sequence[Figure]) -> str:
     """The whole report as one self-contained HTML page (figures inline, nothing fetched, all input escaped)."""
     sections = report.sections()
     owners = report.section_keys()
@@ -128,12 +128,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "section"
 
 
-def _title(report: FullReport) -> str:
+def _title(report: FullReportResult) -> str:
     runs = ", ".join(report.runs)
     return f"ckptdiff report: {runs} vs base" if runs else "ckptdiff report"
 
 
-def _lede(report: FullReport) -> str:
+def _lede(report: FullReportResult) -> str:
     base = report.header.get("base", "base")
     n = len(report.runs)
     runs = ", ".join(report.runs)

@@ -27,7 +27,7 @@ from ckptdiff.errors import InputError
 from ckptdiff.report import records, to_markdown
 
 if TYPE_CHECKING:
-    from ckptdiff.analyses.full import FullReport
+    from ckptdiff.analyses.full import FullReportResult
     from ckptdiff.figures import Figure
 
 FILES = ("index.html", "report.md", "tensors.csv", "report.json")
@@ -58,7 +58,7 @@ def _section_figures(figures: Sequence[Figure], key: str, run: str) -> list[Figu
     return [f for f in figures if (f.analysis, f.run) == (key, run)]
 
 
-def to_markdown_dir(report: FullReport, figures: Sequence[Figure]) -> str:
+def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
     """report.md: the header, then each analysis's Markdown report with its figures (linked under figures/)."""
     lines = ["# ckptdiff report", ""]
     lines += [f"- **{k}**: `{v}`" for k, v in report.header.items()]
@@ -83,13 +83,13 @@ def to_markdown_dir(report: FullReport, figures: Sequence[Figure]) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _json(report: FullReport) -> str:
+def _json(report: FullReportResult) -> str:
     doc = report.to_dict()
     doc["tensors"] = records(report.tensors())
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
-def write_directory(report: FullReport, directory: str | Path) -> list[Path]:
+def write_directory(report: FullReportResult, directory: str | Path) -> list[Path]:
     """Write the report's files into ``directory`` as one unit (see the module doc); the paths written."""
     from ckptdiff.figures import figures as make_figures
     from ckptdiff.html import to_html

@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 
 from factory import bump_ulps, llama_like, save_single
 
-from ckptdiff.analyses.full import FullReport, full_report
+from ckptdiff.analyses.full import FullReportResult, full_report
 from ckptdiff.figures import Figure, figures
 from ckptdiff.html import to_html
 
@@ -61,7 +61,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 @dataclass(frozen=True)
 class Built:
-    report: FullReport
+    report: FullReportResult
     figs: list[Figure]
     page: str
     sections: list[tuple[str, str]]  # (heading, report title)

@@ -80,6 +80,6 @@ def test_the_api_a_notebook_sees(pair: tuple[str, str]) -> None:
     assert all(type(counts[k]) is int for k in ("changed", "numel", "tensors", "ulp_1"))
     gate = ckptdiff.check(*pair, rules=["changed == 3", "sparsity >= 0.9"], progress=False)
     assert [r.passed for r in gate.outcome.results] == [True, False]  # 3 of 16 changed: sparsity 0.8125
-    assert repr(gate).startswith("<CheckReport: FAIL, 1/2 rules pass")
+    assert repr(gate).startswith("<GateResult: FAIL, 1/2 rules pass")
     with pytest.raises(InputError, match="cannot parse rule"):
         ckptdiff.check(*pair, rules=["sparsity is high"], progress=False)

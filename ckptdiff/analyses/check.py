@@ -68,7 +68,7 @@ def gather_config(config_file: Path | None, cli: R.CheckConfig, cwd: Path | None
 
 
 @dataclass(frozen=True)
-class CheckReport:
+class GateResult:
     """Every rule's outcome plus what was compared and how; renders to a dict, JSON and Markdown."""
 
     header: dict[str, str]
@@ -78,7 +78,7 @@ class CheckReport:
     def __repr__(self) -> str:
         n_pass = sum(r.passed for r in self.outcome.results)
         verdict = "PASS" if self.passed else "FAIL"
-        return f"<CheckReport: {verdict}, {n_pass}/{len(self.outcome.results)} rules pass; .to_dict() .to_markdown()>"
+        return f"<GateResult: {verdict}, {n_pass}/{len(self.outcome.results)} rules pass; .to_dict() .to_markdown()>"
 
     @property
     def passed(self) -> bool:
@@ -216,7 +216,7 @@ def check(
     same_param_count: bool = False,
     origin: str = "",
     **options: Any,
-) -> CheckReport:
+) -> GateResult:
     """Evaluate rules on ``ft`` against ``base``, running only the analyses they need, in one pass.
 
     From Python: ``ckptdiff.check(base, ft, rules=["sparsity >= 0.5", "nss@*.mlp.* < 1e-3"])``; rules are
@@ -274,7 +274,7 @@ def check(
     found = fp8_findings(items)
     if found:
         head["fp8_findings"] = found
-    return CheckReport(head, outcome, ran)
+    return GateResult(head, outcome, ran)
 
 
 def fp8_findings(items: Sequence[Aligned], most: int = 5) -> str:

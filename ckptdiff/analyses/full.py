@@ -25,7 +25,7 @@ from ckptdiff.analyses.common import SourceLike
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
 from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
-from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralReport
+from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralDriftResult
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, compare_mode
 from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
@@ -38,19 +38,19 @@ SHARED_COLUMNS = ("tensor", "layer", "module", "expert", "shape", "dtype_base", 
 
 
 @dataclass(frozen=True)
-class FullReport:
+class FullReportResult:
     """The results of one ``report`` run: per fine-tune (by label) each pairwise analysis, and consistency."""
 
     header: dict[str, str]
     runs: tuple[str, ...]  # fine-tune labels, in the order given
     sparsity: dict[str, SparsityResult] = field(default_factory=dict)
     principal: dict[str, PrincipalOverlapResult] = field(default_factory=dict)
-    spectral: dict[str, SpectralReport] = field(default_factory=dict)
+    spectral: dict[str, SpectralDriftResult] = field(default_factory=dict)
     consistency: ConsistencyResult | None = None
 
     def __repr__(self) -> str:
         return (
-            f"<FullReport: {', '.join(self.analyses)} of {len(self.runs)} fine-tune(s) {', '.join(self.runs)}; "
+            f"<FullReportResult: {', '.join(self.analyses)} of {len(self.runs)} fine-tune(s) {', '.join(self.runs)}; "
             ".sparsity[run] .principal[run] .spectral[run] .consistency .tensors() .sections()>"
         )
 
@@ -170,7 +170,7 @@ def full_report(
     device: str = "auto",
     batch_budget: float | None = None,
     progress: bool = True,
-) -> FullReport:
+) -> FullReportResult:
     """Run every analysis (or ``analyses``) of ``fts`` against ``base`` in one pass of the checkpoints.
 
     Defaults are the single commands' defaults; consistency runs when two or more fine-tunes are given.
@@ -225,7 +225,9 @@ def full_report(
             out["consistency"] = result
         else:
             out[name][run] = result
-    return FullReport(header, tuple(names), out["sparsity"], out["principal"], out["spectral"], out["consistency"])
+    return FullReportResult(
+        header, tuple(names), out["sparsity"], out["principal"], out["spectral"], out["consistency"]
+    )
 
 
 class _Header(Analysis):

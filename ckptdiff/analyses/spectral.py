@@ -58,7 +58,7 @@ def columns(with_null: bool) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SpectralReport:
+class SpectralDriftResult:
     """Per-tensor spectral rows plus the header that says how they were made."""
 
     header: dict[str, str]
@@ -68,7 +68,7 @@ class SpectralReport:
     def __repr__(self) -> str:
         o = self.overall()
         return (
-            f"<SpectralReport: {int(o['matrices'])} matrices, NSS median {o['nss_median']:.3e}, max "
+            f"<SpectralDriftResult: {int(o['matrices'])} matrices, NSS median {o['nss_median']:.3e}, max "
             f"{o['nss_max']:.3e}; .to_frame() .overall() .by() .most_rotated() .report()>"
         )
 
@@ -421,7 +421,7 @@ class SpectralAnalysis(Analysis):
         if self.save_spectra is not None:
             self.save_spectra.discard()
 
-    def finish(self, run: Run) -> SpectralReport:
+    def finish(self, run: Run) -> SpectralDriftResult:
         params: dict[str, object] = {
             "k": self.k,
             "precision": self.precision,
@@ -440,7 +440,7 @@ class SpectralAnalysis(Analysis):
         ]
         if self.save_spectra is not None:
             write_spectra(self.save_spectra, self.spectra, head)
-        return SpectralReport(head, rows, self.with_null)
+        return SpectralDriftResult(head, rows, self.with_null)
 
 
 def spectral(
@@ -458,7 +458,7 @@ def spectral(
     batch_budget: float | None = None,
     save_spectra: str | Path | Output | None = None,
     progress: bool = True,
-) -> SpectralReport:
+) -> SpectralDriftResult:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
 
     ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size updates). ``null="random"``

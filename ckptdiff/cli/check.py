@@ -25,7 +25,7 @@ from ckptdiff.cli.options import (
 )
 
 if TYPE_CHECKING:
-    from ckptdiff.analyses.check import CheckReport
+    from ckptdiff.analyses.check import GateResult
 
 EPILOG = (
     "Example: [bold]ckptdiff check Qwen/Qwen3-4B my-org/my-ft --rule 'sparsity >= 0.5' "
@@ -157,7 +157,7 @@ def check(
         raise typer.Exit(report.exit_code)
 
 
-def print_table(report: CheckReport) -> None:
+def print_table(report: GateResult) -> None:
     """Rule | value | threshold | result with rich, the worst tensors indented under each failing rule."""
     from rich.table import Table
     from rich.text import Text
