@@ -224,7 +224,7 @@ def _group_key(plan: _Plan) -> tuple[object, ...]:
 READ_RATE = 2e9  # bytes/s assumed for reading when balancing work across ranks
 # At most this many matrices per SVD batch: batching saves call overhead only (BENCHMARKS.md §2), and smaller
 # batches are units that ranks can share evenly. Fixed, so a batch is the same in one process or many.
-MAX_BATCH = 8
+MAX_BATCH = 4
 
 
 @dataclass
