@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,7 +19,7 @@ if str(ROOT) not in sys.path:  # examples/ is not part of the installed ckptdiff
     sys.path.insert(0, str(ROOT))
 
 from examples.tinylm import ckpt_io, grpo, rollout, task, train  # noqa: E402
-from examples.tinylm.model import expected_tensor_names  # noqa: E402
+from examples.tinylm.model import ModelConfig, TinyLM, expected_tensor_names  # noqa: E402
 
 TINY_PRE = train.PretrainConfig(
     digits=2, d_model=16, n_layers=2, n_heads=2, d_mlp=32, steps=2, batch=16, warmup=1, eval_every=1, eval_problems=64
@@ -72,6 +75,54 @@ def test_runs_json_records_every_run(pipeline: Path) -> None:
         assert {"parent", "steps", "accuracy_before", "accuracy_after"} <= set(r)
         assert 0.0 <= r["accuracy_after"] <= 1.0
         assert r["parent"] == (None if r["name"] == "base" else "base")
+
+
+def test_training_is_bit_reproducible(pipeline: Path, tmp_path: Path) -> None:
+    """The whole pipeline trained again in this process gives byte-identical checkpoints.
+
+    Between the two runs every global the trainer depends on is disturbed (thread count, deterministic mode, the
+    torch, random and NumPy RNGs): the trainer must set each itself. A different pretraining seed changes the bytes,
+    so the comparison has teeth.
+    """
+    first = {n: ckpt_io.sha256(pipeline / n / ckpt_io.WEIGHTS) for n in ckpt_io.RUN_ORDER}
+    runs = {r["name"]: r for r in json.loads((pipeline / "runs.json").read_text())}
+    assert {n: runs[n]["sha256"] for n in ckpt_io.RUN_ORDER} == first  # the ledger records the file's bytes
+    for r in runs.values():
+        assert r["threads"] == train.THREADS and r["deterministic_algorithms"] is True
+        assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(12345)
+    torch.rand(17)
+    random.seed(9)
+    np.random.seed(9)
+    try:
+        train.run_all(tmp_path / "again", TINY_PRE, TINY_SFT, TINY_RL)
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()  # restored
+    finally:
+        torch.set_num_threads(threads)
+    second = {n: ckpt_io.sha256(tmp_path / "again" / n / ckpt_io.WEIGHTS) for n in ckpt_io.RUN_ORDER}
+    assert second == first
+    other = train.pretrain(replace(TINY_PRE, seed=1), tmp_path / "seed1" / "base")
+    assert other["sha256"] != first["base"]
+
+
+def test_saved_header_is_canonical(tmp_path: Path) -> None:
+    """safetensors writes its metadata in hash-map order; save_bf16 rewrites it sorted, data untouched."""
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig(vocab_size=13, max_positions=6, d_model=8, n_layers=1, n_heads=2, d_mlp=16))
+    digests = {ckpt_io.sha256(ckpt_io.save_bf16(model, tmp_path / str(i), digits=2)) for i in range(4)}
+    assert len(digests) == 1
+    path = tmp_path / "0" / ckpt_io.WEIGHTS
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert (8 + n) % 8 == 0
+    loaded, digits = ckpt_io.load_model(tmp_path / "0")
+    assert digits == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.to(torch.bfloat16).float()), key
 
 
 def _changed_entries(a: Path, b: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,31 @@ def save_bf16(model: TinyLM, out_dir: Path, digits: int) -> Path:
     meta = {"format": "pt", "model_config": json.dumps(model.cfg.to_dict()), "digits": str(digits)}
     path = out_dir / WEIGHTS
     save_file(tensors, str(path), metadata=meta)
+    _canonical_header(path)
     return path
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors header in a fixed order, so that equal weights give equal bytes.
+
+    safetensors 0.8 writes ``__metadata__`` in hash-map order, which changes from process to process: the
+    same weights saved twice could differ in their header bytes. Here the metadata keys are sorted and the tensor
+    entries follow their data offsets; the data section is kept byte for byte.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    canon: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    canon.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
+    text = json.dumps(canon, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def sha256(path: Path) -> str:
+    """Hex digest of a file's bytes: two runs reproduce a checkpoint exactly when these agree."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_model(ckpt_dir: Path) -> tuple[TinyLM, int]:
@@ -64,7 +89,10 @@ def write_card(out_dir: Path, entry: dict[str, Any]) -> None:
         f"- held-out greedy exact-match accuracy: before {before}, after {acc_a:.3f}"
         f" ({entry['eval_problems']} problems, {entry['digits']}-digit addition)",
         f"- parameters: {entry['params']:,}; wall time {entry['wall_s']:.0f} s"
-        f" on {entry['threads']} CPU threads, torch {entry['torch']}",
+        f" on {entry['threads']} CPU thread{'s' if entry['threads'] != 1 else ''}, torch {entry['torch']},"
+        f" ATen CPU capability {entry['cpu_capability']}, MKL_CBWR {entry['mkl_cbwr']},"
+        f" deterministic algorithms {'on' if entry['deterministic_algorithms'] else 'off'}",
+        f"- sha256 of {WEIGHTS}: `{entry['sha256']}`",
         "",
         "Hyper-parameters:",
         "",
@@ -78,7 +106,8 @@ def write_card(out_dir: Path, entry: dict[str, Any]) -> None:
         entry["command"],
         "```",
         "",
-        "Exact bits can differ across torch versions, CPUs and thread counts.",
+        "The command reproduces these bytes (the sha256 above) with the same torch build on a CPU of the same"
+        " capability; another torch version or CPU capability can change the bits.",
         "",
     ]
     (out_dir / "CARD.md").write_text("\n".join(lines))

@@ -2,29 +2,53 @@
 
 Usage (from the repository root):
     python -m examples.tinylm.train all --out examples/checkpoints
-    python -m examples.tinylm.train pretrain --out examples/checkpoints/base
+    python -m examples.tinylm.train all --out examples/checkpoints/pretrain_seed1 --pretrain-seed 1
+    python -m examples.tinylm.train pretrain --out examples/checkpoints/base --seed 0
     python -m examples.tinylm.train sft --base examples/checkpoints/base --out DIR --lr 3e-5 --seed 1
     python -m examples.tinylm.train rl  --base examples/checkpoints/base --out DIR --lr 3e-6 --seed 1
+
+Bit-reproducible on CPU: every stage runs inside :func:`reproducible`, which seeds torch, Python's ``random`` and
+NumPy, turns on ``torch.use_deterministic_algorithms`` and runs torch on exactly ``THREADS`` (1) thread; the data
+streams are seeded generators, read in order. Two runs of the same command with the same torch build on the same
+kind of CPU give byte-identical checkpoints. The SIMD kernels are part of the recipe too: run as a program, this
+module pins torch's own kernels to AVX2 (``ATEN_CPU_CAPABILITY=avx2``) and MKL's matrix products to its AVX2
+branch (``MKL_CBWR=AVX2``) unless those variables are already set, so that a machine with AVX-512 takes the same
+code paths as an AVX2-only one (left to itself, torch picks the widest the CPU has, and other kernels round
+differently; on an AVX2 machine, forcing the baseline kernels changed the bits); not verified on an AVX-512
+machine. Each stage records the thread count, torch version, the ATen CPU capability it got and MKL_CBWR in its
+card and in runs.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
+import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+# Read once, when torch and MKL start: set only while torch is not loaded yet (as under `python -m`). When it was
+# (a test, a notebook), they would have no effect, so they are left alone and the record says what was in force.
+if "torch" not in sys.modules:
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    os.environ.setdefault("MKL_CBWR", "AVX2")
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from examples.tinylm import ckpt_io, grpo, rollout, task
 from examples.tinylm.model import ModelConfig, TinyLM
 
-THREADS = 2
+# One thread: a parallel reduction's summation order depends on the thread count, so a fixed count is part of
+# the recipe, and one is the count every machine has. It costs time: `all` took ~7 min here, 3.6 min on two threads.
+THREADS = 1
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -82,6 +106,39 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def reproducible(seed: int) -> Iterator[None]:
+    """Seed every RNG, force deterministic kernels and a fixed thread count; restore the global settings after.
+
+    Inside, a stage's result depends only on its arguments (and the torch build and CPU capability), not on
+    what ran before it in the process.
+    """
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def environment() -> dict[str, Any]:
+    """What besides the arguments decides the bits: recorded in every card and runs.json entry."""
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+    }
+
+
 def _adamw(model: TinyLM, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
@@ -101,7 +158,7 @@ def _answer_loss(model: TinyLM, seqs: torch.Tensor, digits: int) -> torch.Tensor
 
 
 def _finish(
-    model: TinyLM, out: Path, digits: int, entry: dict[str, Any], heldout: tuple[torch.Tensor, ...]
+    model: TinyLM, out: Path, digits: int, entry: dict[str, Any], heldout: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, Any]:
     """Save bf16, score the saved (rounded) weights, write the card and the runs.json entry."""
     ckpt_io.save_bf16(model, out, digits)
@@ -111,8 +168,8 @@ def _finish(
     entry["params"] = sum(p.numel() for p in model.parameters())
     entry["digits"] = digits
     entry["eval_problems"] = int(heldout[0].shape[0])
-    entry["threads"] = torch.get_num_threads()
-    entry["torch"] = torch.__version__
+    entry.update(environment())
+    entry["sha256"] = ckpt_io.sha256(out / ckpt_io.WEIGHTS)
     ckpt_io.write_card(out, entry)
     ckpt_io.record_run(out.parent, entry)
     log(
@@ -125,9 +182,14 @@ def _finish(
 def pretrain(cfg: PretrainConfig, out: Path, command: str = "") -> dict[str, Any]:
     """Train from scratch with AdamW (linear warmup, then constant lr) and save the base.
 
-    It stops on purpose part-way up the learning curve, so that fine-tuning has room to improve.
+    It stops on purpose part-way up the learning curve, so that fine-tuning has room to improve. ``cfg.seed`` (the
+    pretraining seed) decides the initial weights and the problem stream.
     """
-    torch.manual_seed(cfg.seed)
+    with reproducible(cfg.seed):
+        return _pretrain(cfg, out, command)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, command: str) -> dict[str, Any]:
     t0 = time.time()
     mcfg = ModelConfig(
         vocab_size=len(task.VOCAB),
@@ -166,7 +228,11 @@ def pretrain(cfg: PretrainConfig, out: Path, command: str = "") -> dict[str, Any
 
 def sft(base: Path, cfg: SFTConfig, out: Path, command: str = "") -> dict[str, Any]:
     """Fine-tune the base on correct answers; cross-entropy on the answer tokens only."""
-    torch.manual_seed(cfg.seed)
+    with reproducible(cfg.seed):
+        return _sft(base, cfg, out, command)
+
+
+def _sft(base: Path, cfg: SFTConfig, out: Path, command: str) -> dict[str, Any]:
     t0 = time.time()
     model, digits = ckpt_io.load_model(base)
     heldout = task.heldout_set(digits)
@@ -230,7 +296,11 @@ def rl(
     base: Path, cfg: RLConfig, out: Path, command: str = "", reward_fn: RewardFn = rollout.exact_match
 ) -> dict[str, Any]:
     """GRPO from the base, with the base (frozen) as KL reference."""
-    torch.manual_seed(cfg.seed)
+    with reproducible(cfg.seed):
+        return _rl(base, cfg, out, command, reward_fn)
+
+
+def _rl(base: Path, cfg: RLConfig, out: Path, command: str, reward_fn: RewardFn) -> dict[str, Any]:
     t0 = time.time()
     policy, digits = ckpt_io.load_model(base)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -269,7 +339,7 @@ def _cmd(*parts: object) -> str:
 def run_all(out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig) -> list[dict[str, Any]]:
     """The whole experiment: base, sft, rl_seed1, rl_seed2 and the two learning-rate controls."""
     base = out / "base"
-    results = [pretrain(pre, base, _cmd("pretrain", "--out", base, "--steps", pre.steps))]
+    results = [pretrain(pre, base, _cmd("pretrain", "--out", base, "--steps", pre.steps, "--seed", pre.seed))]
     stages: list[tuple[str, str, SFTConfig | RLConfig]] = [
         ("sft", "sft", sft_cfg),
         ("rl_seed1", "rl", replace(rl_cfg, seed=1)),
@@ -295,9 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True)
     p_all = sub.add_parser("all", help="run every stage into OUT/<name>")
     p_all.add_argument("--out", type=Path, required=True)
+    p_all.add_argument(
+        "--pretrain-seed", type=int, default=PretrainConfig.seed, help="seed of the base's init and data stream"
+    )
     p_pre = sub.add_parser("pretrain", help="train the base from scratch")
     p_pre.add_argument("--out", type=Path, required=True)
     p_pre.add_argument("--steps", type=int, default=PretrainConfig.steps)
+    p_pre.add_argument("--seed", type=int, default=PretrainConfig.seed)
     for name, cls in (("sft", SFTConfig), ("rl", RLConfig)):
         p = sub.add_parser(name, help=f"fine-tune the base with {name.upper()}")
         p.add_argument("--base", type=Path, required=True)
@@ -306,16 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=cls.steps)
         p.add_argument("--seed", type=int, default=cls.seed)
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
     cmd = _cmd(*(argv if argv is not None else sys.argv[1:]))
+    t0 = time.time()
     if args.stage == "all":
-        run_all(args.out, PretrainConfig(), SFTConfig(), RLConfig())
+        run_all(args.out, PretrainConfig(seed=args.pretrain_seed), SFTConfig(), RLConfig())
     elif args.stage == "pretrain":
-        pretrain(PretrainConfig(steps=args.steps), args.out, cmd)
+        pretrain(PretrainConfig(steps=args.steps, seed=args.seed), args.out, cmd)
     elif args.stage == "sft":
         sft(args.base, SFTConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
     else:
         rl(args.base, RLConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
+    log(f"{args.stage} done in {time.time() - t0:.0f} s")
     return 0
 
 
