@@ -157,6 +157,7 @@ SPARSITY: tuple[Metric, ...] = (
     ),
     *(_count(label, "sparsity") for label in ("ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16")),
     _count("changed_nonfinite", "sparsity"),
+    _count("overflow_as", "sparsity"),
 )
 
 # ---------------------------------------------------------------------------------------------

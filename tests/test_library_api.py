@@ -83,3 +83,17 @@ def test_the_api_a_notebook_sees(pair: tuple[str, str]) -> None:
     assert repr(gate).startswith("<GateResult: FAIL, 1/2 rules pass")
     with pytest.raises(InputError, match="cannot parse rule"):
         ckptdiff.check(*pair, rules=["sparsity is high"], progress=False)
+
+
+def test_as_fp16_never_hides_a_change_that_overflows(tmp_path: Path) -> None:
+    # 70000 and 80000 are both beyond fp16's largest finite value (65504): rounded, both are +inf.
+    w0 = torch.tensor([[70000.0, 1.0], [90000.0, 2.0]])
+    w1 = torch.tensor([[80000.0, 1.0], [90000.0, 2.0]])
+    b = save_single({"m.w": w0}, tmp_path / "b.safetensors")
+    f = save_single({"m.w": w1}, tmp_path / "f.safetensors")
+    row = ckptdiff.sparsity(str(b), str(f), as_dtype="fp16", progress=False).to_frame().iloc[0]
+    assert (row["changed"], row["overflow_as"], row["changed_nonfinite"]) == (1, 2, 1)  # 90000 == 90000: unchanged
+    gate = ckptdiff.check(str(b), str(f), rules=["changed == 0"], mode=CompareMode(as_dtype=torch.float16))
+    assert not gate.passed
+    p = ckptdiff.principal_overlap(str(b), str(f), k=1, as_dtype="fp16", progress=False).to_frame().iloc[0]
+    assert p["changed"] == 1

@@ -423,7 +423,10 @@ def test_tolerance_through_count_changes() -> None:
             got = count_changes(w0, w1, mode)
         assert got == torch_path(a, b, mode), mode
         compute = [op for op in log.ops if op not in {"aten.view.default", "aten.view.dtype", "aten.detach.default"}]
-        assert compute == ["aten._to_copy.default"] * compute.count("aten._to_copy.default"), compute  # rounding only
+        if mode.as_dtype is None:  # rounding only
+            assert compute == ["aten._to_copy.default"] * compute.count("aten._to_copy.default"), compute
+        else:  # plus the --as overflow check: a few element-wise passes per chunk, never per piece
+            assert len(compute) < 40, compute
 
 
 def test_switch_sends_tolerances_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:

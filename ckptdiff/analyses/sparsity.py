@@ -38,6 +38,7 @@ COLUMNS = [
     "sparsity_bf16",
     *ULP_LABELS,
     "changed_nonfinite",
+    "overflow_as",
     *FP8_COLUMNS,
     "linear",
     "status",
@@ -62,7 +63,16 @@ class SparsityResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (compared or not), columns as in :data:`COLUMNS`."""
         df = pd.DataFrame(self.rows, columns=COLUMNS)
-        counts = ["layer", "numel", "changed", "changed_bf16", *ULP_LABELS, "changed_nonfinite", *FP8_COLUMNS]
+        counts = [
+            "layer",
+            "numel",
+            "changed",
+            "changed_bf16",
+            *ULP_LABELS,
+            "changed_nonfinite",
+            "overflow_as",
+            *FP8_COLUMNS,
+        ]
         return df.astype({c: "Int64" for c in counts})
 
     def compared(self) -> pd.DataFrame:
@@ -158,6 +168,13 @@ class SparsityResult:
         if o["changed"]:
             share1 = o["ulp_1"] / o["changed"]
             summary.append(f"{share1:.1%} of changed entries moved by exactly 1 ULP of the compared dtype.")
+        over = int(self.compared()["overflow_as"].astype("float64").sum())
+        if over:
+            summary.append(
+                f"{over:,} entries lie beyond the range of the --as dtype ({self.header.get('comparison', '')}): "
+                "they round to ±inf, so they are counted as changed whenever their stored values differ "
+                "(column overflow_as); compare without --as, or --as fp32, to measure them."
+            )
         findings, notes = self._findings()
         summary += notes
         overall = pd.DataFrame({"overall": o, "linear layers": lin})
@@ -203,7 +220,7 @@ def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeC
     row["compared_as"] = as_
     if counts is None:
         row.update({c: float("nan") for c in ("changed", "sparsity", "changed_bf16", "sparsity_bf16")})
-        row.update({c: float("nan") for c in (*ULP_LABELS, "changed_nonfinite", *FP8_COLUMNS)})
+        row.update({c: float("nan") for c in (*ULP_LABELS, "changed_nonfinite", "overflow_as", *FP8_COLUMNS)})
         return row
     row.update(
         changed=counts.changed,
@@ -211,6 +228,7 @@ def _row(item_row: dict[str, object], counts: ChangeCounts | None, bf16: ChangeC
         changed_bf16=bf16.changed if bf16 else float("nan"),
         sparsity_bf16=bf16.sparsity if bf16 else float("nan"),
         changed_nonfinite=counts.changed_nonfinite,
+        overflow_as=counts.overflow_as,
         **{label: getattr(counts, label) for label in ULP_LABELS},
     )
     return row

@@ -157,9 +157,30 @@ def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareM
     target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
     a = w0 if w0.dtype == target else w0.to(target)
     b = w1 if w1.dtype == target else w1.to(target)
-    if mode.kind == "bitwise":
-        return bitwise_changed(a, b)
-    return tolerance_changed(a, b, mode.kind, mode.tol)
+    changed = bitwise_changed(a, b) if mode.kind == "bitwise" else tolerance_changed(a, b, mode.kind, mode.tol)
+    hidden = overflow_hidden(w0, w1, a, b, changed)
+    return changed if hidden is None else changed | hidden
+
+
+def overflowed(w0: torch.Tensor, w1: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Entries that rounding to a narrower dtype turned from finite into ±inf on either side (None: none can)."""
+    if a.dtype == w0.dtype and b.dtype == w1.dtype:
+        return None
+    return (torch.isinf(a) & torch.isfinite(w0)) | (torch.isinf(b) & torch.isfinite(w1))
+
+
+def overflow_hidden(
+    w0: torch.Tensor, w1: torch.Tensor, a: torch.Tensor, b: torch.Tensor, changed: torch.Tensor
+) -> torch.Tensor | None:
+    """Changes that ``--as`` rounding hid by overflowing: the stored values differ, yet both round to the same inf.
+
+    Such an entry is never counted as unchanged: a value beyond the target dtype's range cannot be compared in it.
+    """
+    over = overflowed(w0, w1, a, b)
+    if over is None or not bool(over.any()):
+        return None
+    native = bitwise_changed(w0.to(torch.float64), w1.to(torch.float64))  # every supported float is exact in fp64
+    return over & native & ~changed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from ckptdiff.metrics.mask import CompareMode, bitwise_changed, comparison_dtype, tolerance_changed
+from ckptdiff.metrics.mask import (
+    CompareMode,
+    bitwise_changed,
+    comparison_dtype,
+    overflow_hidden,
+    overflowed,
+    tolerance_changed,
+)
 
 # ULP-distance buckets for changed entries: 1, 2, 3-4, 5-16, more than 16 representable steps apart.
 ULP_LABELS = ("ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16")
@@ -37,6 +44,7 @@ class ChangeCounts:
     ulp_5_16: int = 0
     ulp_gt16: int = 0
     changed_nonfinite: int = 0  # changes involving a NaN (no ULP distance)
+    overflow_as: int = 0  # entries that overflowed the --as dtype on either side (each changed one is in changed)
 
     def __add__(self, other: ChangeCounts) -> ChangeCounts:
         return ChangeCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -230,7 +238,28 @@ def _tolerance_counts_compiled(
 
 
 def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareMode()) -> ChangeCounts:
-    """Changed-entry counts and ULP buckets for one chunk pair (any shapes with equal numel)."""
+    """Changed-entry counts and ULP buckets for one chunk pair (any shapes with equal numel).
+
+    With ``--as`` a narrower dtype, an entry that overflows it (finite as stored, ±inf once rounded) is counted in
+    ``overflow_as``; if its stored values differ it is changed, with no ULP distance (``changed_nonfinite``).
+    """
+    counts = _count_changes(w0, w1, mode)
+    if mode.as_dtype is None or not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):
+        return counts
+    x0, x1 = w0.reshape(-1), w1.reshape(-1)
+    target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
+    a, b = x0.to(target), x1.to(target)
+    over = overflowed(x0, x1, a, b)
+    if over is None or not bool(over.any()):
+        return counts
+    changed = bitwise_changed(a, b) if mode.kind == "bitwise" else tolerance_changed(a, b, mode.kind, mode.tol)
+    hidden = overflow_hidden(x0, x1, a, b, changed)
+    n_hidden = int(torch.count_nonzero(hidden)) if hidden is not None else 0
+    extra = ChangeCounts(changed=n_hidden, changed_nonfinite=n_hidden, overflow_as=int(torch.count_nonzero(over)))
+    return counts + extra
+
+
+def _count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode) -> ChangeCounts:
     numel = int(w0.numel())
     if not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):
         return ChangeCounts(numel=numel, changed=int(torch.count_nonzero(w0.reshape(-1) != w1.reshape(-1))))
