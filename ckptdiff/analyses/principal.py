@@ -364,8 +364,8 @@ def _batch_rows(
 ) -> list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]]:
     """Metrics of one same-shape batch: (item, result, region masks, update mask); result None if W0 is not finite."""
     upd = update_mask(w0s, w1s, mode)  # (b, m, n) bool
-    finite = torch.isfinite(w0s).flatten(1).all(1)  # (b,)
-    keep = [i for i in range(len(items)) if bool(finite[i])]
+    finite = linalg.finite_rows(w0s)  # (b,)
+    keep = [i for i in range(len(items)) if finite[i]]
     out: list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]] = [
         (it, None, None, None) for it in items
     ]
@@ -455,7 +455,7 @@ class PrincipalAnalysis(Analysis):
         rows = _batch_rows(
             items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
         )
-        finite_ft = torch.isfinite(w1s).flatten(1).all(1).tolist()  # (b,)
+        finite_ft = linalg.finite_rows(w1s)  # (b,)
         for (it, result, masks, upd), ok_ft in zip(rows, finite_ft, strict=True):
             if result is None or not ok_ft:
                 self.nonfinite.add(it.name)  # masks stay meaningful for a NaN fine-tune; energy does not

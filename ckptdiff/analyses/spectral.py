@@ -399,7 +399,7 @@ class SpectralAnalysis(Analysis):
         targets = [pair_target(it, self.as_t) for it in items]
         a0, a1 = _to_compute(s0, targets, self.dt), _to_compute(s1, targets, self.dt)  # (b, m, n) each
         del s0, s1, stacks
-        finite = (torch.isfinite(a0).flatten(1).all(1) & torch.isfinite(a1).flatten(1).all(1)).tolist()
+        finite = [f0 and f1 for f0, f1 in zip(linalg.finite_rows(a0), linalg.finite_rows(a1), strict=True)]
         keep = [i for i, ok in enumerate(finite) if ok]
         self.nonfinite.update(it.name for it, ok in zip(items, finite, strict=True) if not ok)
         if not keep:

@@ -6,6 +6,7 @@ The streaming engine decides where the tensors live; these functions keep them t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -205,39 +206,132 @@ def exponent_bins(w0: torch.Tensor) -> torch.Tensor:
     Within one bin a rounding step is the same size, which is what makes changes comparable. Exact zeros
     get ZERO_BIN and inf/NaN NONFINITE_BIN; subnormals share one bin just below the smallest normal
     exponent, since they all share one rounding step.
+
+    Integer work only: the sign bit is cleared, the exponent field shifted down (in int16 from there on) and
+    the bias removed, which already puts subnormals (field 0) at -bias; zeros and inf/NaN are then filled in.
     """
     if w0.dtype not in _LAYOUT:
         w0 = w0.to(torch.float32)
     mant_bits, exp_mask, bias = _LAYOUT[w0.dtype]
-    bits = w0.reshape(w0.shape).view(INT_VIEW[w0.element_size()])
-    bits = bits.to(torch.int64) if w0.element_size() == 8 else bits.to(torch.int32)
-    field = (bits >> mant_bits) & exp_mask
-    mantissa = bits & ((1 << mant_bits) - 1)
-    bins = field - bias
-    bins = torch.where(field == 0, torch.where(mantissa == 0, ZERO_BIN, -bias), bins)
-    return torch.where(field == exp_mask, NONFINITE_BIN, bins).to(torch.int16)  # |bins| <= 2000
+    nbits = 8 * w0.element_size()
+    mag = w0.view(INT_VIEW[w0.element_size()]) & ((1 << (nbits - 1)) - 1)  # |w0|'s bit pattern, same shape
+    bins = mag >> mant_bits  # the exponent field, 0..exp_mask
+    if bins.dtype != torch.int16:
+        bins = bins.to(torch.int16)
+    bins -= bias  # field - bias; subnormals (field 0) land on -bias
+    bins.masked_fill_(bins == exp_mask - bias, NONFINITE_BIN)
+    return bins.masked_fill_(mag == 0, ZERO_BIN)  # |bins| <= 2000
 
 
 _BIN_SLOTS = NONFINITE_BIN + _BIN_OFFSET + 1
 _COUNT_PIECE = 1 << 24  # entries per bincount call: temporaries stay ~100 MB for any tensor size
+_MAX_JOINT_MASKS = 3  # joint_bin_counts' limit (its generic keys are slot + 4096 * code in int32)
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def bin_counts(bins: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-bin entry counts n_b and per-bin counts of each mask, as float64 tensors (exact below 2**53).
 
-    Works through the entries in pieces so that the int64 indices bincount needs never cover a whole
-    embedding matrix at once.
+    One ``torch.bincount`` per mask on small integers: slot + _BIN_SLOTS * mask, whose two halves are the
+    entries outside and inside the mask (their sum is n_b). Works through the entries in pieces so that the
+    temporaries stay small for an embedding matrix too.
     """
     flat = bins.reshape(-1)
-    flat_masks = [m.reshape(-1) for m in masks]
+    flat_masks = [m.reshape(-1).to(torch.bool) for m in masks]
     n_b = torch.zeros(_BIN_SLOTS, dtype=torch.int64, device=bins.device)
     counts = [torch.zeros(_BIN_SLOTS, dtype=torch.int64, device=bins.device) for _ in masks]
     for s in range(0, flat.numel(), _COUNT_PIECE):
-        dense = flat[s : s + _COUNT_PIECE].to(torch.int64) + _BIN_OFFSET  # (piece,) in 0.._BIN_SLOTS-1
-        n_b += torch.bincount(dense, minlength=_BIN_SLOTS)
-        for acc, m in zip(counts, flat_masks, strict=True):
-            acc += torch.bincount(dense[m[s : s + _COUNT_PIECE]], minlength=_BIN_SLOTS)
+        dense = flat[s : s + _COUNT_PIECE] + _BIN_OFFSET  # (piece,) in 0.._BIN_SLOTS-1, int16 like bins
+        if not flat_masks:
+            n_b += torch.bincount(dense, minlength=_BIN_SLOTS)
+        for j, (acc, m) in enumerate(zip(counts, flat_masks, strict=True)):
+            split = torch.bincount(
+                torch.add(dense, m[s : s + _COUNT_PIECE], alpha=_BIN_SLOTS), minlength=2 * _BIN_SLOTS
+            )
+            acc += split[_BIN_SLOTS:]
+            if j == 0:
+                n_b += split[:_BIN_SLOTS] + split[_BIN_SLOTS:]
     return n_b.to(torch.float64), [c.to(torch.float64) for c in counts]
+
+
+def _half_slots(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, 256) int64: the bin slot of exponent field f with all-zero (row 0) or non-zero (row 1) mantissa bits.
+
+    Read off exponent_bins itself on one bit pattern per (row, field), so the two paths cannot disagree.
+    """
+    mant_bits, exp_mask, _ = _LAYOUT[dtype]
+    field = torch.arange(256, dtype=torch.int32, device=device).clamp_max(exp_mask)  # fields above exp_mask: unused
+    patterns = torch.stack([field << mant_bits, (field << mant_bits) | 1])  # (2, 256)
+    return exponent_bins(patterns.to(torch.int16).view(dtype)).to(torch.int64) + _BIN_OFFSET
+
+
+def _mask_code(masks: list[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """(n,) uint8 with bit i set where masks[i] is (each mask a flat 0/1 uint8 view)."""
+    if not masks:
+        return torch.zeros(n, dtype=torch.uint8, device=device)
+    code = masks[0].clone() if len(masks) == 1 else torch.add(masks[0], masks[1], alpha=2)
+    for i, m in enumerate(masks[2:], start=2):
+        code.add_(m, alpha=1 << i)
+    return code
+
+
+def joint_bin_counts(w0: torch.Tensor, *masks: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-bin counts of every combination of up to 3 masks: (2**len(masks), _BIN_SLOTS) int64.
+
+    Row c, slot b counts the entries of exponent bin b (slot b = bin + 2000, see exponent_bins) whose membership
+    in the masks is the bit pattern c (bit i set: in ``masks[i]``). Sums of rows give n_b, each mask's per-bin
+    count and the per-bin count of any intersection, from one ``torch.bincount`` over small integer keys.
+    ``bins`` are exponent_bins(w0) if already known.
+
+    For bf16/fp16 the 16-bit key holds the exponent field (shifted down from the bits) in its low byte and the
+    mask bits in its high byte. Field 0 holds both zeros and subnormals: when it is not empty, its entries alone are
+    split by their mantissa bits. The (field, mantissa) -> slot table comes from exponent_bins. Any other dtype, or
+    given ``bins``, is keyed by slot + 4096 * c.
+    """
+    if len(masks) > _MAX_JOINT_MASKS:
+        raise ValueError(f"at most {_MAX_JOINT_MASKS} masks, got {len(masks)}")
+    rows = 1 << len(masks)
+    flat_w = w0.reshape(-1)
+    flat_masks = [m.reshape(-1).to(torch.bool).view(torch.uint8) for m in masks]  # 0/1 bytes
+    if bins is None and w0.dtype in (torch.bfloat16, torch.float16) and not _BIG_ENDIAN:
+        mant_bits, exp_mask, _ = _LAYOUT[w0.dtype]
+        hist = torch.zeros(rows * 256, dtype=torch.int64, device=w0.device)  # [code, field], any mantissa
+        sub = torch.zeros(rows, dtype=torch.int64, device=w0.device)  # per code: field 0, mantissa not zero
+        for s in range(0, flat_w.numel(), _COUNT_PIECE):
+            bits = flat_w[s : s + _COUNT_PIECE].view(torch.int16)
+            key = (bits >> mant_bits).bitwise_and_(exp_mask)  # (piece,) the exponent field; high byte zero
+            code = _mask_code([m[s : s + _COUNT_PIECE] for m in flat_masks], key.numel(), w0.device)
+            key.view(torch.uint8).view(-1, 2)[:, 1].copy_(code)  # high byte (little-endian): field + 256 * code
+            counts = torch.bincount(key, minlength=rows * 256)
+            hist += counts
+            if int(counts.view(rows, 256)[:, 0].sum()):  # zeros or subnormals in this piece: split them
+                at = torch.nonzero((bits & 0x7FFF) < (1 << mant_bits)).squeeze(1)  # field 0, (n0,)
+                subnormal = (bits[at] & ((1 << mant_bits) - 1)) != 0
+                sub += torch.bincount(code[at][subnormal], minlength=rows)
+        table = _half_slots(w0.dtype, w0.device)  # (2, 256)
+        by_field = hist.view(rows, 256)
+        by_field[:, 0] -= sub  # field 0 now counts the zeros only
+        out = torch.zeros(rows, _BIN_SLOTS, dtype=torch.int64, device=w0.device)
+        out.index_add_(1, table[0], by_field)
+        out[:, int(table[1, 0])] += sub
+        return out
+    width = 4096  # > _BIN_SLOTS
+    slots = (exponent_bins(w0) if bins is None else bins).reshape(-1)
+    hist = torch.zeros(rows * width, dtype=torch.int64, device=slots.device)
+    for s in range(0, slots.numel(), _COUNT_PIECE):
+        key = slots[s : s + _COUNT_PIECE].to(torch.int32) + _BIN_OFFSET  # (piece,)
+        for i, m in enumerate(flat_masks):
+            key.add_(m[s : s + _COUNT_PIECE], alpha=width << i)
+        hist += torch.bincount(key, minlength=rows * width)
+    return hist.view(rows, width)[:, :_BIN_SLOTS].clone()
+
+
+def matched_overlap(n_b: torch.Tensor, u_b: torch.Tensor, c_b: torch.Tensor) -> float:
+    """(Σ_b u_b c_b / n_b) / Σ_b u_b from float64 per-bin counts (bin_counts' layout); NaN when Σ u_b = 0."""
+    total = float(u_b.sum())
+    if total == 0:
+        return float("nan")
+    return float((u_b * c_b / n_b.clamp_min(1)).sum()) / total
 
 
 def magnitude_matched_overlap(bins: torch.Tensor, update: torch.Tensor, region: torch.Tensor) -> float:
@@ -246,10 +340,7 @@ def magnitude_matched_overlap(bins: torch.Tensor, update: torch.Tensor, region: 
     (Σ_b u_b c_b / n_b) / Σ_b u_b; NaN when nothing changed.
     """
     n_b, (u_b, c_b) = bin_counts(bins, update, region)
-    total = float(u_b.sum())
-    if total == 0:
-        return float("nan")
-    return float((u_b * c_b / n_b.clamp_min(1)).sum()) / total
+    return matched_overlap(n_b, u_b, c_b)
 
 
 def magnitude_matched_intersection(bins: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:

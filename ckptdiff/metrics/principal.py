@@ -8,19 +8,31 @@ optionally the three masks. No I/O, no device choice: tensors stay where they co
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from ckptdiff.metrics.mask import exponent_bins, magnitude_matched_overlap
+from ckptdiff.metrics.mask import joint_bin_counts, matched_overlap
 from ckptdiff.numeric import ratio
 
 # Integer views whose order equals the float order for non-negative values (sign bit cleared).
 _KEY_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.bfloat16: (torch.int16, 16),
+    torch.float16: (torch.int16, 16),
     torch.float32: (torch.int32, 32),
     torch.float64: (torch.int64, 64),
 }
 _RADIX_BITS = 16
+_BIG_ENDIAN = sys.byteorder == "big"
+# (narrow, wide) float pairs where every narrow value is exact in wide.
+_WIDENS_EXACTLY = {
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float64),
+    (torch.float16, torch.float64),
+    (torch.float32, torch.float64),
+}
 
 
 @dataclass(frozen=True)
@@ -81,19 +93,60 @@ def mask_size(alpha: float, numel: int) -> int:
     return min(numel, max(0, math.floor(alpha * numel + 0.5)))
 
 
-def rank_k_magnitude(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|W0^(k)| = |U_k diag(S_k) V_k^T| from u (..., m, k), s (..., k), v (..., n, k); returns (..., m, n)."""
-    return ((u * s.unsqueeze(-2)) @ v.mT).abs()  # (..., m, k) @ (..., k, n)
+def rank_k_magnitude(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """|W0^(k)| = |U_k diag(S_k) V_k^T| from u (..., m, k), s (..., k), v (..., n, k); returns (..., m, n).
+
+    ``out``: an (..., m, n) tensor of u's dtype to write it into (a scratch buffer; saves a fresh allocation).
+    """
+    return torch.matmul(u * s.unsqueeze(-2), v.mT, out=out).abs_()  # (..., m, k) @ (..., k, n)
 
 
 def _sort_keys(score: torch.Tensor) -> torch.Tensor:
-    """Flat integer keys ordered like |score| (NaN above +inf); bf16/fp16 scores are widened to fp32 exactly."""
+    """Flat integer keys ordered like |score| (NaN above +inf): its bit pattern with the sign bit cleared.
+
+    Floats keep their own width (bf16/fp16 give 16-bit keys: widening to fp32 would keep the order and the ties, so
+    the selection is the same with half the bytes and a single radix pass; NaNs are ordered by their own payload
+    bits); any other dtype is widened to fp32.
+    """
     x = score.reshape(-1)  # (numel,)
     if x.dtype not in _KEY_VIEW:
         x = x.to(torch.float32)
     int_dtype, nbits = _KEY_VIEW[x.dtype]
-    sign_off = torch.tensor((1 << (nbits - 1)) - 1, dtype=int_dtype, device=x.device)
-    return x.contiguous().view(int_dtype) & sign_off
+    return x.contiguous().view(int_dtype) & ((1 << (nbits - 1)) - 1)
+
+
+def _radix_select(keys: torch.Tensor, rank: int, nbits: int) -> tuple[int, int, int]:
+    """(value, below, equal): the rank-th smallest (0-based) key and how many keys lie below it and equal it.
+
+    Each pass histograms the next 16 bits of the surviving candidates (``torch.bincount``) and keeps only the bucket
+    holding the rank-th key; the last pass's bucket count is the number of keys equal to it.
+    """
+    cand = keys
+    prefix = below = 0
+    shift = nbits - 1  # bits still to resolve (the sign bit is zero)
+    while True:
+        if cand is keys and nbits == 32 and not _BIG_ENDIAN:
+            width, shift = 15, 16  # the high halves, read through an int16 view instead of a shifted copy
+            digit = keys.view(torch.int16).view(-1, 2)[:, 1]
+        else:
+            width = min(_RADIX_BITS, shift)
+            shift -= width
+            digit = cand >> shift if shift else cand
+            if cand is not keys:  # earlier passes fixed the high bits; the first pass needs no mask
+                digit = digit & ((1 << width) - 1)
+        counts = torch.bincount(digit, minlength=1 << width)
+        cum = torch.cumsum(counts, 0)
+        bucket = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device), right=True))
+        if bucket > 0:
+            lower = int(cum[bucket - 1])
+            rank -= lower
+            below += lower
+        prefix = (prefix << width) | bucket
+        if shift == 0:
+            return prefix, below, int(counts[bucket])
+        cand = cand[digit == bucket]
 
 
 def kth_smallest_key(keys: torch.Tensor, rank: int, nbits: int) -> int:
@@ -106,54 +159,57 @@ def kth_smallest_key(keys: torch.Tensor, rank: int, nbits: int) -> int:
     0.002 s, topk/sort 0.001 s, kthvalue 0.13 s. Radix is the fastest device-agnostic choice on CPU and costs
     nothing that matters on GPU, so it is used everywhere.
     """
-    cand = keys
-    prefix = 0
-    shift = nbits - 1  # bits still to resolve (the sign bit is zero)
-    while shift > 0:
-        width = min(_RADIX_BITS, shift)
-        shift -= width
-        digit = cand >> shift if shift else cand
-        if prefix or cand is not keys:  # earlier passes fixed the high bits; the first pass needs no mask
-            digit = digit & ((1 << width) - 1)
-        counts = torch.bincount(digit, minlength=1 << width)
-        cum = torch.cumsum(counts, 0)
-        bucket = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device), right=True))
-        if bucket > 0:
-            rank -= int(cum[bucket - 1])
-        prefix = (prefix << width) | bucket
-        cand = cand[digit == bucket]
-    return prefix
+    return _radix_select(keys, rank, nbits)[0]
 
 
 def select_mask(score: torch.Tensor, count: int, *, largest: bool) -> torch.Tensor:
     """Bool mask of exactly ``count`` entries with the largest (or smallest) |score|, same shape as ``score``.
 
     Ties at the threshold are broken by flat (row-major) index: lower index first, for both largest and smallest.
-    NaN ranks above +inf. The threshold is found by radix select on the float bit patterns (kth_smallest_key).
+    NaN ranks above +inf. The threshold is found by radix select on the float bit patterns (_radix_select), which
+    also counts the keys below and at it: when every tie is taken the mask is one comparison.
     """
-    keys = _sort_keys(score)  # (numel,)
+    return _select_keys(_sort_keys(score), count, largest=largest).reshape(score.shape)
+
+
+def _select_keys(keys: torch.Tensor, count: int, *, largest: bool) -> torch.Tensor:
+    """select_mask on flat non-negative integer keys (see _sort_keys); returns a flat bool mask."""
     numel = keys.numel()
     if count <= 0:
-        return torch.zeros_like(score, dtype=torch.bool)
+        return torch.zeros_like(keys, dtype=torch.bool)
     if count >= numel:
-        return torch.ones_like(score, dtype=torch.bool)
+        return torch.ones_like(keys, dtype=torch.bool)
     nbits = 8 * keys.element_size()
     rank = numel - count if largest else count - 1
-    thr = torch.tensor(kth_smallest_key(keys, rank, nbits), dtype=keys.dtype, device=keys.device)
-    strict = keys > thr if largest else keys < thr
-    ties = keys == thr
-    need = count - int(torch.count_nonzero(strict))
-    if need < int(torch.count_nonzero(ties)):
-        first = torch.nonzero(ties).squeeze(1)[:need]  # ascending flat indices of tied entries
-        ties = torch.zeros_like(ties)
-        ties[first] = True
-    return (strict | ties).reshape(score.shape)
+    thr, below, equal = _radix_select(keys, rank, nbits)
+    strict = numel - below - equal if largest else below  # keys strictly beyond the threshold, all taken
+    need = count - strict  # tied keys to take, 1..equal
+    if need == equal:
+        mask = keys >= thr if largest else keys <= thr
+    else:
+        mask = keys > thr if largest else keys < thr
+        first = torch.nonzero(keys == thr).squeeze(1)[:need]  # ascending flat indices of tied entries
+        mask[first] = True
+    return mask
 
 
-def region_masks(w0: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, alpha: float) -> PrincipalMasks:
-    """Principal (top alpha·m·n of |W0^(k)|), low (bottom alpha·m·n of |W0|) and principal ∩ not-low masks."""
+def region_masks(
+    w0: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float,
+    *,
+    scratch: torch.Tensor | None = None,
+) -> PrincipalMasks:
+    """Principal (top alpha·m·n of |W0^(k)|), low (bottom alpha·m·n of |W0|) and principal ∩ not-low masks.
+
+    ``scratch``: an (m, n) tensor of u's dtype that |W0^(k)| may overwrite.
+    """
     count = mask_size(alpha, w0.numel())
-    principal = select_mask(rank_k_magnitude(u, s, v), count, largest=True)
+    score = rank_k_magnitude(u, s, v, out=scratch).reshape(-1)  # (m n,) fp32/fp64, sign bits already clear
+    principal = _select_keys(score.view(_KEY_VIEW[score.dtype][0]), count, largest=True).reshape(w0.shape)
+    del score
     low = select_mask(w0, count, largest=False)
     return PrincipalMasks(principal, low, principal & ~low)
 
@@ -164,13 +220,28 @@ def overlap(region: torch.Tensor, update: torch.Tensor) -> float:
     return ratio(int(torch.count_nonzero(region & update)), changed)
 
 
-def update_energy(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[float, float, float, float]:
-    """(‖ΔW‖_F², E_k, left, right): ‖U_kᵀΔV_k‖², ‖U_kᵀΔ‖², ‖ΔV_k‖² over ‖Δ‖_F², computed in u's dtype; NaN for Δ = 0."""
+def difference(w1: torch.Tensor, w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W1 - W0 in ``dtype``, equal to ``w1.to(dtype) - w0.to(dtype)`` bit for bit, with one temporary fewer.
+
+    The subtraction runs in place on the copy of W1; W0 goes in as it is when it widens to ``dtype`` exactly (the
+    promoted subtraction is then the same operation), else rounded to ``dtype`` first as before.
+    """
+    d = w1.to(dtype, copy=True)
+    return d.sub_(w0 if w0.dtype == dtype or (w0.dtype, dtype) in _WIDENS_EXACTLY else w0.to(dtype))
+
+
+def update_energy(
+    delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, overwrite: bool = False
+) -> tuple[float, float, float, float]:
+    """(‖ΔW‖_F², E_k, left, right): ‖U_kᵀΔV_k‖², ‖U_kᵀΔ‖², ‖ΔV_k‖² over ‖Δ‖_F², computed in u's dtype; NaN for Δ = 0.
+
+    ``overwrite``: ``delta`` (already in u's dtype) is scratch and is squared in place, saving an (m, n) temporary.
+    """
     d = delta.to(u.dtype)
-    total = float(d.square().sum())
     left = u.mT @ d  # (k, n)
     right = d @ v  # (m, k)
     both = left @ v  # (k, k)
+    total = float((d.square_() if overwrite and d is delta else d.square()).sum())
     if total == 0.0:
         return 0.0, math.nan, math.nan, math.nan
     return (
@@ -206,19 +277,25 @@ def principal_metrics_with_masks(
         raise ValueError(f"need a 2-D w0 and an update mask of its shape, got {tuple(w0.shape)}, {tuple(update.shape)}")
     m, n = w0.shape
     k = s.shape[-1]
-    d = delta if delta is not None else w1.to(u.dtype) - w0.to(u.dtype)  # type: ignore[union-attr]
+    owned = delta is None  # d is this function's scratch: squared in place, then overwritten by |W0^(k)|
+    d = difference(w1, w0, u.dtype) if owned else delta  # type: ignore[arg-type]
+    fro_sq, e_k, e_left, e_right = update_energy(d, u, v, overwrite=owned)  # type: ignore[arg-type]
     upd = update.to(torch.bool)
-    masks = region_masks(w0, u, s, v, alpha)
-    b = exponent_bins(w0) if bins is None else bins
+    masks = region_masks(w0, u, s, v, alpha, scratch=d if owned else None)
+    del d
     numel = w0.numel()
-    changed = int(torch.count_nonzero(upd))
-    sizes = [int(torch.count_nonzero(x)) for x in (masks.principal, masks.low, masks.principal_not_low)]
-    hits = [int(torch.count_nonzero(x & upd)) for x in (masks.principal, masks.low, masks.principal_not_low)]
+    # Every count below, per magnitude bin and in total, from one joint histogram of (bin, update, principal, low).
+    table = joint_bin_counts(w0, upd, masks.principal, masks.low, bins=bins)  # (8, slots); row = U + 2 P + 4 L
+    t = table.view(2, 2, 2, -1)  # [L, P, U, slot]
+    per_bin = [t.sum((0, 1, 2)), t[:, :, 1].sum((0, 1)), t[:, 1].sum((0, 1)), t[1].sum((0, 1)), t[0, 1].sum(0)]
+    hit = [t[:, 1, 1].sum(0), t[1, :, 1].sum(0), t[0, 1, 1]]  # per bin: U∩P, U∩L, U∩P∩¬L
+    totals = torch.stack([c.sum() for c in per_bin[1:] + hit]).tolist()  # |U|, |P|, |L|, |P∩¬L|, hits
+    changed, sizes, hits = totals[0], totals[1:4], totals[4:7]
     over = [ratio(h, changed) for h in hits]
     base = sizes[0] / numel
     base_pnl = sizes[2] / numel
-    mag = [magnitude_matched_overlap(b, upd, x) for x in (masks.principal, masks.low, masks.principal_not_low)]
-    fro_sq, e_k, e_left, e_right = update_energy(d, u, v)
+    n_b, u_b = per_bin[0].to(torch.float64), per_bin[1].to(torch.float64)
+    mag = [matched_overlap(n_b, u_b, c_b.to(torch.float64)) for c_b in per_bin[2:]]
     result = PrincipalResult(
         k=k,
         alpha=alpha,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptdiff.linalg import as_stack, compute_dtype, svd, svdvals
+from ckptdiff.linalg import as_stack, compute_dtype, spectrum_topk, top_singular_value
 
 _RAD2DEG = 180.0 / math.pi
 
@@ -59,8 +59,9 @@ def null_seed(seed: int, name: str) -> int:
 
 
 def _side(stack: torch.Tensor, k: int, dtype: torch.dtype) -> _Side:
-    u, s, vh = svd(stack, dtype)
-    return _Side(s, u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
+    """All singular values and the top-k bases of one side, from one exact SVD (see linalg.spectrum_topk)."""
+    s, u, v = spectrum_topk(stack, k, dtype)
+    return _Side(s, u, v)
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -130,8 +131,7 @@ def spectral_metrics_with_spectra(
 
     delta = a1 - a0  # (b, m, n)
     delta_fro = torch.linalg.matrix_norm(delta)  # (b,)
-    delta_sv = svdvals(delta, dt)  # (b, p)
-    delta_2 = delta_sv[:, 0]
+    delta_2 = top_singular_value(delta, dt)  # (b,) ‖ΔW‖₂: only σ_max of ΔW is used
 
     side0 = _side(a0, k, dt)
     w0_fro = side0.s.norm(dim=-1)  # ‖W0‖_F = ‖σ(W0)‖₂
