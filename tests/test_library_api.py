@@ -97,3 +97,15 @@ def test_as_fp16_never_hides_a_change_that_overflows(tmp_path: Path) -> None:
     assert not gate.passed
     p = ckptdiff.principal_overlap(str(b), str(f), k=1, as_dtype="fp16", progress=False).to_frame().iloc[0]
     assert p["changed"] == 1
+
+
+def test_an_all_zero_base_matrix_has_no_principal_verdict(tmp_path: Path) -> None:
+    w0 = torch.zeros(8, 8)
+    w1 = w0.clone()
+    w1[0, :4] = 1.0
+    b = save_single({"m.w": w0}, tmp_path / "b.safetensors")
+    f = save_single({"m.w": w1}, tmp_path / "f.safetensors")
+    r = ckptdiff.principal_overlap(str(b), str(f), k=2, progress=False)
+    row = r.to_frame().iloc[0]
+    assert not row["analysed"] and row["outcome"] == "not_analysed" and "all zeros" in row["detail"]
+    assert not any("targets the principal" in s or "avoids the principal" in s for s in r.report().summary)

@@ -385,7 +385,7 @@ class PrincipalAnalysis(Analysis):
     """Principal-weight overlap per 2-D matrix of one base/fine-tune pair, in batched top-k SVDs of the base."""
 
     name = "principal"
-    state_fields = ("results", "nonfinite")
+    state_fields = ("results", "nonfinite", "zero_base")
 
     def __init__(
         self,
@@ -406,6 +406,7 @@ class PrincipalAnalysis(Analysis):
         self.items: list[Aligned] = []
         self.results: dict[str, PrincipalResult] = {}
         self.nonfinite: set[str] = set()
+        self.zero_base: set[str] = set()  # all-zero base matrices: no principal weights to speak of
         self.writer: _MaskFile | None = None
         self.device_type = "cpu"
         self.head: dict[str, str] = {}
@@ -456,7 +457,11 @@ class PrincipalAnalysis(Analysis):
             items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
         )
         finite_ft = linalg.finite_rows(w1s)  # (b,)
-        for (it, result, masks, upd), ok_ft in zip(rows, finite_ft, strict=True):
+        zero = (w0s.flatten(1) == 0).all(1).tolist()  # (b,): every top-k "direction" of a zero matrix is arbitrary
+        for (it, result, masks, upd), ok_ft, is_zero in zip(rows, finite_ft, zero, strict=True):
+            if is_zero:
+                self.zero_base.add(it.name)
+                continue
             if result is None or not ok_ft:
                 self.nonfinite.add(it.name)  # masks stay meaningful for a NaN fine-tune; energy does not
             if result is None:
@@ -474,7 +479,10 @@ class PrincipalAnalysis(Analysis):
         if self.writer is not None:
             self.writer.finish()
             self.writer = None
-        rows = [_row(it, self.results.get(it.name), it.name in self.nonfinite, self.mode) for it in self.items]
+        rows = [
+            _row(it, self.results.get(it.name), it.name in self.nonfinite, self.mode, it.name in self.zero_base)
+            for it in self.items
+        ]
         return PrincipalOverlapResult(self.head, self.alpha, rows)
 
 
@@ -521,12 +529,16 @@ def principal_overlap(
     return result  # type: ignore[no-any-return]
 
 
-def _row(it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: CompareMode) -> dict[str, object]:
+def _row(
+    it: Aligned, result: PrincipalResult | None, nonfinite: bool, mode: CompareMode, zero_base: bool = False
+) -> dict[str, object]:
     row = row_basics(it)
     row["compared_as"] = ""
     if it.comparable and it.is_float:
         row["compared_as"] = dtype_name(pair_target(it, mode.as_dtype))
     reason = _reason(it)
+    if zero_base:
+        reason = "not analysed: the base matrix is all zeros, so its principal weights are undefined"
     if nonfinite:
         reason = reason or (
             "non-finite values in the fine-tune: update energy undefined"
