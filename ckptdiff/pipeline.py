@@ -375,6 +375,12 @@ def open_run(
         yield Run(sources, tuple(labels), tuple(items), dev, budget, filters)
 
 
+def run_pair(base: SourceLike, ft: SourceLike, analysis: Analysis, *, label: str = "reading", **options: Any) -> Any:
+    """One analysis of ``ft`` against ``base`` (what each single command runs); ``options`` as for run_analyses."""
+    (result,) = run_analyses([base, ft], [analysis], labels=["base", "ft"], label=label, **options)
+    return result
+
+
 def run_analyses(
     specs: Sequence[SourceLike],
     analyses: Sequence[Analysis],

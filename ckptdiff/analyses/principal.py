@@ -34,7 +34,7 @@ from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
 from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.outputs import Output, standalone
-from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
+from ckptdiff.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.report import Report, Table, count, digest, expected_skips
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"
@@ -515,18 +515,8 @@ def principal_overlap(
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     mask_out = standalone(save_masks, "save_masks", [base, ft])  # checked now; the CLI hands in one of its set
     analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=mask_out)
-    (result,) = run_analyses(
-        [base, ft],
-        [analysis],
-        labels=["base", "ft"],
-        include=include,
-        exclude=exclude,
-        device=device,
-        batch_budget=batch_budget,
-        progress=progress,
-        label="principal overlap",
-    )
-    return result  # type: ignore[no-any-return]
+    opts = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    return run_pair(base, ft, analysis, label="principal overlap", progress=progress, **opts)  # type: ignore[no-any-return]
 
 
 def _row(

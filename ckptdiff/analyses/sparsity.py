@@ -16,7 +16,7 @@ from ckptdiff.fp8 import FP8_COLUMNS, CodeStats
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
-from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
+from ckptdiff.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.report import Report, Table, count, digest
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
@@ -325,14 +325,5 @@ def sparsity(
 ) -> SparsityResult:
     """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors)."""
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
-    (result,) = run_analyses(
-        [base, ft],
-        [SparsityAnalysis(mode)],
-        labels=["base", "ft"],
-        include=include,
-        exclude=exclude,
-        device=device,
-        progress=progress,
-        label="comparing",
-    )
-    return result  # type: ignore[no-any-return]
+    opts = {"include": include, "exclude": exclude, "device": device, "progress": progress}
+    return run_pair(base, ft, SparsityAnalysis(mode), label="comparing", **opts)  # type: ignore[no-any-return]

@@ -27,7 +27,7 @@ from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
 from ckptdiff.outputs import Output, standalone
-from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
+from ckptdiff.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.report import Report, Table, count, digest, expected_skips
 
 FP32_WARNING = (
@@ -470,18 +470,8 @@ def spectral(
     analysis = SpectralAnalysis(
         k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=spectra_out
     )
-    (result,) = run_analyses(
-        [base, ft],
-        [analysis],
-        labels=["base", "ft"],
-        include=include,
-        exclude=exclude,
-        device=device,
-        batch_budget=batch_budget,
-        progress=progress,
-        label="decomposing",
-    )
-    return result  # type: ignore[no-any-return]
+    opts = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    return run_pair(base, ft, analysis, label="decomposing", progress=progress, **opts)  # type: ignore[no-any-return]
 
 
 def _row(
