@@ -49,7 +49,7 @@ _ADVICE = {
 }
 
 
-def _write_error(flag: str, path: Path, error: OSError) -> InputError:
+def write_error(flag: str, path: Path, error: OSError) -> InputError:
     advice = _ADVICE.get(error.errno or 0, "pick another path")
     return InputError(f"cannot write {flag} {path}: {error.strerror or error}; {advice}")
 
@@ -123,7 +123,7 @@ class Output:
         try:
             yield
         except OSError as e:
-            raise _write_error(self.flag, self.path, e) from None
+            raise write_error(self.flag, self.path, e) from None
 
     def open(self) -> IO[bytes]:
         """A fresh temporary file beside the target, open for binary writing; :meth:`finish` completes it."""
@@ -251,7 +251,7 @@ class OutputSet:
 
     def commit(self) -> None:
         """Rename every finished temporary onto its target, back to back, with SIGINT/SIGTERM/SIGHUP held off."""
-        if not _leader():  # under torchrun ranks only rank 0 writes; the others hold identical results
+        if not writes_files():  # under torchrun ranks only rank 0 writes; the others hold identical results
             self.discard()
             return
         pending = [o for o in self.outputs.values() if o.tmp is not None or not o.finished]
@@ -285,8 +285,8 @@ class OutputSet:
         self.discard()
 
 
-def _leader() -> bool:
-    """False on every rank but 0 when several torchrun ranks run (torch is not imported for this)."""
+def writes_files() -> bool:
+    """Whether this process writes output files: False on every rank but 0 under torchrun (no torch import)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return True
     from ckptdiff.distributed import is_leader

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
+from ckptdiff.outputs import write_error, writes_files
 from ckptdiff.report import records, to_markdown
 
 if TYPE_CHECKING:
@@ -48,8 +49,10 @@ def check_directory(directory: str | Path) -> Path:
             raise InputError(
                 f"cannot write report into {target}: it exists and holds other files; give a new or empty directory"
             )
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write report {target}: folder {parent} is not writable; pick another place")
+    try:  # can a directory be made there at all? Find out before the work (read-only, full, no permission)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=parent))
+    except OSError as e:
+        raise write_error("--out", target, e) from None
     return target
 
 
@@ -95,9 +98,14 @@ def write_directory(report: FullReportResult, directory: str | Path) -> list[Pat
     from ckptdiff.html import to_html
 
     target = check_directory(directory)
+    if not writes_files():  # under torchrun ranks only rank 0 writes; the others hold identical results
+        return []
     figs = make_figures(report)
     parent = target.parent if str(target.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise write_error("--out", target, e) from None
     try:
         (tmp / "figures").mkdir()
         for fig in figs:
@@ -115,6 +123,9 @@ def write_directory(report: FullReportResult, directory: str | Path) -> list[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+    except OSError as e:  # a full disk or a vanished folder: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error("--out", target, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -134,3 +134,33 @@ def test_check_reads_the_pair_once_for_any_mix_of_rules(trio: tuple[str, str, st
     assert rep.analyses == ("sparsity", "principal", "spectral")
     for src in sources:
         assert sum(src.bytes.values()) == src.total_bytes  # every byte once: 1.00x the pair
+
+
+def test_an_unwritable_place_is_found_before_the_work(
+    trio: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from ckptdiff import report_dir
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(report_dir.tempfile, "mkdtemp", read_only)
+    base, a, _ = trio
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q"])
+    assert res.exit_code == 2 and "Read-only file system" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_only_the_writing_rank_writes_the_directory(
+    trio: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptdiff import report_dir
+
+    base, a, _ = trio
+    rep = full_report(base, [a], k=4, analyses=["sparsity"], progress=False)
+    monkeypatch.setattr(report_dir, "writes_files", lambda: False)  # as on rank 1 of a torchrun
+    assert report_dir.write_directory(rep, tmp_path / "rep") == []
+    assert not (tmp_path / "rep").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
