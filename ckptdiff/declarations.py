@@ -247,12 +247,18 @@ def _region_metrics(region: str, count: str, size: str, baseline: str) -> tuple[
     )
 
 
-def _energy(name: str) -> Metric:
-    def weighted(f: pd.DataFrame) -> float:
-        w = f["delta_fro_sq"].astype("float64")
+def _weighted_mean(name: str, weight: str) -> Callable[[pd.DataFrame], float]:
+    """Σ(value·weight) / Σweight over the rows with a value and a positive weight."""
+
+    def aggregate(f: pd.DataFrame) -> float:
+        w = f[weight].astype("float64")
         ok = f[name].notna() & (w > 0)
         return ratio(float((f[name].astype("float64")[ok] * w[ok]).sum()), float(w[ok].sum()))
 
+    return aggregate
+
+
+def _energy(name: str) -> Metric:
     return Metric(
         name,
         "principal",
@@ -260,7 +266,7 @@ def _energy(name: str) -> Metric:
         (name, "delta_fro_sq"),
         COMPARABLE,
         _col(name),
-        weighted,
+        _weighted_mean(name, "delta_fro_sq"),
     )
 
 
@@ -285,10 +291,6 @@ PRINCIPAL: tuple[Metric, ...] = (
 
 
 def _per_parameter(name: str) -> Metric:
-    def weighted(f: pd.DataFrame) -> float:
-        w = f["numel"].astype("float64")
-        return ratio(float((f[name].astype("float64") * w).sum()), float(w.sum()))
-
     return Metric(
         name,
         "spectral",
@@ -296,7 +298,7 @@ def _per_parameter(name: str) -> Metric:
         (name, "numel"),
         COMPARABLE,
         _col(name),
-        weighted,
+        _weighted_mean(name, "numel"),
     )
 
 

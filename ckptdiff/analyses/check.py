@@ -8,27 +8,23 @@ runs an SVD) together in one pass of the pipeline, so every byte is read once, a
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from ckptdiff import rules as R
 from ckptdiff.alignment import Aligned, align
-from ckptdiff.analyses.common import SourceLike, item_detail, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, row_basics, runtime
 from ckptdiff.choices import DEFAULT_K
 from ckptdiff.distributed import agree
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.pipeline import Analysis, execute, open_run
 from ckptdiff.sources import Source
-from ckptdiff.stream import resolve_device
 
 ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
 NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
@@ -246,6 +242,7 @@ def check(
             R.check_scopes(config.rules, config.structural, (it.name for it in items))
             frames = {"sparsity": header_frame(items)}
             resolved = [s.resolved for s in opened]
+            device = "none (headers only)"
         finally:
             for s in opened:
                 s.close()
@@ -265,12 +262,13 @@ def check(
             results = execute(run, list(todo.values()), shared.progress, "checking")
             frames = {name: r.to_frame() for name, r in zip(todo, results, strict=True)}
             resolved = [s.resolved for s in run.sources]
+            device = str(run.device)
     structural = config.structural if config.structural.active else None
     outcome = R.evaluate(config.rules, frames, structural)
     if same_param_count:
         outcome = R.CheckResult((*outcome.results, param_count_result(items)))
     ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
-    head = _header(resolved, shared, header_only, origin, needed)
+    head = _header(resolved, shared, header_only, origin, needed, device)
     found = fp8_findings(items)
     if found:
         head["fp8_findings"] = found
@@ -294,7 +292,7 @@ def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
 
 
 def _header(
-    resolved: Sequence[str], shared: Shared, header_only: bool, origin: str, needed: set[str]
+    resolved: Sequence[str], shared: Shared, header_only: bool, origin: str, needed: set[str], device: str
 ) -> dict[str, str]:
     from ckptdiff import __version__
 
@@ -308,8 +306,4 @@ def _header(
         out["exclude"] = ", ".join(shared.exclude)
     if needed & {"principal", "spectral"}:
         out["k"] = str(shared.k if shared.k is not None else DEFAULT_K)
-    out["device"] = "none (headers only)" if header_only else str(resolve_device(shared.device))
-    out["torch"] = torch.__version__
-    out["host"] = platform.node()
-    out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return out
+    return {**out, **runtime(device)}

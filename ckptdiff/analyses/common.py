@@ -46,11 +46,17 @@ def header(
         out["comparison"] = mode.describe()
     for key, value in params.items():
         out[header_key(key)] = str(value)
-    out["device"] = str(device)
-    out["torch"] = torch.__version__
-    out["host"] = platform.node()
-    out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return out
+    return {**out, **runtime(str(device))}
+
+
+def runtime(device: str) -> dict[str, str]:
+    """Where and when a report was made, the closing keys of every header: device, torch, host, date."""
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def header_key(name: str) -> str:
