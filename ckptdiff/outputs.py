@@ -37,6 +37,7 @@ from types import FrameType, TracebackType
 from typing import IO
 
 from ckptdiff.errors import InputError
+from ckptdiff.interrupts import Watcher
 
 PathLike = str | Path
 _CHECKPOINT_GLOBS = ("*.safetensors", "*.index.json", "*.bin", "*.pt", "*.pth")
@@ -363,9 +364,11 @@ class Interrupted(KeyboardInterrupt):
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _state: dict[str, object] = {"held": None, "committed": False}
+_taken = [0]  # signals the main thread's handler has taken (ckptdiff.interrupts compares with those received)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _taken[0] += 1
     held = _state["held"]
     if isinstance(held, list):
         held.append(signum)  # renames in progress: finish them first
@@ -394,11 +397,13 @@ def _signals_held() -> Iterator[None]:
 
 
 @contextmanager
-def signals_as_interrupts() -> Iterator[None]:
+def signals_as_interrupts(speak: bool = True) -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
 
     A signal the process was started ignoring (``nohup`` ignores SIGHUP, ``&`` in a script SIGINT) stays
     ignored. Outside the main thread this does nothing (Python delivers signals to the main thread only).
+    While the main thread is inside one long call (an SVD), a line on stderr says at once that the run stops
+    when it returns (:mod:`ckptdiff.interrupts`; ``speak=False`` keeps it quiet, as on ranks other than 0).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -408,8 +413,11 @@ def signals_as_interrupts() -> Iterator[None]:
     for s, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
+    watcher = Watcher(_HANDLED, lambda: _taken[0], speak=speak)
+    watcher.start()
     try:
         yield
     finally:
+        watcher.stop()
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)

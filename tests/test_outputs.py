@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -418,3 +419,66 @@ def test_sighup_and_sigterm_interrupt_like_ctrl_c() -> None:
             time.sleep(5)
         assert caught.value.signum == signum and isinstance(caught.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+BLOCKED_IN_C = r"""
+import ctypes, sys, threading
+from ckptdiff.outputs import Interrupted, signals_as_interrupts
+
+libc = ctypes.CDLL(None)  # ctypes releases the GIL; a blocked pthread_mutex_lock never returns to Python
+mutex = ctypes.create_string_buffer(64)  # zeroed: a default mutex on glibc
+held = threading.Event()
+
+
+def hold() -> None:
+    libc.pthread_mutex_lock(mutex)
+    held.set()
+    sys.stdin.readline()  # the test says when the "long computation" may end
+    libc.pthread_mutex_unlock(mutex)
+
+
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+try:
+    with signals_as_interrupts():
+        print("ready", flush=True)
+        libc.pthread_mutex_lock(mutex)  # stands for one long SVD: Python cannot run a signal handler in here
+        libc.pthread_mutex_unlock(mutex)
+        print("returned", flush=True)
+except Interrupted as e:
+    print("interrupted", e.signum, flush=True)
+    sys.exit(130)
+"""
+
+
+def test_a_signal_during_one_long_call_is_acknowledged_before_the_call_returns() -> None:
+    """Ctrl-C inside one long C call (an SVD) says at once that the run stops after it, then stops as usual.
+
+    The "call" is a mutex the test holds, so the line provably arrives while the main thread is still inside
+    it: the call is released only after the line was read.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_IN_C],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        ready, _, _ = select.select([proc.stderr], [], [], 30)  # seconds: a bound against a hang, not a timing
+        line = proc.stderr.readline() if ready else "(nothing on stderr within 30 s)"
+        assert "interrupted: stopping after the matrix in progress" in line, line
+        assert proc.poll() is None  # still inside the call
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert out == f"interrupted {int(signal.SIGINT)}\n"  # the handler still raised, once the call returned
+    assert err == ""  # one line in all

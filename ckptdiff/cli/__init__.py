@@ -76,7 +76,7 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
         debug = os.environ.get("CKPTDIFF_DEBUG", "") not in ("", "0")
         try:
-            with signals_as_interrupts():
+            with signals_as_interrupts(speak=_RANK == 0):
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
