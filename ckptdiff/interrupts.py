@@ -79,7 +79,6 @@ class Watcher:
                 name = signal.Signals(data[-1]).name if data[-1] in self._signals else "signal"
                 how = "interrupted" if name == "SIGINT" else f"{name} received"
                 lead = "\n" if sys.stderr.isatty() else ""  # off the progress bar's line
-                sys.stderr.write(
-                    f"{lead}ckptdiff: {how}: stopping after the matrix in progress (a decomposition cannot be cut short)\n"
-                )
+                what = "stopping after the matrix in progress (a decomposition cannot be cut short)"
+                sys.stderr.write(f"{lead}ckptdiff: {how}: {what}\n")
                 sys.stderr.flush()
