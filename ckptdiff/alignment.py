@@ -17,8 +17,9 @@ from fnmatch import fnmatchcase
 
 from ckptdiff.errors import InputError
 from ckptdiff.log import log
-from ckptdiff.naming import natural_key, selected
-from ckptdiff.sources import Source, TensorInfo
+from ckptdiff.naming import OUTPUT_EMBEDDING, natural_key, selected
+from ckptdiff.sources import Source, TensorInfo, Tie
+from ckptdiff.ties import HINT, describe, has_input_embedding
 
 
 class Status(str, Enum):
@@ -32,6 +33,7 @@ class Status(str, Enum):
     ONLY_BASE = "only_base"
     ONLY_FT = "only_ft"
     MISSING = "missing"  # absent from some of several fine-tunes
+    TIE_CHANGED = "tie_changed"  # its own tensor on some side, tied to another tensor (ckptdiff.ties) on the rest
 
     def __str__(self) -> str:
         return self.value
@@ -54,12 +56,18 @@ FLOAT_COMPARED = frozenset({Status.OK, Status.DTYPE_CHANGED})
 
 @dataclass(frozen=True)
 class Aligned:
-    """One tensor name across several checkpoints (index 0 is the base)."""
+    """One tensor name across several checkpoints (index 0 is the base).
+
+    ``ties`` (empty when none): per side, the tensor this name is tied to there (:mod:`ckptdiff.ties`);
+    ``embedded`` (``lm_head.weight`` only): per side, whether that checkpoint has an input embedding.
+    """
 
     name: str
     infos: tuple[TensorInfo | None, ...]
     status: Status
     detail: str = ""
+    ties: tuple[Tie | None, ...] = ()
+    embedded: tuple[bool, ...] = ()
 
     @property
     def comparable(self) -> bool:
@@ -91,18 +99,37 @@ class Aligned:
     def project(self, sides: Sequence[int], labels: Sequence[str]) -> Aligned:
         """The same name seen from a subset of the checkpoints (e.g. base and one fine-tune of several)."""
         infos = tuple(self.infos[k] for k in sides)
-        status, detail = status_of(infos, labels)
-        return Aligned(self.name, infos, status, detail)
+        ties = tuple(self.ties[k] for k in sides) if self.ties else ()
+        embedded = tuple(self.embedded[k] for k in sides) if self.embedded else ()
+        status, detail = status_of(infos, labels, ties, embedded)
+        return Aligned(self.name, infos, status, detail, ties, embedded)
 
 
-def status_of(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> tuple[Status, str]:
-    """The structural status of one name from its headers on every side (index 0 is the base)."""
+def status_of(
+    infos: Sequence[TensorInfo | None],
+    labels: Sequence[str],
+    ties: Sequence[Tie | None] = (),
+    embedded: Sequence[bool] = (),
+) -> tuple[Status, str]:
+    """The structural status of one name from its headers on every side (index 0 is the base).
+
+    A side where the name is absent but tied to another tensor (``ties``) does not miss it: a name tied wherever
+    it is absent is ``tie_changed``. ``embedded`` marks the sides with an input embedding, where a missing
+    ``lm_head.weight`` gets a hint.
+    """
     present = [i for i in infos if i is not None]
     if len(present) < len(infos):
-        missing = [labels[k] for k, i in enumerate(infos) if i is None]
-        if len(infos) == 2:
-            return (Status.ONLY_FT if infos[0] is None else Status.ONLY_BASE), ""
-        return Status.MISSING, "absent from " + ", ".join(missing)
+        tied = {k: t for k, t in enumerate(ties) if t is not None and infos[k] is None}
+        notes = [f"tied to {t.to} in {labels[k]} ({t.why})" for k, t in tied.items()]
+        missing = [k for k, i in enumerate(infos) if i is None and k not in tied]
+        if not missing:
+            own = ", ".join(labels[k] for k, i in enumerate(infos) if i is not None)
+            return Status.TIE_CHANGED, "; ".join([*notes, *([f"its own tensor in {own}"] if own else [])])
+        if any(k < len(embedded) and embedded[k] for k in missing):
+            notes.append(HINT)
+        if len(infos) == 2:  # the side that lacks the name, neither holding nor tying it, is the other's "only"
+            return (Status.ONLY_FT if missing == [0] else Status.ONLY_BASE), "; ".join(notes)
+        return Status.MISSING, "; ".join(["absent from " + ", ".join(labels[k] for k in missing), *notes])
     shapes = {i.shape for i in present}
     if len(shapes) > 1:
         return Status.SHAPE_MISMATCH, " vs ".join(str(list(i.shape)) for i in present)
@@ -146,20 +173,29 @@ def align(
     names: dict[str, None] = {}
     for s in sources:
         names.update(dict.fromkeys(s.infos))
+    for s in sources:  # a tied name absent (and untied) somewhere is a finding; tied everywhere, it has no row
+        names.update(dict.fromkeys(n for n in s.tied if not all(n in o.tied for o in sources)))
     out: list[Aligned] = []
     for name in sorted(names, key=natural_key):
         if not selected(name, list(include), list(exclude)):
             continue
         infos = tuple(s.infos.get(name) for s in sources)
-        status, detail = status_of(infos, labels)
-        out.append(Aligned(name, infos, status, detail))
+        ties = tuple(s.tied.get(name) for s in sources)
+        ties = ties if any(ties) else ()
+        embedded = tuple(has_input_embedding(s) for s in sources) if name == OUTPUT_EMBEDDING else ()
+        status, detail = status_of(infos, labels, ties, embedded)
+        out.append(Aligned(name, infos, status, detail, ties, embedded))
+    known = {*names, *(n for s in sources for n in s.tied)}  # a tied name is a name too, for the globs
     for flag, globs in (("--include", include), ("--exclude", exclude)):
         for glob in globs if out else ():  # with nothing left, the error below says it all
-            if not any(fnmatchcase(n, glob) for n in names):
+            if not any(fnmatchcase(n, glob) for n in known):
                 log.warning(f"{flag} {glob!r} matches no tensor name; check the glob (it matches full names)")
     if not out and (include or exclude):
         raise InputError(
             "the --include/--exclude filters match no tensor; check the globs (they match full names, "
             "e.g. 'model.layers.*.mlp.*')"
         )
+    tied = describe(sources, labels)
+    if tied:
+        log.info(f"tied tensors, each compared once under the tensor it is: {tied}")
     return out

@@ -6,9 +6,9 @@ A weight ``P.weight`` stored as ``F8_E4M3`` or ``F8_E5M2`` beside ``P.weight_sca
     W[i, j] = float32(Wq[i, j]) · S[i // b₀, j // b₁]
 
 computed in fp32 (the scale is converted to fp32 first, exactly for fp32/bf16/fp16 scales). The block size
-``(b₀, b₁)`` comes from the ``config.json`` beside the weights (``quantization_config.weight_block_size``), is
-``[128, 128]`` when that config says ``quant_method: fp8`` and omits it, and is assumed ``[128, 128]`` when there is
-no config (a Hub id: only the weights are downloaded); every scale's shape is checked against it. Edge blocks are
+``(b₀, b₁)`` comes from the checkpoint's ``config.json`` (``quantization_config.weight_block_size``; found as
+:mod:`ckptdiff.model_config` says), is ``[128, 128]`` when that config says ``quant_method: fp8`` and omits it, and
+is assumed ``[128, 128]`` when there is no config; every scale's shape is checked against it. Edge blocks are
 partial; the weight and its scale may sit in different shards.
 
 :func:`wrap` puts an :class:`Fp8Source` around a source that holds such scales. It presents every such weight as
@@ -41,14 +41,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ckptdiff import dtypes
+from ckptdiff import dtypes, model_config
 from ckptdiff.errors import InputError
+from ckptdiff.model_config import ModelConfig
 from ckptdiff.sources import Source, TensorInfo
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ PIECE = 1 << 20  # entries dequantized at a time: temporaries stay a few MB for 
 _SCALES_KEPT = 64  # scale tensors cached per source (the largest DeepSeek-V3 scale is 56 x 144 fp32)
 _CODES_KEPT = 8  # raw code reads kept for CodeStats: more than the reader's prefetch can be ahead
 _CODES_BYTES = 1 << 30
+_PURPOSE = "its quantization_config.weight_block_size to dequantize the fp8 weights"
 
 
 @dataclass(frozen=True)
@@ -116,31 +117,11 @@ def notes(infos: Iterable[TensorInfo | None]) -> str:
 # the block size
 
 
-def checkpoint_folder(src: Source) -> Path | None:
-    """The folder a checkpoint's ``config.json`` would sit in: the folder given, or the one holding the weights."""
-    spec = Path(src.spec).expanduser()
-    if spec.is_dir():
-        return spec
-    if spec.is_file():
-        return spec.parent
-    files = sorted({i.file for i in src.infos.values() if i.file and not i.file.startswith("hub:")})
-    return Path(files[0]).parent if files else None
-
-
-def load_layout(folder: Path | None) -> Layout:
-    """The block size from ``folder/config.json`` (see the module doc); InputError for a config that is broken."""
-    path = folder / "config.json" if folder is not None else None
-    if path is None or not path.is_file():
+def load_layout(config: ModelConfig | None) -> Layout:
+    """The block size from a checkpoint's ``config.json`` (see the module doc); InputError for a malformed one."""
+    if config is None:
         return Layout(DEFAULT_BLOCK, "assumed: no config.json beside the weights")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not valid JSON"
-        raise InputError(
-            f"{path}: {reason}; ckptdiff reads its quantization_config.weight_block_size to dequantize the "
-            "fp8 weights: fix or remove the file"
-        ) from None
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    quant = config.data.get("quantization_config")
     if not isinstance(quant, dict):
         return Layout(DEFAULT_BLOCK, "assumed: config.json has no quantization_config")
     size = quant.get("weight_block_size")
@@ -151,7 +132,7 @@ def load_layout(folder: Path | None) -> Layout:
     ok = isinstance(size, list) and len(size) == 2 and all(type(b) is int and b > 0 for b in size)
     if not ok:
         raise InputError(
-            f"{path}: quantization_config.weight_block_size must be two positive integers like [128, 128], "
+            f"{config.where}: quantization_config.weight_block_size must be two positive integers like [128, 128], "
             f"got {json.dumps(size)}; fix the config"
         )
     return Layout((size[0], size[1]), "config.json")
@@ -281,7 +262,7 @@ class Fp8Source(Source):
     """A source whose block-scaled FP8 weights read as fp32 (see the module doc); everything else passes through."""
 
     def __init__(self, inner: Source, layout: Layout, infos: dict[str, TensorInfo]):
-        super().__init__(inner.spec, f"{inner.resolved} [fp8: {describe(infos, layout)}]", infos)
+        super().__init__(inner.spec, f"{inner.resolved} [fp8: {describe(infos, layout)}]", infos, dict(inner.tied))
         self.inner = inner
         self.layout = layout
         self._lock = threading.Lock()
@@ -383,7 +364,7 @@ def wrap(src: Source) -> Source:
     theirs = any(is_fp8(i) and name + CT_SCALE_SUFFIX in names for name, i in names.items())
     if not ours:
         return Fp8Source(src, Layout(DEFAULT_BLOCK, "unused"), dict(names)) if theirs else src
-    layout = load_layout(checkpoint_folder(src))
+    layout = load_layout(model_config.load(src, _PURPOSE))
     return Fp8Source(src, layout, plan(src.infos, layout))
 
 

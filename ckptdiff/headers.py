@@ -3,7 +3,8 @@
 A local safetensors checkpoint (file, folder, sharded index) is read through :mod:`ckptdiff.sources`'
 header parser, which touches the headers only. A Hub id ``org/name[@revision]`` goes through
 ``huggingface_hub.get_safetensors_metadata``, which fetches the headers with HTTP range requests and
-downloads no weights. PyTorch pickles (``.bin``/``.pt``) have no header: they are refused.
+downloads no weights; its ``config.json`` is fetched only if a view needs it (:mod:`ckptdiff.model_config`).
+PyTorch pickles (``.bin``/``.pt``) have no header: they are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
+from ckptdiff.model_config import NAME as CONFIG
 from ckptdiff.safetensors_header import I64_MAX
 from ckptdiff.sources import HUB_ID, Source, TensorInfo, resolve, stat_input
 
@@ -34,6 +36,26 @@ class HeaderSource(Source):
     def parameter_count(self) -> int:
         """Total entries over every tensor."""
         return sum(i.numel for i in self.infos.values())
+
+
+class HubHeaderSource(HeaderSource):
+    """A Hub repo's headers; its ``config.json`` is fetched if a view asks for it."""
+
+    def __init__(self, spec: str, resolved: str, infos: dict[str, TensorInfo]):
+        super().__init__(spec, resolved, infos)
+        self._config: tuple[str, bytes] | None = None
+        self._config_read = False
+
+    def remote_config(self) -> tuple[str, bytes] | None:
+        """The repo's ``config.json`` at the revision asked for, fetched once by byte range (nothing written to
+        disk); None when the repo has none."""
+        from ckptdiff import hub
+        from ckptdiff.hub_stream import Remote
+
+        if not self._config_read:
+            self._config = Remote.open(*hub.split_id(self.spec)).small_file(CONFIG, "a model config")
+            self._config_read = True
+        return self._config
 
 
 def open_headers(spec: str) -> HeaderSource:
@@ -103,7 +125,7 @@ def _hub(spec: str) -> HeaderSource:
         ) from None
     infos = infos_from_hub_metadata(spec, meta)
     label = f"hub:{repo}@{revision or 'main'} ({len(meta.files_metadata)} safetensors file(s), headers only)"
-    return HeaderSource(spec, label, infos)
+    return HubHeaderSource(spec, label, infos)
 
 
 def infos_from_hub_metadata(spec: str, meta: Any) -> dict[str, TensorInfo]:

@@ -178,7 +178,7 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
                 patterns = SAFETENSORS_PATTERNS + PICKLE_PATTERNS
             else:
                 patterns = _choose_patterns(repo_files(repo, revision))
-            patterns = [*patterns, "config.json"]  # small; says how FP8 weights are block-scaled (ckptdiff.fp8)
+            patterns = [*patterns, "config.json"]  # small; FP8 block size, tied embeddings (ckptdiff.model_config)
             folder = hf.snapshot_download(
                 repo,
                 revision=revision,

@@ -10,7 +10,9 @@
    shards in parallel, and validated by the same strict parser as a local file (:mod:`ckptdiff.safetensors_header`);
 4. every read afterwards is a range request for exactly the bytes asked for (large reads are split into a few
    parallel requests), written into the caller's buffer (the reader's reused buffer ring): nothing is written
-   to disk, and the bytes that cross the network are the headers plus the tensor bytes read, each once.
+   to disk, and the bytes that cross the network are the headers plus the tensor bytes read, each once;
+5. ``config.json`` is fetched whole, once, only if a view needs it (FP8 block size, ``tie_word_embeddings`` when
+   ``lm_head.weight`` is absent: :mod:`ckptdiff.model_config`).
 
 Every URL names the commit the revision resolved to, so a branch that moves during a long run cannot mix two
 commits. Requests go through huggingface_hub's HTTP session (its proxy and client settings) with its headers
@@ -39,6 +41,7 @@ import torch
 from ckptdiff import hub
 from ckptdiff import safetensors_header as st_header
 from ckptdiff.errors import InputError
+from ckptdiff.model_config import NAME as CONFIG
 from ckptdiff.sources import Source, TensorInfo, _as_dtype, header_infos
 
 INDEX = "model.safetensors.index.json"
@@ -83,6 +86,24 @@ class Remote:
         self.requests = 0
         self._lock = threading.Lock()
         self._transport = hub._transport_errors()
+
+    @classmethod
+    def open(cls, repo: str, revision: str | None) -> Remote:
+        """The repo at ``revision``, resolved to its commit and file sizes in one request (not retried)."""
+        info = hub.repo_info(repo, revision, files_metadata=True)
+        sizes: dict[str, int | None] = {s.rfilename: s.size for s in info.siblings or []}
+        return cls(repo, str(info.sha or revision or "main"), sizes)
+
+    def small_file(self, filename: str, what: str) -> tuple[str, bytes] | None:
+        """A small file of the repo, fetched whole, and where it is (for messages); None when the repo lacks it."""
+        if filename not in self.sizes:
+            return None
+        size = self.sizes[filename]
+        if size is None or size > MAX_INDEX_BYTES:
+            raise InputError(f"{self.where(filename)} is {size} bytes, not {what}; check the repo")
+        raw = bytearray(size)
+        self.get_range(filename, 0, memoryview(raw), what)
+        return self.where(filename), bytes(raw)
 
     def url(self, filename: str) -> str:
         """The file's address at the pinned commit (``{endpoint}/{repo}/resolve/{commit}/{file}``)."""
@@ -247,15 +268,15 @@ class HubStreamSource(Source):
         self._spans: dict[str, tuple[str, int]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._config: tuple[str, bytes] | None = None
+        self._config_read = False
 
     @classmethod
     def open(cls, spec: str) -> HubStreamSource:
         """Resolve ``org/name[@revision]`` and read every shard's header; :class:`InputError` if unusable."""
         repo, revision = hub.split_id(spec)
-        info = hub.repo_info(repo, revision, files_metadata=True)
-        sha = str(info.sha or revision or "main")
-        sizes: dict[str, int | None] = {s.rfilename: s.size for s in info.siblings or []}
-        remote = Remote(repo, sha, sizes)
+        remote = Remote.open(repo, revision)
+        sha = remote.sha
         shards, expected = _shards(spec, remote)
         label = f"hub:{repo}@{sha} (streamed by byte range, {len(shards)} safetensors file{'s' * (len(shards) > 1)})"
         src = cls(spec, label, remote)
@@ -335,6 +356,16 @@ class HubStreamSource(Source):
         futures: list[Future[Any]] = [pool.submit(fn, x) for x in items]
         with _cancel_on_error(futures):
             return iter([f.result() for f in futures])
+
+    def remote_config(self) -> tuple[str, bytes] | None:
+        """The repo's ``config.json``, fetched whole the first time a view asks for it (None when it has none)."""
+        with self._pool_lock:
+            if self._config_read:
+                return self._config
+        found = self.remote.small_file(CONFIG, "a model config")
+        with self._pool_lock:
+            self._config, self._config_read = found, True
+        return found
 
     @property
     def fetched_bytes(self) -> int:

@@ -58,7 +58,7 @@ class SplitExpertsSource(Source):
                 infos[sub] = dataclasses.replace(info, name=sub, shape=shape)  # keeps an FP8 note
                 self.parts[sub] = (name, e * per)
         what = f"moe: {fused} fused expert tensors split into {len(self.parts)} per-expert tensors"
-        super().__init__(inner.spec, f"{inner.resolved} [{what}]", infos)
+        super().__init__(inner.spec, f"{inner.resolved} [{what}]", infos, dict(inner.tied))
         self.inner = inner
 
     def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:

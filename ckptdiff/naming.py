@@ -49,6 +49,11 @@ _MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("lm_head", ("lm_head", "embed_out", "output", "shared_head")),
 ]
 
+# What ``tie_word_embeddings`` ties: the output head, and the input token embeddings it may share (Llama/Qwen,
+# GPT-2, BERT/Bloom, GPT-NeoX).
+OUTPUT_EMBEDDING = "lm_head.weight"
+_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+
 
 def layer_of(name: str) -> int | None:
     """The transformer block index in a tensor name, or None outside the blocks."""
@@ -106,6 +111,12 @@ def module_of(name: str) -> str:
         if any(p in fragments for p in stem):
             return module
     return "other"
+
+
+def is_input_embedding(name: str) -> bool:
+    """Whether a tensor name is an input token embedding's weight (``model.embed_tokens.weight``, ``wte.weight``)."""
+    parts = name.split(".")
+    return len(parts) > 1 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDINGS
 
 
 def param_of(name: str) -> str:

@@ -26,6 +26,7 @@ from ckptdiff import dtypes, fileio, torch_archive
 from ckptdiff import safetensors_header as st_header
 from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
+from ckptdiff.naming import is_input_embedding, natural_key
 
 MAX_HEADER_BYTES = st_header.MAX_HEADER_BYTES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -54,13 +55,29 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class Tie:
+    """A name that holds no data of its own in a checkpoint: it is tensor ``to`` (see :mod:`ckptdiff.ties`)."""
+
+    to: str  # the tensor it is, kept in ``Source.infos``
+    why: str  # how it is known: "shared storage", "config.json tie_word_embeddings"
+
+
+SHARED_STORAGE = "shared storage"
+
+
 @dataclass
 class Source(ABC):
-    """A lazy checkpoint: tensor metadata up front, data on demand."""
+    """A lazy checkpoint: tensor metadata up front, data on demand.
+
+    ``infos`` holds each tensor once: a name that is another tensor (a tied output embedding) is not in it but in
+    ``tied``, so totals count its data once and alignment compares it under the name kept.
+    """
 
     spec: str  # what the user typed
     resolved: str  # what it resolved to (paths, hub revision)
     infos: dict[str, TensorInfo] = field(default_factory=dict)
+    tied: dict[str, Tie] = field(default_factory=dict)  # alias name -> the tensor it is
 
     @abstractmethod
     def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
@@ -77,6 +94,12 @@ class Source(ABC):
 
     def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release file handles."""
+
+    def remote_config(self) -> tuple[str, bytes] | None:
+        """The checkpoint's ``config.json`` as (where, bytes) when its files are not on this machine (a streamed
+        Hub repo fetches it); None for a local checkpoint, whose config sits beside the weights
+        (:mod:`ckptdiff.model_config` looks there)."""
+        return None
 
     @property
     def total_bytes(self) -> int:
@@ -259,6 +282,9 @@ class TorchFileSource(Source):
                 self._stored[name] = t
                 self._paths[name] = str(path)
                 self.infos[name] = TensorInfo(name, dt, t.shape, str(path))
+            for alias, kept in _aliases(stored).items():
+                del self.infos[alias]
+                self.tied[alias] = Tie(kept, SHARED_STORAGE)
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -302,6 +328,21 @@ class TorchFileSource(Source):
                 os.close(fd)
             self._fds.clear()
             self._strided = None
+
+
+def _aliases(stored: dict[str, torch_archive.StoredTensor]) -> dict[str, str]:
+    """Names that are another name's tensor: the same storage, offset, shape, stride and dtype (``torch.save`` of a
+    model whose ``lm_head`` is its ``embed_tokens``), each mapped to the name kept: an input embedding, else the
+    first in natural order. Views that overlap only in part are different tensors and stay."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name, t in stored.items():
+        groups.setdefault((t.storage_pos, t.offset, t.shape, t.stride, t.dtype), []).append(name)
+    out: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) > 1:
+            kept = min(names, key=lambda n: (not is_input_embedding(n), natural_key(n)))
+            out.update((n, kept) for n in names if n != kept)
+    return out
 
 
 def _load_torch_file(path: Path) -> tuple[dict[str, torch_archive.StoredTensor], tuple[int, int]]:

@@ -70,6 +70,27 @@ def save_single(sd: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+def save_tied_bin(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """``torch.save`` of ``sd`` with lm_head.weight the very tensor model.embed_tokens.weight (a tied model's
+    state dict): the archive holds one storage, viewed under both names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**sd, HEAD: sd[EMBED]}, path)
+    return path
+
+
+def save_tied_hf(sd: dict[str, torch.Tensor], folder: Path, config: dict[str, Any] | str | None) -> Path:
+    """What ``save_pretrained`` writes for a tied model: model.safetensors without lm_head.weight, and
+    ``config`` (a dict as JSON, a string as is, None for no file) as config.json."""
+    save_single({k: v for k, v in sd.items() if k != HEAD}, folder / "model.safetensors")
+    if config is not None:
+        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder
+
+
 class CountingSource(Source):
     """Wraps a source and counts the bytes read per tensor; records whether it was closed."""
 

@@ -12,10 +12,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from factory import bump_ulps, llama_like, save_sharded, save_single
+from factory import EMBED, HEAD, bump_ulps, hub_metadata, llama_like, save_sharded, save_single, save_tied_hf
 from hub_server import FakeHub
 from typer.testing import CliRunner
 
@@ -27,6 +28,7 @@ from ckptdiff.errors import InputError
 from ckptdiff.headers import open_headers
 from ckptdiff.hub_stream import HubStreamSource
 from ckptdiff.sources import SafetensorsSource, resolve
+from ckptdiff.ties import HINT
 
 runner = CliRunner()
 SHA_BASE = "b" * 40
@@ -209,6 +211,49 @@ def test_header_only_over_the_stream_source_matches_local(fake_hub: FakeHub, tmp
     assert fake_hub.bytes_served() == _header_bytes(base)  # headers and index only
     streamed.close()
     local.close()
+
+
+def test_a_streamed_config_json_declares_a_tie_like_a_local_one(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A fine-tune saved tied (no lm_head.weight, config.json says tie_word_embeddings): its config is fetched
+    once, by byte range, and the rows are the local pair's."""
+    sd = llama_like(seed=1)
+    ft_sd = {k: bump_ulps(v, torch.arange(3)) if k == EMBED else v for k, v in sd.items()}
+    base = save_single(sd, tmp_path / "base" / "model.safetensors").parent
+    ft = save_tied_hf(ft_sd, tmp_path / "ft", {"tie_word_embeddings": True})
+    fake_hub.add("acme/base", base, SHA_BASE)
+    fake_hub.add("acme/ft", ft, SHA_FT)
+    local = sparsity(str(base), str(ft), progress=False, device="cpu")
+    streamed = sparsity("acme/base", "acme/ft", progress=False, device="cpu")
+    assert _frame(streamed).equals(_frame(local))  # type: ignore[attr-defined]
+    rows = streamed.to_frame().set_index("tensor")
+    assert rows.loc[HEAD, "status"] == "tie_changed" and rows.loc[EMBED, "changed"] == 3
+    assert streamed.header["tied"] == f"ft: {HEAD} -> {EMBED} (config.json tie_word_embeddings)"
+    assert [s.path for s in fake_hub.data_requests() if s.path.endswith("/config.json")] == [
+        f"/acme/ft/resolve/{SHA_FT}/config.json"
+    ]
+    _nothing_written(tmp_path)
+
+
+def test_header_only_hub_ids_download_the_config_json_a_tie_needs(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CKPTDIFF_HUB_STREAM")  # header-only: huggingface_hub's metadata call (mocked), no stream
+    sd = llama_like(seed=1)
+    untied = {k: v for k, v in sd.items() if k != HEAD}
+    metas = {"acme/base": hub_metadata(sd), "acme/tied": hub_metadata(untied), "acme/bare": hub_metadata(untied)}
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda repo, **kw: metas[repo])
+    fake_hub.add("acme/base", save_single(sd, tmp_path / "base" / "model.safetensors").parent, SHA_BASE)
+    fake_hub.add("acme/tied", save_tied_hf(sd, tmp_path / "tied", {"tie_word_embeddings": True}), SHA_FT)
+    fake_hub.add("acme/bare", save_tied_hf(sd, tmp_path / "bare", None), "c" * 40)
+    res = runner.invoke(app, ["check", "acme/base", "acme/tied", "--header-only", "--same-keys", "-q", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["header"]["tied"] == f"ft: {HEAD} -> {EMBED} (config.json tie_word_embeddings)"
+    configs = [s.path for s in fake_hub.data_requests() if s.path.endswith("/config.json")]
+    assert configs == [f"/acme/tied/resolve/{SHA_FT}/config.json"]  # once; the base has its lm_head: not read
+    res = runner.invoke(app, ["check", "acme/base", "acme/bare", "--header-only", "--same-keys", "-q", "-f", "json"])
+    assert res.exit_code == 1, res.output  # no config.json in the repo: lm_head.weight is missing, with the hint
+    assert json.loads(res.stdout)["rules"][0]["offenders"][0]["detail"] == f"only in base; {HINT}"
+    _nothing_written(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

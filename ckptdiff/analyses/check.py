@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from ckptdiff import rules as R
-from ckptdiff.alignment import Aligned, align
+from ckptdiff import ties
+from ckptdiff.alignment import Aligned, Status, align
 from ckptdiff.analyses.common import SourceLike, item_detail, row_basics, runtime
 from ckptdiff.choices import DEFAULT_K
 from ckptdiff.distributed import agree
@@ -155,8 +156,9 @@ def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
         counts = [info.numel if info is not None else 0 for info in (it.infos[0], it.infos[-1])]
         totals = [totals[0] + counts[0], totals[1] + counts[1]]
         if counts[0] != counts[1]:
+            why = f" ({it.detail})" if it.status is Status.TIE_CHANGED else ""
             offenders.append(
-                R.Offender(it.name, float(counts[1] - counts[0]), f"parameters {counts[0]} -> {counts[1]}")
+                R.Offender(it.name, float(counts[1] - counts[0]), f"parameters {counts[0]} -> {counts[1]}{why}")
             )
     offenders.sort(key=lambda o: (-abs(o.value or 0.0), o.tensor))
     gap = float(abs(totals[1] - totals[0]))
@@ -242,6 +244,7 @@ def check(
             R.check_scopes(config.rules, config.structural, (it.name for it in items))
             frames = {"sparsity": header_frame(items)}
             resolved = [s.resolved for s in opened]
+            tied = ties.describe(opened, ["base", "ft"])
             device = "none (headers only)"
         finally:
             for s in opened:
@@ -262,13 +265,14 @@ def check(
             results = execute(run, list(todo.values()), shared.progress, "checking")
             frames = {name: r.to_frame() for name, r in zip(todo, results, strict=True)}
             resolved = [s.resolved for s in run.sources]
+            tied = ties.describe(run.sources, ["base", "ft"])
             device = str(run.device)
     structural = config.structural if config.structural.active else None
     outcome = R.evaluate(config.rules, frames, structural)
     if same_param_count:
         outcome = R.CheckResult((*outcome.results, param_count_result(items)))
     ran = tuple(a for a in ANALYSIS_ORDER if a in frames and not header_only)
-    head = _header(resolved, shared, header_only, origin, needed, device)
+    head = _header(resolved, tied, shared, header_only, origin, needed, device)
     found = fp8_findings(items)
     if found:
         head["fp8_findings"] = found
@@ -292,11 +296,13 @@ def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
 
 
 def _header(
-    resolved: Sequence[str], shared: Shared, header_only: bool, origin: str, needed: set[str], device: str
+    resolved: Sequence[str], tied: str, shared: Shared, header_only: bool, origin: str, needed: set[str], device: str
 ) -> dict[str, str]:
     from ckptdiff import __version__
 
     out = {"analysis": "check", "ckptdiff": __version__, "base": resolved[0], "ft": resolved[1]}
+    if tied:
+        out["tied"] = tied
     if origin:
         out["rules_from"] = origin
     out["mode"] = "header-only (no tensor data read)" if header_only else shared.mode.describe()

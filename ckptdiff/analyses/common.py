@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptdiff import __version__, fp8
+from ckptdiff import __version__, fp8, ties
 from ckptdiff.alignment import Aligned
 from ckptdiff.metrics.mask import CompareMode, comparison_dtype
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
@@ -32,7 +32,8 @@ def header(
     mode: CompareMode | None = None,
     **params: object,
 ) -> dict[str, str]:
-    """The report header: tool version, inputs as resolved, comparison mode, parameters, device.
+    """The report header: tool version, inputs as resolved, what is tied in them, comparison mode, parameters,
+    device.
 
     Keys are snake_case (:func:`header_key`): a fine-tune labelled ``rl-seed1`` is ``ft_rl_seed1``.
     """
@@ -42,6 +43,9 @@ def header(
         while key in out:  # labels that differ only in punctuation or case
             key += "_"
         out[key] = src.resolved
+    tied = ties.describe(sources, roles)
+    if tied:
+        out["tied"] = tied
     if mode is not None:
         out["comparison"] = mode.describe()
     for key, value in params.items():

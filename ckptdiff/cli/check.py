@@ -169,7 +169,7 @@ def print_table(report: GateResult) -> None:
     if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line
         console.width = max(console.width, 200)
     results = report.outcome.results
-    for key in ("base", "ft", "rules_from", "mode", "fp8_findings"):
+    for key in ("base", "ft", "tied", "rules_from", "mode", "fp8_findings"):
         if key in report.header:
             console.print(Text(f"{key}: {report.header[key]}", style="dim"))
     table = Table(title_justify="left")

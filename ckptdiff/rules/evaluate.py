@@ -31,6 +31,7 @@ from ckptdiff.rules.registry import METRICS, unknown_metric
 OK, DTYPE_CHANGED, NON_FLOAT = Status.OK.value, Status.DTYPE_CHANGED.value, Status.NON_FLOAT.value
 ONLY_BASE, ONLY_FT, MISSING = Status.ONLY_BASE.value, Status.ONLY_FT.value, Status.MISSING.value
 SHAPE_MISMATCH, KIND_MISMATCH = Status.SHAPE_MISMATCH.value, Status.KIND_MISMATCH.value
+TIE_CHANGED = Status.TIE_CHANGED.value
 COMPARABLE = frozenset({OK, DTYPE_CHANGED, NON_FLOAT})
 _STATUS_TEXT = {
     ONLY_BASE: "only in base",
@@ -40,6 +41,7 @@ _STATUS_TEXT = {
     KIND_MISMATCH: "float on one side only",
     DTYPE_CHANGED: "dtype changed",
     NON_FLOAT: "dtype changed",
+    TIE_CHANGED: "tied to another tensor on one side only",
 }
 MAX_OFFENDERS = 5
 
@@ -235,9 +237,16 @@ def _details(rows: pd.DataFrame) -> list[Offender]:
     """One offender per row, described by its ``detail`` column when non-empty, else by its status."""
     notes = rows["detail"] if "detail" in rows.columns else pd.Series("", index=rows.index)
     return [
-        Offender(str(t), None, str(d) if isinstance(d, str) and d else _STATUS_TEXT.get(s, s))
-        for t, s, d in zip(rows["tensor"], rows["status"], notes, strict=True)
+        Offender(str(t), None, _described(s, d)) for t, s, d in zip(rows["tensor"], rows["status"], notes, strict=True)
     ]
+
+
+def _described(status: str, detail: object) -> str:
+    """A row's status in words, or its detail, or both for a name on one side only (its detail is a hint)."""
+    text = _STATUS_TEXT.get(status, status)
+    if not (isinstance(detail, str) and detail):
+        return text
+    return f"{text}; {detail}" if status in (ONLY_BASE, ONLY_FT) else detail
 
 
 def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:
@@ -266,7 +275,7 @@ def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_o
     frame = frame.sort_values("tensor", kind="stable")
     n = len(frame)
     results: list[RuleResult] = []
-    if structural.same_keys:
+    if structural.same_keys:  # a tie_changed name is not missing: its data is there, as the tensor it is tied to
         found = _details(frame[frame["status"].isin([ONLY_BASE, ONLY_FT, MISSING])])
         results.append(_structural_result("same_keys", n, found, max_offenders))
     if structural.same_shapes:
