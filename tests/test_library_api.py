@@ -109,3 +109,20 @@ def test_an_all_zero_base_matrix_has_no_principal_verdict(tmp_path: Path) -> Non
     row = r.to_frame().iloc[0]
     assert not row["analysed"] and row["outcome"] == "not_analysed" and "all zeros" in row["detail"]
     assert not any("targets the principal" in s or "avoids the principal" in s for s in r.report().summary)
+
+
+def test_rollups_are_computed_once_and_handed_out_as_copies(pair: tuple[str, str]) -> None:
+    """One report run asks for the same rollup several times: it is made once, and what a caller does to the
+    copy it got never reaches the next caller."""
+    result = ckptdiff.principal_overlap(*pair, k=2, progress=False)
+    first = result.by("module")
+    expected = first.copy()
+    first.iloc[:, :] = -1
+    assert result.by("module").equals(expected)
+    assert result.by("module") is not result.by("module")
+    full = ckptdiff.full_report(pair[0], [pair[1]], k=2, progress=False)
+    (_, a), *_ = full.sections()
+    (_, b), *_ = full.sections()
+    assert a is b  # one report object per section, shared by the terminal, HTML, Markdown and JSON writers
+    (run,) = full.runs
+    assert full.to_dict()["sparsity"][run] == ckptdiff.report.to_json_dict(a)

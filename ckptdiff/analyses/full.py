@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,16 @@ class FullReportResult:
         return out + ([("consistency", "")] if self.consistency is not None else [])
 
     def sections(self) -> list[tuple[str, Report]]:
-        """(heading, report) per analysis and fine-tune, in reading order."""
+        """(heading, report) per analysis and fine-tune, in reading order.
+
+        Each report is made once per result (the rollups behind it take seconds on a large model) and shared by
+        every caller: the terminal, the HTML, the Markdown and the JSON of one ``report`` run. Treat it as
+        read-only.
+        """
+        return list(self._sections)
+
+    @cached_property
+    def _sections(self) -> tuple[tuple[str, Report], ...]:
         titles = {"sparsity": "Sparsity", "principal": "Principal overlap", "spectral": "Spectral drift"}
         several = len(self.runs) > 1
         out: list[tuple[str, Report]] = []
@@ -76,7 +86,7 @@ class FullReportResult:
                 out.append((f"{titles[name]}: {run}" if several else titles[name], result.report()))
         if self.consistency is not None:
             out.append(("Consistency across fine-tunes", self.consistency.report()))
-        return out
+        return tuple(out)
 
     def tensors(self) -> pd.DataFrame:
         """One row per tensor (and per fine-tune, with a leading ``run`` column, when several).
@@ -113,11 +123,11 @@ class FullReportResult:
         from ckptdiff.report import to_json_dict
 
         out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
-        for name, results in self._pairwise():
-            if results:
-                out[name] = {run: to_json_dict(r.report()) for run, r in results.items()}
-        if self.consistency is not None:
-            out["consistency"] = to_json_dict(self.consistency.report())
+        for (name, run), (_, section) in zip(self.section_keys(), self._sections, strict=True):
+            if name == "consistency":
+                out["consistency"] = to_json_dict(section)
+            else:
+                out.setdefault(name, {})[run] = to_json_dict(section)
         return out
 
 

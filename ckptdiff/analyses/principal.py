@@ -27,7 +27,7 @@ import torch
 
 from ckptdiff import choices, distributed, linalg
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, once_per_key, pair_target, row_basics
 from ckptdiff.declarations import PRINCIPAL, figures
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
@@ -178,6 +178,7 @@ class PrincipalOverlapResult:
         df = self.analysed()
         return rollup(df[df["linear"].astype(bool)])
 
+    @once_per_key
     def by(self, key: str) -> pd.DataFrame:
         """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`)."""
         df = self.analysed()

@@ -21,7 +21,7 @@ import torch
 
 from ckptdiff import choices, linalg
 from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, item_detail, pair_target, row_basics
+from ckptdiff.analyses.common import SourceLike, item_detail, once_per_key, pair_target, row_basics
 from ckptdiff.declarations import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
 from ckptdiff.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
@@ -117,6 +117,7 @@ class SpectralDriftResult:
         df = self.analysed()
         return self._stats(df[df["linear"].astype(bool)])
 
+    @once_per_key
     def by(self, key: str) -> pd.DataFrame:
         """Rollup per ``layer`` or ``module``: max and median of NSS and angles, weighted nss_per_update."""
         df = self.analysed()
