@@ -1,6 +1,6 @@
 """One process against two torchrun ranks, one thread each, on an SVD-bound pair: wall time and identical output.
 
-    python benchmarks/bench_ranks.py --matrices 48 --size 384 --repeats 3
+    python benchmarks/bench_ranks.py --matrices 16 --size 1024 --repeats 2
 
 Each run is a whole process as a user starts it (`python -m ckptdiff ...` with OMP_NUM_THREADS=1, and
 `torchrun --standalone --nproc-per-node 2 -m ckptdiff ...`, which sets one thread per rank itself), so torchrun's
