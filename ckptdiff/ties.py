@@ -81,6 +81,15 @@ def has_input_embedding(src: Source) -> bool:
     return any(is_input_embedding(n) for n in src.infos)
 
 
+def aliases(sources: Sequence[Source]) -> dict[str, str]:
+    """Every tied name of the checkpoints and the tensor it is (the first checkpoint's tie where they differ)."""
+    out: dict[str, str] = {}
+    for src in sources:
+        for alias, tie in src.tied.items():
+            out.setdefault(alias, tie.to)
+    return out
+
+
 def describe(sources: Sequence[Source], roles: Sequence[str], most: int = 5) -> str:
     """What is tied in each checkpoint, for report headers: ``ft: lm_head.weight -> model.embed_tokens.weight
     (shared storage)``; '' when nothing is."""

@@ -210,3 +210,16 @@ def test_a_tie_on_one_side_and_nothing_on_the_other_is_a_missing_key(tmp_path: P
     assert row["status"] == expected.value
     assert row["detail"] == f"tied to {EMBED} in {tied_side} (shared storage); {HINT}"
     assert _check(base, ft, "--same-keys").exit_code == 1
+
+
+@pytest.mark.parametrize("how", ["rule", "expect-unchanged"])
+def test_a_rule_scoped_to_a_tied_name_says_which_name_to_use(tmp_path: Path, how: str) -> None:
+    sd = llama_like()
+    base = save_tied_bin(sd, tmp_path / "base" / "pytorch_model.bin")
+    ft = save_tied_bin(_changed(sd), tmp_path / "ft" / "pytorch_model.bin")
+    scoped = {"rule": ["--rule", f"changed@{HEAD} == 0"], "expect-unchanged": ["--expect-unchanged", HEAD]}[how]
+    res = _check(base, ft, *scoped)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"matches only {HEAD}, which is tied to {EMBED}" in line and f"scope it to {EMBED}" in line
+    assert _check(base, ft, "--rule", f"changed@{EMBED} == 7").exit_code == 0

@@ -241,7 +241,7 @@ def check(
         opened = _open_headers(base, ft)
         try:
             items = align(opened, shared.include, shared.exclude, labels=["base", "ft"])
-            R.check_scopes(config.rules, config.structural, (it.name for it in items))
+            R.check_scopes(config.rules, config.structural, (it.name for it in items), ties.aliases(opened))
             frames = {"sparsity": header_frame(items)}
             resolved = [s.resolved for s in opened]
             tied = ties.describe(opened, ["base", "ft"])
@@ -261,7 +261,8 @@ def check(
         ) as run:
             items = list(run.items)
             names = [it.name for it in items]
-            agree(lambda: R.check_scopes(config.rules, config.structural, names), "checking scopes")
+            aliases = ties.aliases(run.sources)
+            agree(lambda: R.check_scopes(config.rules, config.structural, names, aliases), "checking scopes")
             results = execute(run, list(todo.values()), shared.progress, "checking")
             frames = {name: r.to_frame() for name, r in zip(todo, results, strict=True)}
             resolved = [s.resolved for s in run.sources]

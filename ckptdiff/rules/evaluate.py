@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -315,13 +315,30 @@ def evaluate(
     return CheckResult(results=tuple(results))
 
 
-def check_scopes(rules: Iterable[Rule], structural: StructuralRules | None, names: Iterable[str]) -> None:
-    """Fail early (InputError) on a rule or structural glob that matches none of the given tensor names."""
+def check_scopes(
+    rules: Iterable[Rule],
+    structural: StructuralRules | None,
+    names: Iterable[str],
+    tied: Mapping[str, str] | None = None,
+) -> None:
+    """Fail early (InputError) on a rule or structural glob that matches none of the given tensor names.
+
+    ``tied`` maps names that are another tensor (``ckptdiff.ties``: a tied ``lm_head.weight``) to the tensor they
+    are: a glob that matches only such a name is told which name to use.
+    """
     name_list = list(names)
     globs = [(f"rule '{r}'", r.scope) for r in rules if r.scope is not None]
     if structural is not None:
         globs += [("--expect-unchanged", g) for g in structural.expect_unchanged]
         globs += [("--allow-changed", g) for g in structural.allow_changed]
     for where, glob in globs:
-        if not any(fnmatch.fnmatchcase(n, glob) for n in name_list):
-            raise InputError(f"{where}: scope {glob!r} matches no tensor: check the glob against the tensor names")
+        if any(fnmatch.fnmatchcase(n, glob) for n in name_list):
+            continue
+        aliases = sorted(a for a in (tied or {}) if fnmatch.fnmatchcase(a, glob))
+        if aliases:
+            to = (tied or {})[aliases[0]]
+            raise InputError(
+                f"{where}: scope {glob!r} matches only {aliases[0]}, which is tied to {to} (one tensor, compared "
+                f"under that name): scope it to {to}"
+            )
+        raise InputError(f"{where}: scope {glob!r} matches no tensor: check the glob against the tensor names")
