@@ -15,6 +15,7 @@ nothing) and never half of a new one. A DIR that exists and holds anything else 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,7 +120,13 @@ def write_directory(report: FullReportResult, directory: str | Path) -> list[Pat
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
             os.rename(target, old / "report")
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):  # put the earlier report back where it was
+                    os.rename(old / "report", target)
+                    os.rmdir(old)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)

@@ -164,3 +164,31 @@ def test_only_the_writing_rank_writes_the_directory(
     monkeypatch.setattr(report_dir, "writes_files", lambda: False)  # as on rank 1 of a torchrun
     assert report_dir.write_directory(rep, tmp_path / "rep") == []
     assert not (tmp_path / "rep").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_replacement_puts_the_earlier_report_back(
+    trio: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new report cannot be moved into place (here: a failing rename): the earlier one is back where it was,
+    with nothing hidden left beside it."""
+    import errno
+
+    from ckptdiff import report_dir
+
+    base, a, _ = trio
+    out = tmp_path / "rep"
+    earlier = full_report(base, [a], k=4, analyses=["sparsity"], progress=False)
+    report_dir.write_directory(earlier, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real = report_dir.os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if Path(str(dst)) == out and ".tmp" in Path(str(src)).name:  # the new report's move into place
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(report_dir.os, "rename", rename)
+    res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q", "--k", "4", "--analyses", "sparsity"])
+    assert res.exit_code == 2 and "Input/output error" in res.output and "Traceback" not in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
