@@ -96,10 +96,13 @@ class Aligned:
         """Bytes of this tensor on every side together."""
         return sum(i.nbytes for i in self.infos if i is not None)
 
-    def project(self, sides: Sequence[int], labels: Sequence[str]) -> Aligned:
-        """The same name seen from a subset of the checkpoints (e.g. base and one fine-tune of several)."""
+    def project(self, sides: Sequence[int], labels: Sequence[str]) -> Aligned | None:
+        """The same name seen from a subset of the checkpoints (e.g. base and one fine-tune of several); None when
+        the name is tied on every one of those sides (no row there: its data is compared under the tensor it is)."""
         infos = tuple(self.infos[k] for k in sides)
         ties = tuple(self.ties[k] for k in sides) if self.ties else ()
+        if ties and all(i is None and t is not None for i, t in zip(infos, ties, strict=True)):
+            return None
         embedded = tuple(self.embedded[k] for k in sides) if self.embedded else ()
         status, detail = status_of(infos, labels, ties, embedded)
         return Aligned(self.name, infos, status, detail, ties, embedded)
@@ -162,6 +165,16 @@ def require_comparable(items: Sequence[Aligned], sources: Sequence[Source]) -> N
     raise InputError(f"nothing to compare between {specs}: no tensor has one shape on every side ({why}){hint}")
 
 
+def _alias_hint(glob: str, aliases: dict[str, str]) -> str:
+    """For a glob that selects only tied names: which tensor each is, to include instead ('' otherwise)."""
+    hit = sorted((a for a in aliases if fnmatchcase(a, glob)), key=natural_key)
+    if not hit:
+        return ""
+    to = sorted({aliases[a] for a in hit}, key=natural_key)
+    names = ", ".join(to)
+    return f"matches only {', '.join(hit)}, tied to {names} (one tensor, compared under that name): include {names}"
+
+
 def align(
     sources: Sequence[Source],
     include: Sequence[str] = (),
@@ -185,14 +198,22 @@ def align(
         embedded = tuple(has_input_embedding(s) for s in sources) if name == OUTPUT_EMBEDDING else ()
         status, detail = status_of(infos, labels, ties, embedded)
         out.append(Aligned(name, infos, status, detail, ties, embedded))
-    known = {*names, *(n for s in sources for n in s.tied)}  # a tied name is a name too, for the globs
+    aliases = {n: t.to for s in sources for n, t in s.tied.items()}
     for flag, globs in (("--include", include), ("--exclude", exclude)):
         for glob in globs if out else ():  # with nothing left, the error below says it all
-            if not any(fnmatchcase(n, glob) for n in known):
+            if any(fnmatchcase(n, glob) for n in names):
+                continue
+            hint = _alias_hint(glob, aliases) if flag == "--include" else ""
+            if hint:
+                log.warning(f"--include {glob!r} {hint}")
+            elif not any(fnmatchcase(n, glob) for n in aliases):  # excluding a tied name excludes nothing
                 log.warning(f"{flag} {glob!r} matches no tensor name; check the glob (it matches full names)")
     if not out and (include or exclude):
+        hints = [f"--include {g!r} {h}" for g in include if (h := _alias_hint(g, aliases))]
         raise InputError(
-            "the --include/--exclude filters match no tensor; check the globs (they match full names, "
+            "; ".join(hints)
+            if hints
+            else "the --include/--exclude filters match no tensor; check the globs (they match full names, "
             "e.g. 'model.layers.*.mlp.*')"
         )
     tied = describe(sources, labels)

@@ -205,6 +205,8 @@ def plan_reads(run: Run, analyses: Sequence[Analysis]) -> list[_Plan]:
         for a in analyses:
             labels = [run.labels[k] for k in a.sides]
             view = item if len(a.sides) == len(run.sources) else item.project(a.sides, labels)
+            if view is None:  # tied on every side this analysis compares: no row of its own there
+                continue
             views[a].append(view)
             form = a.form(view)
             if form is not None:

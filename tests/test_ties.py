@@ -223,3 +223,28 @@ def test_a_rule_scoped_to_a_tied_name_says_which_name_to_use(tmp_path: Path, how
     line = res.stderr.strip().splitlines()[-1]
     assert f"matches only {HEAD}, which is tied to {EMBED}" in line and f"scope it to {EMBED}" in line
     assert _check(base, ft, "--rule", f"changed@{EMBED} == 7").exit_code == 0
+
+
+def test_a_fine_tune_tied_like_the_base_has_no_row_beside_one_that_is_not(tmp_path: Path) -> None:
+    """Three checkpoints: base and ft1 tied (shared storage), ft2 with a head of its own. The base/ft1 sections
+    have no lm_head row (tied on both sides: compared as the embedding); base/ft2 has the tie change."""
+    sd = llama_like()
+    base = save_tied_bin(sd, tmp_path / "base" / "pytorch_model.bin")
+    ft1 = save_tied_bin(_changed(sd), tmp_path / "ft1" / "pytorch_model.bin")
+    ft2 = save_single({**_changed(sd), HEAD: sd[EMBED].clone()}, tmp_path / "ft2" / "model.safetensors")
+    rep = ckptdiff.full_report(base, [ft1, ft2], k=2, progress=False)
+    one, two = rep.runs
+    assert HEAD not in _rows(rep.sparsity[one]).index
+    assert _rows(rep.sparsity[two]).loc[HEAD, "status"] == Status.TIE_CHANGED.value
+    assert _rows(rep.sparsity[one]).loc[EMBED, "changed"] == 7
+
+
+def test_including_only_a_tied_name_says_which_tensor_to_include(tmp_path: Path) -> None:
+    sd = llama_like()
+    base = save_tied_bin(sd, tmp_path / "base" / "pytorch_model.bin")
+    ft = save_tied_bin(_changed(sd), tmp_path / "ft" / "pytorch_model.bin")
+    hint = f"--include '{HEAD}' matches only {HEAD}, tied to {EMBED} (one tensor, compared under that name): "
+    res = runner.invoke(app, ["sparsity", str(base), str(ft), "-q", "-f", "json", "-i", HEAD, "-i", UP0])
+    assert res.exit_code == 0 and f"ckptdiff: warning: {hint}include {EMBED}" in res.stderr
+    res = runner.invoke(app, ["sparsity", str(base), str(ft), "-q", "-i", HEAD])
+    assert res.exit_code == 2 and res.stderr.strip() == f"ckptdiff: error: {hint}include {EMBED}"
