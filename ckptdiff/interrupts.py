@@ -35,17 +35,22 @@ class Watcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Route wake-up bytes to this watcher's pipe and start its thread."""
-        read_end, write_end = os.pipe()
-        os.set_blocking(write_end, False)  # the C handler must never block
+        """Route wake-up bytes to this watcher's pipe and start its thread; without a pipe (no descriptors left,
+        not the main thread) there is no watcher, and signals are still handled as before."""
+        base = self._handled()
         try:
+            read_end, write_end = os.pipe()
+        except OSError:
+            return
+        try:
+            os.set_blocking(write_end, False)  # the C handler must never block
             self._previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread
+        except (OSError, ValueError):
             os.close(read_end)
             os.close(write_end)
             return
         self._pipe = (read_end, write_end)
-        self._thread = threading.Thread(target=self._watch, args=(read_end,), name="ckptdiff-signals", daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(read_end, base), name="ckptdiff-signals", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -60,8 +65,8 @@ class Watcher:
             self._thread.join(timeout=1.0)
         os.close(read_end)
 
-    def _watch(self, read_end: int) -> None:
-        received = 0
+    def _watch(self, read_end: int, received: int) -> None:
+        """``received`` starts at the handler's count when the watcher started (that count is per process)."""
         said = False
         while True:
             try:
@@ -71,14 +76,20 @@ class Watcher:
             if not data:
                 return
             received += sum(1 for b in data if b in self._signals)
+            before = self._handled()
             deadline = time.monotonic() + GRACE_S
             while self._handled() < received and time.monotonic() < deadline:
                 time.sleep(0.01)
-            if self._handled() < received and not said and self._speak:
+            taken = self._handled()
+            if taken < received and taken == before and not said and self._speak:
                 said = True
                 name = signal.Signals(data[-1]).name if data[-1] in self._signals else "signal"
                 how = "interrupted" if name == "SIGINT" else f"{name} received"
                 lead = "\n" if sys.stderr.isatty() else ""  # off the progress bar's line
-                what = "stopping after the matrix in progress (a decomposition cannot be cut short)"
+                what = "stopping when the step in progress returns (a matrix decomposition cannot be cut short)"
                 sys.stderr.write(f"{lead}ckptdiff: {how}: {what}\n")
                 sys.stderr.flush()
+            if taken != before and taken < received:
+                # The handler ran, so it has taken every signal read so far: signals of one kind that arrive
+                # together reach it once. Level the counts rather than let them drift apart.
+                received = taken

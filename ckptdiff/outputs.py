@@ -260,7 +260,7 @@ class OutputSet:
             if not out.finished:
                 raise RuntimeError(f"{out.flag} {out.path} was never written")
         done: list[Output] = []
-        with _signals_held():
+        with signals_held():
             try:
                 for out in pending:
                     assert out.tmp is not None  # finished outputs hold their temporary until renamed
@@ -270,7 +270,7 @@ class OutputSet:
                     done.append(out)
             finally:
                 if done:
-                    _note_commit()
+                    note_commit()
                 if len(done) < len(pending):
                     self.discard()
 
@@ -376,12 +376,13 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum, after_commit=bool(_state["committed"]))
 
 
-def _note_commit() -> None:
+def note_commit() -> None:
+    """The run's output is in place: an interrupt from now on says so (see :class:`Interrupted`)."""
     _state["committed"] = True
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Defer the handled signals to the end of the block (only where :func:`signals_as_interrupts` is active)."""
     if _state["held"] is not None:
         yield
@@ -410,12 +411,12 @@ def signals_as_interrupts(speak: bool = True) -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in _HANDLED}
     _state["committed"] = False
-    for s, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(s, _on_signal)
     watcher = Watcher(_HANDLED, lambda: _taken[0], speak=speak)
-    watcher.start()
+    watcher.start()  # first: a signal during its set-up finds the previous handlers, and nothing half-installed
     try:
+        for s, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, _on_signal)
         yield
     finally:
         watcher.stop()
