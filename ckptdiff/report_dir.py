@@ -15,7 +15,6 @@ nothing) and never half of a new one. A DIR that exists and holds anything else 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
-from ckptdiff.outputs import write_error, writes_files
+from ckptdiff.outputs import note_commit, signals_held, write_error, writes_files
 from ckptdiff.report import records, to_markdown
 
 if TYPE_CHECKING:
@@ -119,17 +118,24 @@ def write_directory(report: FullReportResult, directory: str | Path) -> list[Pat
         os.chmod(tmp, mode)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.rename(target, old / "report")
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):  # put the earlier report back where it was
-                    os.rename(old / "report", target)
-                    os.rmdir(old)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            with signals_held():  # the two renames go together: a signal waits until both are done
+                os.rename(target, old / "report")
+                try:
+                    os.rename(tmp, target)
+                except OSError as e:
+                    try:  # put the earlier report back where it was
+                        os.rename(old / "report", target)
+                        os.rmdir(old)
+                    except OSError:
+                        error = write_error("--out", target, e)
+                        raise InputError(f"{error}; the earlier report is kept in {old / 'report'}") from None
+                    raise
+                note_commit()
+                shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, target)
+            with signals_held():
+                os.rename(tmp, target)
+                note_commit()
     except OSError as e:  # a full disk or a vanished folder: one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error("--out", target, e) from None

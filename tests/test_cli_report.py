@@ -192,3 +192,31 @@ def test_a_failed_replacement_puts_the_earlier_report_back(
     assert res.exit_code == 2 and "Input/output error" in res.output and "Traceback" not in res.output
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_signal_during_the_replacement_waits_until_the_new_report_is_in_place(
+    trio: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM between moving the earlier report aside and moving the new one in: both moves finish first, then
+    the run stops saying the output was written; no hidden folder is left."""
+    import os
+    import signal
+
+    from ckptdiff import report_dir
+
+    base, a, _ = trio
+    out = tmp_path / "rep"
+    report_dir.write_directory(full_report(base, [a], k=4, analyses=["sparsity"], progress=False), out)
+    real = report_dir.os.rename
+
+    def rename(src: object, dst: object) -> None:
+        real(src, dst)  # type: ignore[arg-type]
+        if Path(str(src)) == out:  # the earlier report just moved aside
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(report_dir.os, "rename", rename)
+    args = ["report", base, a, "-o", str(out), "-q", "--k", "4", "--analyses", "sparsity,spectral"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 143 and "after the output files were written" in res.output, res.output
+    assert json.loads((out / "report.json").read_text())["analyses"] == ["sparsity", "spectral"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
