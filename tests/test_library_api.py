@@ -111,15 +111,22 @@ def test_an_all_zero_base_matrix_has_no_principal_verdict(tmp_path: Path) -> Non
     assert not any("targets the principal" in s or "avoids the principal" in s for s in r.report().summary)
 
 
-def test_rollups_are_computed_once_and_handed_out_as_copies(pair: tuple[str, str]) -> None:
+def test_rollups_are_computed_once_and_handed_out_as_copies(
+    pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One report run asks for the same rollup several times: it is made once, and what a caller does to the
     copy it got never reaches the next caller."""
     result = ckptdiff.principal_overlap(*pair, k=2, progress=False)
+    made: list[str] = []
+    analysed = type(result).analysed
+    monkeypatch.setattr(type(result), "analysed", lambda self: (made.append("rows"), analysed(self))[1])
     first = result.by("module")
     expected = first.copy()
     first.iloc[:, :] = -1
-    assert result.by("module").equals(expected)
-    assert result.by("module") is not result.by("module")
+    assert result.by("module").equals(expected) and result.by(key="module").equals(expected)
+    assert len(made) == 1  # made once, for positional and keyword calls alike
+    result.by("layer")
+    assert len(made) == 2  # another key is another rollup
     full = ckptdiff.full_report(pair[0], [pair[1]], k=2, progress=False)
     (_, a), *_ = full.sections()
     (_, b), *_ = full.sections()

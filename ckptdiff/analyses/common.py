@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import inspect
 import platform
 import re
 from collections.abc import Callable, Sequence
@@ -25,16 +26,20 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def once_per_key(method: _F) -> _F:
     """Make a result's rollup method compute once per argument, returning a copy each call.
 
-    Whole-run results are immutable once made, and one ``report`` run asks for the same rollup several times
-    (terminal, HTML, Markdown, JSON, figures); on an 80-layer model each costs a noticeable fraction of a second.
+    Whole-run results are read-only once made (a caller that edits ``rows`` afterwards gets stale rollups), and
+    one ``report`` run asks for the same rollup several times (terminal, HTML, Markdown, JSON, figures); on an
+    80-layer model each costs a noticeable fraction of a second.
     """
+    signature = inspect.signature(method)
 
     @functools.wraps(method)
-    def wrapper(self: Any, *args: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        key = (method.__name__, tuple(bound.arguments.items())[1:])
         cache = self.__dict__.setdefault("_once", {})
-        key = (method.__name__, args)
         if key not in cache:
-            cache[key] = method(self, *args)
+            cache[key] = method(self, *args, **kwargs)
         return cache[key].copy()
 
     return wrapper  # type: ignore[return-value]
