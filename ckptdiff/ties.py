@@ -10,7 +10,9 @@ the alias left out of ``infos`` so that every total counts the data once:
   Views that overlap only in part (a fused matrix saved with its slices) are different tensors and stay;
 - ``config.json``: ``save_pretrained`` drops ``lm_head.weight``; :func:`declare` (part of ``views.logical``) ties it
   to the one 2-D input embedding when the checkpoint's ``config.json`` says ``"tie_word_embeddings": true``, or its
-  ``text_config`` does (multimodal configs). Only an explicit value counts: a config without the key says nothing.
+  ``text_config`` does (multimodal configs); a config without the key ties only for the model types whose
+  configuration class ties by default (:data:`TIED_BY_DEFAULT`: GPT-2, Gemma), since ``save_pretrained`` leaves a
+  default value out.
 
 Alignment (:mod:`ckptdiff.alignment`) gives a name tied wherever it is absent no row of its own (its data is
 compared once, under the name kept), and the structural status ``tie_changed`` to a name that is its own tensor on
@@ -38,16 +40,25 @@ HINT = (
 )
 
 
-def says_tied(config: ModelConfig) -> bool:
-    """Whether a config sets ``tie_word_embeddings`` true: at its top level, else in its ``text_config``."""
+# Model types whose configuration class defaults to tied embeddings, so that ``save_pretrained`` leaves the key
+# out of config.json (it writes only values that differ from the class default) while the model is tied.
+TIED_BY_DEFAULT = frozenset({"gpt2", "gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def tie_reason(config: ModelConfig) -> str:
+    """Why the config ties the embeddings ('' when it does not): ``tie_word_embeddings`` true at its top level,
+    else in its ``text_config``; with neither key, a model type in :data:`TIED_BY_DEFAULT`."""
     for scope, where in ((config.data, KEY), (config.data.get("text_config"), f"text_config.{KEY}")):
         value = scope.get(KEY) if isinstance(scope, dict) else None
         if value is None:
             continue
         if not isinstance(value, bool):
             raise InputError(f"{config.where}: {where} must be true or false, got {value!r}; fix the config")
-        return value
-    return False
+        return CONFIG if value else ""
+    kind = config.data.get("model_type")
+    if isinstance(kind, str) and kind in TIED_BY_DEFAULT:
+        return f"{model_config.NAME} model_type {kind}, tied by default"
+    return ""
 
 
 def declare(src: Source) -> Source:
@@ -63,7 +74,8 @@ def declare(src: Source) -> Source:
     if not embeds:
         return src
     config = model_config.load(src, _PURPOSE)
-    if config is None or not says_tied(config):
+    why = tie_reason(config) if config is not None else ""
+    if config is None or not why:
         return src
     matrices = [n for n in embeds if len(src.infos[n].shape) == 2]
     if len(matrices) != 1:
@@ -72,7 +84,7 @@ def declare(src: Source) -> Source:
             f"({', '.join(matrices) or 'none'}), not one: {OUTPUT_EMBEDDING} is tied to none of them"
         )
         return src
-    src.tied[OUTPUT_EMBEDDING] = Tie(matrices[0], CONFIG)
+    src.tied[OUTPUT_EMBEDDING] = Tie(matrices[0], why)
     return src
 
 

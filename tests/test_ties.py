@@ -97,16 +97,24 @@ def test_aliases_keep_the_input_embedding_and_leave_partial_views(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "config", [{"tie_word_embeddings": True}, {"text_config": {"tie_word_embeddings": True}}], ids=["top", "text"]
+    ("config", "why"),
+    [
+        ({"tie_word_embeddings": True}, DECLARED),
+        ({"text_config": {"tie_word_embeddings": True}}, DECLARED),
+        # save_pretrained leaves out a value equal to the class default, and GPT-2's and Gemma's default is to tie
+        ({"model_type": "gpt2"}, f"{HEAD} -> {EMBED} (config.json model_type gpt2, tied by default)"),
+        ({"model_type": "gemma2"}, f"{HEAD} -> {EMBED} (config.json model_type gemma2, tied by default)"),
+    ],
+    ids=["top", "text", "gpt2 default", "gemma2 default"],
 )
-def test_a_tied_save_compares_like_its_shared_storage(tmp_path: Path, config: dict[str, Any]) -> None:
+def test_a_tied_save_compares_like_its_shared_storage(tmp_path: Path, config: dict[str, Any], why: str) -> None:
     sd = llama_like()
     ft_sd = _changed(sd)
     base = save_tied_bin(sd, tmp_path / "base" / "pytorch_model.bin")
     ft = save_tied_hf(ft_sd, tmp_path / "ft", config)
     res = _check(base, ft, "--same-keys", "--same-param-count", "--rule", f"changed@{EMBED} == 7")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["header"]["tied"] == f"base: {SHARED}; ft: {DECLARED}"
+    assert json.loads(res.stdout)["header"]["tied"] == f"base: {SHARED}; ft: {why}"
     r = ckptdiff.sparsity(base, ft, progress=False)
     # the embeddings compared directly, with no lm_head on either side, give the same numbers
     plain = {k: v for k, v in sd.items() if k != HEAD}
