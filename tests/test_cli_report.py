@@ -220,3 +220,12 @@ def test_a_signal_during_the_replacement_waits_until_the_new_report_is_in_place(
     assert res.exit_code == 143 and "after the output files were written" in res.output, res.output
     assert json.loads((out / "report.json").read_text())["analyses"] == ["sparsity", "spectral"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_analyses_may_be_repeated_or_comma_separated(trio: tuple[str, str, str], tmp_path: Path) -> None:
+    base, a, _ = trio
+    for n, given in enumerate((["-a", "sparsity", "-a", "spectral"], ["-a", "sparsity,spectral"])):
+        out = tmp_path / f"rep{n}"
+        res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q", "--k", "4", *given])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "report.json").read_text())["analyses"] == ["sparsity", "spectral"]

@@ -35,11 +35,12 @@ OutOpt = Annotated[
     ),
 ]
 AnalysesOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--analyses",
         "-a",
-        help="Comma-separated subset of sparsity, principal, spectral, consistency (default: all that apply).",
+        help="Subset of sparsity, principal, spectral, consistency, comma-separated or repeated (default: all that "
+        "apply).",
     ),
 ]
 PrincipalPrecisionOpt = Annotated[
@@ -85,7 +86,7 @@ def report(
 
     mode = compare_mode(rtol, atol, as_)
     check_directory(out)
-    chosen = [a.strip() for a in analyses.split(",") if a.strip()] if analyses is not None else None
+    chosen = [a.strip() for given in analyses for a in given.split(",") if a.strip()] if analyses else None
     result = full_report(
         base,
         fts,
