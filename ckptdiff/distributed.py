@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -94,16 +95,19 @@ def device_spec(spec: str) -> str:
     return f"cuda:{w.local_rank % torch.cuda.device_count()}"
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
     """Leave the process group at the end of a command, after every rank got there (bounded wait).
 
     The wait keeps a rank that is done (or failed and agreed on it) alive until rank 0 has printed and written:
     torchrun stops every rank as soon as one exits with an error, which could cut rank 0 off mid-message.
+    ``wait=False`` (a rank stopped by a signal) leaves at once: the other ranks may be anywhere, and waiting for
+    them in a barrier they never reach would hold the user's Ctrl-C until torchrun kills everything.
     """
     global _group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        with contextlib.suppress(RuntimeError):  # a rank died: torchrun reports it; leave anyway
-            torch.distributed.monitored_barrier(group=_group, timeout=_dt.timedelta(seconds=60))
+        if wait:
+            with contextlib.suppress(RuntimeError):  # a rank died: torchrun reports it; leave anyway
+                torch.distributed.monitored_barrier(group=_group, timeout=_dt.timedelta(seconds=60))
         torch.distributed.destroy_process_group()
     _group = None
 
@@ -160,7 +164,14 @@ def agree(step: Callable[[], T], what: str = "") -> T:
         failure, error = _Failure("input", str(e), e.exit_code), e
     except Exception as e:  # a bug on one rank must still stop the others
         failure, error = _Failure(type(e).__name__, f"{type(e).__name__}: {e}", 3), e
-    outcomes = all_gather(failure)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the others must not wait in a collective for this one
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        failure, error = _Failure("interrupt", how, 128 + signum), e
+    from ckptdiff.outputs import signals_held
+
+    with signals_held():  # a signal now waits until every rank has its part of the exchange: none is left waiting
+        outcomes = all_gather(failure)
     first = next(((r, f) for r, f in enumerate(outcomes) if f is not None), None)
     if first is None:
         return result  # type: ignore[return-value]
@@ -170,6 +181,8 @@ def agree(step: Callable[[], T], what: str = "") -> T:
     where = f" (on rank {rank}{', ' + what if what else ''})"
     if f.kind == "input":
         raise RankError(f.message, f.exit_code)
+    if f.kind == "interrupt":
+        raise RankError(f"{f.message} on rank {rank}; no output file was written", f.exit_code)
     raise RankError(f"internal error on rank {rank} ({f.message}){where}; rerun with CKPTDIFF_DEBUG=1", 3)
 
 

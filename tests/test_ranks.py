@@ -113,6 +113,43 @@ def test_a_failing_rank_stops_the_others_without_a_hang(pair: tuple[str, str], t
     assert not out.exists()
 
 
+def test_a_signal_on_one_rank_stops_every_rank_at_once(pair: tuple[str, str], tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 while it measures: rank 0, waiting for it in the step's exchange, learns of it there
+    and stops too, instead of waiting until torchrun kills it (30 s after rank 1 gave up, and only once rank 1 has
+    left its closing barrier)."""
+    script = tmp_path / "term_on_rank1.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            import signal
+            import sys
+
+            from ckptdiff.analyses.spectral import SpectralAnalysis
+
+            real = SpectralAnalysis.on_batch
+
+            def on_batch(self, items, stacks):
+                if os.environ["RANK"] == "1":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return real(self, items, stacks)
+
+            SpectralAnalysis.on_batch = on_batch
+            from ckptdiff.cli import main
+
+            sys.argv[0] = "ckptdiff"
+            main()
+            """
+        )
+    )
+    out = tmp_path / "s.csv"
+    ranks = _torchrun("spectral", *pair, "--k", "4", "--csv", str(out), "-q", script=script, timeout=60)
+    assert ranks.returncode != 0
+    assert _errors(ranks.stderr) == ["ckptdiff: error: stopped by SIGTERM on rank 1; no output file was written"]
+    assert "forcefully" not in ranks.stderr and "exitcode: 143" in ranks.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("costs", "ranks", "owners"),
     [

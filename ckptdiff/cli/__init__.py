@@ -179,10 +179,14 @@ def _run_as_rank() -> None:
     if _RANK != 0:
         devnull = open(os.devnull, "w")  # noqa: SIM115 - kept open for the life of the process
         sys.stdout = devnull
+    signalled = False
     try:
         app(prog_name="ckptdiff")
+    except SystemExit as e:
+        signalled = e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
+        raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=not signalled)
 
 
 if __name__ == "__main__":  # pragma: no cover
