@@ -64,12 +64,14 @@ def header(
     Keys are snake_case (:func:`header_key`): a fine-tune labelled ``rl-seed1`` is ``ft_rl_seed1``.
     """
     out: dict[str, str] = {"analysis": analysis, "ckptdiff": __version__}
+    keys: list[str] = []
     for role, src in zip(roles, sources, strict=True):
         key = header_key(role)
         while key in out:  # labels that differ only in punctuation or case
             key += "_"
         out[key] = src.resolved
-    tied = ties.describe(sources, roles)
+        keys.append(key)
+    tied = ties.describe(sources, keys)  # each checkpoint named by its header key, as in the lines above
     if tied:
         out["tied"] = tied
     if mode is not None:
