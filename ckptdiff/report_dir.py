@@ -119,7 +119,11 @@ def write_directory(report: FullReportResult, directory: str | Path) -> list[Pat
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
             with signals_held():  # the two renames go together: a signal waits until both are done
-                os.rename(target, old / "report")
+                try:
+                    os.rename(target, old / "report")
+                except OSError:
+                    os.rmdir(old)  # still empty: nothing hidden is left beside the report
+                    raise
                 try:
                     os.rename(tmp, target)
                 except OSError as e:
