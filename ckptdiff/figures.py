@@ -147,6 +147,20 @@ def _svg(fig: MplFigure, name: str) -> str:
     return '<?xml version="1.0" encoding="utf-8" standalone="no"?>\n' + text.strip() + "\n"
 
 
+def _label_bar(ax: Axes, rect: Any, text: str) -> None:
+    """``text`` just above the top of one bar, small and grey."""
+    ax.annotate(
+        text,
+        (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+        xytext=(0, 2),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        color="#333333",
+    )
+
+
 def _floats(values: Any) -> list[float]:
     """Any sequence of numbers (pandas NA included) as floats, NA as NaN."""
     out = []
@@ -285,16 +299,7 @@ def _ulp_hist(result: SparsityResult, run: str) -> _Drawn | None:
     colors = [COLORS["observed"]] * len(_ULP_NAMES) + [COLORS["magnitude"]] * (len(labels) - len(_ULP_NAMES))
     bars = ax.bar(range(len(labels)), shares, color=colors, width=0.7)
     for rect, c in zip(bars, counts.values(), strict=True):
-        ax.annotate(
-            _compact(c),
-            (rect.get_x() + rect.get_width() / 2, rect.get_height()),
-            xytext=(0, 2),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=7,
-            color="#333333",
-        )
+        _label_bar(ax, rect, _compact(c))
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("distance moved, in ULPs of the compared dtype", fontsize=9)
     ax.set_ylabel("% of changed entries", fontsize=9)
@@ -542,16 +547,7 @@ def _consensus(result: ConsistencyResult) -> _Drawn | None:
             for rect in bars:
                 h = rect.get_height()
                 if math.isfinite(h):
-                    ax.annotate(
-                        f"{h:.1%}",
-                        (rect.get_x() + rect.get_width() / 2, h),
-                        xytext=(0, 2),
-                        textcoords="offset points",
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                        color="#333333",
-                    )
+                    _label_bar(ax, rect, f"{h:.1%}")
         ax.set_ylim(0, max(positive) * 1.15 if positive else 1)
     ax.set_xticks(range(n), [str(k) for k in ks])
     ax.set_xlabel(f"number of runs (of {result.n_runs}) that changed the entry", fontsize=9)
