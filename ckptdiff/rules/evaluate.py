@@ -123,6 +123,22 @@ def _offender_order(values: pd.Series, op: Op, threshold: float) -> pd.Series:
     return distance if op == "==" else -distance
 
 
+def _undefined(rule: Rule, n_tensors: int, offenders: tuple[Offender, ...], n_offenders: int, note: str) -> RuleResult:
+    """A metric rule whose value is undefined in its scope: it fails, and the note says why (never a pass)."""
+    return RuleResult(
+        rule=str(rule),
+        kind="metric",
+        op=rule.op,
+        threshold=rule.value,
+        value=math.nan,
+        passed=False,
+        n_tensors=n_tensors,
+        offenders=offenders,
+        n_offenders=n_offenders,
+        note=note,
+    )
+
+
 def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders: int) -> RuleResult:
     spec = METRICS.get(rule.metric)
     if spec is None:
@@ -140,19 +156,11 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
     if not broken.empty and spec.analysis != "sparsity":
         # NaN/inf weights leave the metric undefined for those matrices: never a pass by omission.
         listed = tuple(Offender(str(t), None, "non-finite values") for t in broken["tensor"].head(max_offenders))
-        return RuleResult(
-            rule=str(rule),
-            kind="metric",
-            op=rule.op,
-            threshold=rule.value,
-            value=math.nan,
-            passed=False,
-            n_tensors=len(in_scope),
-            offenders=listed,
-            n_offenders=len(broken),
-            note=f"{_matrices(len(broken))} in scope {'holds' if len(broken) == 1 else 'hold'} NaN or inf values, "
-            f"so {rule.metric} is undefined for {'it' if len(broken) == 1 else 'them'}",
+        note = (
+            f"{_matrices(len(broken))} in scope {'holds' if len(broken) == 1 else 'hold'} NaN or inf values, "
+            f"so {rule.metric} is undefined for {'it' if len(broken) == 1 else 'them'}"
         )
+        return _undefined(rule, len(in_scope), listed, len(broken), note)
     measured = spec.measured(in_scope)
     if measured.empty:
         tensors = "tensor" if len(in_scope) == 1 else "tensors"
@@ -164,18 +172,8 @@ def _evaluate_metric(rule: Rule, frames: dict[str, pd.DataFrame], max_offenders:
     if usable.empty:
         # Every value in scope is a number that is not a measurement: say so, and never pass on it.
         listed = tuple(Offender(str(t), None, _flag(r)) for t, r in zip(left["tensor"], _flags(left), strict=True))
-        return RuleResult(
-            rule=str(rule),
-            kind="metric",
-            op=rule.op,
-            threshold=rule.value,
-            value=math.nan,
-            passed=False,
-            n_tensors=len(measured),
-            offenders=listed[:max_offenders],
-            n_offenders=len(left),
-            note=f"{rule.metric} is not measured for any of the {_matrices(len(left))} in scope: {spec.undefined_why}",
-        )
+        note = f"{rule.metric} is not measured for any of the {_matrices(len(left))} in scope: {spec.undefined_why}"
+        return _undefined(rule, len(measured), listed[:max_offenders], len(left), note)
     value = float(spec.aggregate(usable))
     passed = not math.isnan(value) and _COMPARE[rule.op](value, rule.value)
     offenders: tuple[Offender, ...] = ()
