@@ -55,6 +55,35 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(save_single(base, tmp / "base.safetensors")), str(save_single(ft, tmp / "ft.safetensors"))
 
 
+def _on_rank1(path: Path, action: str) -> Path:
+    """A script that runs ckptdiff's CLI with ``action`` planted in rank 1's spectral batches."""
+    path.write_text(
+        textwrap.dedent(
+            """
+            import os
+            import signal
+            import sys
+
+            from ckptdiff.analyses.spectral import SpectralAnalysis
+
+            real = SpectralAnalysis.on_batch
+
+            def on_batch(self, items, stacks):
+                if os.environ["RANK"] == "1":
+                    ACTION
+                return real(self, items, stacks)
+
+            SpectralAnalysis.on_batch = on_batch
+            from ckptdiff.cli import main
+
+            sys.argv[0] = "ckptdiff"
+            main()
+            """
+        ).replace("ACTION", action)
+    )
+    return path
+
+
 def test_two_ranks_give_one_process_results_printed_once(pair: tuple[str, str], tmp_path: Path) -> None:
     # report covers every kind of unit: 1-D tensors read in chunks (sparsity only), matrices in SVD batches.
     args = ["--k", "4", "--null", "random", "-q"]
@@ -81,30 +110,7 @@ def test_bad_input_is_reported_once_and_stops_every_rank(pair: tuple[str, str], 
 
 
 def test_a_failing_rank_stops_the_others_without_a_hang(pair: tuple[str, str], tmp_path: Path) -> None:
-    script = tmp_path / "fail_on_rank1.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os
-            import sys
-
-            from ckptdiff.analyses.spectral import SpectralAnalysis
-
-            real = SpectralAnalysis.on_batch
-
-            def on_batch(self, items, stacks):
-                if os.environ["RANK"] == "1":
-                    raise RuntimeError("planted failure")
-                return real(self, items, stacks)
-
-            SpectralAnalysis.on_batch = on_batch
-            from ckptdiff.cli import main
-
-            sys.argv[0] = "ckptdiff"
-            main()
-            """
-        )
-    )
+    script = _on_rank1(tmp_path / "fail_on_rank1.py", 'raise RuntimeError("planted failure")')
     out = tmp_path / "s.csv"
     ranks = _torchrun("spectral", *pair, "--k", "4", "--csv", str(out), "-q", script=script, timeout=90)
     assert ranks.returncode != 0
@@ -117,31 +123,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_once(pair: tuple[str, str], tm
     """SIGTERM reaches rank 1 while it measures: rank 0, waiting for it in the step's exchange, learns of it there
     and stops too, instead of waiting until torchrun kills it (30 s after rank 1 gave up, and only once rank 1 has
     left its closing barrier)."""
-    script = tmp_path / "term_on_rank1.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os
-            import signal
-            import sys
-
-            from ckptdiff.analyses.spectral import SpectralAnalysis
-
-            real = SpectralAnalysis.on_batch
-
-            def on_batch(self, items, stacks):
-                if os.environ["RANK"] == "1":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return real(self, items, stacks)
-
-            SpectralAnalysis.on_batch = on_batch
-            from ckptdiff.cli import main
-
-            sys.argv[0] = "ckptdiff"
-            main()
-            """
-        )
-    )
+    script = _on_rank1(tmp_path / "term_on_rank1.py", "os.kill(os.getpid(), signal.SIGTERM)")
     out = tmp_path / "s.csv"
     ranks = _torchrun("spectral", *pair, "--k", "4", "--csv", str(out), "-q", script=script, timeout=60)
     assert ranks.returncode != 0
