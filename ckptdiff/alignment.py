@@ -20,6 +20,7 @@ from ckptdiff.log import log
 from ckptdiff.naming import OUTPUT_EMBEDDING, natural_key, selected
 from ckptdiff.sources import Source, TensorInfo, Tie
 from ckptdiff.ties import HINT, describe, has_input_embedding
+from ckptdiff.ties import aliases as tied_names
 
 
 class Status(str, Enum):
@@ -198,7 +199,7 @@ def align(
         embedded = tuple(has_input_embedding(s) for s in sources) if name == OUTPUT_EMBEDDING else ()
         status, detail = status_of(infos, labels, ties, embedded)
         out.append(Aligned(name, infos, status, detail, ties, embedded))
-    aliases = {n: t.to for s in sources for n, t in s.tied.items()}
+    aliases = tied_names(sources)
     for flag, globs in (("--include", include), ("--exclude", exclude)):
         for glob in globs if out else ():  # with nothing left, the error below says it all
             if any(fnmatchcase(n, glob) for n in names):
