@@ -9,16 +9,19 @@ PyTorch pickles (``.bin``/``.pt``) have no header: they are refused.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
-from ckptdiff.model_config import NAME as CONFIG
 from ckptdiff.safetensors_header import I64_MAX
 from ckptdiff.sources import HUB_ID, Source, TensorInfo, resolve, stat_input
+
+if TYPE_CHECKING:
+    from ckptdiff.hub_stream import Remote
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _PICKLES_ONLY = "header-only mode needs safetensors ({what} holds PyTorch pickles, which have no header); "
@@ -41,21 +44,17 @@ class HeaderSource(Source):
 class HubHeaderSource(HeaderSource):
     """A Hub repo's headers; its ``config.json`` is fetched if a view asks for it."""
 
-    def __init__(self, spec: str, resolved: str, infos: dict[str, TensorInfo]):
-        super().__init__(spec, resolved, infos)
-        self._config: tuple[str, bytes] | None = None
-        self._config_read = False
-
     def remote_config(self) -> tuple[str, bytes] | None:
         """The repo's ``config.json`` at the revision asked for, fetched once by byte range (nothing written to
         disk); None when the repo has none."""
+        return self._remote.config()
+
+    @functools.cached_property
+    def _remote(self) -> Remote:
         from ckptdiff import hub
         from ckptdiff.hub_stream import Remote
 
-        if not self._config_read:
-            self._config = Remote.open(*hub.split_id(self.spec)).small_file(CONFIG, "a model config")
-            self._config_read = True
-        return self._config
+        return Remote.open(*hub.split_id(self.spec))
 
 
 def open_headers(spec: str) -> HeaderSource:

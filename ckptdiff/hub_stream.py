@@ -86,6 +86,8 @@ class Remote:
         self.requests = 0
         self._lock = threading.Lock()
         self._transport = hub._transport_errors()
+        self._config_lock = threading.Lock()
+        self._config: tuple[tuple[str, bytes] | None] | None = None  # (config,) once fetched
 
     @classmethod
     def open(cls, repo: str, revision: str | None) -> Remote:
@@ -104,6 +106,14 @@ class Remote:
         raw = bytearray(size)
         self.get_range(filename, 0, memoryview(raw), what)
         return self.where(filename), bytes(raw)
+
+    def config(self) -> tuple[str, bytes] | None:
+        """The repo's ``config.json`` and where it is, fetched whole the first time it is asked for (None when the
+        repo has none): what a view needs from it (:mod:`ckptdiff.model_config`)."""
+        with self._config_lock:
+            if self._config is None:
+                self._config = (self.small_file(CONFIG, "a model config"),)
+            return self._config[0]
 
     def url(self, filename: str) -> str:
         """The file's address at the pinned commit (``{endpoint}/{repo}/resolve/{commit}/{file}``)."""
@@ -268,8 +278,6 @@ class HubStreamSource(Source):
         self._spans: dict[str, tuple[str, int]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._config: tuple[str, bytes] | None = None
-        self._config_read = False
 
     @classmethod
     def open(cls, spec: str) -> HubStreamSource:
@@ -359,13 +367,7 @@ class HubStreamSource(Source):
 
     def remote_config(self) -> tuple[str, bytes] | None:
         """The repo's ``config.json``, fetched whole the first time a view asks for it (None when it has none)."""
-        with self._pool_lock:
-            if self._config_read:
-                return self._config
-        found = self.remote.small_file(CONFIG, "a model config")
-        with self._pool_lock:
-            self._config, self._config_read = found, True
-        return found
+        return self.remote.config()
 
     @property
     def fetched_bytes(self) -> int:
