@@ -1,4 +1,4 @@
-"""Shard names from a checkpoint index (``*.index.json``), kept inside the checkpoint's folder.
+"""Which files inside a checkpoint folder ckptdiff may open: shard names from an index, and links in the folder.
 
 An index is text from wherever the checkpoint came from; its ``weight_map`` names the shard files. A name
 like ``../outside/secret.safetensors`` or ``/etc/...`` would make ckptdiff open a file the user never pointed
@@ -6,12 +6,13 @@ it at, so every name goes through :func:`shard_path`, the one place that turns a
 (full reads through :mod:`ckptdiff.sources`, ``check --header-only`` through the same resolver, and the output
 checks of :mod:`ckptdiff.outputs`).
 
-The rule is lexical, on purpose. A shard name must be a relative path that, normalised (``a/../b`` -> ``b``),
-stays below the index's folder; the path opened is that normalised one, so no ``..`` is left for a symlinked
-folder to turn around. Symlinks that the folder itself holds are then followed wherever they point: a Hugging
-Face cache snapshot is a folder of links into ``../../blobs/``, and a user's folder of links to shards on
-another disk is their own layout. Those links were made by whoever made the folder, not by the index, and
-ckptdiff follows a linked ``model.safetensors`` in a folder without an index in just the same way.
+The name rule is lexical: a shard name must be a relative path that, normalised (``a/../b`` -> ``b``), stays
+below the index's folder. Then every file the folder leads to, a shard or a ``model.safetensors`` found by its
+name, goes through :func:`contained`: followed through its symlinks, it must land inside the checkpoint folder,
+or, for a Hugging Face cache snapshot (``models--org--name/snapshots/REV``, a folder of links into
+``../../blobs/``), inside that same cache repo folder. A link anywhere else is refused with where it points:
+a checkpoint downloaded from someone else may carry links, and following them would read files the user never
+named. (A file the user names directly is theirs to name, link or not.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,30 @@ def shard_path(index: Path, name: str) -> Path:
             "shard names must be relative paths within that folder: the index is corrupt or was tampered with, "
             "re-download it from a source you trust"
         )
-    return index.parent / rel
+    return contained(index.parent, index.parent / rel)
+
+
+_CACHE_REPO_KINDS = ("models--", "datasets--", "spaces--")
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where files of ``folder`` may lead: the folder itself, and a Hub cache repo around its snapshot."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(_CACHE_REPO_KINDS):
+        roots.append(real.parent.parent)
+    return roots
+
+
+def contained(folder: Path, path: Path) -> Path:
+    """``path`` (a file inside checkpoint ``folder``) if its links lead inside the folder or its Hub cache repo."""
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(root) for root in _roots(folder)):
+        return path
+    raise InputError(
+        f"{path} is a symbolic link to {real}, outside the checkpoint folder {folder}; ckptdiff follows links only "
+        "within the checkpoint folder (or its Hugging Face cache repo): copy the file in, or pass the folder it is in"
+    )
 
 
 def read_index(index: Path) -> tuple[list[Path], dict[str, str]]:

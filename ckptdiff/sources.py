@@ -27,6 +27,7 @@ from ckptdiff import safetensors_header as st_header
 from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
 from ckptdiff.naming import is_input_embedding, natural_key
+from ckptdiff.shards import contained, read_index
 
 MAX_HEADER_BYTES = st_header.MAX_HEADER_BYTES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -91,6 +92,15 @@ class Source(ABC):
     def read_full(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` in its stored shape."""
         return self.read(name).reshape(self.infos[name].shape)
+
+    def _check_index(self, expected: dict[str, str] | None) -> None:
+        """Every tensor an index's weight map names is held by the shards (as itself or as a tie)."""
+        for name, shard in (expected or {}).items():
+            if name not in self.infos and name not in self.tied:
+                raise InputError(
+                    f"index for {self.spec} says tensor {name!r} is in {shard}, but that shard does not hold it; "
+                    "the checkpoint is incomplete: re-download it"
+                )
 
     def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release file handles."""
@@ -219,13 +229,7 @@ class SafetensorsSource(Source):
                     )
                 self.infos[name] = info
                 self._spans[name] = _Span(str(path), offsets[name])
-        if expected is not None:
-            for name, shard in expected.items():
-                if name not in self.infos:
-                    raise InputError(
-                        f"index for {spec} says tensor {name!r} is in {shard}, but that shard does not hold it; "
-                        "the checkpoint is incomplete: re-download it"
-                    )
+        self._check_index(expected)
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -262,7 +266,7 @@ class TorchFileSource(Source):
     while it is read fails with a message instead of SIGBUS.
     """
 
-    def __init__(self, spec: str, files: list[Path], resolved: str):
+    def __init__(self, spec: str, files: list[Path], resolved: str, expected: dict[str, str] | None = None):
         super().__init__(spec, resolved)
         self._stored: dict[str, torch_archive.StoredTensor] = {}
         self._paths: dict[str, str] = {}
@@ -285,6 +289,7 @@ class TorchFileSource(Source):
             for alias, kept in _aliases(stored).items():
                 del self.infos[alias]
                 self.tied[alias] = Tie(kept, SHARED_STORAGE)
+        self._check_index(expected)
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -362,36 +367,26 @@ def _load_torch_file(path: Path) -> tuple[dict[str, torch_archive.StoredTensor],
 # resolution
 
 
-def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
-    """Shards named by a ``*.index.json`` and its weight map; every shard must exist inside the index's folder.
-
-    One function for every reader (full reads, ``check --header-only``, the output checks): see
-    :mod:`ckptdiff.shards` for the containment rule and why it is lexical.
-    """
-    from ckptdiff.shards import read_index
-
-    return read_index(index)
-
-
 def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     """Pick the checkpoint inside a directory, preferring safetensors."""
     prefix = resolved_prefix or str(d)
     idx = d / "model.safetensors.index.json"
     if idx.is_file():
-        shards, wmap = _index_files(idx)
+        shards, wmap = read_index(contained(d, idx))
         return SafetensorsSource(spec, shards, f"{prefix} ({len(shards)} safetensors shards)", wmap)
     single = d / "model.safetensors"
     if single.is_file():
-        return SafetensorsSource(spec, [single], f"{prefix}/model.safetensors")
-    found = sorted(d.glob("*.safetensors"))
+        return SafetensorsSource(spec, [contained(d, single)], f"{prefix}/model.safetensors")
+    found = [contained(d, p) for p in sorted(d.glob("*.safetensors"))]
     if found:
         return SafetensorsSource(spec, found, f"{prefix} ({len(found)} safetensors files)")
     bidx = d / "pytorch_model.bin.index.json"
     if bidx.is_file():
-        shards, _ = _index_files(bidx)
-        return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)")
+        shards, wmap = read_index(contained(d, bidx))
+        return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)", wmap)
     pickles = sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])
     if len(pickles) == 1:
+        contained(d, pickles[0])
         return TorchFileSource(spec, pickles, str(pickles[0]))
     if pickles:
         raise InputError(
@@ -444,10 +439,10 @@ def resolve(spec: str, *, progress: bool = True, stream: bool | None = None) -> 
         if suffix == ".safetensors":
             return SafetensorsSource(spec, [path], str(path.resolve()))
         if path.name.endswith(".index.json"):
-            shards, wmap = _index_files(path)
+            shards, wmap = read_index(path)
             if path.name.endswith(".safetensors.index.json"):
                 return SafetensorsSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
-            return TorchFileSource(spec, shards, f"{path} ({len(shards)} shards)")
+            return TorchFileSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
         if suffix in (".bin", ".pt", ".pth"):
             return TorchFileSource(spec, [path], str(path.resolve()))
         raise InputError(

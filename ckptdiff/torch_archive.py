@@ -213,7 +213,18 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict of named tensors")
-    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    out: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        name = str(k)
+        if name in out:  # 1 and "1": two tensors, one name once the keys are text
+            raise InputError(
+                f"{path} holds two tensors whose keys both read {name!r} as text ({kinds[name]} and "
+                f"{type(k).__name__}); re-save the state dict with distinct string keys"
+            )
+        out[name], kinds[name] = v, type(k).__name__
     if not out and obj:
         raise InputError(f"{path} holds no tensors at its top level; pass a state dict")
     return out

@@ -8,68 +8,19 @@ that used to kill the process (a file truncated while it is read: SIGBUS) runs i
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hostile import assert_refused
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from ckptdiff.cli import app
-
-runner = CliRunner()
 W = torch.arange(16, dtype=torch.float32)
-SECONDS = 20  # generous for a loaded CI machine: every case takes well under a second
-
-
-class _Hung(BaseException):
-    """Raised by the alarm: a BaseException, so that no `except Exception` in ckptdiff swallows it."""
-
-
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    def fire(signum: int, frame: object) -> None:
-        raise _Hung(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _invoke(args: list[str]) -> tuple[int, str, str, float]:
-    start = time.monotonic()
-    with _deadline(SECONDS):
-        res = runner.invoke(app, args)
-    return res.exit_code, res.stderr, res.output, time.monotonic() - start
-
-
-def _assert_refused(args: list[str], tmp_path: Path, names: list[str], expect: str) -> str:
-    """Run the CLI; assert exit 2, one `ckptdiff: error:` line naming every one of ``names``, nothing written."""
-    outputs = [tmp_path / "out.csv", tmp_path / "out.json"]
-    code, stderr, output, took = _invoke(args)
-    lines = stderr.strip().splitlines()
-    assert code == 2, output
-    assert len(lines) == 1 and lines[0].startswith("ckptdiff: error: "), stderr
-    assert "Traceback" not in output and "internal error" not in output
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    assert expect in lines[0].replace(str(tmp_path), "<tmp>"), (expect, lines[0])  # not a word of the path
-    assert not any(p.exists() for p in outputs)
-    assert not list(tmp_path.glob(".out.*"))  # no temporary leftovers
-    assert took < SECONDS
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +165,7 @@ def test_sparsity_refuses(
     bad = build(bad_dir)
     args = ["sparsity", str(bases[kind]), str(bad), "--csv", str(tmp_path / "out.csv"),
             "--json", str(tmp_path / "out.json"), "-q"]
-    line = _assert_refused(args, tmp_path, [bad.name], expect)
+    line = assert_refused(args, tmp_path, [bad.name], expect)
     if names_tensor:
         assert "'w'" in line
 
@@ -229,7 +180,7 @@ def test_check_header_only_refuses(tmp_path: Path, bases: dict[str, Path], build
     bad_dir.mkdir()
     bad = build(bad_dir)
     args = ["check", str(bases["st"]), str(bad), "--header-only", "--same-keys", "--json", str(tmp_path / "out.json")]
-    _assert_refused(args, tmp_path, [bad.name], expect)
+    assert_refused(args, tmp_path, [bad.name], expect)
 
 
 def test_consistency_refuses_symlink_loop(tmp_path: Path, bases: dict[str, Path]) -> None:
@@ -237,7 +188,7 @@ def test_consistency_refuses_symlink_loop(tmp_path: Path, bases: dict[str, Path]
     bad_dir.mkdir()
     bad = _loop(bad_dir)
     args = ["consistency", str(bases["st"]), str(bases["st"]), str(bad), "--csv", str(tmp_path / "out.csv"), "-q"]
-    _assert_refused(args, tmp_path, [bad.name], "symbolic link loop")
+    assert_refused(args, tmp_path, [bad.name], "symbolic link loop")
 
 
 def test_consistency_refuses_named_pipe(tmp_path: Path, bases: dict[str, Path]) -> None:
@@ -245,7 +196,7 @@ def test_consistency_refuses_named_pipe(tmp_path: Path, bases: dict[str, Path]) 
     bad_dir.mkdir()
     bad = _fifo(bad_dir)
     args = ["consistency", str(bases["st"]), str(bases["st"]), str(bad), "--csv", str(tmp_path / "out.csv"), "-q"]
-    _assert_refused(args, tmp_path, [bad.name], "named pipe")
+    assert_refused(args, tmp_path, [bad.name], "named pipe")
 
 
 # A .pt truncated after ckptdiff validated it and before it reads the data (a training job overwriting its
@@ -303,7 +254,7 @@ def _hub_header_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: Call
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake)
     args = ["check", "org/model", "org/model", "--header-only", "--same-keys", "--json", str(tmp_path / "out.json")]
-    return _assert_refused(args, tmp_path, ["org/model"], "corrupt")
+    return assert_refused(args, tmp_path, ["org/model"], "corrupt")
 
 
 @pytest.mark.parametrize("shape", [[2.0], [-1], [True], ["2"], [2**64]], ids=str)

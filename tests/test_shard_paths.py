@@ -115,8 +115,9 @@ def test_harmless_dots_inside_the_folder_are_fine(tmp_path: Path) -> None:
     assert all(Path(i.file) == tmp_path / "ckpt" / "shards" / "all.safetensors" for i in src.infos.values())
 
 
-def test_users_symlinked_shards_are_followed(tmp_path: Path) -> None:
-    """A folder of links to shards stored elsewhere (another disk, a shared store) is the user's own layout."""
+def test_links_to_shards_stored_elsewhere_are_refused_naming_link_and_target(tmp_path: Path) -> None:
+    """A folder of links to shards elsewhere is refused (issue 25: a downloaded checkpoint may carry links that
+    read files the user never named); the line names the link and its target, and the store itself still works."""
     sd = _tiny()
     save_sharded(sd, tmp_path / "store", [3, len(sd) - 3])
     ckpt = tmp_path / "ckpt"
@@ -126,10 +127,13 @@ def test_users_symlinked_shards_are_followed(tmp_path: Path) -> None:
             (ckpt / f.name).write_bytes(f.read_bytes())
         else:
             (ckpt / f.name).symlink_to(f)
-    src = resolve(str(ckpt))
-    assert set(src.infos) == set(sd)
+    with pytest.raises(InputError, match="outside the checkpoint folder") as err:
+        resolve(str(ckpt))
+    assert str(ckpt / "model-00001-of-00002.safetensors") in str(err.value)
+    assert str(tmp_path / "store" / "model-00001-of-00002.safetensors") in str(err.value)
     res = runner.invoke(app, ["check", "--header-only", "--same-keys", str(ckpt), str(tmp_path / "store"), "-q"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 2 and "outside the checkpoint folder" in res.stderr, res.output
+    assert set(resolve(str(tmp_path / "store")).infos) == set(sd)
 
 
 def _hub_sharded_cache(root: Path, repo: str, sd: dict[str, torch.Tensor]) -> Path:
