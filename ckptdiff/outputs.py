@@ -40,7 +40,22 @@ from ckptdiff.errors import InputError
 from ckptdiff.interrupts import Watcher
 
 PathLike = str | Path
-_CHECKPOINT_GLOBS = ("*.safetensors", "*.index.json", "*.bin", "*.pt", "*.pth")
+# Beside a checkpoint file: what a run reads (index, config.json) or a release ships with the weights.
+_SIDE_FILES = (
+    "*.safetensors",
+    "*.index.json",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+)
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free some space or pick another folder",
     errno.EDQUOT: "the disk quota is exhausted: free some space or pick another folder",
@@ -130,7 +145,7 @@ class Output:
         """A fresh temporary file beside the target, open for binary writing; :meth:`finish` completes it."""
         if self.tmp is not None:
             raise RuntimeError(f"{self.flag} {self.path} is already being written")
-        with self.writing():
+        with signals_held(), self.writing():  # a signal between creating the file and noting it would leave it
             fd, self.tmp = _create_temp(self.target)
             self.file = os.fdopen(fd, "wb")
         return self.file
@@ -224,7 +239,7 @@ class OutputSet:
                     f"{other.flag} {other.path} and {flag} {given} are the same file; give each output its own path"
                 )
         out = Output(self, flag, given, target)
-        with out.writing():  # can a file be created there at all? Find out before the work, not after
+        with signals_held(), out.writing():  # can a file be created there at all? Find out before the work
             fd, tmp = _create_temp(target)
             os.close(fd)
             os.unlink(tmp)
@@ -275,9 +290,10 @@ class OutputSet:
                     self.discard()
 
     def discard(self) -> None:
-        """Remove every temporary file (what is already in place stays)."""
-        for out in self.outputs.values():
-            out.discard()
+        """Remove every temporary file (what is already in place stays); a second signal waits until all are gone."""
+        with signals_held():
+            for out in self.outputs.values():
+                out.discard()
 
     def __enter__(self) -> OutputSet:
         return self
@@ -304,13 +320,18 @@ def standalone(output: PathLike | Output | None, flag: str, inputs: Iterable[obj
 
 
 def input_files(spec: str) -> list[Path]:
-    """Files an input argument reads or may read: the file; an index and its shards; in a folder, every
-    checkpoint-like file and the shards its indexes name. A Hub id or a missing path gives none."""
+    """Files an input argument reads or may read, which no output may replace.
+
+    A folder: every file in it (weights, index, ``config.json``, tokenizer and adapter files, anything else the
+    user keeps there) and the shards its indexes name. A file: itself, the shards it names if it is an index,
+    and the side files beside it that a run reads or a checkpoint is published with (:data:`_SIDE_FILES`).
+    A Hub id or a missing path gives none.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = [p for pattern in _CHECKPOINT_GLOBS for p in path.glob(pattern)]
+        files = [p for p in path.iterdir() if not p.is_dir()]
     elif path.exists():
-        files = [path]
+        files = [path, *(p for pattern in _SIDE_FILES for p in path.parent.glob(pattern))]
     else:
         return []
     for index in [f for f in files if f.name.endswith(".index.json")]:

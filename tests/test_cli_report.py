@@ -96,7 +96,7 @@ def test_a_directory_holding_other_files_is_refused_untouched(trio: tuple[str, s
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q"])
-    assert res.exit_code == 2 and "holds other files" in res.output
+    assert res.exit_code == 2 and "not a report ckptdiff wrote" in res.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     res = runner.invoke(app, ["report", base, a, "-o", str(tmp_path / "no" / "such"), "-q"])
     assert res.exit_code == 2 and "does not exist" in res.output
@@ -110,7 +110,7 @@ def test_report_directory_is_written_whole_and_replaces_an_earlier_one(
     res = runner.invoke(app, ["report", base, a, b, "-o", str(out), "-q", "--k", "4", "--svd", "exact"])
     assert res.exit_code == 0, res.output
     names = {p.name for p in out.iterdir()}
-    assert names == {"index.html", "report.md", "tensors.csv", "report.json", "figures"}
+    assert names == {"index.html", "report.md", "tensors.csv", "report.json", "figures", ".ckptdiff-report"}
     doc = json.loads((out / "report.json").read_text())
     assert doc["analyses"] == ["sparsity", "principal", "spectral", "consistency"] and doc["runs"] == ["a", "b"]
     csv = pd.read_csv(out / "tensors.csv")

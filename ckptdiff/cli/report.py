@@ -85,7 +85,7 @@ def report(
     from ckptdiff.report_dir import check_directory, write_directory
 
     mode = compare_mode(rtol, atol, as_)
-    check_directory(out)
+    check_directory(out, [base, *fts])
     chosen = [a.strip() for given in analyses for a in given.split(",") if a.strip()] if analyses else None
     result = full_report(
         base,
@@ -106,7 +106,7 @@ def report(
         batch_budget=batch_budget,
         progress=not quiet,
     )
-    write_directory(result, out)
+    write_directory(result, out, [base, *fts])
     with stdout_may_close():
         for heading, section in result.sections():
             typer.echo(f"{heading}:")
