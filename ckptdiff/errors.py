@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+
 class CkptdiffError(Exception):
     """A failure the user can fix; the message says what was wrong and what to do."""
 
@@ -13,3 +14,20 @@ class InputError(CkptdiffError):
     """Bad input: a path, a checkpoint, a flag value or a rule that cannot be used."""
 
     exit_code = 2
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print as one line: control and format characters (newline, carriage return, escape,
+    Unicode line separators and direction overrides) written as escapes, so a file name cannot start a line of its
+    own or disguise one (``spoofed\\nckptdiff: error: ...`` prints as that, on one line)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if c in named:
+        return named[c]
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

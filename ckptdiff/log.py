@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import TextIO
 
+from ckptdiff.errors import printable
+
 log = logging.getLogger("ckptdiff")
 
 
@@ -29,7 +31,7 @@ class _Lowercase(logging.Formatter):
     """``ckptdiff: warning: ...``, ``ckptdiff: info: ...``: the level as the CLI's own lines write it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"ckptdiff: {record.levelname.lower()}: {record.getMessage()}"
+        return f"ckptdiff: {record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 def to_stderr(enabled: bool = True) -> None:

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,17 @@ def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[int, tuple[str, int]]]
     unpickler = weights_only.Unpickler(io.BytesIO(data), encoding="utf-8")
     unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
     try:
-        obj = unpickler.load()
+        with warnings.catch_warnings():  # torch's notes on the pickle (protocol, beta layouts): ckptdiff judges it
+            warnings.simplefilter("ignore")
+            obj = unpickler.load()
     except _Refused as e:
         raise InputError(f"{path} {e}") from None
     except pickle.UnpicklingError as e:
+        if str(e).startswith("Unsupported operand"):  # a pickle protocol above 2, which torch.load refuses alike
+            raise InputError(
+                f"{path} uses a pickle protocol that a weights-only load does not read ({_clip(str(e))}); re-save "
+                "it with torch.save's default protocol, or convert it to safetensors"
+            ) from None
         found = _GLOBAL.search(str(e))
         what = f"imports {found.group(1)}" if found else "uses objects or operations beyond tensors and containers"
         raise InputError(

@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 from typer import _click as click
 from typer.core import TyperCommand, TyperGroup
 
 from ckptdiff import __version__
+from ckptdiff.errors import printable
 
 
 def _flags_without_metavar(params: list[click.Parameter]) -> list[click.Parameter]:
@@ -39,6 +40,32 @@ class _Command(TyperCommand):
 class _Group(TyperGroup):
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         return _flags_without_metavar(super().get_params(ctx))
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """As click's, but a usage error (a bad option value, an unknown option, a missing argument) is one
+        ``ckptdiff: error:`` line naming the command's --help, like every other bad input, not a boxed usage."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as e:
+            if not _is_usage_error(e):
+                raise
+            message = e.format_message()
+            if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help (rich has printed it already)
+                if message.strip():
+                    typer.echo(message)
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            typer.echo(f"ckptdiff: error: {printable(message.rstrip('.'))}{where}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)  # an int here is an Exit's code; commands return None
+
+
+def _is_usage_error(e: Exception) -> bool:
+    """click's UsageError (typer's public API exports only its BadParameter subclass), told by its shape."""
+    return isinstance(e, typer.BadParameter) or any(k.__name__ == "UsageError" for k in type(e).__mro__)
 
 
 app = typer.Typer(
@@ -59,7 +86,7 @@ R = TypeVar("R")
 
 def _fail(message: str, code: int) -> typer.Exit:
     if _RANK == 0:  # under torchrun, every rank stops with the same code; rank 0 alone says why
-        typer.echo(f"ckptdiff: error: {message}", err=True)
+        typer.echo(f"ckptdiff: error: {printable(message)}", err=True)
     return typer.Exit(code)
 
 
