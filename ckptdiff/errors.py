@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class CkptdiffError(Exception):
     """A failure the user can fix; the message says what was wrong and what to do."""
 
