@@ -13,7 +13,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import typer
@@ -41,25 +41,33 @@ class _Group(TyperGroup):
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         return _flags_without_metavar(super().get_params(ctx))
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(  # type: ignore[override]  # windows_expand_args (newer typer) passes through **extra
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         """As click's, but a usage error (a bad option value, an unknown option, a missing argument) is one
         ``ckptdiff: error:`` line naming the command's --help, like every other bad input, not a boxed usage."""
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, False, **extra)
         except Exception as e:
             if not _is_usage_error(e):
                 raise
-            message = e.format_message()
+            message: str = getattr(e, "format_message")()  # noqa: B009 - a click UsageError, told by shape
+            exit_code: int = getattr(e, "exit_code", 2)
             if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help (rich has printed it already)
                 if message.strip():
                     typer.echo(message)
-                sys.exit(e.exit_code)
+                sys.exit(exit_code)
             ctx = getattr(e, "ctx", None)
             where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
             typer.echo(f"ckptdiff: error: {printable(message.rstrip('.'))}{where}", err=True)
-            sys.exit(e.exit_code)
+            sys.exit(exit_code)
         sys.exit(code if isinstance(code, int) else 0)  # an int here is an Exit's code; commands return None
 
 
