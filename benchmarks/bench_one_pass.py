@@ -73,9 +73,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import ckptdiff
-    from ckptdiff import rules as R
-    from ckptdiff.analyses.check import Shared
+    from ckptdiff import gate as R
     from ckptdiff.analyses.full import full_report
+    from ckptdiff.gate.check import Shared
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data or Path(tmp)

@@ -69,7 +69,7 @@ def agreement(base: str, k: int, count: int) -> list[float]:
     """|principal_randomized ∩ principal_exact| / |principal| for the first ``count`` matrices (library pieces)."""
     from safetensors.torch import load_file
 
-    from ckptdiff import linalg
+    from ckptdiff.metrics import linalg
     from ckptdiff.metrics.principal import region_masks
 
     out = []

@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics import spectral as spectral_mod
 
 SHAPES_7B = ["4096x4096", "4096x11008", "11008x4096"]

@@ -1,4 +1,4 @@
-"""Benchmark the SVD machinery of ckptdiff.linalg on a 7B-like block, and the top-α mask selection.
+"""Benchmark the SVD machinery of ckptdiff.metrics.linalg on a 7B-like block, and the top-α mask selection.
 
 Compares per-matrix exact vs batched exact vs randomized top-k vs svdvals-only, fp32 vs fp64 (time per matrix,
 peak memory, principal-mask agreement with exact), then torch.topk vs torch.kthvalue vs torch.sort vs radix select
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics.principal import kth_smallest_key, mask_size, rank_k_magnitude, select_mask
 
 # A LLaMA-7B block: q/k/v/o are 4096x4096, gate/up are 11008x4096, down is 4096x11008 (same cost as its transpose).

@@ -22,9 +22,9 @@ _LAZY = {
     "principal_overlap": ("ckptdiff.analyses.principal", "principal_overlap"),
     "spectral": ("ckptdiff.analyses.spectral", "spectral"),
     "consistency": ("ckptdiff.analyses.consistency", "consistency"),
-    "check": ("ckptdiff.analyses.check", "check"),
+    "check": ("ckptdiff.gate.check", "check"),
     "full_report": ("ckptdiff.analyses.full", "full_report"),
-    "resolve": ("ckptdiff.sources", "resolve"),
+    "resolve": ("ckptdiff.io.source", "resolve"),
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),
     "CkptdiffError": ("ckptdiff.errors", "CkptdiffError"),
 }

@@ -7,7 +7,7 @@ DeepSeek-V3's MLA projections (``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa`
 layouts: routed experts ``...experts.E.down_proj.weight`` (Mixtral, Qwen-MoE, DeepSeek), shared experts
 (``shared_experts.`` in DeepSeek, ``shared_expert.`` in Qwen2-MoE), routers (``mlp.gate``,
 ``block_sparse_moe.gate``, ``router``) and slices of fused expert tensors (``experts.gate_up_proj[E]``, see
-:mod:`ckptdiff.moe`). Anything unrecognised is module ``other``. ``tests/test_naming.py`` pins every rule
+:mod:`ckptdiff.io.views.moe`). Anything unrecognised is module ``other``. ``tests/test_naming.py`` pins every rule
 against the names of real checkpoints.
 """
 

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from ckptdiff import __version__
-from ckptdiff.analyses.check import Shared, check
 from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
-from ckptdiff.numeric import OVERLAP_BAND
-from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
+from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
+from ckptdiff.gate.check import Shared, check
+from ckptdiff.metrics.numeric import OVERLAP_BAND
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = HERE / "checkpoints"

@@ -14,7 +14,7 @@ from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetada
 from huggingface_hub.utils import TensorInfo as HubTensorInfo
 from safetensors.torch import save_file
 
-from ckptdiff.sources import Source
+from ckptdiff.io.source import Source
 
 
 def llama_like(layers: int = 2, d: int = 16, ff: int = 32, vocab: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,8 +136,8 @@ def hub_metadata(sd: dict[str, torch.Tensor], shards: int = 2) -> SafetensorsRep
 def as_two_ranks(run: Any, make: Any) -> list[Any]:
     """Results of ``make()``'s analyses measured as two ranks would: the units dealt out as under torchrun, each
     half measured by its own analyses, the second half's states merged into the first, then finished."""
-    from ckptdiff.distributed import balance
-    from ckptdiff.pipeline import _read_and_measure, _units, plan_reads
+    from ckptdiff.engine.pipeline import _read_and_measure, _units, plan_reads
+    from ckptdiff.runtime.distributed import balance
 
     ranks = [make(), make()]
     shares = []

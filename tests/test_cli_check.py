@@ -17,14 +17,14 @@ from factory import bump_ulps, hub_metadata, llama_like, save_single
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ckptdiff import rules as R
-from ckptdiff.analyses.check import Shared, check
+from ckptdiff import gate as R
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
+from ckptdiff.gate import load_config
+from ckptdiff.gate.check import Shared, check
+from ckptdiff.io.source import SafetensorsSource
+from ckptdiff.io.views.ties import HINT
 from ckptdiff.metrics.mask import CompareMode
-from ckptdiff.rules import load_config
-from ckptdiff.sources import SafetensorsSource
-from ckptdiff.ties import HINT
 
 runner = CliRunner()
 UP0 = "model.layers.0.mlp.up_proj.weight"
@@ -290,7 +290,7 @@ def no_svd(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("an SVD ran for a rule set that needs none")
 
-    from ckptdiff import linalg
+    from ckptdiff.metrics import linalg
     from ckptdiff.metrics import spectral as spectral_metrics
 
     monkeypatch.setattr(linalg, "topk", refuse)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import ckptdiff.analyses.principal as P
 from ckptdiff.analyses.principal import COLUMNS, load_masks, principal_overlap
 from ckptdiff.cli import app
-from ckptdiff.rules import METRICS
+from ckptdiff.gate import METRICS
 
 runner = CliRunner()
 K, ALPHA = 8, 0.5

@@ -11,15 +11,15 @@ import torch
 from factory import CountingSource, bump_ulps, llama_like, save_single
 from typer.testing import CliRunner
 
-from ckptdiff import rules as R
-from ckptdiff.analyses.check import Shared, check
+from ckptdiff import gate as R
 from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.full import full_report, split_columns
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
-from ckptdiff.sources import resolve
+from ckptdiff.gate.check import Shared, check
+from ckptdiff.io.source import resolve
 
 runner = CliRunner()
 UP0 = "model.layers.0.mlp.up_proj.weight"
@@ -141,7 +141,7 @@ def test_an_unwritable_place_is_found_before_the_work(
 ) -> None:
     import errno
 
-    from ckptdiff import report_dir
+    from ckptdiff.render import report_dir
 
     def read_only(*args: object, **kwargs: object) -> str:
         raise OSError(errno.EROFS, "Read-only file system")
@@ -157,7 +157,7 @@ def test_an_unwritable_place_is_found_before_the_work(
 def test_only_the_writing_rank_writes_the_directory(
     trio: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptdiff import report_dir
+    from ckptdiff.render import report_dir
 
     base, a, _ = trio
     rep = full_report(base, [a], k=4, analyses=["sparsity"], progress=False)
@@ -173,7 +173,7 @@ def test_a_failed_replacement_puts_the_earlier_report_back(
     with nothing hidden left beside it."""
     import errno
 
-    from ckptdiff import report_dir
+    from ckptdiff.render import report_dir
 
     base, a, _ = trio
     out = tmp_path / "rep"
@@ -202,7 +202,7 @@ def test_a_signal_during_the_replacement_waits_until_the_new_report_is_in_place(
     import os
     import signal
 
-    from ckptdiff import report_dir
+    from ckptdiff.render import report_dir
 
     base, a, _ = trio
     out = tmp_path / "rep"

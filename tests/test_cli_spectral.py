@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ckptdiff.analyses.spectral import FP32_WARNING, NULL_COLUMNS, columns, spectral
 from ckptdiff.cli import app
-from ckptdiff.rules import METRICS
+from ckptdiff.gate import METRICS
 
 runner = CliRunner()
 M, N, K = 40, 24, 4

@@ -4,7 +4,7 @@ Each per-tensor column table of docs/outputs.md sits under a ``<!-- columns: COM
 cell names the columns (in backticks, several to a cell when comma-separated). The tests run each library
 function on a tiny pair built here and compare the frame's columns with the table, names and order: a column the
 code adds without the docs, or the docs keep after the code dropped it, fails. The metric table of docs/check.md
-is the code's declarations (``ckptdiff.declarations.GATES``) row for row.
+is the code's declarations (``ckptdiff.analyses.scopes.GATES``) row for row.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_report_tensors_csv_holds_only_documented_columns(pair: tuple[str, str, 
 
 def gate_rows() -> list[list[str]]:
     """The rows docs/check.md's metric table must have, from the code's declarations."""
-    from ckptdiff.declarations import GATES
+    from ckptdiff.analyses.scopes import GATES
 
     return [[f"`{name}`", metric.analysis, metric.aggregation] for name, metric in GATES.items()]
 

@@ -19,17 +19,17 @@ from factory import CountingSource, as_two_ranks, save_sharded, save_single
 from typer.testing import CliRunner
 
 import ckptdiff
-from ckptdiff import fp8
-from ckptdiff.alignment import align
-from ckptdiff.analyses.check import check
 from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.principal import PrincipalAnalysis
 from ckptdiff.analyses.sparsity import SparsityAnalysis
 from ckptdiff.cli import app
+from ckptdiff.engine.alignment import align
+from ckptdiff.engine.pipeline import Run, execute
 from ckptdiff.errors import InputError
-from ckptdiff.pipeline import Run, execute
-from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
-from ckptdiff.sources import resolve
+from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
+from ckptdiff.gate.check import check
+from ckptdiff.io.source import resolve
+from ckptdiff.io.views import fp8
 
 E4M3 = torch.float8_e4m3fn
 Q = "model.layers.0.self_attn.q_proj.weight"  # 300 x 200: blocks 3 x 2 of 128, the edge ones partial

@@ -13,8 +13,8 @@ from huggingface_hub.errors import NotASafetensorsRepoError
 from huggingface_hub.utils import SafetensorsRepoMetadata
 
 from ckptdiff.errors import InputError
-from ckptdiff.headers import HeaderSource, open_headers
-from ckptdiff.sources import SafetensorsSource
+from ckptdiff.io.formats.headers_only import HeaderSource, open_headers
+from ckptdiff.io.source import SafetensorsSource
 
 
 @pytest.fixture

@@ -204,7 +204,7 @@ def test_consistency_refuses_named_pipe(tmp_path: Path, bases: dict[str, Path]) 
 # regression kills that process, not the test run.
 _TRUNCATE_DURING_READ = """
 import os, sys
-from ckptdiff import sources
+from ckptdiff.io import source as sources
 from ckptdiff.cli import main
 
 victim = sys.argv[2]

@@ -18,7 +18,8 @@ import torch
 from hostile import assert_refused, invoke
 from safetensors.torch import save_file
 
-from ckptdiff import outputs, report_dir
+from ckptdiff.io import outputs
+from ckptdiff.render import report_dir
 
 W = torch.arange(16, dtype=torch.float32)
 

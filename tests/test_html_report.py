@@ -19,8 +19,8 @@ pytest.importorskip("matplotlib")
 from factory import bump_ulps, llama_like, save_single
 
 from ckptdiff.analyses.full import FullReportResult, full_report
-from ckptdiff.figures import Figure, figures
-from ckptdiff.html import to_html
+from ckptdiff.render.figures import Figure, figures
+from ckptdiff.render.html import to_html
 
 HOSTILE_TENSOR = "model.layers.1.mlp.<script>alert('tensor')</script>.weight"
 EXTRA_TENSOR = 'extra.<img src=x onerror="alert(1)">'

@@ -20,15 +20,16 @@ from factory import EMBED, HEAD, bump_ulps, hub_metadata, llama_like, save_shard
 from hub_server import FakeHub
 from typer.testing import CliRunner
 
-from ckptdiff import hub, hub_stream
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
-from ckptdiff.headers import open_headers
-from ckptdiff.hub_stream import HubStreamSource
-from ckptdiff.sources import SafetensorsSource, resolve
-from ckptdiff.ties import HINT
+from ckptdiff.io.formats.headers_only import open_headers
+from ckptdiff.io.hub import download as hub
+from ckptdiff.io.hub import stream as hub_stream
+from ckptdiff.io.hub.stream import HubStreamSource
+from ckptdiff.io.source import SafetensorsSource, resolve
+from ckptdiff.io.views.ties import HINT
 
 runner = CliRunner()
 SHA_BASE = "b" * 40

@@ -1,4 +1,4 @@
-"""ckptdiff.linalg: exact/batched/randomized SVD, dtype rule, auto method and the memory planner."""
+"""ckptdiff.metrics.linalg: exact/batched/randomized SVD, dtype rule, auto method and the memory planner."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics.principal import mask_size, rank_k_magnitude, select_mask
 
 

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from ckptdiff import linalg
 from ckptdiff.dtypes import INT_VIEW
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics import mask as M
 from ckptdiff.metrics import principal as P
 

@@ -15,17 +15,17 @@ from factory import CountingSource, bump_ulps, save_single
 from typer.testing import CliRunner
 
 import ckptdiff
-from ckptdiff import moe
-from ckptdiff.alignment import align
-from ckptdiff.analyses.check import check
 from ckptdiff.analyses.full import full_report
 from ckptdiff.analyses.principal import PrincipalAnalysis
 from ckptdiff.analyses.sparsity import SparsityAnalysis
 from ckptdiff.cli import app
-from ckptdiff.pipeline import Run, execute
-from ckptdiff.rules import CheckConfig, StructuralRules
-from ckptdiff.sources import resolve
-from ckptdiff.views import logical
+from ckptdiff.engine.alignment import align
+from ckptdiff.engine.pipeline import Run, execute
+from ckptdiff.gate import CheckConfig, StructuralRules
+from ckptdiff.gate.check import check
+from ckptdiff.io.source import resolve
+from ckptdiff.io.views import moe
+from ckptdiff.io.views.logical import logical
 
 D, F, E = 16, 24, 4  # hidden size, expert FFN size, routed experts
 

@@ -79,7 +79,7 @@ MIXTRAL: list[Row] = [
     ("model.layers.7.block_sparse_moe.experts.3.w2.weight", 7, "down", "3"),
     ("model.layers.7.block_sparse_moe.experts.3.w3.weight", 7, "up", "3"),
 ]
-FUSED_EXPERTS: list[Row] = [  # gpt-oss / Llama 4 keep every expert in one tensor; ckptdiff.moe slices it as NAME[e]
+FUSED_EXPERTS: list[Row] = [  # gpt-oss / Llama 4: every expert in one tensor; io.views.moe slices it as NAME[e]
     ("model.layers.0.mlp.router.weight", 0, "router", ""),
     ("model.layers.0.mlp.router.bias", 0, "router", ""),
     ("model.layers.0.mlp.experts.gate_up_proj", 0, "gate_up", ""),

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
-from ckptdiff.report import Report, to_csv
+from ckptdiff.render.text import Report, to_csv
 
 runner = CliRunner()
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -251,12 +251,12 @@ def test_unwritable_destination_fails_before_any_checkpoint_is_read(ckpts: dict[
 def test_read_only_folder_fails_before_any_checkpoint_is_read(
     ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ckptdiff.outputs
+    import ckptdiff.io.outputs
 
     def read_only(target: Path) -> tuple[int, Path]:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(ckptdiff.outputs, "_create_temp", read_only)
+    monkeypatch.setattr(ckptdiff.io.outputs, "_create_temp", read_only)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 3)
     res = runner.invoke(app, ["sparsity", str(ckpts["B"]), str(corrupt), "--csv", str(tmp_path / "o.csv"), "-q"])
@@ -266,7 +266,7 @@ def test_read_only_folder_fails_before_any_checkpoint_is_read(
 @pytest.mark.parametrize("name", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "link"])
 def test_descriptor_links_are_refused_not_followed(name: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     """/dev/stdout is a link to whatever stdout is open on; following it would replace the shell's `> file`."""
-    from ckptdiff.outputs import OutputSet
+    from ckptdiff.io.outputs import OutputSet
 
     if name == "link":
         (tmp_path / "link").symlink_to("/proc/self/fd/1")
@@ -376,7 +376,7 @@ def test_closed_stdout_is_quiet_and_keeps_the_exit_status(ckpts: dict[str, Path]
 
 SLOW_COMMIT = """
 import pathlib, sys, time
-import ckptdiff.outputs as o
+import ckptdiff.io.outputs as o
 marker = pathlib.Path(sys.argv[1])
 def slow(self):
     marker.write_text("ready")
@@ -411,7 +411,7 @@ def test_sigterm_removes_every_temporary(signum: int, code: int, ckpts: dict[str
 
 
 def test_sighup_and_sigterm_interrupt_like_ctrl_c() -> None:
-    from ckptdiff.outputs import Interrupted, signals_as_interrupts
+    from ckptdiff.io.outputs import Interrupted, signals_as_interrupts
 
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         with pytest.raises(Interrupted) as caught, signals_as_interrupts():
@@ -423,7 +423,7 @@ def test_sighup_and_sigterm_interrupt_like_ctrl_c() -> None:
 
 BLOCKED_IN_C = r"""
 import ctypes, os, signal, sys, threading, time
-from ckptdiff.outputs import Interrupted, signals_as_interrupts
+from ckptdiff.io.outputs import Interrupted, signals_as_interrupts
 
 libc = ctypes.CDLL(None)  # ctypes releases the GIL; a blocked pthread_mutex_lock never returns to Python
 mutex = ctypes.create_string_buffer(64)  # zeroed: a default mutex on glibc

@@ -14,15 +14,15 @@ import pytest
 import torch
 from factory import CountingSource, as_two_ranks, bump_ulps, llama_like, save_single
 
-from ckptdiff.alignment import Aligned, Status, align
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, consistency
 from ckptdiff.analyses.principal import PrincipalAnalysis, principal_overlap
 from ckptdiff.analyses.sparsity import SparsityAnalysis, sparsity
 from ckptdiff.analyses.spectral import SpectralAnalysis, spectral
+from ckptdiff.engine.alignment import Aligned, Status, align
+from ckptdiff.engine.pipeline import Analysis, Form, Run, execute, open_sources
+from ckptdiff.engine.reader import prefetch
 from ckptdiff.errors import InputError
-from ckptdiff.pipeline import Analysis, Form, Run, execute, open_sources
-from ckptdiff.sources import Source, resolve
-from ckptdiff.stream import prefetch
+from ckptdiff.io.source import Source, resolve
 
 
 def _run(sources: Sequence[Source], labels: Sequence[str], budget: int = 2 * 1024**3) -> Run:
@@ -275,7 +275,7 @@ def test_a_glob_that_matches_nothing_is_named_in_a_warning(tmp_path: Path, caplo
 
 
 def test_batches_hold_at_most_max_batch_matrices_whatever_the_budget(tmp_path: Path) -> None:
-    from ckptdiff.pipeline import MAX_BATCH
+    from ckptdiff.engine.pipeline import MAX_BATCH
 
     sd = {f"m.w{i:02d}": torch.full((3, 2), float(i)) for i in range(MAX_BATCH + 2)}
     src = resolve(str(save_single(sd, tmp_path / "x.safetensors")))

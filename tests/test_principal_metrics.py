@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics.principal import (
     mask_size,
     principal_metrics,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from factory import bump_ulps, llama_like, save_single
 
-from ckptdiff.distributed import balance
+from ckptdiff.runtime.distributed import balance
 
 ROOT = Path(__file__).resolve().parents[1]
 UP0 = "model.layers.0.mlp.up_proj.weight"

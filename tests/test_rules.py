@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ckptdiff.errors import InputError
-from ckptdiff.rules import (
+from ckptdiff.gate import (
     METRICS,
     CheckConfig,
     CheckResult,
@@ -265,7 +265,7 @@ def test_missing_frame_is_a_programming_error() -> None:
 
 
 def _structural_frame() -> pd.DataFrame:
-    # Columns and detail strings as ckptdiff.stream / analyses.sparsity write them.
+    # Columns and detail strings as ckptdiff.engine.reader / analyses.sparsity write them.
     frame = pd.DataFrame(
         {
             "tensor": ["a.weight", "b.weight", "c.weight", "d.weight", "e.bias", "f.weight", "g.ids", "h.mask"],

@@ -26,8 +26,8 @@ from safetensors import safe_open
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
-from ckptdiff.safetensors_header import DTYPE_BITS, I64_MAX
-from ckptdiff.sources import SafetensorsSource, read_safetensors_header
+from ckptdiff.io.formats.safetensors_header import DTYPE_BITS, I64_MAX
+from ckptdiff.io.source import SafetensorsSource, read_safetensors_header
 
 ALL_DTYPES = sorted(DTYPE_BITS)
 
@@ -225,7 +225,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_table_matches_safetensors(scratch: Path, text: str, data_len: int, accepted: bool) -> None:
     _write(scratch, text.encode(), data_len)
     st_ok, _ = _compare(scratch, check_data=True)
-    assert st_ok == accepted, "safetensors' own verdict changed; update the table and ckptdiff.safetensors_header"
+    assert st_ok == accepted, "safetensors' verdict changed; update the table and io.formats.safetensors_header"
 
 
 def test_length_prefix_rules(scratch: Path) -> None:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
-from ckptdiff.sources import resolve
+from ckptdiff.io.source import resolve
 
 runner = CliRunner()
 SHA = "89abcdef0123456789abcdef0123456789abcdef"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from factory import llama_like, save_sharded, save_single
 
-from ckptdiff import hub
 from ckptdiff.errors import InputError
-from ckptdiff.sources import SafetensorsSource, TorchFileSource, resolve
+from ckptdiff.io.hub import download as hub
+from ckptdiff.io.source import SafetensorsSource, TorchFileSource, resolve
 
 
 def _same(src_tensors: dict[str, torch.Tensor], source: object) -> None:
@@ -198,7 +198,7 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
     assert "model.safetensors.index.json" in patterns
     assert not any(p.endswith(".bin") for p in patterns)
     assert "consolidated.safetensors" not in patterns
-    assert "config.json" in patterns  # how FP8 weights are block-scaled, read by ckptdiff.fp8
+    assert "config.json" in patterns  # how FP8 weights are block-scaled, read by ckptdiff.io.views.fp8
 
 
 def test_hub_bin_fallback_patterns() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics.spectral import null_seed, principal_angles, spectral_metrics
 
 

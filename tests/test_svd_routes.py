@@ -1,4 +1,4 @@
-"""The cheaper SVD routes of ckptdiff.linalg give what the plain ones gave (docs/metrics.md §2, §3).
+"""The cheaper SVD routes of ckptdiff.metrics.linalg give what the plain ones gave (docs/metrics.md §2, §3).
 
 lowrank_svd is torch.svd_lowrank op for op; spectrum_topk (QR of the long side first) and top_singular_value
 (Gram eigenvalue) are exact, and spectral's results equal those of the previous routes (a full LAPACK SVD per side,
@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from ckptdiff import linalg
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics import spectral as S
 
 

@@ -23,13 +23,13 @@ from factory import bump_ulps, llama_like, save_single
 from rich.console import Console
 from typer.testing import CliRunner
 
-import ckptdiff.report as report_mod
+import ckptdiff.render.text as report_mod
 from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
-from ckptdiff.report import Report
+from ckptdiff.render.text import Report
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "checkpoints"
@@ -325,7 +325,7 @@ def test_root_help_shows_no_bool_metavar() -> None:
 def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal() -> None:
     import time
 
-    from ckptdiff.progress import byte_progress
+    from ckptdiff.runtime.progress import byte_progress
 
     stream = io.StringIO()
     with byte_progress(4 * 1024**2, "comparing", stream=stream, interval=0.05) as advance:
@@ -349,7 +349,7 @@ def test_matrix_bytes_are_reported_as_their_batch_is_processed(
     """The bar follows the SVDs: a matrix's bytes count once its batch is done, not when it is read."""
     import contextlib
 
-    import ckptdiff.pipeline as P
+    import ckptdiff.engine.pipeline as P
     from ckptdiff.analyses.spectral import SpectralAnalysis
 
     events: list[tuple[str, int]] = []

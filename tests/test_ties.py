@@ -1,4 +1,4 @@
-"""Tied embeddings (ckptdiff.ties): one storage under two names in a ``.bin``, or ``lm_head.weight`` dropped by a
+"""Tied embeddings (io.views.ties): one storage under two names in a ``.bin``, or ``lm_head.weight`` dropped by a
 save whose ``config.json`` says ``tie_word_embeddings``, is one tensor: counted once, compared once, said so.
 
 Every count below is known by construction: llama_like's shapes give the parameters, and the fine-tunes change
@@ -18,11 +18,11 @@ from factory import EMBED, HEAD, bump_ulps, llama_like, save_single, save_tied_b
 from typer.testing import CliRunner
 
 import ckptdiff
-from ckptdiff.alignment import Status
 from ckptdiff.cli import app
+from ckptdiff.engine.alignment import Status
 from ckptdiff.errors import InputError
-from ckptdiff.sources import Tie, resolve
-from ckptdiff.ties import CONFIG, HINT
+from ckptdiff.io.source import Tie, resolve
+from ckptdiff.io.views.ties import CONFIG, HINT
 
 runner = CliRunner()
 V, D, FF, L = 50, 16, 32, 2  # llama_like's vocabulary, width, MLP width and layers

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckptdiff.errors import InputError
-from ckptdiff.sources import TorchFileSource, resolve
+from ckptdiff.io.source import TorchFileSource, resolve
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

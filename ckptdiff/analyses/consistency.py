@@ -18,10 +18,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff import fp8
-from ckptdiff.alignment import Aligned, Status
-from ckptdiff.analyses.common import SourceLike, item_detail
+from ckptdiff.analyses.base import SourceLike, item_detail
+from ckptdiff.engine.alignment import Aligned, Status
+from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
+from ckptdiff.io.source import HUB_ID, Source
+from ckptdiff.io.views import fp8
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
 from ckptdiff.metrics.mask import (
     CompareMode,
@@ -32,11 +34,9 @@ from ckptdiff.metrics.mask import (
     update_mask,
     widen_fp8,
 )
+from ckptdiff.metrics.numeric import AGREEMENT_BAND, against_one, ratio
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
-from ckptdiff.numeric import AGREEMENT_BAND, against_one, ratio
-from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report, Table, count, digest
-from ckptdiff.sources import HUB_ID, Source
+from ckptdiff.render.text import Report, Table, count, digest
 
 # Per-(tensor, pair) CSV columns, in order.
 COLUMNS = [

@@ -21,17 +21,17 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.alignment import Aligned
-from ckptdiff.analyses.common import SourceLike
+from ckptdiff.analyses.base import SourceLike
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
 from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
 from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralDriftResult
+from ckptdiff.engine.alignment import Aligned
+from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
+from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
-from ckptdiff.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.report import Report
-from ckptdiff.sources import Source
+from ckptdiff.render.text import Report
 
 ANALYSES = ("sparsity", "principal", "spectral", "consistency")
 # Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
@@ -120,7 +120,7 @@ class FullReportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report, machine-readable: header, runs, and each analysis's full JSON report."""
-        from ckptdiff.report import to_json_dict
+        from ckptdiff.render.text import to_json_dict
 
         out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
         for (name, run), (_, section) in zip(self.section_keys(), self._sections, strict=True):

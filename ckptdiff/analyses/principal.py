@@ -25,17 +25,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff import choices, distributed, linalg
-from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, item_detail, once_per_key, pair_target, row_basics
-from ckptdiff.declarations import PRINCIPAL, figures
+from ckptdiff import choices
+from ckptdiff.analyses.base import SourceLike, item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.scopes import PRINCIPAL, figures
+from ckptdiff.engine.alignment import Aligned, Outcome
+from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.errors import InputError
+from ckptdiff.io.outputs import Output, standalone
+from ckptdiff.metrics import linalg
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
+from ckptdiff.metrics.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
-from ckptdiff.numeric import OVERLAP_BAND, against_one, ratio
-from ckptdiff.outputs import Output, standalone
-from ckptdiff.pipeline import Analysis, Form, Run, run_pair
-from ckptdiff.report import Report, Table, count, digest, expected_skips
+from ckptdiff.render.text import Report, Table, count, digest, expected_skips
+from ckptdiff.runtime import distributed
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"
 MASK_PACKING = (
@@ -104,7 +106,7 @@ _LEGEND = (
 
 
 def rollup(df: pd.DataFrame) -> dict[str, float]:
-    """Figures of a set of analysed rows: every declared principal-overlap metric (see :mod:`ckptdiff.declarations`).
+    """Figures of a set of analysed rows: every declared principal-overlap metric (see :mod:`ckptdiff.analyses.scopes`).
 
     overlap = Σ|M•∩M| / Σ|M|; random baseline = Σ(|M|·|M•|/numel) / Σ|M|; magnitude-matched baseline
     = Σ(|M|·baseline_•_magnitude) / Σ|M|; each ratio = Σ|M•∩M| over the matching expected intersection;
@@ -511,7 +513,7 @@ def principal_overlap(
     ``k`` singular directions (capped at min(m, n)), masks of density ``alpha``, SVD by ``svd`` in ``precision``;
     same-shape matrices are batched so one batch fits ``batch_budget`` GiB (default: pipeline.default_budget).
     ``save_masks`` writes the principal, low-magnitude and update masks to a safetensors file (see module doc): a
-    path, or an :class:`~ckptdiff.outputs.Output` of the caller's set, which then renames it with its other files.
+    path, or an :class:`~ckptdiff.io.outputs.Output` of the caller's set, which then renames it with its other files.
     """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     mask_out = standalone(save_masks, "save_masks", [base, ft])  # checked now; the CLI hands in one of its set

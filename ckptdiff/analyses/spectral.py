@@ -19,16 +19,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ckptdiff import choices, linalg
-from ckptdiff.alignment import Aligned, Outcome
-from ckptdiff.analyses.common import SourceLike, item_detail, once_per_key, pair_target, row_basics
-from ckptdiff.declarations import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
-from ckptdiff.linalg import workspace_bytes
+from ckptdiff import choices
+from ckptdiff.analyses.base import SourceLike, item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
+from ckptdiff.engine.alignment import Aligned, Outcome
+from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
+from ckptdiff.io.outputs import Output, standalone
+from ckptdiff.metrics import linalg
+from ckptdiff.metrics.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
-from ckptdiff.outputs import Output, standalone
-from ckptdiff.pipeline import Analysis, Form, Run, run_pair
-from ckptdiff.report import Report, Table, count, digest, expected_skips
+from ckptdiff.render.text import Report, Table, count, digest, expected_skips
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
@@ -338,8 +339,8 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
 
 
 def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save singular values as safetensors atomically (see :mod:`ckptdiff.outputs`): a path is renamed into place
-    at once, an :class:`~ckptdiff.outputs.Output` of a caller's set when the set commits."""
+    """Save singular values as safetensors atomically (see :mod:`ckptdiff.io.outputs`): a path is renamed into place
+    at once, an :class:`~ckptdiff.io.outputs.Output` of a caller's set when the set commits."""
     from safetensors.torch import save
 
     out = standalone(path, "save_spectra")

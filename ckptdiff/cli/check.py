@@ -25,7 +25,7 @@ from ckptdiff.cli.options import (
 )
 
 if TYPE_CHECKING:
-    from ckptdiff.analyses.check import GateResult
+    from ckptdiff.gate.check import GateResult
 
 EPILOG = (
     "Example: [bold]ckptdiff check Qwen/Qwen3-4B my-org/my-ft --rule 'sparsity >= 0.5' "
@@ -108,9 +108,9 @@ def check(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate a fine-tune on rules: each metric or structural rule must hold, or the exit code is 1."""
-    from ckptdiff.analyses.check import Shared, gather_config
-    from ckptdiff.analyses.check import check as run
-    from ckptdiff.rules import CheckConfig, StructuralRules, parse_rule
+    from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
+    from ckptdiff.gate.check import Shared, gather_config
+    from ckptdiff.gate.check import check as run
 
     rules_files = [config if config is not None else Path("pyproject.toml")]  # inputs too: never overwritten
     with outputs([base, ft, *rules_files], {"--json": json}) as outs:
@@ -162,8 +162,8 @@ def print_table(report: GateResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ckptdiff.report import stdout_console
-    from ckptdiff.rules import exact_number, format_value
+    from ckptdiff.gate import exact_number, format_value
+    from ckptdiff.render.text import stdout_console
 
     console = stdout_console()
     if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line

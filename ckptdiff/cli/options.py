@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from ckptdiff.io.outputs import OutputSet
     from ckptdiff.metrics.mask import CompareMode
-    from ckptdiff.outputs import OutputSet
-    from ckptdiff.report import Report
+    from ckptdiff.render.text import Report
 
 
 class Fmt(str, Enum):
@@ -130,8 +130,8 @@ def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> Com
 
 def outputs(inputs: Sequence[str | Path | None], files: dict[str, Path | None]) -> OutputSet:
     """The run's output files by option (``{"--csv": path, ...}``), checked against the inputs and each other
-    before any checkpoint is read (see :mod:`ckptdiff.outputs`). Use the result as a context manager."""
-    from ckptdiff.outputs import OutputSet
+    before any checkpoint is read (see :mod:`ckptdiff.io.outputs`). Use the result as a context manager."""
+    from ckptdiff.io.outputs import OutputSet
 
     outs = OutputSet([i for i in inputs if i is not None])
     for flag, path in files.items():
@@ -167,7 +167,7 @@ def check_summary(fmt: Fmt, summary: bool) -> None:
 def emit(report: Report, fmt: Fmt, outs: OutputSet, summary: bool = False) -> None:
     """Write the report to the set's --csv/--json/--rollups-csv, put every output file in place together, then print
     to stdout (only the header and the summary with ``summary``)."""
-    from ckptdiff.report import print_summary, print_tables, render, to_csv, to_json, to_rollups_csv
+    from ckptdiff.render.text import print_summary, print_tables, render, to_csv, to_json, to_rollups_csv
 
     text = render(report, fmt.value, summary)
     for flag, content in (("--csv", to_csv), ("--json", to_json), ("--rollups-csv", to_rollups_csv)):

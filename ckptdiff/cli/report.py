@@ -82,7 +82,7 @@ def report(
 ) -> None:
     """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
     from ckptdiff.analyses.full import full_report
-    from ckptdiff.report_dir import check_directory, write_directory
+    from ckptdiff.render.report_dir import check_directory, write_directory
 
     mode = compare_mode(rtol, atol, as_)
     check_directory(out, [base, *fts])

@@ -33,7 +33,7 @@ import torch
 
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode, bin_counts, exponent_bins, update_mask
-from ckptdiff.numeric import ratio
+from ckptdiff.metrics.numeric import ratio
 
 
 @dataclass(frozen=True)

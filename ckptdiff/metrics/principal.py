@@ -1,7 +1,7 @@
 """Principal-weight overlap (docs/metrics.md §2) and its confound controls (§2b), as pure tensor functions.
 
 Inputs are one (m, n) weight matrix, its update mask and the top-k singular triplets of W0 (from
-``ckptdiff.linalg``). Outputs are a frozen ``PrincipalResult`` of floats and exact integer counts, and
+``ckptdiff.metrics.linalg``). Outputs are a frozen ``PrincipalResult`` of floats and exact integer counts, and
 optionally the three masks. No I/O, no device choice: tensors stay where they come.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptdiff.metrics.mask import joint_bin_counts, matched_overlap
-from ckptdiff.numeric import ratio
+from ckptdiff.metrics.numeric import ratio
 
 # Integer views whose order equals the float order for non-negative values (sign bit cleared).
 _KEY_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptdiff.linalg import as_stack, compute_dtype, spectrum_topk, top_singular_value
+from ckptdiff.metrics.linalg import as_stack, compute_dtype, spectrum_topk, top_singular_value
 
 _RAD2DEG = 180.0 / math.pi
 

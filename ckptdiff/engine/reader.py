@@ -1,0 +1,205 @@
+"""The reader: aligned tensors from several checkpoints, a chunk or a whole tensor at a time, on a device.
+
+This module is the one place that knows about reading order, prefetching and devices. The pipeline
+(:mod:`ckptdiff.engine.pipeline`) asks it for the sides each tensor is needed from and gets them on the requested
+device, one at a time, with a bounded prefetch: peak memory is set by the largest tensor (or the chunk
+size), never by the model size. Sides nobody needs are not read (their slot holds ``None``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from ckptdiff.engine.alignment import Aligned
+from ckptdiff.errors import InputError
+from ckptdiff.io.source import Source
+
+CHUNK_BYTES = 16 * 1024 * 1024  # per side, for element-wise analyses
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' -> the first GPU when there is one, else the CPU; 'cpu'; 'cuda' or 'cuda:N'."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec} was asked for but no CUDA GPU is available; use --device cpu or auto")
+        try:
+            dev = torch.device(spec)
+        except RuntimeError:
+            raise InputError(f"--device {spec} is not a valid device; use auto, cpu, cuda or cuda:N") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible; pick another index")
+        return dev
+    raise InputError(f"--device {spec} is not a valid device; use auto, cpu, cuda or cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading with a bounded prefetch
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(produce: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Run an iterator in a background thread, at most ``depth`` items ahead; re-raise its errors here.
+
+    File reads release the GIL, so reading the next tensor overlaps with computing on this one.
+    """
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for item in produce:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=worker, name="ckptdiff-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+@dataclass(frozen=True)
+class Read:
+    """One aligned tensor and the sides (indices into the sources) it must be read from."""
+
+    item: Aligned
+    sides: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this read costs, all its sides together."""
+        return sum(info.nbytes for k in self.sides if (info := self.item.infos[k]) is not None)
+
+
+Tensors = tuple[torch.Tensor | None, ...]  # one slot per source; None for a side that was not read
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A flat range [start, start+len) of one aligned tensor, read from the sides asked for."""
+
+    item: Aligned
+    start: int
+    tensors: Tensors
+    last: bool  # the final chunk of this tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read for this chunk, all sides together."""
+        return _nbytes(self.tensors)
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _to(tensors: Tensors, device: torch.device | None) -> Tensors:
+    if device is None or device.type == "cpu":
+        return tensors
+    return tuple(t.to(device) if t is not None else None for t in tensors)
+
+
+def _chunk_elems(item: Aligned, chunk_bytes: int) -> int:
+    widest = max(i.dtype.itemsize for i in item.infos if i is not None)
+    return max(1, chunk_bytes // widest)
+
+
+def iter_chunks(
+    sources: Sequence[Source],
+    reads: Sequence[Read],
+    *,
+    device: torch.device | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+    depth: int = 2,
+) -> Iterator[Chunk]:
+    """Tensors as flat chunks of at most ``chunk_bytes`` per side, prefetched, on ``device``.
+
+    The CPU tensors of a chunk live in a small ring of reused buffers: they stay valid until the consumer
+    asks for the next chunk, and must not be kept beyond that (copy what you need).
+    """
+    ring = depth + 2  # chunks in the queue, one being read, one being consumed
+    buffers = [[np.empty(max(chunk_bytes, 8), dtype=np.uint8) for _ in range(ring)] for _ in sources]
+
+    def produce() -> Iterator[Chunk]:
+        slot = 0
+        for read in reads:
+            item = read.item
+            numel = item.base.numel
+            step = _chunk_elems(item, chunk_bytes)
+            start = 0
+            while True:
+                count = min(step, numel - start)
+                ts = tuple(
+                    sources[k].read(item.name, start, count, out=buffers[k][slot]) if k in read.sides else None
+                    for k in range(len(sources))
+                )
+                slot = (slot + 1) % ring
+                yield Chunk(item, start, ts, start + count >= numel)
+                start += count
+                if start >= numel:
+                    break
+
+    for chunk in prefetch(produce(), depth):
+        if on_bytes is not None:
+            on_bytes(chunk.nbytes)
+        yield Chunk(chunk.item, chunk.start, _to(chunk.tensors, device), chunk.last)
+
+
+def iter_tensors(
+    sources: Sequence[Source],
+    reads: Sequence[Read],
+    *,
+    device: torch.device | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    depth: int = 1,
+) -> Iterator[tuple[Read, Tensors]]:
+    """Whole tensors in their stored shapes, one aligned set at a time, on ``device``."""
+
+    def produce() -> Iterator[tuple[Read, Tensors]]:
+        for read in reads:
+            name = read.item.name
+            yield read, tuple(s.read_full(name) if k in read.sides else None for k, s in enumerate(sources))
+
+    for read, ts in prefetch(produce(), depth):
+        if on_bytes is not None:
+            on_bytes(_nbytes(ts))
+        yield read, _to(ts, device)

@@ -1,0 +1,73 @@
+"""Rules as text: ``METRIC[@GLOB] OP VALUE`` metric rules and the structural checks.
+
+The glob is matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`` also crosses dots).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ckptdiff.errors import InputError
+from ckptdiff.gate.registry import METRICS, unknown_metric
+
+Op = Literal["<", "<=", ">", ">=", "==", "!="]
+RULE_FORM = "METRIC[@GLOB] OP VALUE, e.g. 'sparsity@model.layers.*.mlp.* >= 0.3'"
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_RULE_RE = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_]\w*)\s*"
+    r"(?:@\s*(?P<scope>[^\s<>=]+))?\s*"  # a glob: no spaces or comparison characters ('!' allowed for [!x])
+    r"(?P<op><=|>=|==|!=|<|>)\s*"
+    rf"(?P<value>{_NUMBER})\s*$"
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One metric rule: METRIC[@SCOPE] OP VALUE; scope None means every tensor."""
+
+    metric: str
+    scope: str | None
+    op: Op
+    value: float
+
+    def __str__(self) -> str:
+        """The rule in canonical form."""
+        scope = f"@{self.scope}" if self.scope is not None else ""
+        return f"{self.metric}{scope} {self.op} {exact_number(self.value)}"
+
+
+def exact_number(value: float) -> str:
+    """A threshold as written back: integers without '.0', others in Python's shortest round-trip form."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
+
+
+def parse_rule(text: str, origin: str = "--rule") -> Rule:
+    """Parse 'METRIC[@GLOB] OP VALUE' (whitespace tolerant, scientific notation allowed) into a Rule."""
+    match = _RULE_RE.match(text)
+    if match is None:
+        raise InputError(f"cannot parse rule {text!r} from {origin}: expected {RULE_FORM}")
+    metric = match["metric"]
+    if metric not in METRICS:
+        raise InputError(unknown_metric(metric, text))
+    op: Op = match["op"]  # type: ignore[assignment]  # the regex admits only the six operators
+    return Rule(metric=metric, scope=match["scope"], op=op, value=float(match["value"]))
+
+
+@dataclass(frozen=True)
+class StructuralRules:
+    """Structural checks; all are off unless asked for. Globs use fnmatch on full tensor names."""
+
+    same_keys: bool = False  # both checkpoints hold the same tensor names
+    same_shapes: bool = False  # no tensor changed shape
+    same_dtypes: bool = False  # no tensor changed dtype
+    expect_unchanged: tuple[str, ...] = ()  # tensors matching any of these must have changed == 0
+    allow_changed: tuple[str, ...] = ()  # when given, every tensor outside them must have changed == 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any structural check is requested."""
+        checks = (self.same_keys, self.same_shapes, self.same_dtypes, self.expect_unchanged, self.allow_changed)
+        return any(bool(c) for c in checks)

@@ -1,0 +1,1 @@
+"""One module per checkpoint file format: how its bytes become tensors."""

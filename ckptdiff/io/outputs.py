@@ -1,0 +1,445 @@
+"""Output files: every file one run writes, checked before any work and put in place together at the end.
+
+An :class:`OutputSet` holds the run's destinations (``--csv``, ``--json``, ``--save-masks``, ...). Adding one
+checks it at once, before any checkpoint is read:
+
+* it is not an input of the run: not the same file (device and inode, so symlinks and hard links count) as a
+  checkpoint file, an index, a shard or a rules file; with a Hub id among the inputs, not inside the Hub cache;
+* it is not another destination of the run;
+* if it exists, it is a regular file, and no link on the way leads into /dev (but /dev/shm) or /proc. A
+  directory, a device (``/dev/null``), a FIFO or a descriptor link (``/dev/stdout``, ``/dev/fd/3``, which
+  may stand for the shell's ``> file``) is refused rather than replaced by a rename: output files are written
+  atomically, which a stream cannot be, and ``--format`` already prints to stdout;
+* its folder takes a new file (one is created and removed), so a read-only file system or a folder without
+  write permission fails now rather than after the work.
+
+A destination that is a symlink is written through: the bytes replace the link's final target and the link
+stays. Each output's bytes go to a temporary file beside that target (same file system, so the rename is
+atomic), created with mode ``0666 & ~umask`` like any other tool's output. :meth:`OutputSet.commit` renames
+every temporary into place, back to back, once all of them are complete; any failure before that, Ctrl-C,
+SIGTERM or SIGHUP removes them all (see :func:`signals_as_interrupts`), so a run leaves all its files or none.
+Write errors (read-only file system, full disk, quota, permissions) become one-line :class:`InputError` s that
+name the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+from ckptdiff.errors import InputError
+from ckptdiff.runtime.signals import Watcher
+
+PathLike = str | Path
+# Beside a checkpoint file: what a run reads (index, config.json) or a release ships with the weights.
+_SIDE_FILES = (
+    "*.safetensors",
+    "*.index.json",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+)
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or pick another folder",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or pick another folder",
+    errno.EROFS: "the file system is read-only: pick another folder",
+    errno.EACCES: "permission denied: check the folder's permissions or pick another folder",
+    errno.EPERM: "permission denied: check the folder's permissions or pick another folder",
+}
+
+
+def write_error(flag: str, path: Path, error: OSError) -> InputError:
+    advice = _ADVICE.get(error.errno or 0, "pick another path")
+    return InputError(f"cannot write {flag} {path}: {error.strerror or error}; {advice}")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO")):
+        if test(mode):
+            return name
+    return "socket" if stat.S_ISSOCK(mode) else "special file"
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """A new empty file beside ``target``, mode 0666 & ~umask (the kernel applies the umask), open for writing."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))
+
+
+def _final_target(flag: str, given: Path) -> Path:
+    """The file ``given`` ends at, every symlink followed; refuse a path that is or leads to /dev or /proc.
+
+    /dev/stdout, /dev/fd/N and /proc/self/fd/N are links to whatever the descriptor is open on; when that is a
+    regular file (``> out.txt``), following them naively would replace the shell's redirect target behind its
+    back. Checked hop by hop, since realpath alone sees only the end of the chain. /dev/shm is an ordinary
+    tmpfs folder and allowed.
+    """
+    hop = Path(os.path.abspath(given))
+    for _ in range(40):
+        where = Path(os.path.realpath(hop.parent)) / hop.name
+        for path in (hop, where):
+            special = path.is_relative_to("/dev") and not path.is_relative_to("/dev/shm")  # shm: a plain tmpfs
+            if special or path.is_relative_to("/proc"):
+                raise InputError(
+                    f"cannot write {flag} {given}: it leads to {path}, a device or process file, and output files "
+                    "are replaced atomically; give a regular file path (to print to stdout, use --format)"
+                )
+        if not where.is_symlink():
+            return where
+        hop = Path(os.path.normpath(where.parent / os.readlink(where)))
+    raise InputError(f"cannot write {flag} {given}: too many levels of symbolic links; pick another path")
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class Output:
+    """One destination: the path as given, the file its bytes land in, and its temporary file while written."""
+
+    def __init__(self, owner: OutputSet, flag: str, path: Path, target: Path):
+        self.owner = owner
+        self.flag = flag  # the option it came from, for messages
+        self.path = path  # as given (a symlink stays one)
+        self.target = target  # ``path`` with every symlink followed: the file that is replaced
+        self.tmp: Path | None = None
+        self.file: IO[bytes] | None = None
+        self.finished = False
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Turn an OSError raised while writing this output into a one-line InputError that names it."""
+        try:
+            yield
+        except OSError as e:
+            raise write_error(self.flag, self.path, e) from None
+
+    def open(self) -> IO[bytes]:
+        """A fresh temporary file beside the target, open for binary writing; :meth:`finish` completes it."""
+        if self.tmp is not None:
+            raise RuntimeError(f"{self.flag} {self.path} is already being written")
+        with signals_held(), self.writing():  # a signal between creating the file and noting it would leave it
+            fd, self.tmp = _create_temp(self.target)
+            self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def write(self, data: bytes | str) -> None:
+        """The whole content at once (text as UTF-8), then :meth:`finish`."""
+        f = self.open()
+        with self.writing():
+            f.write(data.encode() if isinstance(data, str) else data)
+        self.finish()
+
+    def finish(self) -> None:
+        """The content is complete: flush it to disk. A standalone output is renamed into place now."""
+        if self.file is None:
+            raise RuntimeError(f"{self.flag} {self.path} was never opened")
+        with self.writing():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        self.file = None
+        self.finished = True
+        if self.owner.autocommit:
+            self.owner.commit()
+
+    def discard(self) -> None:
+        """Close and delete the temporary file, if any."""
+        if self.file is not None:
+            with suppress(OSError):  # a failed flush of bytes that are about to be deleted anyway
+                self.file.close()
+            self.file = None
+        _remove(self.tmp)
+        self.tmp = None
+        self.finished = False
+
+
+class OutputSet:
+    """The destinations of one run, checked when added; written to temporaries; renamed together by :meth:`commit`.
+
+    Use it as a context manager: leaving the block by any exception (including :class:`Interrupted`) removes
+    every temporary file. ``autocommit`` renames each output as soon as it is finished (one-file library calls).
+    """
+
+    def __init__(self, inputs: Iterable[object] = (), *, autocommit: bool = False):
+        self.autocommit = autocommit
+        self.outputs: dict[str, Output] = {}
+        self._inputs: list[tuple[str, os.stat_result]] = []
+        self._trees: list[Path] = []
+        for spec in inputs:
+            if isinstance(spec, (str, Path)):
+                self._protect(str(spec))
+
+    def _protect(self, spec: str) -> None:
+        """Remember the files (or, for a Hub id, the cache folder) that input ``spec`` reads."""
+        for p in input_files(spec):
+            try:
+                self._inputs.append((str(p), os.stat(p)))
+            except OSError:
+                continue
+        if not Path(spec).expanduser().exists() and _is_hub_id(spec):
+            self._trees.append(Path(os.path.realpath(_hub_cache())))
+
+    def add(self, flag: str, path: PathLike | None) -> Output | None:
+        """Check destination ``path`` of option ``flag`` (see the module doc) and add it; None passes through."""
+        if path is None:
+            return None
+        given = Path(path).expanduser()
+        target = _final_target(flag, given)
+        folder = target.parent
+        if not folder.is_dir():
+            raise InputError(
+                f"cannot write {flag} {given}: folder {folder} does not exist; create it or pick another path"
+            )
+        try:
+            st: os.stat_result | None = os.stat(target)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise InputError(f"cannot write {flag} {given}: it is a directory; give a file name")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise InputError(
+                f"cannot write {flag} {given}: it is a {_kind(st.st_mode)}, not a regular file, and output files are "
+                "replaced atomically; give a file path (to print to stdout, use --format)"
+            )
+        self._check_not_input(flag, given, target, st)
+        for other in self.outputs.values():
+            same = other.target == target
+            if not same and st is not None and os.path.exists(other.target):
+                same = os.path.samestat(st, os.stat(other.target))
+            if same:
+                raise InputError(
+                    f"{other.flag} {other.path} and {flag} {given} are the same file; give each output its own path"
+                )
+        out = Output(self, flag, given, target)
+        with signals_held(), out.writing():  # can a file be created there at all? Find out before the work
+            fd, tmp = _create_temp(target)
+            os.close(fd)
+            os.unlink(tmp)
+        self.outputs[flag] = out
+        return out
+
+    def _check_not_input(self, flag: str, given: Path, target: Path, st: os.stat_result | None) -> None:
+        if st is not None:
+            for name, input_st in self._inputs:
+                if os.path.samestat(st, input_st):
+                    raise InputError(
+                        f"cannot write {flag} {given}: it is an input of this run ({name}) and would be destroyed; "
+                        "pick another path"
+                    )
+        for tree in self._trees:
+            if target.is_relative_to(tree):
+                raise InputError(
+                    f"cannot write {flag} {given}: it is inside the Hugging Face cache {tree}, which holds an input "
+                    "of this run; pick another path"
+                )
+
+    def get(self, flag: str) -> Output | None:
+        """The output added for ``flag``, or None."""
+        return self.outputs.get(flag)
+
+    def commit(self) -> None:
+        """Rename every finished temporary onto its target, back to back, with SIGINT/SIGTERM/SIGHUP held off."""
+        if not writes_files():  # under torchrun ranks only rank 0 writes; the others hold identical results
+            self.discard()
+            return
+        pending = [o for o in self.outputs.values() if o.tmp is not None or not o.finished]
+        for out in pending:
+            if not out.finished:
+                raise RuntimeError(f"{out.flag} {out.path} was never written")
+        done: list[Output] = []
+        with signals_held():
+            try:
+                for out in pending:
+                    assert out.tmp is not None  # finished outputs hold their temporary until renamed
+                    with out.writing():
+                        os.replace(out.tmp, out.target)
+                    out.tmp = None
+                    done.append(out)
+            finally:
+                if done:
+                    note_commit()
+                if len(done) < len(pending):
+                    self.discard()
+
+    def discard(self) -> None:
+        """Remove every temporary file (what is already in place stays); a second signal waits until all are gone."""
+        with signals_held():
+            for out in self.outputs.values():
+                out.discard()
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.discard()
+
+
+def writes_files() -> bool:
+    """Whether this process writes output files: False on every rank but 0 under torchrun (no torch import)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    from ckptdiff.runtime.distributed import is_leader
+
+    return is_leader()
+
+
+def standalone(output: PathLike | Output | None, flag: str, inputs: Iterable[object] = ()) -> Output | None:
+    """An output for a library call: one handed in by a caller's set passes through; a path becomes a one-file
+    set, checked now against ``inputs`` (paths; open sources are skipped) and renamed into place when finished."""
+    if output is None or isinstance(output, Output):
+        return output
+    return OutputSet(inputs, autocommit=True).add(flag, output)
+
+
+def input_files(spec: str) -> list[Path]:
+    """Files an input argument reads or may read, which no output may replace.
+
+    A folder: every file in it (weights, index, ``config.json``, tokenizer and adapter files, anything else the
+    user keeps there) and the shards its indexes name. A file: itself, the shards it names if it is an index,
+    and the side files beside it that a run reads or a checkpoint is published with (:data:`_SIDE_FILES`).
+    A Hub id or a missing path gives none.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in path.iterdir() if not p.is_dir()]
+    elif path.exists():
+        files = [path, *(p for pattern in _SIDE_FILES for p in path.parent.glob(pattern))]
+    else:
+        return []
+    for index in [f for f in files if f.name.endswith(".index.json")]:
+        from ckptdiff.io.layout import read_index
+
+        try:
+            files += read_index(index)[0]
+        except InputError:
+            continue  # reading the checkpoint will report it; its other files are protected meanwhile
+    return files
+
+
+def _is_hub_id(spec: str) -> bool:
+    from ckptdiff.io.source import HUB_ID
+
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def _hub_cache() -> str:
+    from ckptdiff.io.hub import download as hub
+
+    configured = hub.cache_dir()
+    if configured is not None:
+        return configured
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that temporaries are removed on the way out.
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles the others alike. The CLI exits with
+    ``128 + signum`` (130, 143, 129), the shell's convention for a process ended by that signal.
+    """
+
+    def __init__(self, signum: int, after_commit: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.after_commit = after_commit  # the run's output files were already in place
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number."""
+        return 128 + self.signum
+
+
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_state: dict[str, object] = {"held": None, "committed": False}
+_taken = [0]  # signals the main thread's handler has taken (ckptdiff.runtime.signals compares with those received)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _taken[0] += 1
+    held = _state["held"]
+    if isinstance(held, list):
+        held.append(signum)  # renames in progress: finish them first
+        return
+    raise Interrupted(signum, after_commit=bool(_state["committed"]))
+
+
+def note_commit() -> None:
+    """The run's output is in place: an interrupt from now on says so (see :class:`Interrupted`)."""
+    _state["committed"] = True
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Defer the handled signals to the end of the block (only where :func:`signals_as_interrupts` is active)."""
+    if _state["held"] is not None:
+        yield
+        return
+    held: list[int] = []
+    _state["held"] = held
+    try:
+        yield
+    finally:
+        _state["held"] = None
+    if held:
+        raise Interrupted(held[0], after_commit=bool(_state["committed"]))
+
+
+@contextmanager
+def signals_as_interrupts(speak: bool = True) -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
+
+    A signal the process was started ignoring (``nohup`` ignores SIGHUP, ``&`` in a script SIGINT) stays
+    ignored. Outside the main thread this does nothing (Python delivers signals to the main thread only).
+    While the main thread is inside one long call (an SVD), a line on stderr says at once that the run stops
+    when it returns (:mod:`ckptdiff.runtime.signals`; ``speak=False`` keeps it quiet, as on ranks other than 0).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in _HANDLED}
+    _state["committed"] = False
+    watcher = Watcher(_HANDLED, lambda: _taken[0], speak=speak)
+    watcher.start()  # first: a signal during its set-up finds the previous handlers, and nothing half-installed
+    try:
+        for s, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, _on_signal)
+        yield
+    finally:
+        watcher.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -1,0 +1,80 @@
+"""Fused mixture-of-experts tensors, split into one tensor per expert.
+
+Some checkpoints store all experts of a layer in one tensor with a leading expert dimension:
+``mlp.experts.gate_up_proj`` of shape (E, d, 2f) and ``mlp.experts.down_proj`` (E, f, d) in gpt-oss and Llama 4,
+``mlp.experts.gate_up_proj_bias`` (E, 2f). :func:`split` presents each such tensor as E tensors named
+``NAME[e]`` (``mlp.experts.gate_up_proj[3]``), each the contiguous slice ``NAME[e]`` of the stored tensor, so every
+analysis, rollup and the ``expert`` column see experts whatever the storage: a fused (E, d, 2f) tensor gives E
+matrices for the SVD-based analyses instead of one 3-D tensor they would skip.
+
+A tensor is taken for fused when its name ends in ``experts.PART`` (optionally ``.weight``/``.bias``) with a PART
+that is not an expert index, and it has at least two dimensions. Reading ``NAME[e]`` reads only that slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import torch
+
+from ckptdiff.io.source import Source, TensorInfo
+from ckptdiff.io.views.fp8 import Fp8Info
+
+_FUSED = re.compile(r"(?:^|\.)experts\.[A-Za-z_]\w*(?:\.(?:weight|bias))?$")
+
+
+def is_fused(info: TensorInfo) -> bool:
+    """Whether a stored tensor holds every expert of a layer along its first dimension."""
+    if isinstance(info, Fp8Info) and info.scaled:  # a dequantized FP8 weight is a matrix, never a stack
+        return False
+    return len(info.shape) >= 2 and info.shape[0] > 0 and bool(_FUSED.search(info.name))
+
+
+def slice_name(name: str, expert: int) -> str:
+    """The name of expert ``expert``'s slice of fused tensor ``name``: ``name[expert]``."""
+    return f"{name}[{expert}]"
+
+
+class SplitExpertsSource(Source):
+    """A source whose fused expert tensors read as one tensor per expert; everything else passes through."""
+
+    def __init__(self, inner: Source):
+        infos: dict[str, TensorInfo] = {}
+        self.parts: dict[str, tuple[str, int]] = {}  # slice name -> (stored name, first flat entry)
+        fused = 0
+        for name, info in inner.infos.items():
+            if not is_fused(info):
+                infos[name] = info
+                continue
+            fused += 1
+            shape = tuple(info.shape[1:])
+            per = 1
+            for d in shape:
+                per *= d
+            for e in range(info.shape[0]):
+                sub = slice_name(name, e)
+                infos[sub] = dataclasses.replace(info, name=sub, shape=shape)  # keeps an FP8 note
+                self.parts[sub] = (name, e * per)
+        what = f"moe: {fused} fused expert tensors split into {len(self.parts)} per-expert tensors"
+        super().__init__(inner.spec, f"{inner.resolved} [{what}]", infos, dict(inner.tied))
+        self.inner = inner
+
+    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+        part = self.parts.get(name)
+        if part is None:
+            return self.inner.read(name, start, count, out)
+        stored, first = part
+        n = self.infos[name].numel - start if count is None else count
+        return self.inner.read(stored, first + start, n, out)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def split(src: Source) -> Source:
+    """``src`` with its fused expert tensors split per expert, or ``src`` itself when it has none."""
+    if isinstance(src, SplitExpertsSource) or not any(is_fused(i) for i in src.infos.values()):
+        return src
+    return SplitExpertsSource(src)

@@ -1,0 +1,1 @@
+"""Results as text, tables, figures, HTML and the report directory; nothing here measures anything."""

@@ -1,0 +1,231 @@
+"""The output directory of ``ckptdiff report``: written whole or not at all.
+
+Layout::
+
+    DIR/index.html        self-contained page (figures inline, nothing fetched)
+    DIR/report.md         Markdown for a model card or a pull request; figures as files:
+    DIR/figures/*.svg
+    DIR/tensors.csv       one row per tensor (and fine-tune): every per-tensor column of the analyses
+    DIR/report.json       the whole report, machine-readable
+
+    DIR/.ckptdiff-report  the manifest: every file above, as written by ckptdiff
+
+Everything is written into a hidden temporary directory beside DIR, then renamed into place; a DIR that already
+holds an earlier report is replaced in one step, so an interrupted or failed run leaves the old report (or
+nothing) and never half of a new one.
+
+Only what ckptdiff wrote is ever replaced. Before the work, a DIR that exists must be empty, or an earlier report
+whose manifest lists every file in it: a file the manifest does not list (a user's ``figures/thesis.tex``), an
+input of the run inside DIR, or a DIR that is a symbolic link (replacing it would change the report it points
+to) is refused, and nothing is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckptdiff.errors import InputError
+from ckptdiff.io.outputs import note_commit, signals_held, write_error, writes_files
+from ckptdiff.render.text import records, to_markdown
+
+if TYPE_CHECKING:
+    from ckptdiff.analyses.full import FullReportResult
+    from ckptdiff.render.figures import Figure
+
+FILES = ("index.html", "report.md", "tensors.csv", "report.json")
+MANIFEST = ".ckptdiff-report"  # JSON: {"ckptdiff_report": 1, "files": [paths relative to DIR]}
+
+
+def check_directory(directory: str | Path, inputs: Iterable[object] = ()) -> Path:
+    """Fail before any work if DIR cannot take a report (see the module doc); ``inputs`` are the run's inputs."""
+    target = Path(directory)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write report {target}: folder {parent} does not exist; create it first")
+    if target.is_symlink():
+        raise InputError(
+            f"cannot write report {target}: it is a symbolic link to {os.path.realpath(target)}, and replacing it "
+            "would change what it points to; give the real directory path or a new directory name"
+        )
+    if target.exists() and not target.is_dir():
+        raise InputError(f"cannot write report {target}: it is a file, not a directory; give a new directory name")
+    if target.is_dir():
+        _refuse_inputs_inside(target, inputs)
+        _refuse_foreign_files(target)
+    with signals_held():  # can a directory be made there at all? Find out before the work (read-only, full, ...)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=parent))
+        except OSError as e:
+            raise write_error("--out", target, e) from None
+    return target
+
+
+def _contents(target: Path) -> tuple[set[str], set[str]]:
+    """Every file (and link) and every folder below ``target``, as paths relative to it."""
+    files: set[str] = set()
+    folders: set[str] = set()
+    for root, dirs, names in os.walk(target):
+        rel = Path(root).relative_to(target)
+        folders.update(str(rel / d) for d in dirs if not (Path(root) / d).is_symlink())
+        files.update(str(rel / n) for n in names)
+        files.update(str(rel / d) for d in dirs if (Path(root) / d).is_symlink())  # os.walk does not enter them
+    return files, folders
+
+
+def _manifest(target: Path) -> set[str] | None:
+    """The files an earlier report's manifest lists, or None if there is no readable manifest."""
+    try:
+        doc = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+        listed = doc["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if doc.get("ckptdiff_report") != 1 or not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        return None
+    return set(listed)
+
+
+def _refuse_foreign_files(target: Path) -> None:
+    """A non-empty DIR must be an earlier report holding only the files its manifest lists."""
+    files, folders = _contents(target)
+    if not files and not folders:
+        return
+    listed = _manifest(target)
+    if listed is None:
+        raise InputError(
+            f"cannot write report into {target}: it exists and is not a report ckptdiff wrote (no {MANIFEST} "
+            "manifest); give a new or empty directory"
+        )
+    foreign = sorted(files - listed - {MANIFEST}) + sorted(folders - {"figures"})
+    if foreign:
+        raise InputError(
+            f"cannot write report into {target}: it holds {foreign[0]!r}, which ckptdiff did not write there"
+            f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; move it out or give a new directory"
+        )
+
+
+def _refuse_inputs_inside(target: Path, inputs: Iterable[object]) -> None:
+    """No input of the run (a checkpoint, its shards, a rules file) may live inside the directory replaced."""
+    from ckptdiff.io.outputs import input_files
+
+    real = Path(os.path.realpath(target))
+    for spec in inputs:
+        if not isinstance(spec, (str, Path)):
+            continue
+        for path in [Path(spec).expanduser(), *input_files(str(spec))]:
+            if path.exists() and Path(os.path.realpath(path)).is_relative_to(real):
+                raise InputError(
+                    f"cannot write report into {target}: it holds {path}, an input of this run, which replacing "
+                    "the directory would delete; give another directory"
+                )
+
+
+def _section_figures(figures: Sequence[Figure], key: str, run: str) -> list[Figure]:
+    """The figures of one section: those drawn from that analysis (and fine-tune)."""
+    return [f for f in figures if (f.analysis, f.run) == (key, run)]
+
+
+def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
+    """report.md: the header, then each analysis's Markdown report with its figures (linked under figures/)."""
+    lines = ["# ckptdiff report", ""]
+    lines += [f"- **{k}**: `{v}`" for k, v in report.header.items()]
+    lines.append("")
+    placed: set[str] = set()
+    for (key, run), (heading, section) in zip(report.section_keys(), report.sections(), strict=True):
+        body = to_markdown(section).splitlines()
+        body = [line for line in body if not line.startswith("- **")]  # the header is given once, above
+        body[0] = f"## {heading}"
+        lines += body
+        for fig in _section_figures(figures, key, run):
+            if fig.name in placed:
+                continue
+            placed.add(fig.name)
+            lines += ["", f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*"]
+        lines.append("")
+    rest = [f for f in figures if f.name not in placed]
+    if rest:
+        lines += ["## Other figures", ""]
+        for fig in rest:
+            lines += [f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _json(report: FullReportResult) -> str:
+    doc = report.to_dict()
+    doc["tensors"] = records(report.tensors())
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def write_directory(report: FullReportResult, directory: str | Path, inputs: Iterable[object] = ()) -> list[Path]:
+    """Write the report's files into ``directory`` as one unit (see the module doc); the paths written.
+
+    ``inputs`` (the run's checkpoint paths) are checked not to lie inside ``directory``.
+    """
+    from ckptdiff.render.figures import figures as make_figures
+    from ckptdiff.render.html import to_html
+
+    target = check_directory(directory, inputs)
+    if not writes_files():  # under torchrun ranks only rank 0 writes; the others hold identical results
+        return []
+    figs = make_figures(report)
+    parent = target.parent if str(target.parent) else Path(".")
+    with signals_held():  # a signal between making the folder and the try below would leave it behind
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        except OSError as e:
+            raise write_error("--out", target, e) from None
+    written = [*FILES, *(f"figures/{f.name}.svg" for f in figs)]
+    try:
+        (tmp / "figures").mkdir()
+        for fig in figs:
+            (tmp / "figures" / f"{fig.name}.svg").write_text(fig.svg, encoding="utf-8")
+        (tmp / "index.html").write_text(to_html(report, figs), encoding="utf-8")
+        (tmp / "report.md").write_text(to_markdown_dir(report, figs), encoding="utf-8")
+        (tmp / "tensors.csv").write_text(report.tensors().to_csv(index=False), encoding="utf-8")
+        (tmp / "report.json").write_text(_json(report), encoding="utf-8")
+        manifest = {"ckptdiff_report": 1, "files": written}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        mode = 0o777 & ~_umask()
+        os.chmod(tmp, mode)
+        if target.exists():
+            with signals_held():  # the two renames go together: a signal waits until both are done
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+                try:
+                    os.rename(target, old / "report")
+                except OSError:
+                    os.rmdir(old)  # still empty: nothing hidden is left beside the report
+                    raise
+                try:
+                    os.rename(tmp, target)
+                except OSError as e:
+                    try:  # put the earlier report back where it was
+                        os.rename(old / "report", target)
+                        os.rmdir(old)
+                    except OSError:
+                        error = write_error("--out", target, e)
+                        raise InputError(f"{error}; the earlier report is kept in {old / 'report'}") from None
+                    raise
+                note_commit()
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            with signals_held():
+                os.rename(tmp, target)
+                note_commit()
+    except OSError as e:  # a full disk or a vanished folder: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error("--out", target, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [target / name for name in written]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,1 @@
+"""How a run behaves as a process: signals as interrupts, torchrun ranks, progress lines."""
