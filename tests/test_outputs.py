@@ -411,7 +411,7 @@ def test_sigterm_removes_every_temporary(signum: int, code: int, ckpts: dict[str
 
 
 def test_sighup_and_sigterm_interrupt_like_ctrl_c() -> None:
-    from ckptdiff.io.outputs import Interrupted, signals_as_interrupts
+    from ckptdiff.runtime.signals import Interrupted, signals_as_interrupts
 
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         with pytest.raises(Interrupted) as caught, signals_as_interrupts():
@@ -423,7 +423,7 @@ def test_sighup_and_sigterm_interrupt_like_ctrl_c() -> None:
 
 BLOCKED_IN_C = r"""
 import ctypes, os, signal, sys, threading, time
-from ckptdiff.io.outputs import Interrupted, signals_as_interrupts
+from ckptdiff.runtime.signals import Interrupted, signals_as_interrupts
 
 libc = ctypes.CDLL(None)  # ctypes releases the GIL; a blocked pthread_mutex_lock never returns to Python
 mutex = ctypes.create_string_buffer(64)  # zeroed: a default mutex on glibc

@@ -104,8 +104,8 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from ckptdiff.errors import CkptdiffError
-        from ckptdiff.io.outputs import signals_as_interrupts
         from ckptdiff.log import to_stderr
+        from ckptdiff.runtime.signals import signals_as_interrupts
 
         to_stderr(enabled=_RANK == 0)  # under torchrun, rank 0 alone speaks
 
@@ -139,7 +139,7 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
     """The message and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
-    from ckptdiff.io.outputs import Interrupted
+    from ckptdiff.runtime.signals import Interrupted
 
     if not isinstance(e, Interrupted):
         return "interrupted; no output file was written", 130

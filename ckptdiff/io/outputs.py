@@ -27,17 +27,15 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import signal
 import stat
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO
 
 from ckptdiff.errors import InputError
-from ckptdiff.runtime.signals import Watcher
+from ckptdiff.runtime.signals import note_commit, signals_held
 
 PathLike = str | Path
 # Beside a checkpoint file: what a run reads (index, config.json) or a release ships with the weights.
@@ -359,87 +357,3 @@ def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
-
-
-# ---------------------------------------------------------------------------------------------
-# signals
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that temporaries are removed on the way out.
-
-    A KeyboardInterrupt, so code that handles Ctrl-C handles the others alike. The CLI exits with
-    ``128 + signum`` (130, 143, 129), the shell's convention for a process ended by that signal.
-    """
-
-    def __init__(self, signum: int, after_commit: bool = False):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.after_commit = after_commit  # the run's output files were already in place
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number."""
-        return 128 + self.signum
-
-
-_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_state: dict[str, object] = {"held": None, "committed": False}
-_taken = [0]  # signals the main thread's handler has taken (ckptdiff.runtime.signals compares with those received)
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    _taken[0] += 1
-    held = _state["held"]
-    if isinstance(held, list):
-        held.append(signum)  # renames in progress: finish them first
-        return
-    raise Interrupted(signum, after_commit=bool(_state["committed"]))
-
-
-def note_commit() -> None:
-    """The run's output is in place: an interrupt from now on says so (see :class:`Interrupted`)."""
-    _state["committed"] = True
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Defer the handled signals to the end of the block (only where :func:`signals_as_interrupts` is active)."""
-    if _state["held"] is not None:
-        yield
-        return
-    held: list[int] = []
-    _state["held"] = held
-    try:
-        yield
-    finally:
-        _state["held"] = None
-    if held:
-        raise Interrupted(held[0], after_commit=bool(_state["committed"]))
-
-
-@contextmanager
-def signals_as_interrupts(speak: bool = True) -> Iterator[None]:
-    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
-
-    A signal the process was started ignoring (``nohup`` ignores SIGHUP, ``&`` in a script SIGINT) stays
-    ignored. Outside the main thread this does nothing (Python delivers signals to the main thread only).
-    While the main thread is inside one long call (an SVD), a line on stderr says at once that the run stops
-    when it returns (:mod:`ckptdiff.runtime.signals`; ``speak=False`` keeps it quiet, as on ranks other than 0).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in _HANDLED}
-    _state["committed"] = False
-    watcher = Watcher(_HANDLED, lambda: _taken[0], speak=speak)
-    watcher.start()  # first: a signal during its set-up finds the previous handlers, and nothing half-installed
-    try:
-        for s, handler in previous.items():
-            if handler is not signal.SIG_IGN:
-                signal.signal(s, _on_signal)
-        yield
-    finally:
-        watcher.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

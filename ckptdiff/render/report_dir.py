@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
-from ckptdiff.io.outputs import note_commit, signals_held, write_error, writes_files
+from ckptdiff.io.outputs import write_error, writes_files
 from ckptdiff.render.text import records, to_markdown
+from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
     from ckptdiff.analyses.full import FullReportResult

@@ -168,7 +168,7 @@ def agree(step: Callable[[], T], what: str = "") -> T:
         signum = int(getattr(e, "signum", signal.SIGINT))
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         failure, error = _Failure("interrupt", how, 128 + signum), e
-    from ckptdiff.io.outputs import signals_held
+    from ckptdiff.runtime.signals import signals_held
 
     with signals_held():  # a signal now waits until every rank has its part of the exchange: none is left waiting
         outcomes = all_gather(failure)
