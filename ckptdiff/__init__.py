@@ -6,6 +6,7 @@ The library is the product; the CLI is one client of it::
     result = ckptdiff.sparsity("base/", "ft/")
     result.to_frame()          # one row per tensor
     result.overall()           # parameter-weighted totals
+    ckpt = ckptdiff.open("ft/")  # a checkpoint as the analyses see it (ties, FP8 dequantized, experts split)
 
 Attributes are imported lazily so that ``import ckptdiff`` (and ``ckptdiff --help``) stays fast.
 """
@@ -24,7 +25,8 @@ _LAZY = {
     "consistency": ("ckptdiff.analyses.consistency", "consistency"),
     "check": ("ckptdiff.gate.check", "check"),
     "full_report": ("ckptdiff.analyses.full", "full_report"),
-    "resolve": ("ckptdiff.io.source", "resolve"),
+    "open": ("ckptdiff.io.resolve", "open"),
+    "resolve": ("ckptdiff.io.resolve", "open"),  # the same front door under its earlier name
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),
     "CkptdiffError": ("ckptdiff.errors", "CkptdiffError"),
 }

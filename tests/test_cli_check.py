@@ -22,7 +22,7 @@ from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
 from ckptdiff.gate import load_config
 from ckptdiff.gate.check import Shared, check
-from ckptdiff.io.source import SafetensorsSource
+from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.views.ties import HINT
 from ckptdiff.metrics.mask import CompareMode
 

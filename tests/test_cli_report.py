@@ -19,7 +19,7 @@ from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
 from ckptdiff.gate.check import Shared, check
-from ckptdiff.io.source import resolve
+from ckptdiff.io.resolve import open_stored
 
 runner = CliRunner()
 UP0 = "model.layers.0.mlp.up_proj.weight"
@@ -114,7 +114,7 @@ def test_report_directory_is_written_whole_and_replaces_an_earlier_one(
     doc = json.loads((out / "report.json").read_text())
     assert doc["analyses"] == ["sparsity", "principal", "spectral", "consistency"] and doc["runs"] == ["a", "b"]
     csv = pd.read_csv(out / "tensors.csv")
-    assert len(csv) == 2 * len(resolve(base).infos)
+    assert len(csv) == 2 * len(open_stored(base).infos)
     md = (out / "report.md").read_text()
     for link in (line for line in md.splitlines() if line.startswith("![")):
         assert (out / link.split("](", 1)[1].rstrip(")")).is_file(), link
@@ -127,7 +127,7 @@ def test_report_directory_is_written_whole_and_replaces_an_earlier_one(
 
 def test_check_reads_the_pair_once_for_any_mix_of_rules(trio: tuple[str, str, str]) -> None:
     base, a, _ = trio
-    sources = [CountingSource(resolve(base)), CountingSource(resolve(a))]
+    sources = [CountingSource(open_stored(base)), CountingSource(open_stored(a))]
     rules = ("sparsity >= 0.1", "ratio_principal_magnitude <= 2", "nss < 1", "nss_null_ratio < 100")
     cfg = R.CheckConfig(rules=tuple(R.parse_rule(r) for r in rules))
     rep = check(*sources, cfg, shared=Shared(device="cpu", progress=False, k=4))

@@ -28,7 +28,7 @@ from ckptdiff.engine.pipeline import Run, execute
 from ckptdiff.errors import InputError
 from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
 from ckptdiff.gate.check import check
-from ckptdiff.io.source import resolve
+from ckptdiff.io.resolve import open_stored
 from ckptdiff.io.views import fp8
 
 E4M3 = torch.float8_e4m3fn
@@ -167,7 +167,7 @@ def _rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_weights_read_as_fp32_and_scales_are_hidden(ckpts: dict[str, Path], sds: dict[str, Any]) -> None:
-    src = fp8.wrap(resolve(str(ckpts["base"])))
+    src = fp8.wrap(open_stored(str(ckpts["base"])))
     assert isinstance(src, fp8.Fp8Source)
     assert set(src.infos) == {Q, DOWN, NORM, EMBED}
     info = src.infos[Q]
@@ -182,7 +182,7 @@ def test_weights_read_as_fp32_and_scales_are_hidden(ckpts: dict[str, Path], sds:
 
 def test_ranges_dequantize_into_the_callers_buffer(ckpts: dict[str, Path], sds: dict[str, Any]) -> None:
     """Any flat range, across rows and blocks, into a dirty ring buffer: the same bits as the whole matrix."""
-    src = fp8.wrap(resolve(str(ckpts["ft"])))
+    src = fp8.wrap(open_stored(str(ckpts["ft"])))
     want = expected_values(sds["ft"][Q], sds["ft"][Q + SCALE]).reshape(-1).view(np.uint32)
     rng = np.random.default_rng(1)
     buf = np.full(4 * 60_000, 0xAB, dtype=np.uint8)
@@ -263,7 +263,7 @@ def test_tolerances_and_as_apply_to_dequantized_values(ckpts: dict[str, Path], s
 
 
 def _execute(paths: list[Path], analyses: list[Any], chunk_bytes: int) -> tuple[list[Any], list[CountingSource]]:
-    srcs = [CountingSource(resolve(str(p))) for p in paths]
+    srcs = [CountingSource(open_stored(str(p))) for p in paths]
     views = [fp8.wrap(s) for s in srcs]
     items = align(views, labels=["base", "ft"])
     run = Run(tuple(views), ("base", "ft"), tuple(items), torch.device("cpu"), 2 * 1024**3, chunk_bytes=chunk_bytes)
@@ -464,7 +464,7 @@ def test_header_only_reports_fp8_weights_and_block_size(ckpts: dict[str, Path], 
 
 
 def test_fp8_code_counts_survive_being_split_across_ranks(ckpts: dict[str, Path]) -> None:
-    views = [fp8.wrap(resolve(str(ckpts[k]))) for k in ("base", "ft")]
+    views = [fp8.wrap(open_stored(str(ckpts[k]))) for k in ("base", "ft")]
     run = Run(tuple(views), ("base", "ft"), tuple(align(views, labels=["base", "ft"])), torch.device("cpu"), 2**31)
     (whole,) = execute(run, [SparsityAnalysis()], progress=False)
     (split,) = as_two_ranks(run, lambda: [SparsityAnalysis()])

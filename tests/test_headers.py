@@ -14,7 +14,7 @@ from huggingface_hub.utils import SafetensorsRepoMetadata
 
 from ckptdiff.errors import InputError
 from ckptdiff.io.formats.headers_only import HeaderSource, open_headers
-from ckptdiff.io.source import SafetensorsSource
+from ckptdiff.io.formats.safetensors import SafetensorsSource
 
 
 @pytest.fixture

@@ -204,17 +204,17 @@ def test_consistency_refuses_named_pipe(tmp_path: Path, bases: dict[str, Path]) 
 # regression kills that process, not the test run.
 _TRUNCATE_DURING_READ = """
 import os, sys
-from ckptdiff.io import source as sources
+from ckptdiff.io.formats import torch_file
 from ckptdiff.cli import main
 
 victim = sys.argv[2]
-original = sources.TorchFileSource.read
+original = torch_file.TorchFileSource.read
 
 def read(self, name, *args, **kwargs):
     os.truncate(victim, 64)
     return original(self, name, *args, **kwargs)
 
-sources.TorchFileSource.read = read
+torch_file.TorchFileSource.read = read
 sys.argv = ["ckptdiff", "sparsity", *sys.argv[1:], "-q"]
 main()
 """

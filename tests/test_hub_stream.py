@@ -25,10 +25,11 @@ from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
 from ckptdiff.io.formats.headers_only import open_headers
+from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.hub import download as hub
 from ckptdiff.io.hub import stream as hub_stream
 from ckptdiff.io.hub.stream import HubStreamSource
-from ckptdiff.io.source import SafetensorsSource, resolve
+from ckptdiff.io.resolve import open_stored
 from ckptdiff.io.views.ties import HINT
 
 runner = CliRunner()
@@ -170,8 +171,8 @@ def test_redirects_and_small_whole_files(server: str, fake_hub: FakeHub, tmp_pat
     fake_hub.add("acme/base", base, SHA_BASE)
     fake_hub.redirect = server.startswith("redirects")
     fake_hub.ignore_range = not fake_hub.redirect
-    src = resolve("acme/base")
-    local = resolve(str(base))
+    src = open_stored("acme/base")
+    local = open_stored(str(base))
     for name in local.infos:
         assert torch.equal(src.read_full(name).view(torch.uint8), local.read_full(name).view(torch.uint8)), name
     if fake_hub.redirect:  # the Range header followed the redirect: each byte still sent once
@@ -186,7 +187,7 @@ def test_read_fills_the_callers_buffer(fake_hub: FakeHub, tmp_path: Path) -> Non
     sd = llama_like()
     save_single(sd, tmp_path / "one" / "model.safetensors")
     fake_hub.add("acme/one", tmp_path / "one", SHA_BASE)
-    src = resolve("acme/one")
+    src = open_stored("acme/one")
     assert isinstance(src, HubStreamSource)
     name = "model.layers.1.mlp.up_proj.weight"
     out = np.zeros(4096, dtype=np.uint8)
@@ -205,8 +206,8 @@ def _offset(src: HubStreamSource, name: str) -> int:
 def test_header_only_over_the_stream_source_matches_local(fake_hub: FakeHub, tmp_path: Path) -> None:
     base, _ = _pair(tmp_path)
     fake_hub.add("acme/base", base, SHA_BASE)
-    streamed = resolve("acme/base")
-    local = resolve(str(base))
+    streamed = open_stored("acme/base")
+    local = open_stored(str(base))
     assert streamed.infos.keys() == local.infos.keys()
     assert all(streamed.infos[n].shape == local.infos[n].shape for n in local.infos)
     assert fake_hub.bytes_served() == _header_bytes(base)  # headers and index only
@@ -282,7 +283,7 @@ def test_hub_unreachable_is_one_line_exit_2_fast(
 def test_connection_lost_mid_run_is_one_line_after_bounded_retries(fake_hub: FakeHub, tmp_path: Path) -> None:
     base, _ = _pair(tmp_path)
     fake_hub.add("acme/base", base, SHA_BASE)
-    src = resolve("acme/base")
+    src = open_stored("acme/base")
     fake_hub.stop()
     t0 = time.monotonic()
     with pytest.raises(InputError, match=r"cannot reach the Hub.*3 tries.*HF_HUB_OFFLINE=1") as info:
@@ -295,11 +296,11 @@ def test_connection_lost_mid_run_is_one_line_after_bounded_retries(fake_hub: Fak
 def test_transient_failures_are_retried_and_resumed(fake_hub: FakeHub, tmp_path: Path) -> None:
     base, _ = _pair(tmp_path)
     fake_hub.add("acme/base", base, SHA_BASE)
-    src = resolve("acme/base")
+    src = open_stored("acme/base")
     name = "model.embed_tokens.weight"
     fake_hub.faults = ["503", "cut"]  # busy, then half the bytes and a hang-up: the third request finishes it
     got = src.read_full(name)
-    assert torch.equal(got.view(torch.int16), resolve(str(base)).read_full(name).view(torch.int16))
+    assert torch.equal(got.view(torch.int16), open_stored(str(base)).read_full(name).view(torch.int16))
     last = fake_hub.log[-3:]
     assert [s.status for s in last] == [503, 206, 206]
     half = src.infos[name].nbytes // 2
@@ -343,7 +344,7 @@ def test_hub_errors_are_one_line(
         doc["weight_map"]["lm_head.weight"] = "../other/model.safetensors"
         index.write_text(json.dumps(doc))
     with pytest.raises(InputError, match=message) as info:
-        resolve(spec).close()
+        open_stored(spec).close()
     assert "\n" not in str(info.value)
 
 
@@ -356,9 +357,9 @@ def test_corrupt_header_gets_the_local_files_reason(fake_hub: FakeHub, tmp_path:
     f.write_bytes(raw[:8] + header + raw[8 + hlen :])
     fake_hub.add("acme/bad", bad, SHA_BASE)
     with pytest.raises(InputError) as local:
-        resolve(str(f))
+        open_stored(str(f))
     with pytest.raises(InputError) as streamed:
-        resolve("acme/bad")
+        open_stored("acme/bad")
     reason = str(local.value).split(str(f), 1)[1]
     assert str(streamed.value).endswith(reason)
 
@@ -413,7 +414,7 @@ def test_header_only_offline_reads_the_cached_headers(tmp_path: Path, monkeypatc
         open_headers("acme/never-downloaded")
     # Offline, a streamed Hub id reads the cache too: the weights are on disk already.
     monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
-    assert isinstance(resolve("acme/tiny"), SafetensorsSource)
+    assert isinstance(open_stored("acme/tiny"), SafetensorsSource)
 
 
 def test_the_hub_stream_flag_streams_from_the_command_line(

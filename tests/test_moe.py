@@ -23,9 +23,8 @@ from ckptdiff.engine.alignment import align
 from ckptdiff.engine.pipeline import Run, execute
 from ckptdiff.gate import CheckConfig, StructuralRules
 from ckptdiff.gate.check import check
-from ckptdiff.io.source import resolve
+from ckptdiff.io.resolve import logical, open_stored
 from ckptdiff.io.views import moe
-from ckptdiff.io.views.logical import logical
 
 D, F, E = 16, 24, 4  # hidden size, expert FFN size, routed experts
 
@@ -166,10 +165,10 @@ def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_fused_tensors_split_per_expert(fused: tuple[Path, Path]) -> None:
-    src = logical(resolve(str(fused[0])))
+    src = logical(open_stored(str(fused[0])))
     assert isinstance(src, moe.SplitExpertsSource) and "4 fused expert tensors split into 16" in src.resolved
     assert GATE_UP not in src.infos and src.infos[GATE_UP + "[2]"].shape == (D, 2 * F)
-    whole = resolve(str(fused[0])).read_full(GATE_UP)
+    whole = open_stored(str(fused[0])).read_full(GATE_UP)
     for e in range(E):
         assert torch.equal(src.read_full(f"{GATE_UP}[{e}]"), whole[e])
     assert torch.equal(src.read(f"{GATE_UP}[1]", 5, 7), whole[1].reshape(-1)[5:12])
@@ -185,7 +184,7 @@ def test_fused_tensors_split_per_expert(fused: tuple[Path, Path]) -> None:
 
 
 def test_fused_slices_read_each_byte_once(fused: tuple[Path, Path]) -> None:
-    srcs = [CountingSource(resolve(str(p))) for p in fused]
+    srcs = [CountingSource(open_stored(str(p))) for p in fused]
     views = [logical(s) for s in srcs]
     items = align(views, labels=["base", "ft"])
     run = Run(tuple(views), ("base", "ft"), tuple(items), torch.device("cpu"), 2 * 1024**3, chunk_bytes=2 * 100)
@@ -197,7 +196,7 @@ def test_fused_slices_read_each_byte_once(fused: tuple[Path, Path]) -> None:
 
 
 def test_plain_checkpoints_are_not_wrapped(fused: tuple[Path, Path], tmp_path: Path) -> None:
-    plain = resolve(str(save_single({"a.weight": torch.ones(2, 2)}, tmp_path / "p.safetensors")))
+    plain = open_stored(str(save_single({"a.weight": torch.ones(2, 2)}, tmp_path / "p.safetensors")))
     assert logical(plain) is plain
     doc = CliRunner().invoke(
         app, ["check", str(fused[0]), str(fused[1]), "-q", "--header-only", "--same-keys", "-f", "json"]

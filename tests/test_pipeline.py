@@ -22,7 +22,8 @@ from ckptdiff.engine.alignment import Aligned, Status, align
 from ckptdiff.engine.pipeline import Analysis, Form, Run, execute, open_sources
 from ckptdiff.engine.reader import prefetch
 from ckptdiff.errors import InputError
-from ckptdiff.io.source import Source, resolve
+from ckptdiff.io.resolve import open_stored
+from ckptdiff.io.source import Source
 
 
 def _run(sources: Sequence[Source], labels: Sequence[str], budget: int = 2 * 1024**3) -> Run:
@@ -51,7 +52,7 @@ def trio(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_one_pass_reads_each_byte_once_and_matches_the_single_commands(trio: tuple[Path, Path, Path]) -> None:
-    srcs = [CountingSource(resolve(str(p))) for p in trio]
+    srcs = [CountingSource(open_stored(str(p))) for p in trio]
     labels = ("base", "ft1", "ft2")
     run = _run(srcs, labels)
     analyses: list[Analysis] = [
@@ -122,7 +123,7 @@ def test_batches_hold_one_shape_and_one_dtype_per_side_within_the_budget(tmp_pat
     sd = {f"m.a{i}": torch.randn(8, 4, generator=g) for i in range(5)}
     sd["m.b"] = torch.randn(8, 4, generator=g).bfloat16()  # same shape, other dtype: its own batch
     sd["m.c"] = torch.randn(4, 4, generator=g)
-    src = resolve(str(save_single(sd, tmp_path / "x.safetensors")))
+    src = open_stored(str(save_single(sd, tmp_path / "x.safetensors")))
     rec = Recorder(Form.MATRIX, cost=100)
     execute(_run([src, src], ("base", "ft"), budget=250), [rec], progress=False)  # two matrices per batch
     got = sorted(rec.batches)
@@ -139,7 +140,7 @@ def test_batches_hold_one_shape_and_one_dtype_per_side_within_the_budget(tmp_pat
 
 def test_chunks_cover_every_entry_once_and_matrices_go_whole_to_elementwise_analyses(tmp_path: Path) -> None:
     sd = {"big.vec": torch.arange(10_000, dtype=torch.float32), "m.w": torch.ones(6, 5)}
-    src = resolve(str(save_single(sd, tmp_path / "x.safetensors")))
+    src = open_stored(str(save_single(sd, tmp_path / "x.safetensors")))
     chunks, mats = Recorder(Form.CHUNKS), Recorder(Form.MATRIX)
     run = dataclasses.replace(_run([src, src], ("base", "ft")), chunk_bytes=4096)  # 1,024 fp32 per piece
     execute(run, [chunks, mats], progress=False)
@@ -154,7 +155,7 @@ def test_chunks_cover_every_entry_once_and_matrices_go_whole_to_elementwise_anal
 
 def test_sources_passed_in_stay_open_and_opened_ones_close_once_even_on_failure(tmp_path: Path) -> None:
     path = save_single({"a": torch.ones(3)}, tmp_path / "a.safetensors")
-    mine = CountingSource(resolve(str(path)))
+    mine = CountingSource(open_stored(str(path)))
     with open_sources([mine, str(path)]) as sources:
         assert sources[0] is mine
         opened = sources[1]
@@ -222,7 +223,7 @@ def test_prefetch_order_errors_and_early_stop(
 
 
 def test_a_failing_analysis_aborts_every_analysis(tmp_path: Path) -> None:
-    src = resolve(str(save_single({"m.w": torch.ones(4, 4)}, tmp_path / "x.safetensors")))
+    src = open_stored(str(save_single({"m.w": torch.ones(4, 4)}, tmp_path / "x.safetensors")))
 
     class Failing(Recorder):
         def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
@@ -278,14 +279,14 @@ def test_batches_hold_at_most_max_batch_matrices_whatever_the_budget(tmp_path: P
     from ckptdiff.engine.pipeline import MAX_BATCH
 
     sd = {f"m.w{i:02d}": torch.full((3, 2), float(i)) for i in range(MAX_BATCH + 2)}
-    src = resolve(str(save_single(sd, tmp_path / "x.safetensors")))
+    src = open_stored(str(save_single(sd, tmp_path / "x.safetensors")))
     rec = Recorder(Form.MATRIX, cost=1)
     execute(_run([src, src], ("base", "ft"), budget=10**12), [rec], progress=False)
     assert [len(names) for names, _ in rec.batches] == [MAX_BATCH, 2]
 
 
 def test_states_merged_from_two_ranks_give_the_one_process_results(trio: tuple[Path, Path, Path]) -> None:
-    srcs = [resolve(str(p)) for p in trio]
+    srcs = [open_stored(str(p)) for p in trio]
     run = _run(srcs, ("base", "ft1", "ft2"))
 
     def make() -> list[Analysis]:

@@ -26,8 +26,8 @@ from safetensors import safe_open
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
+from ckptdiff.io.formats.safetensors import SafetensorsSource, read_safetensors_header
 from ckptdiff.io.formats.safetensors_header import DTYPE_BITS, I64_MAX
-from ckptdiff.io.source import SafetensorsSource, read_safetensors_header
 
 ALL_DTYPES = sorted(DTYPE_BITS)
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
-from ckptdiff.io.source import resolve
+from ckptdiff.io.resolve import open_stored
 
 runner = CliRunner()
 SHA = "89abcdef0123456789abcdef0123456789abcdef"
@@ -85,7 +85,7 @@ def test_consistency_refuses_an_escaping_fine_tune(escape: tuple[Path, Path], tm
 def test_index_file_given_directly_is_checked_too(escape: tuple[Path, Path]) -> None:
     base, _ = escape
     with pytest.raises(InputError, match="not inside the checkpoint folder"):
-        resolve(str(base / "model.safetensors.index.json"))
+        open_stored(str(base / "model.safetensors.index.json"))
 
 
 @pytest.mark.parametrize("shard", ["{abs}", "sub/../../outside/secret.safetensors", "..", ".", ""])
@@ -94,7 +94,7 @@ def test_absolute_and_dotted_names_are_refused(shard: str, tmp_path: Path) -> No
     (tmp_path / "ckpt" / "sub").mkdir(parents=True)
     base = _evil_index(tmp_path / "ckpt", shard.format(abs=secret))
     with pytest.raises(InputError, match="not inside the checkpoint folder"):
-        resolve(str(base))
+        open_stored(str(base))
 
 
 def test_pickle_index_escaping_the_folder_is_refused(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_harmless_dots_inside_the_folder_are_fine(tmp_path: Path) -> None:
     sd = _tiny()
     save_single(sd, tmp_path / "ckpt" / "shards" / "all.safetensors")
     _evil_index(tmp_path / "ckpt", "./shards/../shards/all.safetensors")
-    src = resolve(str(tmp_path / "ckpt"))
+    src = open_stored(str(tmp_path / "ckpt"))
     assert set(src.infos) == set(sd)
     assert all(Path(i.file) == tmp_path / "ckpt" / "shards" / "all.safetensors" for i in src.infos.values())
 
@@ -128,12 +128,12 @@ def test_links_to_shards_stored_elsewhere_are_refused_naming_link_and_target(tmp
         else:
             (ckpt / f.name).symlink_to(f)
     with pytest.raises(InputError, match="outside the checkpoint folder") as err:
-        resolve(str(ckpt))
+        open_stored(str(ckpt))
     assert str(ckpt / "model-00001-of-00002.safetensors") in str(err.value)
     assert str(tmp_path / "store" / "model-00001-of-00002.safetensors") in str(err.value)
     res = runner.invoke(app, ["check", "--header-only", "--same-keys", str(ckpt), str(tmp_path / "store"), "-q"])
     assert res.exit_code == 2 and "outside the checkpoint folder" in res.stderr, res.output
-    assert set(resolve(str(tmp_path / "store")).infos) == set(sd)
+    assert set(open_stored(str(tmp_path / "store")).infos) == set(sd)
 
 
 def _hub_sharded_cache(root: Path, repo: str, sd: dict[str, torch.Tensor]) -> Path:
@@ -160,7 +160,7 @@ def test_hub_cache_snapshot_of_symlinks_is_accepted(tmp_path: Path, monkeypatch:
     assert os.path.islink(snap / "model.safetensors.index.json")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = resolve("acme/sharded", progress=False)
+    src = open_stored("acme/sharded", progress=False)
     assert set(src.infos) == set(sd) and SHA in src.resolved
     res = runner.invoke(app, ["sparsity", "acme/sharded", str(snap), "--quiet", "-f", "json"])
     assert res.exit_code == 0, res.output
@@ -176,4 +176,4 @@ def test_hub_snapshot_index_escaping_the_snapshot_is_refused(tmp_path: Path, mon
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="not inside the checkpoint folder"):
-        resolve("acme/evil", progress=False)
+        open_stored("acme/evil", progress=False)

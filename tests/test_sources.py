@@ -11,8 +11,10 @@ import torch
 from factory import llama_like, save_sharded, save_single
 
 from ckptdiff.errors import InputError
+from ckptdiff.io.formats.safetensors import SafetensorsSource
+from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.hub import download as hub
-from ckptdiff.io.source import SafetensorsSource, TorchFileSource, resolve
+from ckptdiff.io.resolve import open_stored
 
 
 def _same(src_tensors: dict[str, torch.Tensor], source: object) -> None:
@@ -25,21 +27,21 @@ def _same(src_tensors: dict[str, torch.Tensor], source: object) -> None:
 def test_single_file_and_directory(tmp_path: Path) -> None:
     sd = llama_like()
     f = save_single(sd, tmp_path / "m" / "model.safetensors")
-    _same(sd, resolve(str(f)))
-    _same(sd, resolve(str(f.parent)))
+    _same(sd, open_stored(str(f)))
+    _same(sd, open_stored(str(f.parent)))
 
 
 def test_sharded_directory_and_partial_reads(tmp_path: Path) -> None:
     sd = llama_like(layers=3)
     save_sharded(sd, tmp_path / "s", [5, 7, len(sd) - 12])
-    src = resolve(str(tmp_path / "s"))
+    src = open_stored(str(tmp_path / "s"))
     assert isinstance(src, SafetensorsSource)
     _same(sd, src)
     name = "model.layers.1.mlp.up_proj.weight"
     flat = sd[name].reshape(-1)
     assert torch.equal(src.read(name, 7, 100).view(torch.int16), flat[7:107].view(torch.int16))
     # The index file itself is also accepted.
-    _same(sd, resolve(str(tmp_path / "s" / "model.safetensors.index.json")))
+    _same(sd, open_stored(str(tmp_path / "s" / "model.safetensors.index.json")))
 
 
 def test_bin_and_nested_state_dict(tmp_path: Path) -> None:
@@ -47,7 +49,7 @@ def test_bin_and_nested_state_dict(tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "plain.bin")
     torch.save({"state_dict": sd, "step": 3}, tmp_path / "nested.pt")
     for name in ("plain.bin", "nested.pt"):
-        src = resolve(str(tmp_path / name))
+        src = open_stored(str(tmp_path / name))
         assert isinstance(src, TorchFileSource)
         _same(sd, src)
 
@@ -60,18 +62,18 @@ class _Evil:
 def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2), "x": _Evil()}, tmp_path / "evil.bin")
     with pytest.raises(InputError, match="not a weights-only"):
-        resolve(str(tmp_path / "evil.bin"))
+        open_stored(str(tmp_path / "evil.bin"))
 
 
 def test_missing_path() -> None:
     with pytest.raises(InputError, match="does not exist"):
-        resolve("/no/such/checkpoint.safetensors")
+        open_stored("/no/such/checkpoint.safetensors")
 
 
 def test_directory_without_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("hi")
     with pytest.raises(InputError, match="holds no checkpoint"):
-        resolve(str(tmp_path))
+        open_stored(str(tmp_path))
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:
@@ -79,10 +81,10 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
     with pytest.raises(InputError, match="truncated"):
-        resolve(str(f))
+        open_stored(str(f))
     f.write_bytes(data[:5])
     with pytest.raises(InputError, match="truncated"):
-        resolve(str(f))
+        open_stored(str(f))
 
 
 def test_corrupt_header(tmp_path: Path) -> None:
@@ -90,10 +92,10 @@ def test_corrupt_header(tmp_path: Path) -> None:
     body = b"{not json"
     f.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 16)
     with pytest.raises(InputError, match="corrupt header"):
-        resolve(str(f))
+        open_stored(str(f))
     f.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(InputError, match="corrupt or truncated"):
-        resolve(str(f))
+        open_stored(str(f))
 
 
 def test_index_names_missing_shard(tmp_path: Path) -> None:
@@ -101,7 +103,7 @@ def test_index_names_missing_shard(tmp_path: Path) -> None:
     save_sharded(sd, tmp_path / "s", [4, len(sd) - 4])
     (tmp_path / "s" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(InputError, match="missing"):
-        resolve(str(tmp_path / "s"))
+        open_stored(str(tmp_path / "s"))
 
 
 def test_index_promises_tensor_shard_lacks(tmp_path: Path) -> None:
@@ -112,14 +114,14 @@ def test_index_promises_tensor_shard_lacks(tmp_path: Path) -> None:
     data["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
     idx.write_text(json.dumps(data))
     with pytest.raises(InputError, match="ghost"):
-        resolve(str(tmp_path / "s"))
+        open_stored(str(tmp_path / "s"))
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
     f = tmp_path / "weights.npz"
     f.write_bytes(b"123")
     with pytest.raises(InputError, match="not a checkpoint"):
-        resolve(str(f))
+        open_stored(str(f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +144,10 @@ def test_hub_offline_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     _hub_cache(tmp_path / "cache", "acme/tiny", sd)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = resolve("acme/tiny", progress=False)
+    src = open_stored("acme/tiny", progress=False)
     assert SHA in src.resolved
     _same(sd, src)
-    src_rev = resolve(f"acme/tiny@{SHA}", progress=False)
+    src_rev = open_stored(f"acme/tiny@{SHA}", progress=False)
     _same(sd, src_rev)
 
 
@@ -153,7 +155,7 @@ def test_hub_offline_unknown_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="not in the local cache"):
-        resolve("acme/never-downloaded", progress=False)
+        open_stored("acme/never-downloaded", progress=False)
 
 
 def test_hub_home_sets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +191,7 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf.HfApi, "model_info", fake_info)
     monkeypatch.setattr(hf, "snapshot_download", fake_snapshot)
-    src = resolve("acme/big@v1.0", progress=False)
+    src = open_stored("acme/big@v1.0", progress=False)
     _same(sd, src)
     assert calls["list"] == ("acme/big", "v1.0")
     _, kw = calls["snapshot"]  # type: ignore[misc]
@@ -217,4 +219,4 @@ def test_hub_not_found_is_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf.HfApi, "model_info", missing)
     with pytest.raises(InputError, match="not found"):
-        resolve("acme/nothing", progress=False)
+        open_stored("acme/nothing", progress=False)

@@ -21,7 +21,8 @@ import ckptdiff
 from ckptdiff.cli import app
 from ckptdiff.engine.alignment import Status
 from ckptdiff.errors import InputError
-from ckptdiff.io.source import Tie, resolve
+from ckptdiff.io.resolve import open_stored
+from ckptdiff.io.source import Tie
 from ckptdiff.io.views.ties import CONFIG, HINT
 
 runner = CliRunner()
@@ -56,7 +57,7 @@ def test_shared_storage_is_counted_and_compared_once(tmp_path: Path) -> None:
     sd = llama_like()
     base = save_tied_bin(sd, tmp_path / "base" / "pytorch_model.bin")
     ft = save_tied_bin(_changed(sd), tmp_path / "ft" / "pytorch_model.bin")
-    src = resolve(str(base))
+    src = open_stored(str(base))
     try:
         assert HEAD not in src.infos and src.tied == {HEAD: Tie(EMBED, "shared storage")}
         assert src.total_bytes == 2 * UNIQUE  # bf16
@@ -83,7 +84,7 @@ def test_aliases_keep_the_input_embedding_and_leave_partial_views(tmp_path: Path
     saved = {HEAD: embed, EMBED: embed, "m.b.weight": w, "m.a.weight": w, "fused": big, "half": big[:2], "t": big.t()}
     path = tmp_path / "m.pt"
     torch.save(saved, path)
-    src = resolve(str(path))
+    src = open_stored(str(path))
     try:
         assert src.tied == {HEAD: Tie(EMBED, "shared storage"), "m.b.weight": Tie("m.a.weight", "shared storage")}
         assert set(src.infos) == {EMBED, "m.a.weight", "fused", "half", "t"}  # partial views are tensors of their own

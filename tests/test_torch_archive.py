@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckptdiff.errors import InputError
-from ckptdiff.io.source import TorchFileSource, resolve
+from ckptdiff.io.formats.torch_file import TorchFileSource
+from ckptdiff.io.resolve import open_stored
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ def _layouts() -> dict[str, torch.Tensor]:
 def test_every_layout_reads_back(tmp_path: Path) -> None:
     sd = _layouts()
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "m.pt")
-    src = resolve(str(tmp_path / "m.pt"))
+    src = open_stored(str(tmp_path / "m.pt"))
     assert isinstance(src, TorchFileSource)
     out = np.empty(64, dtype=np.uint8)
     try:
@@ -61,7 +62,7 @@ def test_every_layout_reads_back(tmp_path: Path) -> None:
 
 def test_empty_safetensors_tensor_reads(tmp_path: Path) -> None:
     save_file({"e": torch.empty(0, 4), "w": torch.ones(2)}, str(tmp_path / "m.safetensors"))
-    src = resolve(str(tmp_path / "m.safetensors"))
+    src = open_stored(str(tmp_path / "m.safetensors"))
     assert src.read_full("e").shape == (0, 4)
     assert src.read("e", 0, 0, out=np.empty(8, dtype=np.uint8)).numel() == 0
     src.close()
@@ -99,7 +100,7 @@ def test_unreadable_archives(tmp_path: Path, make: object, expect: str) -> None:
     path = tmp_path / "m.pt"
     make(path)  # type: ignore[operator]
     with pytest.raises(InputError, match=expect):
-        resolve(str(path))
+        open_stored(str(path))
 
 
 def test_repacked_archives(tmp_path: Path) -> None:
@@ -107,17 +108,17 @@ def test_repacked_archives(tmp_path: Path) -> None:
     torch.save({"w": torch.arange(16.0)}, good)
     big_endian = _rezip(good, tmp_path / "big.pt", {"byteorder": b"big"})
     with pytest.raises(InputError, match="big-endian"):
-        resolve(str(big_endian))
+        open_stored(str(big_endian))
     deflated = _rezip(good, tmp_path / "deflated.pt", {}, compress="data/0")
     with pytest.raises(InputError, match="compressed"):
-        resolve(str(deflated))
+        open_stored(str(deflated))
     missing = tmp_path / "missing.pt"
     with zipfile.ZipFile(good) as zin, zipfile.ZipFile(missing, "w") as zout:
         for info in zin.infolist():
             if not info.filename.endswith("data/0"):
                 zout.writestr(info.filename, zin.read(info.filename))
     with pytest.raises(InputError, match="data/0, which is missing"):
-        resolve(str(missing))
-    src = resolve(str(_rezip(good, tmp_path / "same.pt", {})))  # re-zipped by Python, still readable
+        open_stored(str(missing))
+    src = open_stored(str(_rezip(good, tmp_path / "same.pt", {})))  # re-zipped by Python, still readable
     assert torch.equal(src.read_full("w"), torch.arange(16.0))
     src.close()

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import inspect
-import platform
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
-from ckptdiff import __version__
 from ckptdiff.engine.alignment import Aligned
-from ckptdiff.io.source import Source, resolve
-from ckptdiff.io.views import fp8, ties
-from ckptdiff.io.views.logical import logical
-from ckptdiff.metrics.mask import CompareMode, comparison_dtype
+from ckptdiff.io.views import fp8
+from ckptdiff.metrics.mask import comparison_dtype
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
 
-SourceLike = str | Source
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -44,57 +37,6 @@ def once_per_key(method: _F) -> _F:
         return cache[key].copy()
 
     return wrapper  # type: ignore[return-value]
-
-
-def open_source(src: SourceLike, progress: bool = True) -> Source:
-    """Resolve a path or Hub id to its logical view (``views.logical``), or pass an already open source through."""
-    return src if isinstance(src, Source) else logical(resolve(str(src), progress=progress))
-
-
-def header(
-    analysis: str,
-    sources: Sequence[Source],
-    roles: Sequence[str],
-    device: torch.device,
-    mode: CompareMode | None = None,
-    **params: object,
-) -> dict[str, str]:
-    """The report header: tool version, inputs as resolved, what is tied in them, comparison mode, parameters,
-    device.
-
-    Keys are snake_case (:func:`header_key`): a fine-tune labelled ``rl-seed1`` is ``ft_rl_seed1``.
-    """
-    out: dict[str, str] = {"analysis": analysis, "ckptdiff": __version__}
-    keys: list[str] = []
-    for role, src in zip(roles, sources, strict=True):
-        key = header_key(role)
-        while key in out:  # labels that differ only in punctuation or case
-            key += "_"
-        out[key] = src.resolved
-        keys.append(key)
-    tied = ties.describe(sources, keys)  # each checkpoint named by its header key, as in the lines above
-    if tied:
-        out["tied"] = tied
-    if mode is not None:
-        out["comparison"] = mode.describe()
-    for key, value in params.items():
-        out[header_key(key)] = str(value)
-    return {**out, **runtime(str(device))}
-
-
-def runtime(device: str) -> dict[str, str]:
-    """Where and when a report was made, the closing keys of every header: device, torch, host, date."""
-    return {
-        "device": device,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def header_key(name: str) -> str:
-    """A report header key in snake_case: lower case, runs of anything but letters and digits as one ``_``."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "_"
 
 
 def row_basics(item: Aligned) -> dict[str, object]:

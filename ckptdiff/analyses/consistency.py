@@ -18,11 +18,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import SourceLike, item_detail
+from ckptdiff.analyses.base import item_detail
 from ckptdiff.engine.alignment import Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
-from ckptdiff.io.source import HUB_ID, Source
+from ckptdiff.io.resolve import HUB_ID, SourceLike
+from ckptdiff.io.source import Source
 from ckptdiff.io.views import fp8
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
 from ckptdiff.metrics.mask import (

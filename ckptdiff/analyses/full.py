@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import SourceLike
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
 from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
@@ -29,6 +28,7 @@ from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralDriftResult
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
 from ckptdiff.render.text import Report

@@ -26,12 +26,13 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import SourceLike, item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.base import item_detail, once_per_key, pair_target, row_basics
 from ckptdiff.analyses.scopes import PRINCIPAL, figures
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.errors import InputError
 from ckptdiff.io.outputs import Output, standalone
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
 from ckptdiff.metrics.numeric import OVERLAP_BAND, against_one, ratio

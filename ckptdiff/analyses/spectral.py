@@ -20,11 +20,12 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import SourceLike, item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.base import item_detail, once_per_key, pair_target, row_basics
 from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.outputs import Output, standalone
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
 from ckptdiff.metrics.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name

@@ -23,10 +23,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ckptdiff.analyses.base import SourceLike, header, open_source
 from ckptdiff.engine.alignment import Aligned, align, require_comparable
+from ckptdiff.engine.header import header
 from ckptdiff.engine.reader import CHUNK_BYTES, Read, Tensors, iter_chunks, iter_tensors, resolve_device
 from ckptdiff.errors import InputError
+from ckptdiff.io import resolve
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.runtime.progress import byte_progress
@@ -157,7 +159,7 @@ def open_sources(specs: Sequence[SourceLike], progress: bool = True) -> Iterator
             if isinstance(spec, Source):
                 out.append(spec)
             else:
-                src = open_source(spec, progress)
+                src = resolve.open(spec, progress=progress)
                 opened.append(src)
                 out.append(src)
         yield tuple(out)

@@ -17,11 +17,13 @@ from typing import Any
 import pandas as pd
 
 from ckptdiff import gate as R
-from ckptdiff.analyses.base import SourceLike, item_detail, row_basics, runtime
+from ckptdiff.analyses.base import item_detail, row_basics
 from ckptdiff.choices import DEFAULT_K
 from ckptdiff.engine.alignment import Aligned, Status, align
+from ckptdiff.engine.header import runtime
 from ckptdiff.engine.pipeline import Analysis, execute, open_run
 from ckptdiff.errors import InputError
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.io.views import ties
 from ckptdiff.metrics.mask import CompareMode
@@ -291,7 +293,7 @@ def fp8_findings(items: Sequence[Aligned], most: int = 5) -> str:
 
 def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
     from ckptdiff.io.formats.headers_only import open_headers
-    from ckptdiff.io.views.logical import logical
+    from ckptdiff.io.resolve import logical
 
     return [s if isinstance(s, Source) else logical(open_headers(str(s))) for s in (base, ft)]
 

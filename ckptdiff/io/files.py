@@ -12,6 +12,9 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ckptdiff.errors import InputError
 
 _FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -78,3 +81,23 @@ def pread_bytes(fd: int, n: int, pos: int) -> bytes:
     buf = bytearray(n)
     got = pread_into(fd, memoryview(buf), pos)
     return bytes(buf[:got])
+
+
+def read_tensor_bytes(fd: int, buf: np.ndarray, pos: int, what: str, name: str) -> None:
+    """Fill ``buf`` from byte ``pos``: a short read means the file shrank after its header was checked."""
+    try:
+        got = pread_into(fd, memoryview(buf), pos)  # type: ignore[arg-type]
+    except OSError as e:
+        raise InputError(f"cannot read tensor {name!r} from {what}: {e.strerror}; check the file") from None
+    if got < len(buf):
+        raise InputError(
+            f"{what} ended early while reading tensor {name!r} (was it truncated or rewritten while ckptdiff "
+            "read it?); rerun on a complete file"
+        )
+
+
+def as_dtype(buf: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``buf``'s bytes viewed as a flat tensor of ``dtype`` (no copy)."""
+    if buf.size == 0:  # an empty numpy buffer has a zero stride, which torch cannot view as another dtype
+        return torch.empty(0, dtype=dtype)
+    return torch.from_numpy(buf).view(dtype)

@@ -343,7 +343,7 @@ def input_files(spec: str) -> list[Path]:
 
 
 def _is_hub_id(spec: str) -> bool:
-    from ckptdiff.io.source import HUB_ID
+    from ckptdiff.io.resolve import HUB_ID
 
     return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
 

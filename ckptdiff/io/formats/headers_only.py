@@ -18,7 +18,8 @@ import torch
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
 from ckptdiff.io.formats.safetensors_header import I64_MAX
-from ckptdiff.io.source import HUB_ID, Source, TensorInfo, resolve, stat_input
+from ckptdiff.io.resolve import HUB_ID, open_stored, stat_input
+from ckptdiff.io.source import Source, TensorInfo
 
 if TYPE_CHECKING:
     from ckptdiff.io.hub.stream import Remote
@@ -78,7 +79,7 @@ def _local(spec: str, path: Path) -> HeaderSource:
         raise InputError(_PICKLES_ONLY.format(what=spec) + _PICKLES_FIX)
     if path.is_dir() and not _has_safetensors(path) and _has_pickles(path):
         raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
-    src = resolve(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
+    src = open_stored(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
     src.close()
     return HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
 

@@ -40,9 +40,11 @@ import numpy as np
 import torch
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 from ckptdiff.io.formats import safetensors_header as st_header
+from ckptdiff.io.formats.safetensors import header_infos
 from ckptdiff.io.hub import download as hub
-from ckptdiff.io.source import Source, TensorInfo, _as_dtype, header_infos
+from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.io.views.config import NAME as CONFIG
 
 INDEX = "model.safetensors.index.json"
@@ -341,7 +343,7 @@ class HubStreamSource(Source):
         buf = np.empty(n * size, dtype=np.uint8) if out is None else out[: n * size]
         filename, offset = self._spans[name]
         self._fetch(filename, offset + start * size, memoryview(buf), f"tensor {name!r}")  # type: ignore[arg-type]
-        return _as_dtype(buf, info.dtype.torch)
+        return fileio.as_dtype(buf, info.dtype.torch)
 
     def _fetch(self, filename: str, pos: int, view: memoryview, what: str) -> None:
         """Fill ``view`` from byte ``pos``: one request, or parallel ones of ``PART_BYTES`` for a large read."""

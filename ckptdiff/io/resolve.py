@@ -1,0 +1,152 @@
+"""The front door: what a user typed (a file, a folder, an index, a Hub id) becomes the checkpoint the analyses see.
+
+:func:`open` returns a checkpoint as the analyses compare it (:func:`logical`: ties declared, FP8 weights
+dequantized, fused experts split); ``stored=True`` gives the tensors as stored. Every command and library function
+opens its inputs here. Supported inputs: a ``.safetensors`` file; a folder with ``model.safetensors`` or a sharded
+set with ``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict; a Hugging Face Hub id
+``org/name[@revision]`` (see :mod:`ckptdiff.io.hub`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
+from ckptdiff.io.formats.safetensors import SafetensorsSource
+from ckptdiff.io.formats.torch_file import TorchFileSource
+from ckptdiff.io.layout import contained, read_index
+from ckptdiff.io.source import Source
+from ckptdiff.io.views import fp8, moe, ties
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
+    """Pick the checkpoint inside a directory, preferring safetensors."""
+    prefix = resolved_prefix or str(d)
+    idx = d / "model.safetensors.index.json"
+    if idx.is_file():
+        shards, wmap = read_index(contained(d, idx))
+        return SafetensorsSource(spec, shards, f"{prefix} ({len(shards)} safetensors shards)", wmap)
+    single = d / "model.safetensors"
+    if single.is_file():
+        return SafetensorsSource(spec, [contained(d, single)], f"{prefix}/model.safetensors")
+    found = [contained(d, p) for p in sorted(d.glob("*.safetensors"))]
+    if found:
+        return SafetensorsSource(spec, found, f"{prefix} ({len(found)} safetensors files)")
+    bidx = d / "pytorch_model.bin.index.json"
+    if bidx.is_file():
+        shards, wmap = read_index(contained(d, bidx))
+        return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)", wmap)
+    pickles = sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])
+    if len(pickles) == 1:
+        contained(d, pickles[0])
+        return TorchFileSource(spec, pickles, str(pickles[0]))
+    if pickles:
+        raise InputError(
+            f"directory {d} holds several PyTorch files and no pytorch_model.bin.index.json; pass one file"
+        )
+    raise InputError(f"directory {d} holds no checkpoint (.safetensors, index.json, .bin or .pt); check the path")
+
+
+def stat_input(spec: str) -> os.stat_result | None:
+    """What the local path ``spec`` names, or None if nothing; :class:`InputError` if it cannot be a checkpoint.
+
+    Checked before anything is opened: a symbolic-link loop, a dangling link, a path that cannot be accessed,
+    and anything but a regular file or a folder (a named pipe would block ``open`` forever, a device never end).
+    """
+    path = Path(spec).expanduser()
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if path.is_symlink():
+            raise InputError(f"{spec} is a symbolic link to a path that does not exist; fix the link") from None
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(
+                f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
+            ) from None
+        raise InputError(f"cannot access {spec}: {e.strerror}; check the path and permissions") from None
+    except ValueError:  # an embedded NUL byte
+        raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise InputError(
+            f"{spec} is {fileio.kind(st.st_mode)}, not a checkpoint file or folder; pass a regular file, a folder "
+            "or a Hub id"
+        )
+    return st
+
+
+def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None) -> Source:
+    """A path or Hub id as a lazy :class:`Source` of its tensors as stored; :class:`InputError` on anything unusable.
+
+    ``stream`` (Hub ids only): read tensors by byte range over HTTP instead of downloading the repo
+    (:mod:`ckptdiff.io.hub.stream`); ``None`` follows the environment variable ``CKPTDIFF_HUB_STREAM``.
+    """
+    path = Path(spec).expanduser()
+    found = stat_input(spec)
+    if found is not None:
+        if stat.S_ISDIR(found.st_mode):
+            return _from_directory(spec, path)
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return SafetensorsSource(spec, [path], str(path.resolve()))
+        if path.name.endswith(".index.json"):
+            shards, wmap = read_index(path)
+            if path.name.endswith(".safetensors.index.json"):
+                return SafetensorsSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
+            return TorchFileSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
+        if suffix in (".bin", ".pt", ".pth"):
+            return TorchFileSource(spec, [path], str(path.resolve()))
+        raise InputError(
+            f"{spec} is not a checkpoint ckptdiff can read; pass a .safetensors, .bin/.pt file, a directory or a Hub id"
+        )
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        from ckptdiff.io.hub import download as hub
+
+        hub.refuse_path_like(spec)
+        if hub.stream_wanted(stream):
+            from ckptdiff.io.hub.stream import HubStreamSource
+
+            return HubStreamSource.open(spec)
+        folder, resolved = hub.download(spec, progress=progress)
+        return _from_directory(spec, folder, resolved)
+    raise InputError(
+        f"{spec} does not exist; pass a checkpoint file, a directory, or a Hub id like org/name[@revision]"
+    )
+
+
+SourceLike = str | os.PathLike[str] | Source
+
+
+def open(
+    spec: SourceLike, *, stored: bool = False, progress: bool = True, stream: bool | None = None
+) -> Source:
+    """The checkpoint ``spec`` names (a path, a Hub id, or a source already open) as the analyses compare it.
+
+    By default that is :func:`logical`: tied names recorded, block-scaled FP8 weights dequantized, fused experts
+    split. ``stored=True`` gives the tensors as stored (FP8 codes and their scales, fused experts), and an analysis
+    handed that source compares them so. ``stream`` (Hub ids only): read by byte range instead of downloading;
+    ``None`` follows ``CKPTDIFF_HUB_STREAM``.
+    """
+    src = spec if isinstance(spec, Source) else open_stored(os.fspath(spec), progress=progress, stream=stream)
+    if stored:
+        src.viewed = True
+        return src
+    return logical(src)
+
+
+def logical(src: Source) -> Source:
+    """``src`` as the analyses see it: ties declared, FP8 weights dequantized, fused experts split (or ``src``
+    itself); a source already viewed is returned as it is."""
+    if src.viewed:
+        return src
+    out = moe.split(fp8.wrap(ties.declare(src)))
+    out.viewed = True
+    return out
