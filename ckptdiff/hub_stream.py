@@ -38,7 +38,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from ckptdiff import hub
+from ckptdiff import fileio, hub
 from ckptdiff import safetensors_header as st_header
 from ckptdiff.errors import InputError
 from ckptdiff.model_config import NAME as CONFIG
@@ -422,7 +422,7 @@ def _read_index(spec: str, remote: Remote) -> tuple[list[str], dict[str, str]]:
     raw = bytearray(size)
     remote.get_range(INDEX, 0, memoryview(raw), "the index")
     try:
-        data = json.loads(bytes(raw))
+        data = fileio.parse_json(bytes(raw), remote.where(INDEX), "check the repo")  # bounded nesting, integers
         weight_map: dict[str, str] = {str(k): v for k, v in data["weight_map"].items()}
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
         raise InputError(

@@ -16,10 +16,10 @@ ckptdiff follows a linked ``model.safetensors`` in a folder without an index in 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from ckptdiff import fileio
 from ckptdiff.errors import InputError
 
 
@@ -37,11 +37,14 @@ def shard_path(index: Path, name: str) -> Path:
 
 
 def read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
-    """Shards named by a ``*.index.json`` (each checked by :func:`shard_path`, each must exist) and its weight map."""
+    """Shards named by a ``*.index.json`` (each checked by :func:`shard_path`, each must exist) and its weight map.
+
+    The index is a side file (:func:`ckptdiff.fileio.load_json`): a regular file of bounded size and nesting.
+    """
+    data = fileio.load_json(index, f"index {index}", fileio.MAX_INDEX_BYTES, "re-download it")
     try:
-        data = json.loads(index.read_text())
         weight_map: dict[str, str] = {str(k): str(v) for k, v in data["weight_map"].items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise InputError(f"index {index} is not a valid checkpoint index (no weight_map); re-download it") from None
     shards: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):

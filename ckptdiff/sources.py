@@ -377,7 +377,7 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     """Pick the checkpoint inside a directory, preferring safetensors."""
     prefix = resolved_prefix or str(d)
     idx = d / "model.safetensors.index.json"
-    if idx.is_file():
+    if idx.exists():  # not is_file(): an index that is a pipe or a folder is refused when read, not skipped
         shards, wmap = _index_files(idx)
         return SafetensorsSource(spec, shards, f"{prefix} ({len(shards)} safetensors shards)", wmap)
     single = d / "model.safetensors"
@@ -387,7 +387,7 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     if found:
         return SafetensorsSource(spec, found, f"{prefix} ({len(found)} safetensors files)")
     bidx = d / "pytorch_model.bin.index.json"
-    if bidx.is_file():
+    if bidx.exists():
         shards, _ = _index_files(bidx)
         return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)")
     pickles = sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff import choices, distributed, linalg
+from ckptdiff import choices, distributed, fileio, linalg
 from ckptdiff.alignment import Aligned, Outcome
 from ckptdiff.analyses.common import SourceLike, item_detail, once_per_key, pair_target, row_basics
 from ckptdiff.declarations import PRINCIPAL, figures
@@ -267,7 +267,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         meta = f.metadata() or {}
         if meta.get("format") != MASK_FORMAT:
             raise InputError(f"{path} is not a ckptdiff mask file (metadata format {meta.get('format')!r})")
-        shapes = json.loads(meta["shapes"])
+        shapes = fileio.parse_json(meta["shapes"].encode(), f"mask file {path}", "write it again with --save-masks")
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             _, n = shapes[key.rsplit(".", 1)[0]]
             packed = f.get_tensor(key)  # (m, ceil(n/8)) uint8
