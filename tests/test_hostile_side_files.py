@@ -8,7 +8,8 @@ checkpoints, the rules file and every output (``--csv``, ``--json``, ``report -o
 * at most a bounded number of bytes is read (:data:`ckptdiff.fileio.MAX_INDEX_BYTES` for an index,
   :data:`~ckptdiff.fileio.MAX_CONFIG_BYTES` for config.json and TOML), and a larger file is refused by its size;
 * nesting is bounded before any parser, which recurses, sees it (``MAX_NESTING``; 127 in a safetensors header,
-  as the safetensors library itself), and an integer longer than Python reads is refused, not a crash.
+  as the safetensors library itself), and an integer longer than Python reads is refused, not a crash;
+* a rule threshold must be a finite number.
 
 A refusal is exit 2 and one line naming the file, no traceback, nothing written. Cases that once hung run under
 the alarm of ``test_hostile_inputs`` so that a regression fails instead of blocking; sparse files stand in for
@@ -198,6 +199,8 @@ RULES_CASES: list[tuple[str, Build, str]] = [
     (f"arrays nested {DEEP} deep", lambda d: _rules(d, "rules = " + "[" * DEEP + "]" * DEEP), "nested more than"),
     (f"tables nested {DEEP} deep", lambda d: _rules(d, "x = " + "{a = " * DEEP + "1" + "}" * DEEP), "nested more than"),
     ("5,001-digit integer", lambda d: _rules(d, f"same_keys = {LONG_INT}\n"), "4,300 digits"),
+    ("threshold 1e999", lambda d: _rules(d, 'rules = ["sparsity >= 1e999"]\n'), "sparsity >= 1e999"),
+    ("threshold -1e999", lambda d: _rules(d, 'rules = ["nss@w <= -1e999"]\n'), "finite number"),
 ]
 
 
@@ -206,6 +209,12 @@ def test_a_bad_rules_file_is_refused(tmp_path: Path, base: Path, build: Build, e
     rules = build(tmp_path)
     ft = _weights(tmp_path / "ft")
     _assert_refused(_check(base, ft, tmp_path, "--config", str(rules)), tmp_path, [str(rules)], expect)
+
+
+def test_an_infinite_threshold_on_the_command_line_is_refused(tmp_path: Path, base: Path) -> None:
+    ft = _weights(tmp_path / "ft")
+    line = _assert_refused(_check(base, ft, tmp_path, "-r", "sparsity >= 1e400"), tmp_path, ["--rule"], "finite")
+    assert "sparsity >= 1e400" in line
 
 
 # ---------------------------------------------------------------------------------------------
