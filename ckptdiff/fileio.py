@@ -35,6 +35,9 @@ MIB = 1024 * 1024
 MAX_INDEX_BYTES = 256 * MIB  # a checkpoint index: the largest real ones (100,000s of tensors) are tens of MB
 MAX_CONFIG_BYTES = 8 * MIB  # config.json, a rules TOML, pyproject.toml: real ones are kilobytes
 MAX_NESTING = 64  # nested arrays, objects or tables: real side files nest a few levels
+NAME_MAX = 255  # bytes in one path component (Linux's limits, which most systems share)
+PATH_MAX = 4096  # bytes in a whole path
+TOO_LONG = f"the path is too long (at most {NAME_MAX} bytes a name and {PATH_MAX} in all); use a shorter path"
 
 
 def kind(mode: int) -> str:
@@ -53,10 +56,24 @@ def kind(mode: int) -> str:
 
 
 def os_error(doing: str, e: OSError) -> InputError:
-    """The one-line error for ``e``, met while ``doing`` ("cannot open config file x.toml")."""
+    """The one-line error for ``e``, met while ``doing`` ("cannot open config file x.toml"); a path too long
+    for the system (ENAMETOOLONG) says the limits."""
+    if e.errno == errno.ENAMETOOLONG:
+        return InputError(f"{doing}: {TOO_LONG}")
     if e.errno == errno.ENOENT:
         return InputError(f"{doing}: it does not exist; check the path")
     return InputError(f"{doing}: {e.strerror}; check the path and permissions")
+
+
+def refuse_too_long(path: Path | str, doing: str) -> None:
+    """:class:`InputError` if the system refuses ``path`` as too long; anything else is the caller's to find."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise os_error(doing, e) from None
+    except ValueError:  # a NUL byte: the caller's own open or stat says so
+        pass
 
 
 def open_regular(path: Path | str, what: str, fix: str = "pass a checkpoint file") -> tuple[int, os.stat_result]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+from ckptdiff import fileio
 from ckptdiff.errors import InputError
 from ckptdiff.interrupts import Watcher
 
@@ -189,7 +190,7 @@ class OutputSet:
                 self._inputs.append((str(p), os.stat(p)))
             except OSError:
                 continue
-        if not Path(spec).expanduser().exists() and _is_hub_id(spec):
+        if not os.path.exists(Path(spec).expanduser()) and _is_hub_id(spec):
             self._trees.append(Path(os.path.realpath(_hub_cache())))
 
     def add(self, flag: str, path: PathLike | None) -> Output | None:
@@ -197,6 +198,7 @@ class OutputSet:
         if path is None:
             return None
         given = Path(path).expanduser()
+        fileio.refuse_too_long(given, f"cannot write {flag} {given}")
         target = _final_target(flag, given)
         folder = target.parent
         if not folder.is_dir():
@@ -307,12 +309,11 @@ def input_files(spec: str) -> list[Path]:
     """Files an input argument reads or may read: the file; an index and its shards; in a folder, every
     checkpoint-like file and the shards its indexes name. A Hub id or a missing path gives none."""
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for pattern in _CHECKPOINT_GLOBS for p in path.glob(pattern)]
-    elif path.exists():
-        files = [path]
-    else:
+    try:
+        st = path.stat()
+    except (OSError, ValueError):  # missing, or unusable (too long, a loop): reading the input will say so
         return []
+    files = [p for pattern in _CHECKPOINT_GLOBS for p in path.glob(pattern)] if stat.S_ISDIR(st.st_mode) else [path]
     for index in [f for f in files if f.name.endswith(".index.json")]:
         from ckptdiff.shards import read_index
 

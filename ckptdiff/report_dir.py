@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptdiff import fileio
 from ckptdiff.errors import InputError
 from ckptdiff.outputs import note_commit, signals_held, write_error, writes_files
 from ckptdiff.report import records, to_markdown
@@ -38,6 +39,7 @@ _MARKER = "report.json"  # a directory holding this (and nothing unknown) is an 
 def check_directory(directory: str | Path) -> Path:
     """Fail before any work if DIR cannot take a report: its parent is missing, or it holds other files."""
     target = Path(directory)
+    fileio.refuse_too_long(target, f"cannot write report {target}")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"cannot write report {target}: folder {parent} does not exist; create it first")

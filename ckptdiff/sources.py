@@ -418,7 +418,7 @@ def stat_input(spec: str) -> os.stat_result | None:
             raise InputError(
                 f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
             ) from None
-        raise InputError(f"cannot access {spec}: {e.strerror}; check the path and permissions") from None
+        raise fileio.os_error(f"cannot access {spec}", e) from None
     except ValueError:  # an embedded NUL byte
         raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):

@@ -9,7 +9,8 @@ checkpoints, the rules file and every output (``--csv``, ``--json``, ``report -o
   :data:`~ckptdiff.fileio.MAX_CONFIG_BYTES` for config.json and TOML), and a larger file is refused by its size;
 * nesting is bounded before any parser, which recurses, sees it (``MAX_NESTING``; 127 in a safetensors header,
   as the safetensors library itself), and an integer longer than Python reads is refused, not a crash;
-* a rule threshold must be a finite number.
+* a rule threshold must be a finite number;
+* a path too long for the system (a name over NAME_MAX, the whole over PATH_MAX) is bad input.
 
 A refusal is exit 2 and one line naming the file, no traceback, nothing written. Cases that once hung run under
 the alarm of ``test_hostile_inputs`` so that a regression fails instead of blocking; sparse files stand in for
@@ -235,6 +236,32 @@ def test_deeply_nested_metadata_is_refused(tmp_path: Path, depth: int) -> None:
     bad = _metadata(tmp_path, depth)
     args = _sparsity(tmp_path / "base.safetensors", bad, tmp_path)
     _assert_refused(args, tmp_path, [bad.name], "nested more than 127 levels")
+
+
+# ---------------------------------------------------------------------------------------------
+# paths too long for the system: a name over NAME_MAX, or the whole path over PATH_MAX
+
+
+def _long_name(d: Path) -> Path:
+    return d / ("n" * (fileio.NAME_MAX + 1))
+
+
+def _deep_path(d: Path) -> Path:
+    return d.joinpath(*["p" * 200] * (fileio.PATH_MAX // 200 + 1))
+
+
+@pytest.mark.parametrize("make", [_long_name, _deep_path], ids=["name", "path"])
+@pytest.mark.parametrize("where", ["checkpoint", "rules", "--csv", "report -o"])
+def test_a_path_too_long_is_refused(tmp_path: Path, base: Path, make: Callable[[Path], Path], where: str) -> None:
+    long = make(tmp_path)
+    ft = _weights(tmp_path / "ft")
+    args = {
+        "checkpoint": _sparsity(base, long, tmp_path),
+        "rules": _check(base, ft, tmp_path, "--config", str(long)),
+        "--csv": ["sparsity", str(base), str(ft), "--csv", str(long), "-q"],
+        "report -o": ["report", str(base), str(ft), "-o", str(long), "-q"],
+    }[where]
+    _assert_refused(args, tmp_path, [long.name], "too long")
 
 
 # ---------------------------------------------------------------------------------------------
