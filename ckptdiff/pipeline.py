@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckptdiff import choices
 from ckptdiff.alignment import Aligned, align, require_comparable
 from ckptdiff.analyses.common import SourceLike, header, open_source
-from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.progress import byte_progress
 from ckptdiff.sources import Source
@@ -52,9 +52,7 @@ def budget_bytes(batch_budget: float | None, device: torch.device) -> int:
     """--batch-budget in GiB as bytes, or the device's default budget."""
     if batch_budget is None:
         return default_budget(device)
-    if not batch_budget > 0:
-        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
-    return int(batch_budget * 1024**3)
+    return choices.batch_budget_bytes(batch_budget)
 
 
 @dataclass(frozen=True)

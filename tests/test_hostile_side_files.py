@@ -9,7 +9,8 @@ checkpoints, the rules file and every output (``--csv``, ``--json``, ``report -o
   :data:`~ckptdiff.fileio.MAX_CONFIG_BYTES` for config.json and TOML), and a larger file is refused by its size;
 * nesting is bounded before any parser, which recurses, sees it (``MAX_NESTING``; 127 in a safetensors header,
   as the safetensors library itself), and an integer longer than Python reads is refused, not a crash;
-* a rule threshold must be a finite number;
+* a rule threshold must be a finite number, ``--batch-budget`` lies in its stated range, and ``--label`` is given
+  once per fine-tune;
 * a path too long for the system (a name over NAME_MAX, the whole over PATH_MAX) is bad input.
 
 A refusal is exit 2 and one line naming the file, no traceback, nothing written. Cases that once hung run under
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from test_hostile_inputs import _assert_refused
 
 from ckptdiff import fileio, hub_stream
+from ckptdiff.analyses.full import full_report
 from ckptdiff.errors import InputError
 
 W = torch.arange(16, dtype=torch.float32)
@@ -262,6 +264,30 @@ def test_a_path_too_long_is_refused(tmp_path: Path, base: Path, make: Callable[[
         "report -o": ["report", str(base), str(ft), "-o", str(long), "-q"],
     }[where]
     _assert_refused(args, tmp_path, [long.name], "too long")
+
+
+# ---------------------------------------------------------------------------------------------
+# option values
+
+
+@pytest.mark.parametrize("budget", ["inf", "1e300", "nan", "0"])
+def test_batch_budget_out_of_range_is_refused(tmp_path: Path, base: Path, budget: str) -> None:
+    ft = _weights(tmp_path / "ft")
+    args = ["spectral", str(base), str(ft), "--batch-budget", budget, "--csv", str(tmp_path / "out.csv"), "-q"]
+    _assert_refused(args, tmp_path, ["--batch-budget"], "at most 1,048,576")
+
+
+def test_fewer_labels_than_fine_tunes_is_refused(tmp_path: Path, base: Path) -> None:
+    fts = [_weights(tmp_path / "ft1"), _weights(tmp_path / "ft2")]
+    args = ["report", str(base), *map(str, fts), "--label", "a", "-o", str(tmp_path / "report"), "-q"]
+    _assert_refused(args, tmp_path, ["--label"], "got 1 --label value(s) for 2 fine-tuned checkpoints")
+    assert not (tmp_path / "report").exists()
+
+
+def test_labels_given_as_one_string_are_refused(tmp_path: Path, base: Path) -> None:
+    fts = [_weights(tmp_path / "ft1"), _weights(tmp_path / "ft2")]
+    with pytest.raises(InputError, match="not the string 'ab'"):
+        full_report(base, fts, labels="ab", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
