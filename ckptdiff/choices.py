@@ -19,6 +19,7 @@ NullKind = Literal["none", "random"]
 AsName = Literal["bf16", "fp16", "fp32"]
 
 DEFAULT_K = 64  # top-k singular directions, principal-overlap and spectral alike
+MAX_BUDGET_GIB = 2**20  # --batch-budget: 1 PiB, more memory than any machine has
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
 AS_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -77,3 +78,12 @@ def tolerance(flag: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
         raise InputError(f"{flag} must be a finite non-negative number, got {value!r}")
     return float(value)
+
+
+def batch_budget_bytes(gib: object) -> int:
+    """--batch-budget: GiB one batch of matrices may use, more than 0 and at most ``MAX_BUDGET_GIB``; as bytes."""
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib <= MAX_BUDGET_GIB:
+        raise InputError(
+            f"--batch-budget must be a number of GiB above 0 and at most {MAX_BUDGET_GIB:,} (1 PiB), got {gib!r}"
+        )
+    return int(gib * 1024**3)

@@ -146,6 +146,12 @@ def derive_labels(specs: Sequence[str]) -> list[str]:
 
 
 def _check_labels(labels: Sequence[str], n_fts: int) -> list[str]:
+    """One non-empty, unique label per fine-tune, in order; a single string is not a list of labels."""
+    if isinstance(labels, str):  # list("ab") would label two fine-tunes 'a' and 'b'
+        raise InputError(
+            f"labels must be a list of {n_fts} names, one per fine-tune, not the string {labels!r}; "
+            f"e.g. labels=[{labels!r}]"
+        )
     labels = [str(x).strip() for x in labels]
     if len(labels) != n_fts:
         raise InputError(

@@ -31,6 +31,7 @@ from ckptdiff.analyses.scopes import PRINCIPAL, figures
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import Output, standalone
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
@@ -270,7 +271,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         meta = f.metadata() or {}
         if meta.get("format") != MASK_FORMAT:
             raise InputError(f"{path} is not a ckptdiff mask file (metadata format {meta.get('format')!r})")
-        shapes = json.loads(meta["shapes"])
+        shapes = fileio.parse_json(meta["shapes"].encode(), f"mask file {path}", "write it again with --save-masks")
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             _, n = shapes[key.rsplit(".", 1)[0]]
             packed = f.get_tensor(key)  # (m, ceil(n/8)) uint8

@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckptdiff import choices
 from ckptdiff.engine.alignment import Aligned, align, require_comparable
 from ckptdiff.engine.header import header
 from ckptdiff.engine.reader import CHUNK_BYTES, Read, Tensors, iter_chunks, iter_tensors, resolve_device
-from ckptdiff.errors import InputError
 from ckptdiff.io import resolve
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
@@ -54,9 +54,7 @@ def budget_bytes(batch_budget: float | None, device: torch.device) -> int:
     """--batch-budget in GiB as bytes, or the device's default budget."""
     if batch_budget is None:
         return default_budget(device)
-    if not batch_budget > 0:
-        raise InputError(f"--batch-budget must be a positive number of GiB, got {batch_budget}")
-    return int(batch_budget * 1024**3)
+    return choices.batch_budget_bytes(batch_budget)
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptdiff.errors import InputError
 from ckptdiff.gate.parse import Rule, StructuralRules, parse_rule
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 needs the tomli backport
-    import tomli as tomllib
+from ckptdiff.io import files as fileio
 
 _CONFIG_KEYS = ("rules", "expect_unchanged", "allow_changed", "same_keys", "same_shapes", "same_dtypes")
 
@@ -41,17 +37,8 @@ class CheckConfig:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"config file {path} does not exist: check the --config path") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from None
-    except UnicodeDecodeError:
-        raise InputError(f"config file {path} is not UTF-8 text, as TOML must be: re-save it as UTF-8") from None
-    except OSError as exc:
-        raise InputError(f"cannot read config file {path} ({exc.strerror}): check the path") from None
+    """A rules file or pyproject.toml, read as a side file (:func:`ckptdiff.io.files.load_toml`)."""
+    return fileio.load_toml(path, f"config file {path}", "fix the file or pass another one with --config")
 
 
 def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
@@ -107,7 +94,7 @@ def load_config(path: Path) -> CheckConfig:
 def load_pyproject(directory: Path) -> CheckConfig | None:
     """The [tool.ckptdiff] (or .check) table of directory/pyproject.toml; None when absent."""
     path = directory / "pyproject.toml"
-    if not path.is_file():
+    if not os.path.exists(path):  # not is_file(): a pipe or a device is refused when read, not skipped
         return None
     table = _check_table(_read_toml(path))
     return None if table is None else config_from_table(table, f"{path} [tool.ckptdiff]")

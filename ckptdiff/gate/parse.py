@@ -5,6 +5,7 @@ The glob is matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -53,7 +54,13 @@ def parse_rule(text: str, origin: str = "--rule") -> Rule:
     if metric not in METRICS:
         raise InputError(unknown_metric(metric, text))
     op: Op = match["op"]  # type: ignore[assignment]  # the regex admits only the six operators
-    return Rule(metric=metric, scope=match["scope"], op=op, value=float(match["value"]))
+    value = float(match["value"])
+    if not math.isfinite(value):  # 1e999: no metric can be compared with it, and JSON cannot hold it
+        raise InputError(
+            f"rule {text!r} from {origin}: the threshold {match['value']} is beyond a 64-bit float (about 1.8e308); "
+            "give a finite number"
+        )
+    return Rule(metric=metric, scope=match["scope"], op=op, value=value)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ named. (A file the user names directly is theirs to name, link or not.)
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 
 
 def shard_path(index: Path, name: str) -> Path:
@@ -61,11 +61,14 @@ def contained(folder: Path, path: Path) -> Path:
 
 
 def read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
-    """Shards named by a ``*.index.json`` (each checked by :func:`shard_path`, each must exist) and its weight map."""
+    """Shards named by a ``*.index.json`` (each checked by :func:`shard_path`, each must exist) and its weight map.
+
+    The index is a side file (:func:`ckptdiff.io.files.load_json`): a regular file of bounded size and nesting.
+    """
+    data = fileio.load_json(index, f"index {index}", fileio.MAX_INDEX_BYTES, "re-download it")
     try:
-        data = json.loads(index.read_text())
         weight_map: dict[str, str] = {str(k): str(v) for k, v in data["weight_map"].items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise InputError(f"index {index} is not a valid checkpoint index (no weight_map); re-download it") from None
     shards: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):

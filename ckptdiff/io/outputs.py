@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import IO
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 PathLike = str | Path
@@ -202,7 +203,7 @@ class OutputSet:
                 self._inputs.append((str(p), os.stat(p)))
             except OSError:
                 continue
-        if not Path(spec).expanduser().exists() and _is_hub_id(spec):
+        if not os.path.exists(Path(spec).expanduser()) and _is_hub_id(spec):
             self._trees.append(Path(os.path.realpath(_hub_cache())))
 
     def add(self, flag: str, path: PathLike | None) -> Output | None:
@@ -210,6 +211,7 @@ class OutputSet:
         if path is None:
             return None
         given = Path(path).expanduser()
+        fileio.refuse_too_long(given, f"cannot write {flag} {given}")
         target = _final_target(flag, given)
         folder = target.parent
         if not folder.is_dir():
@@ -326,12 +328,14 @@ def input_files(spec: str) -> list[Path]:
     A Hub id or a missing path gives none.
     """
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for p in path.iterdir() if not p.is_dir()]
-    elif path.exists():
-        files = [path, *(p for pattern in _SIDE_FILES for p in path.parent.glob(pattern))]
-    else:
+    try:
+        st = path.stat()
+    except (OSError, ValueError):  # missing, or unusable (too long, a loop): reading the input will say so
         return []
+    if stat.S_ISDIR(st.st_mode):
+        files = [p for p in path.iterdir() if not p.is_dir()]
+    else:
+        files = [path, *(p for pattern in _SIDE_FILES for p in path.parent.glob(pattern))]
     for index in [f for f in files if f.name.endswith(".index.json")]:
         from ckptdiff.io.layout import read_index
 

@@ -30,7 +30,7 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     """Pick the checkpoint inside a directory, preferring safetensors."""
     prefix = resolved_prefix or str(d)
     idx = d / "model.safetensors.index.json"
-    if idx.is_file():
+    if idx.exists():  # not is_file(): an index that is a pipe or a folder is refused when read, not skipped
         shards, wmap = read_index(contained(d, idx))
         return SafetensorsSource(spec, shards, f"{prefix} ({len(shards)} safetensors shards)", wmap)
     single = d / "model.safetensors"
@@ -40,7 +40,7 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     if found:
         return SafetensorsSource(spec, found, f"{prefix} ({len(found)} safetensors files)")
     bidx = d / "pytorch_model.bin.index.json"
-    if bidx.is_file():
+    if bidx.exists():
         shards, wmap = read_index(contained(d, bidx))
         return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)", wmap)
     pickles = sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])
@@ -72,7 +72,7 @@ def stat_input(spec: str) -> os.stat_result | None:
             raise InputError(
                 f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
             ) from None
-        raise InputError(f"cannot access {spec}: {e.strerror}; check the path and permissions") from None
+        raise fileio.os_error(f"cannot access {spec}", e) from None
     except ValueError:  # an embedded NUL byte
         raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import write_error, writes_files
 from ckptdiff.render.text import records, to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
@@ -46,6 +47,7 @@ MANIFEST = ".ckptdiff-report"  # JSON: {"ckptdiff_report": 1, "files": [paths re
 def check_directory(directory: str | Path, inputs: Iterable[object] = ()) -> Path:
     """Fail before any work if DIR cannot take a report (see the module doc); ``inputs`` are the run's inputs."""
     target = Path(directory)
+    fileio.refuse_too_long(target, f"cannot write report {target}")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"cannot write report {target}: folder {parent} does not exist; create it first")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+from ckptdiff.io.files import nested_deeper
+
 MAX_HEADER_BYTES = 100_000_000
 MAX_DEPTH = 127  # nested arrays/objects, the top-level object included
 U64_MAX = (1 << 64) - 1
@@ -163,23 +165,17 @@ def _too_big(value: int) -> bool:
 
 
 def _extra(value: Any) -> None:
-    """A value safetensors ignores must still be JSON it can hold: not too deep, no integer past a float."""
-    deepest = 0
-    stack = [(value, 1)]
+    """A value safetensors ignores must still be JSON it can hold: no integer past a float (its depth is bounded
+    with the whole header's, by :func:`_decode`)."""
+    stack = [value]
     while stack:
-        v, d = stack.pop()
+        v = stack.pop()
         if type(v) is int and _too_big(v):
             raise HeaderProblem(f"has a corrupt header (the number {_clip(str(v))} is out of range)")
         if isinstance(v, tuple):
-            children = [x for _, x in v]
+            stack.extend(x for _, x in v)
         elif isinstance(v, list):
-            children = v
-        else:
-            continue
-        deepest = max(deepest, d)
-        if deepest + 2 > MAX_DEPTH:  # the top-level object and the entry hold it
-            raise HeaderProblem(f"has a corrupt header (JSON nested more than {MAX_DEPTH} levels deep)")
-        stack.extend((c, d + 1) for c in children)
+            stack.extend(v)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -203,6 +199,8 @@ def _decode(raw: bytes) -> Pairs:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HeaderProblem(f"has a corrupt header (not valid UTF-8 at byte {e.start} of the header)") from None
+    if nested_deeper(raw, MAX_DEPTH):  # before the decoder, which recurses once per level
+        raise HeaderProblem(f"has a corrupt header (JSON nested more than {MAX_DEPTH} levels deep)")
     hooks: dict[str, Any] = {"object_pairs_hook": tuple, "parse_float": _float, "parse_constant": _constant}
     if "-0" in text and _NEGATIVE_ZERO.search(text):  # safetensors reads "-0" as a float: check integers one by one
         hooks["parse_int"] = _int
@@ -210,7 +208,7 @@ def _decode(raw: bytes) -> Pairs:
         doc = json.loads(text, **hooks)
     except json.JSONDecodeError as e:
         raise HeaderProblem(f"has a corrupt header (not valid JSON: {e.msg} at character {e.pos})") from None
-    except RecursionError:
+    except RecursionError:  # pragma: no cover - the nesting scan refuses such a header first
         raise HeaderProblem(f"has a corrupt header (JSON nested more than {MAX_DEPTH} levels deep)") from None
     except ValueError:  # int() refuses integers of over 4,300 digits, far past any 64-bit float
         raise HeaderProblem("has a corrupt header (an integer is out of range)") from None

@@ -425,7 +425,7 @@ def _read_index(spec: str, remote: Remote) -> tuple[list[str], dict[str, str]]:
     raw = bytearray(size)
     remote.get_range(INDEX, 0, memoryview(raw), "the index")
     try:
-        data = json.loads(bytes(raw))
+        data = fileio.parse_json(bytes(raw), remote.where(INDEX), "check the repo")  # bounded nesting, integers
         weight_map: dict[str, str] = {str(k): v for k, v in data["weight_map"].items()}
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
         raise InputError(

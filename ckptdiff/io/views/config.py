@@ -5,17 +5,19 @@ fetches it with them, :mod:`ckptdiff.io.hub.download`); a streamed Hub repo fetc
 (:meth:`ckptdiff.io.source.Source.remote_config`). It is read only when a view needs it: the block size of FP8
 weights (:mod:`ckptdiff.io.views.fp8`), ``tie_word_embeddings`` when ``lm_head.weight`` is absent
 (:mod:`ckptdiff.io.views.ties`).
-A file that is not JSON is an :class:`~ckptdiff.errors.InputError` naming it and what it was read for.
+It is a side file (:mod:`ckptdiff.io.files`): a regular file of at most ``MAX_CONFIG_BYTES``, nested a bounded
+number of levels. A file that is not such JSON is an :class:`~ckptdiff.errors.InputError` naming it and what it was
+read for.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptdiff.errors import InputError
+from ckptdiff.io import files as fileio
 from ckptdiff.io.source import Source
 
 NAME = "config.json"
@@ -45,21 +47,16 @@ def load(src: Source, purpose: str) -> ModelConfig | None:
 
     ``purpose`` says in that error what ckptdiff reads the file for ("its tie_word_embeddings ...").
     """
+    fix = f"ckptdiff reads {purpose}: fix or remove the file"
     fetched = src.remote_config()
     if fetched is not None:
         where, raw = fetched
     else:
         d = folder(src)
         path = d / NAME if d is not None else None
-        if path is None or not path.is_file():
+        if path is None or not os.path.exists(path):  # not is_file(): a pipe or a device is refused, not skipped
             return None
         where = str(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise InputError(f"{where}: {e.strerror}; ckptdiff reads {purpose}: fix or remove the file") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise InputError(f"{where}: not valid JSON; ckptdiff reads {purpose}: fix or remove the file") from None
+        raw = fileio.read_side_file(path, where, fileio.MAX_CONFIG_BYTES, fix)
+    data = fileio.parse_json(raw, where, fix)
     return ModelConfig(where, data if isinstance(data, dict) else {})
