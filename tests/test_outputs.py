@@ -21,9 +21,10 @@ import torch
 from factory import bump_ulps, llama_like, save_sharded, save_single
 from typer.testing import CliRunner
 
+from ckptdiff.analyses.base import Report
 from ckptdiff.cli import app
 from ckptdiff.errors import InputError
-from ckptdiff.render.text import Report, to_csv
+from ckptdiff.render.text import to_csv
 
 runner = CliRunner()
 SHA = "0123456789abcdef0123456789abcdef01234567"

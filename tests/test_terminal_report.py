@@ -23,13 +23,14 @@ from factory import bump_ulps, llama_like, save_single
 from rich.console import Console
 from typer.testing import CliRunner
 
+import ckptdiff.render.terminal as terminal_mod
 import ckptdiff.render.text as report_mod
+from ckptdiff.analyses.base import Report
 from ckptdiff.analyses.consistency import consistency
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
-from ckptdiff.render.text import Report
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "checkpoints"
@@ -102,12 +103,12 @@ def example_reports() -> dict[str, Report]:
 def _render(report: Report, width: int = 80, fn: Callable[..., None] | None = None) -> str:
     """print_tables (or fn) on a recorded console of the given width, as a redirected stdout would get it."""
     console = Console(width=width, file=io.StringIO(), record=True, color_system=None, force_terminal=False)
-    old = report_mod.stdout_console
-    report_mod.stdout_console = lambda: console  # type: ignore[assignment]
+    old = terminal_mod.stdout_console
+    terminal_mod.stdout_console = lambda: console  # type: ignore[assignment]
     try:
-        (fn or report_mod.print_tables)(report)
+        (fn or terminal_mod.print_tables)(report)
     finally:
-        report_mod.stdout_console = old  # type: ignore[assignment]
+        terminal_mod.stdout_console = old  # type: ignore[assignment]
     return console.export_text()
 
 

@@ -1,12 +1,16 @@
-"""What every analysis shares: opening one input, the report header, and per-tensor row basics."""
+"""What every analysis shares: the :class:`Report` it hands to the renderers, its JSON form, the summary helpers,
+rollups computed once, and the leading columns of every per-tensor row."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pandas as pd
 import torch
 
 from ckptdiff.engine.alignment import Aligned
@@ -72,3 +76,123 @@ def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dty
     """The dtype a base/fine-tune float pair is compared in (``--as`` wins; see ``comparison_dtype``)."""
     a, b = (i.dtype.torch for i in item.infos if i is not None)
     return comparison_dtype(a, b, as_dtype)
+
+
+@dataclass
+class Table:
+    """A titled table for the terminal, Markdown and JSON.
+
+    JSON, Markdown and ``--rollups-csv`` hold the whole frame. The terminal shows its key columns (the index, or
+    leading tensor/run columns) and, when ``view`` is given, only the view's columns under the view's short
+    headers, explained by ``legend`` (see :mod:`ckptdiff.render.terminal`); ``compact`` when the frame is too wide for
+    one table (e.g. a run x run matrix with the runs numbered). ``terminal=False`` leaves the table out of the
+    terminal (another table there shows the same figures).
+    """
+
+    title: str
+    frame: pd.DataFrame
+    note: str = ""
+    view: dict[str, str] | None = None  # column -> terminal header, in order
+    legend: str = ""  # what the view's short headers mean
+    terminal: bool = True
+    compact: pd.DataFrame | None = None  # shown instead when the frame would need more than one terminal table
+
+
+@dataclass
+class Report:
+    """What an analysis hands to the renderers."""
+
+    title: str
+    header: dict[str, str]
+    summary: list[str]  # plain sentences, the first thing a reader sees
+    tables: list[Table]
+    tensors: pd.DataFrame  # per-tensor rows: the CSV
+    structural: pd.DataFrame = field(default_factory=pd.DataFrame)  # tensors not compared, and why
+    extra: dict[str, Any] = field(default_factory=dict)  # further JSON-only content
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: NaN/inf -> None, numpy types -> Python."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as JSON-safe dicts."""
+    return [_clean(r) for r in frame.to_dict(orient="records")]
+
+
+def to_json_dict(report: Report, summary_only: bool = False) -> dict[str, Any]:
+    """The report as JSON-safe Python data (see :func:`to_json`); with ``summary_only`` its header and summary."""
+    if summary_only:
+        return {"title": report.title, "header": report.header, "summary": report.summary}
+    return {
+        "title": report.title,
+        "header": report.header,
+        "summary": report.summary,
+        "tables": {t.title: records(t.frame.reset_index()) for t in report.tables},
+        "tensors": records(report.tensors),
+        "structural": records(report.structural),
+        **_clean(report.extra),
+    }
+
+
+_SKIPS = {
+    "matrix": ("tensor that is not a matrix", "tensors that are not matrices (not 2-D)"),
+    "integer": ("integer/bool tensor", "integer/bool tensors"),
+    "empty": ("empty matrix", "empty matrices"),
+}
+COMPARED = ("ok", "dtype_changed", "non_float")
+
+
+def expected_skips(frame: pd.DataFrame) -> pd.Series:
+    """Per row of an SVD analysis's frame, why it was not analysed though nothing is wrong with it: ``matrix``
+    (not 2-D), ``integer`` or ``empty``; '' for rows analysed, non-finite or structurally mismatched."""
+    skipped = frame["status"].isin(COMPARED) & (frame["outcome"] == "not_analysed")
+    dims = frame["shape"].astype(str).map(lambda s: 0 if s == "scalar" else s.count("x") + 1)
+    kind = pd.Series("empty", index=frame.index)
+    kind[dims != 2] = "matrix"
+    kind[frame["status"] == "non_float"] = "integer"
+    return kind.where(skipped, "")
+
+
+def digest(frame: pd.DataFrame, listed: pd.Series, skipped: pd.Series) -> tuple[pd.DataFrame, list[str]]:
+    """The structural findings worth a row, and one summary line per kind of expected difference.
+
+    ``frame`` has one row per tensor (``tensor``, ``status``, ``detail``, ...), ``listed`` marks the rows the
+    analysis reports as structural, ``skipped`` says why a row was skipped as expected (a key of the skip kinds:
+    not a matrix, integer, empty; '' for none). A dtype change shared by at least half of the tensors is one
+    line, not a row per tensor; expected skips are one line, counted by kind. What is left (missing tensors,
+    shape or kind mismatches, non-finite values, a dtype change of a few tensors) are the rows.
+    """
+    lines = []
+    changed = frame["status"] == "dtype_changed"
+    patterns = frame.loc[changed, "detail"].astype(str).value_counts()
+    overall = pd.Series(False, index=frame.index)
+    if len(patterns) and 2 * int(patterns.iloc[0]) >= len(frame):
+        what = str(patterns.index[0])
+        overall = changed & (frame["detail"].astype(str) == what)
+        n = int(overall.sum())
+        who = "Every tensor" if n == len(frame) else f"{n:,} of {len(frame):,} tensors"
+        lines.append(
+            f"{who} changed dtype ({what}); each pair is compared after rounding both sides to a common dtype "
+            "(the compared_as column)."
+        )
+    skip = skipped.astype(str) != ""
+    if skip.any():
+        kinds = skipped[skip].value_counts()
+        parts = [count(int(n), *_SKIPS[str(kind)]) for kind, n in kinds.items()]
+        lines.append("Not analysed, as expected: " + "; ".join(parts) + ".")
+    return frame[listed & ~skip & ~overall], lines
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 pair``, ``2 pairs``, ``3 matrices`` (with ``plural``)."""
+    return f"{n:,} {noun if n == 1 else (plural or noun + 's')}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import item_detail
+from ckptdiff.analyses.base import Report, Table, count, digest, item_detail
 from ckptdiff.engine.alignment import Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
@@ -37,7 +37,6 @@ from ckptdiff.metrics.mask import (
 )
 from ckptdiff.metrics.numeric import AGREEMENT_BAND, against_one, ratio
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
-from ckptdiff.render.text import Report, Table, count, digest
 
 # Per-(tensor, pair) CSV columns, in order.
 COLUMNS = [

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
+from ckptdiff.analyses.base import Report
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
 from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
@@ -31,7 +32,6 @@ from ckptdiff.errors import InputError
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
-from ckptdiff.render.text import Report
 
 ANALYSES = ("sparsity", "principal", "spectral", "consistency")
 # Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
@@ -120,7 +120,7 @@ class FullReportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report, machine-readable: header, runs, and each analysis's full JSON report."""
-        from ckptdiff.render.text import to_json_dict
+        from ckptdiff.analyses.base import to_json_dict
 
         out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
         for (name, run), (_, section) in zip(self.section_keys(), self._sections, strict=True):

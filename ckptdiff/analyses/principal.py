@@ -26,7 +26,17 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.base import (
+    Report,
+    Table,
+    count,
+    digest,
+    expected_skips,
+    item_detail,
+    once_per_key,
+    pair_target,
+    row_basics,
+)
 from ckptdiff.analyses.scopes import PRINCIPAL, figures
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
@@ -38,7 +48,6 @@ from ckptdiff.metrics import linalg
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name, update_mask, widen_fp8, widened
 from ckptdiff.metrics.numeric import OVERLAP_BAND, against_one, ratio
 from ckptdiff.metrics.principal import PrincipalMasks, PrincipalResult, principal_metrics_with_masks
-from ckptdiff.render.text import Report, Table, count, digest, expected_skips
 from ckptdiff.runtime import distributed
 
 MASK_FORMAT = "ckptdiff.principal-masks/1"

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import item_detail, pair_target, row_basics
+from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, pair_target, row_basics
 from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, pick
 from ckptdiff.engine.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
@@ -18,7 +18,6 @@ from ckptdiff.io.views.fp8 import FP8_COLUMNS, CodeStats
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
-from ckptdiff.render.text import Report, Table, count, digest
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 

@@ -20,7 +20,17 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import item_detail, once_per_key, pair_target, row_basics
+from ckptdiff.analyses.base import (
+    Report,
+    Table,
+    count,
+    digest,
+    expected_skips,
+    item_detail,
+    once_per_key,
+    pair_target,
+    row_basics,
+)
 from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
@@ -30,7 +40,6 @@ from ckptdiff.metrics import linalg
 from ckptdiff.metrics.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
 from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
-from ckptdiff.render.text import Report, Table, count, digest, expected_skips
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "

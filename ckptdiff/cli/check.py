@@ -163,7 +163,7 @@ def print_table(report: GateResult) -> None:
     from rich.text import Text
 
     from ckptdiff.gate import exact_number, format_value
-    from ckptdiff.render.text import stdout_console
+    from ckptdiff.render.terminal import stdout_console
 
     console = stdout_console()
     if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from ckptdiff.analyses.base import Report
     from ckptdiff.io.outputs import OutputSet
     from ckptdiff.metrics.mask import CompareMode
-    from ckptdiff.render.text import Report
 
 
 class Fmt(str, Enum):
@@ -167,7 +167,8 @@ def check_summary(fmt: Fmt, summary: bool) -> None:
 def emit(report: Report, fmt: Fmt, outs: OutputSet, summary: bool = False) -> None:
     """Write the report to the set's --csv/--json/--rollups-csv, put every output file in place together, then print
     to stdout (only the header and the summary with ``summary``)."""
-    from ckptdiff.render.text import print_summary, print_tables, render, to_csv, to_json, to_rollups_csv
+    from ckptdiff.render.terminal import print_summary, print_tables
+    from ckptdiff.render.text import render, to_csv, to_json, to_rollups_csv
 
     text = render(report, fmt.value, summary)
     for flag, content in (("--csv", to_csv), ("--json", to_json), ("--rollups-csv", to_rollups_csv)):

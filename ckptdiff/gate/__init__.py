@@ -1,7 +1,7 @@
 """Rules for ``ckptdiff check``: parsing, the metric registry, TOML config, evaluation and rendering.
 
-One module each: :mod:`.parse`, :mod:`.registry` (the analyses' declared metrics), :mod:`.config`, :mod:`.evaluate`,
-:mod:`.render`; this package re-exports their public names.
+One module each: :mod:`.rules` (a rule's grammar and the metrics it may name), :mod:`.config`, :mod:`.evaluate`;
+and :mod:`.report` (a result as a dict and as Markdown); this package re-exports their public names.
 
 A metric rule reads ``METRIC[@GLOB] OP VALUE`` (``sparsity@model.layers.*.mlp.* >= 0.3``); the glob is
 matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`` also crosses dots). Structural rules
@@ -21,9 +21,17 @@ from ckptdiff.gate.evaluate import (
     evaluate,
     exit_code,
 )
-from ckptdiff.gate.parse import RULE_FORM, Op, Rule, StructuralRules, exact_number, parse_rule
-from ckptdiff.gate.registry import METRICS, required_analyses
-from ckptdiff.render.gate import format_value, to_dict, to_markdown
+from ckptdiff.gate.report import format_value, to_dict, to_markdown
+from ckptdiff.gate.rules import (
+    METRICS,
+    RULE_FORM,
+    Op,
+    Rule,
+    StructuralRules,
+    exact_number,
+    parse_rule,
+    required_analyses,
+)
 
 __all__ = [
     "MAX_OFFENDERS",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptdiff.errors import InputError
-from ckptdiff.gate.parse import Rule, StructuralRules, parse_rule
+from ckptdiff.gate.rules import Rule, StructuralRules, parse_rule
 from ckptdiff.io import files as fileio
 
 _CONFIG_KEYS = ("rules", "expect_unchanged", "allow_changed", "same_keys", "same_shapes", "same_dtypes")

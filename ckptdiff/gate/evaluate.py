@@ -24,8 +24,7 @@ import pandas as pd
 
 from ckptdiff.engine.alignment import Outcome, Status
 from ckptdiff.errors import InputError
-from ckptdiff.gate.parse import Op, Rule, StructuralRules
-from ckptdiff.gate.registry import METRICS, unknown_metric
+from ckptdiff.gate.rules import METRICS, Op, Rule, StructuralRules, unknown_metric
 
 # Statuses as the frames hold them (plain strings).
 OK, DTYPE_CHANGED, NON_FLOAT = Status.OK.value, Status.DTYPE_CHANGED.value, Status.NON_FLOAT.value

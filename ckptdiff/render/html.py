@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ckptdiff.analyses.base import Report, Table
     from ckptdiff.analyses.full import FullReportResult
     from ckptdiff.render.figures import Figure
-    from ckptdiff.render.text import Report, Table
 
 COLLAPSE_ROWS = 30  # longer tables start folded
 _TEXT_COLUMNS = {"tensor", "module", "shape", "status", "detail", "run", "run_a", "run_b", "outcome"}
@@ -152,7 +152,7 @@ def _kv(pairs: dict[str, str]) -> str:
 
 
 def _section(anchor: str, heading: str, rep: Report, figs: Sequence[Figure], top: dict[str, str]) -> str:
-    from ckptdiff.render.text import Table
+    from ckptdiff.analyses.base import Table
 
     out = [f'<section id="{_e(anchor)}">\n<h2>{_e(heading)}</h2>\n']
     warning = rep.header.get("warning")

@@ -30,10 +30,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptdiff.analyses.base import records
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import write_error, writes_files
-from ckptdiff.render.text import records, to_markdown
+from ckptdiff.render.text import to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:

@@ -14,16 +14,19 @@ Numbers are never wrapped or shortened.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from rich.cells import cell_len
 
-if TYPE_CHECKING:
-    from rich.console import RenderableType
+from ckptdiff.render.text import MAX_FINDINGS, cell, findings
 
-    from ckptdiff.render.text import Table
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from ckptdiff.analyses.base import Report, Table
 
 NAME_COLUMNS = ("tensor", "run", "run_a", "run_b")
 _BREAKS = "._-/ ,"
@@ -195,7 +198,6 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
 
 def to_grid(table: Table) -> Grid:
     """The terminal view of a report table: its key columns, the view's columns under their short headers."""
-    from ckptdiff.render.text import cell
 
     frame = table.frame
     named = frame.index.name is not None or any(n is not None for n in frame.index.names)
@@ -233,3 +235,54 @@ def _numeric(cells: Sequence[str]) -> bool:
             return c in ("—", "", "yes", "no")
 
     return all(number(c) for c in cells)
+
+
+def print_summary(report: Report, console: Console | None = None) -> None:
+    """The header and the summary sentences (``--summary``), with rich on stdout."""
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    console = console or stdout_console()
+    head = RichTable(title=report.title, show_header=False, title_justify="left", box=None)
+    head.add_column(style="dim", no_wrap=True)
+    head.add_column(overflow="fold")  # long paths wrap; nothing is cut
+    for k, v in report.header.items():
+        head.add_row(k, v)
+    console.print(head)
+    for s in report.summary:
+        console.print(Text(s, style="bold"))
+
+
+def print_tables(report: Report, console: Console | None = None) -> None:
+    """Render the report with rich on stdout: header, summary, every table's terminal view, structural findings.
+
+    Tables fit the console's width without cutting a cell (see :mod:`ckptdiff.render.terminal`).
+    """
+    console = console or stdout_console()
+    print_summary(report, console)
+    legends: set[str] = set()
+    for table in [*report.tables, findings(report)]:
+        if table.frame.empty or not table.terminal:
+            continue
+        if table.legend in legends:  # said once, under the first table with these headers
+            table = replace(table, legend="")
+        legends.add(table.legend)
+        limit = MAX_FINDINGS if table.title == "Structural findings" else None
+        for rt in rich_tables(table, console.width, limit):
+            console.print(rt)
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout that raises BrokenPipeError when the reader has gone (``| head``).
+
+    rich's default exits with status 1 instead; the CLI treats a closed stdout as the reader's choice and keeps
+    the command's own exit status.
+    """
+    from rich.console import Console
+
+    class _StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, "stdout was closed")
+
+    return _StdoutConsole()

@@ -41,7 +41,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -52,8 +52,17 @@ from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.io.views import config as model_config
 from ckptdiff.io.views.config import ModelConfig
 
-if TYPE_CHECKING:
-    from ckptdiff.engine.alignment import Aligned
+
+class Paired(Protocol):
+    """What :class:`CodeStats` reads of an aligned tensor (``ckptdiff.engine.alignment.Aligned`` is one; this
+    layer does not import the engine above it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def infos(self) -> Sequence[TensorInfo | None]: ...
+    @property
+    def comparable(self) -> bool: ...
 
 SCALE_SUFFIX = "_scale_inv"  # P.weight_scale_inv scales P.weight
 CT_SCALE_SUFFIX = "_scale"  # compressed-tensors: P.weight_scale (not dequantized, see the module doc)
@@ -418,7 +427,7 @@ class CodeStats:
         return cls(a, b) if a is not None and b is not None else None
 
     @staticmethod
-    def _pair(item: Aligned) -> tuple[Fp8Info, Fp8Info] | None:
+    def _pair(item: Paired) -> tuple[Fp8Info, Fp8Info] | None:
         a, b = item.infos[0], item.infos[-1]
         if not (isinstance(a, Fp8Info) and isinstance(b, Fp8Info) and a.scaled and b.scaled):
             return None
@@ -426,7 +435,7 @@ class CodeStats:
         same = a.codes.dtype == b.codes.dtype and a.shape == b.shape
         return (a, b) if same else None
 
-    def add(self, item: Aligned, start: int, count: int) -> None:
+    def add(self, item: Paired, start: int, count: int) -> None:
         """Count the code changes of entries [start, start + count) of ``item`` (and its scales with the first)."""
         pair = self._pair(item)
         if pair is None or count == 0:
@@ -440,7 +449,7 @@ class CodeStats:
         if start == 0 and a.block == b.block and a.scale.shape == b.scale.shape:
             self.blocks[name] = _changed(self.base.scale(name), self.ft.scale(name), torch.float32)
 
-    def columns(self, item: Aligned) -> dict[str, float]:
+    def columns(self, item: Paired) -> dict[str, float]:
         """The two columns of ``item``'s row: counts, or NaN (an empty cell) for other tensors."""
         nan = float("nan")
         if self._pair(item) is None or not item.comparable:

@@ -1,4 +1,5 @@
-"""Rules as text: ``METRIC[@GLOB] OP VALUE`` metric rules and the structural checks.
+"""Rules as text: ``METRIC[@GLOB] OP VALUE`` metric rules, the structural checks, and the metrics a rule can name
+(the analyses' own declarations in :mod:`ckptdiff.analyses.scopes`, not a copy).
 
 The glob is matched with ``fnmatch.fnmatchcase`` against full tensor names (``*`` also crosses dots).
 """
@@ -7,14 +8,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from ckptdiff.analyses.scopes import GATES, Metric
 from ckptdiff.errors import InputError
-from ckptdiff.gate.registry import METRICS, unknown_metric
 
 Op = Literal["<", "<=", ">", ">=", "==", "!="]
 RULE_FORM = "METRIC[@GLOB] OP VALUE, e.g. 'sparsity@model.layers.*.mlp.* >= 0.3'"
+
+METRICS: dict[str, Metric] = GATES
+
+
+def unknown_metric(metric: str, text: str) -> str:
+    """The one-line message for a rule naming a metric nobody declares."""
+    return f"unknown metric {metric!r} in rule {text!r}: use one of {', '.join(sorted(METRICS))}"
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _RULE_RE = re.compile(
@@ -78,3 +87,16 @@ class StructuralRules:
         """Whether any structural check is requested."""
         checks = (self.same_keys, self.same_shapes, self.same_dtypes, self.expect_unchanged, self.allow_changed)
         return any(bool(c) for c in checks)
+
+
+def required_analyses(rules: Iterable[Rule], structural: StructuralRules | None = None) -> set[str]:
+    """The analyses the rules need; structural checks read the sparsity frame."""
+    needed: set[str] = set()
+    for rule in rules:
+        spec = METRICS.get(rule.metric)
+        if spec is None:
+            raise InputError(unknown_metric(rule.metric, str(rule)))
+        needed.add(spec.analysis)
+    if structural is not None and structural.active:
+        needed.add("sparsity")
+    return needed

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ckptdiff.gate.evaluate import CheckResult, exit_code
-from ckptdiff.gate.parse import exact_number
+from ckptdiff.gate.rules import exact_number
 
 
 def format_value(value: float | None) -> str:
