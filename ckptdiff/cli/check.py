@@ -194,10 +194,3 @@ def print_table(report: GateResult) -> None:
     n_pass = sum(r.passed for r in results)
     overall = "[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
     console.print(f"ckptdiff check: {overall} ({n_pass}/{len(results)} rules pass)")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the command to the app."""
-    from ckptdiff.cli import handle_errors
-
-    app.command("check", epilog=EPILOG)(handle_errors(check))

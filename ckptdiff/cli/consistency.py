@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import typer
-
 from ckptdiff.cli.options import (
     VERBOSITY,
     AsOpt,
@@ -71,10 +69,3 @@ def consistency(
             progress=not quiet,
         )
         emit(result.report(), fmt, outs, summary)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the command to the app."""
-    from ckptdiff.cli import handle_errors
-
-    app.command("consistency", epilog=EPILOG)(handle_errors(consistency))

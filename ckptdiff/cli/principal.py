@@ -99,10 +99,3 @@ def principal_overlap(
             progress=not quiet,
         )
         emit(result.report(), fmt, outs, summary)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the command to the app."""
-    from ckptdiff.cli import handle_errors
-
-    app.command("principal-overlap", epilog=EPILOG)(handle_errors(principal_overlap))

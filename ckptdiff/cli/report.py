@@ -113,10 +113,3 @@ def report(
             for sentence in section.summary:
                 typer.echo(f"  {sentence}")
         typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the command to the app."""
-    from ckptdiff.cli import handle_errors
-
-    app.command("report", epilog=EPILOG)(handle_errors(report))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import typer
-
 from ckptdiff.cli.options import (
     VERBOSITY,
     AsOpt,
@@ -61,10 +59,3 @@ def sparsity(
             base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet
         )
         emit(result.report(), fmt, outs, summary)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the command to the app."""
-    from ckptdiff.cli import handle_errors
-
-    app.command("sparsity", epilog=EPILOG)(handle_errors(sparsity))
