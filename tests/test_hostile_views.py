@@ -1,0 +1,190 @@
+"""What a checkpoint's tensors are as values, when the storage is hostile or merely unusual.
+
+The contract these tests hold ckptdiff to (docs/metrics.md §1; :mod:`ckptdiff.views`):
+
+- A plain FP8 tensor (no scale) is its stored FP8 values: against bf16, fp32 or the other FP8 format it is
+  compared on those values widened to a common float dtype, in every command; never a crash.
+- A block-scaled FP8 weight is ``float32(codes) · scale``. Its block size comes from ``config.json``: a positive
+  integer, legal however large (a block wider than the tensor is one block), refused naming the file when it is
+  not one; memory follows the stored data, never the declared size. A weight dequantized on one side and raw
+  FP8 on another (its scale missing or unusable there) is a structural finding, not a number.
+- A fused expert tensor splits into one tensor per expert, named ``NAME[e]``. Those names never replace a stored
+  tensor: a checkpoint that stores a tensor under such a name is refused, naming it. The split costs work in
+  proportion to the bytes present: a header declaring absurd expert counts is refused in one line, at once.
+
+Expected values are known by construction (k entries changed on purpose) or come from an independent decoder of
+the FP8 encodings written here from the format definitions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from factory import bump_ulps, save_single
+from test_hostile_inputs import _deadline
+from typer.testing import CliRunner
+
+from ckptdiff.cli import app
+
+runner = CliRunner()
+Q = "model.layers.0.self_attn.q_proj.weight"
+SECONDS = 20  # every case takes well under a second; a regression fails instead of blocking
+
+
+def _cli(args: list[str]) -> tuple[int, str, str]:
+    """Run the CLI under a deadline: (exit code, stdout, stderr)."""
+    with _deadline(SECONDS):
+        res = runner.invoke(app, args)
+    return res.exit_code, res.stdout, res.stderr
+
+
+def _csv_rows(text: str) -> dict[str, dict[str, str]]:
+    """A CSV (ckptdiff's per-tensor output) as {tensor: row}."""
+    return {row["tensor"]: row for row in csv.DictReader(io.StringIO(text))}
+
+
+# ---------------------------------------------------------------------------------------------
+# an FP8 decoder from the format definitions (OCP 8-bit floating point), independent of torch
+
+
+def fp8_values(codes: np.ndarray, fmt: str) -> np.ndarray:
+    """The float64 values of FP8 bit patterns (uint8): ``e4m3`` (bias 7, no inf, S.1111.111 NaN) or ``e5m2``
+    (bias 15, IEEE-like inf and NaN)."""
+    b = codes.astype(np.int64)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    mbits, bias = (3, 7) if fmt == "e4m3" else (2, 15)
+    emax = (1 << (7 - mbits)) - 1
+    e = (b >> mbits) & emax
+    m = (b & ((1 << mbits) - 1)).astype(np.float64)
+    frac = m / (1 << mbits)
+    value = np.where(e == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (e - bias))
+    if fmt == "e4m3":
+        value = np.where((e == emax) & (m == 7), np.nan, value)
+    else:
+        value = np.where(e == emax, np.where(m == 0, np.inf, np.nan), value)
+    return sign * value
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
+def test_the_decoder_matches_every_code(fmt: str, dtype: torch.dtype) -> None:
+    """All 256 codes: the decoder here and torch's widening agree (NaN for NaN), so either may build inputs."""
+    codes = np.arange(256, dtype=np.uint8)
+    ours = fp8_values(codes, fmt)
+    theirs = torch.from_numpy(codes).view(dtype).to(torch.float64).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 15: a plain (unscaled) FP8 tensor against bf16, fp32 or the other FP8 format, in every command
+
+SHAPE = (24, 16)
+N = SHAPE[0] * SHAPE[1]
+CHANGED = {"bf16": range(0, 7), "fp32": range(3, 14), "e5m2": range(20, 25)}  # entries changed on purpose
+
+
+def _base_codes() -> np.ndarray:
+    """E4M3 codes of finite values that e5m2 holds exactly too: an even mantissa (two bits), |v| ≤ 448."""
+    rng = np.random.default_rng(15)
+    codes = rng.integers(0, 256, size=SHAPE, dtype=np.uint8) & 0xFE  # drops the last mantissa bit, and NaN (0x7F)
+    codes[0, 0], codes[0, 1] = 0x00, 0x80  # +0 and −0
+    return codes
+
+
+def _fine_tunes(codes: np.ndarray) -> dict[str, torch.Tensor]:
+    """The base's values stored as bf16, fp32 and e5m2 (exactly: checked), then the CHANGED entries moved."""
+    values = fp8_values(codes, "e4m3")  # (24, 16) float64
+    exact = torch.from_numpy(values.astype(np.float32))
+    out = {"bf16": exact.to(torch.bfloat16), "fp32": exact.clone(), "e5m2": exact.to(torch.float8_e5m2)}
+    assert np.array_equal(out["bf16"].double().numpy(), values)
+    assert np.array_equal(fp8_values(out["e5m2"].view(torch.uint8).numpy(), "e5m2"), values)
+    out["bf16"] = bump_ulps(out["bf16"], torch.tensor(list(CHANGED["bf16"])))
+    out["fp32"] = bump_ulps(out["fp32"], torch.tensor(list(CHANGED["fp32"])))
+    flat = out["e5m2"].view(torch.uint8).reshape(-1).clone()
+    flat[list(CHANGED["e5m2"])] ^= 0x04  # the exponent's last bit: another finite value (exponents stay ≤ 23)
+    out["e5m2"] = flat.view(torch.float8_e5m2).reshape(SHAPE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_fp8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base: plain F8_E4M3; bf16 / fp32 / e5m2: fine-tunes; base32: the base's values as fp32 (for reference)."""
+    root = tmp_path_factory.mktemp("plain_fp8")
+    codes = _base_codes()
+    base = torch.from_numpy(codes).view(torch.float8_e4m3fn)
+    paths = {"base": save_single({Q: base}, root / "base.safetensors")}
+    widened = torch.from_numpy(fp8_values(codes, "e4m3").astype(np.float32))
+    paths["base32"] = save_single({Q: widened}, root / "base32.safetensors")
+    for kind, t in _fine_tunes(codes).items():
+        paths[kind] = save_single({Q: t}, root / f"{kind}.safetensors")
+    return paths
+
+
+def _expected_changes(paths: dict[str, Path], kind: str) -> int:
+    """Entries whose value differs, decoded from the stored bytes (+0 equals −0: the values compare equal)."""
+    from safetensors.torch import load_file
+
+    def stored(key: str) -> np.ndarray:
+        return load_file(str(paths[key]))[Q].reshape(-1).view(torch.uint8).numpy()  # the bytes, little-endian
+
+    v0 = fp8_values(stored("base"), "e4m3")
+    raw = stored(kind)
+    if kind == "e5m2":
+        v1 = fp8_values(raw, "e5m2")
+    elif kind == "bf16":
+        v1 = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        v1 = raw.view(np.float32).astype(np.float64)
+    return int(np.count_nonzero(v0 != v1))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp32", "e5m2"])
+def test_plain_fp8_against_another_float_dtype(plain_fp8: dict[str, Path], kind: str, tmp_path: Path) -> None:
+    """sparsity, principal-overlap, spectral and check on plain e4m3 against bf16 / fp32 / e5m2: compared in fp32."""
+    base, ft = str(plain_fp8["base"]), str(plain_fp8[kind])
+    want = len(CHANGED[kind])
+    assert _expected_changes(plain_fp8, kind) == want
+    code, out, err = _cli(["sparsity", base, ft, "-q", "-f", "csv"])
+    assert code == 0, err
+    row = _csv_rows(out)[Q]
+    assert row["status"] == "dtype_changed" and row["compared_as"] == "fp32" and row["dtype_base"] == "f8_e4m3"
+    assert int(row["changed"]) == want and int(row["numel"]) == N
+    # the bf16 figure (what crashed): fp32 values one ULP off a bf16 value round back to it; bf16 and e5m2 keep theirs
+    assert int(row["changed_bf16"]) == (0 if kind == "fp32" else want)
+    # principal-overlap and spectral: the numbers of the same run on the base widened to fp32 by the decoder
+    for command in (["principal-overlap", "--k", "4", "--svd", "exact"], ["spectral", "--k", "4"]):
+        frames = []
+        for b in (base, str(plain_fp8["base32"])):
+            code, out, err = _cli([command[0], b, ft, "-q", "-f", "csv", *command[1:]])
+            assert code == 0, err
+            frames.append(pd.read_csv(io.StringIO(out)).set_index("tensor"))
+        raw, wide = frames
+        assert bool(raw.loc[Q, "analysed"]), command
+        drop = [c for c in ("dtype_base", "compared_as", "detail", "status") if c in raw.columns]
+        pd.testing.assert_frame_equal(raw.drop(columns=drop), wide.drop(columns=drop))
+    code, out, err = _cli(["check", base, ft, "-q", "-f", "json", "--rule", f"changed == {want}",
+                           "--rule", "nss > 0", "--rule", "ratio_principal > 0"])  # fmt: skip
+    assert code == 0, err + out
+    assert json.loads(out)["passed"]
+
+
+def test_plain_fp8_in_consistency_and_report(plain_fp8: dict[str, Path], tmp_path: Path) -> None:
+    """consistency (e4m3 base, bf16 and fp32 fine-tunes) and report (every analysis in one pass) on the same pair."""
+    base, a, b = (str(plain_fp8[k]) for k in ("base", "bf16", "fp32"))
+    code, out, err = _cli(["consistency", base, a, b, "-q", "-f", "csv", "-l", "a", "-l", "b"])
+    assert code == 0, err
+    row = _csv_rows(out)[Q]
+    both = len(set(CHANGED["bf16"]) & set(CHANGED["fp32"]))
+    assert (int(row["n_a"]), int(row["n_b"]), int(row["n_both"])) == (7, 11, both)
+    code, out, err = _cli(["report", base, a, b, "-q", "-o", str(tmp_path / "rep"), "-l", "a", "-l", "b"])
+    assert code == 0, err
+    rows = pd.read_csv(tmp_path / "rep" / "tensors.csv").set_index(["run", "tensor"])
+    assert rows.loc[("a", Q), "changed"] == 7 and rows.loc[("b", Q), "changed"] == 11
+    assert bool(rows.loc[("a", Q), "principal_analysed"]) and bool(rows.loc[("b", Q), "spectral_analysed"])
+    assert rows.loc[("b", Q), "compared_as"] == "fp32" and rows.loc[("a", Q), "nss"] > 0
