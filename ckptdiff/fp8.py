@@ -20,9 +20,11 @@ unchanged: an entry is changed iff its dequantized fp32 value changed (§1 rules
 
 What cannot be dequantized stays visible as stored, with a note that every report lists as a structural finding:
 a scale without its weight (or whose weight is not FP8, not a matrix, or does not fit the block size) is compared
-as a plain tensor, and its weight as raw, unscaled FP8 values. An FP8 tensor without a scale in a checkpoint that
-has block-scaled weights gets a note too. A bad ``config.json`` (not JSON, a malformed block size) is an
-:class:`~ckptdiff.errors.InputError`: it would make every weight unreadable.
+as a plain tensor, and its weight read as raw, unscaled FP8 values. An FP8 tensor without a scale in a checkpoint
+that has block-scaled weights gets a note too. A weight dequantized on one side and raw FP8 on another is not
+compared at all (:func:`mismatch`, status ``scale_mismatch``): its codes without their scale are not its values,
+so every count would be an artefact of the missing scale. A bad ``config.json`` (not JSON, a malformed block
+size) is an :class:`~ckptdiff.errors.InputError`: it would make every weight unreadable.
 
 :class:`CodeStats` gives the sparsity CSV's ``codes_changed`` (stored FP8 codes that changed, by the §1 bitwise
 rule on the FP8 encoding) and ``scale_blocks_changed`` (blocks whose scale changed) from the raw codes and scales
@@ -107,6 +109,24 @@ def label(info: TensorInfo) -> str:
     return info.dtype.short
 
 
+def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
+    """Why one weight cannot be compared across its sides ('' when it can): dequantized with its scale on some,
+    raw FP8 on others (its scale missing or unusable there, see the notes). A raw code is the weight's value only
+    times a scale that side does not have, so any count of changes would compare codes with values."""
+    scaled = [k for k, i in enumerate(infos) if isinstance(i, Fp8Info) and i.scaled]
+    raw = [k for k, i in enumerate(infos) if is_fp8(i)]
+    if not scaled or not raw:
+        return ""
+    a, b = infos[scaled[0]], infos[raw[0]]
+    assert a is not None and b is not None
+    where = ", ".join(labels[k] for k in scaled)
+    bare = ", ".join(labels[k] for k in raw)
+    return (
+        f"fp8 scale on one side only: {label(a)} dequantized in {where}, raw {label(b)} without a usable scale in "
+        f"{bare}; not compared (codes without their scale are not the weight's values)"
+    )
+
+
 def notes(infos: Iterable[TensorInfo | None]) -> str:
     """The FP8 notes of one aligned tensor's sides, each once, joined with '; ' ('' when none)."""
     found = [i.note for i in infos if isinstance(i, Fp8Info) and i.note]
@@ -182,7 +202,7 @@ def plan(infos: Mapping[str, TensorInfo], layout: Layout) -> dict[str, TensorInf
         if why:
             noted[name] = f"fp8 scale not applied ({why}): compared as a plain tensor"
             if weight is not None:
-                noted[wname] = f"fp8 weight not dequantized ({name.rsplit('.', 1)[-1]}: {why}): compared as stored"
+                noted[wname] = f"fp8 weight not dequantized ({name.rsplit('.', 1)[-1]}: {why}): read as stored"
             continue
         assert weight is not None
         scaled[wname] = Fp8Info(wname, F32, weight.shape, weight.file, codes=weight, scale=scale, block=block)
@@ -196,7 +216,7 @@ def plan(infos: Mapping[str, TensorInfo], layout: Layout) -> dict[str, TensorInf
         elif name in noted:
             out[name] = Fp8Info(name, info.dtype, info.shape, info.file, note=noted[name])
         elif is_fp8(info) and scaled and name + CT_SCALE_SUFFIX not in infos:
-            why = f"fp8 tensor without a {name.rsplit('.', 1)[-1]}{SCALE_SUFFIX}: compared as raw fp8 values"
+            why = f"fp8 tensor without a {name.rsplit('.', 1)[-1]}{SCALE_SUFFIX}: read as raw fp8 values"
             out[name] = Fp8Info(name, info.dtype, info.shape, info.file, note=why)
         else:
             out[name] = info

@@ -145,7 +145,7 @@ def _expected_changes(paths: dict[str, Path], kind: str) -> int:
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp32", "e5m2"])
-def test_plain_fp8_against_another_float_dtype(plain_fp8: dict[str, Path], kind: str, tmp_path: Path) -> None:
+def test_plain_fp8_against_another_float_dtype(plain_fp8: dict[str, Path], kind: str) -> None:
     """sparsity, principal-overlap, spectral and check on plain e4m3 against bf16 / fp32 / e5m2: compared in fp32."""
     base, ft = str(plain_fp8["base"]), str(plain_fp8[kind])
     want = len(CHANGED[kind])
@@ -188,3 +188,96 @@ def test_plain_fp8_in_consistency_and_report(plain_fp8: dict[str, Path], tmp_pat
     assert rows.loc[("a", Q), "changed"] == 7 and rows.loc[("b", Q), "changed"] == 11
     assert bool(rows.loc[("a", Q), "principal_analysed"]) and bool(rows.loc[("b", Q), "spectral_analysed"])
     assert rows.loc[("b", Q), "compared_as"] == "fp32" and rows.loc[("a", Q), "nss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# item 10: a block-scaled FP8 weight on one side, raw FP8 on the other (scale missing or of another shape)
+
+K = "model.layers.0.self_attn.k_proj.weight"
+SCALE = "_scale_inv"
+BLOCK = 16
+FP8_CONFIG = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}}
+K_CHANGED = 5
+
+
+def _scaled_codes(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 40 x 24 e4m3 weight of finite codes below 0x70 (so flipping the last bit stays finite) and its 3 x 2 scale."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 0x70, size=(40, 24), dtype=np.uint8) | (rng.integers(0, 2, (40, 24), np.uint8) << 7)
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, size=(3, 2)).astype(np.float32))
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn), scale
+
+
+def _save_fp8(root: Path, name: str, sd: dict[str, torch.Tensor]) -> str:
+    folder = root / name
+    folder.mkdir()
+    save_single({k: v.clone() for k, v in sd.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(FP8_CONFIG))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def one_sided(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """base: Q and K block-scaled; each fine-tune: K scaled with K_CHANGED codes flipped, Q as the case says."""
+    root = tmp_path_factory.mktemp("one_sided")
+    q, qs = _scaled_codes(1)
+    k, ks = _scaled_codes(2)
+    k1 = k.view(torch.uint8).clone().reshape(-1)
+    k1[torch.arange(K_CHANGED) * 97] ^= 1  # the last mantissa bit: another finite value, never ±0 twice
+    k1 = k1.view(torch.float8_e4m3fn).reshape(k.shape)
+    ft_k = {K: k1, K + SCALE: ks}
+    return {
+        "base": _save_fp8(root, "base", {Q: q, Q + SCALE: qs, K: k, K + SCALE: ks}),
+        "missing": _save_fp8(root, "missing", {Q: q, **ft_k}),  # Q's scale dropped
+        "shape": _save_fp8(root, "shape", {Q: q, Q + SCALE: qs[:2], **ft_k}),  # Q's scale of another shape
+        "transposed": _save_fp8(root, "transposed", {Q: q, Q + SCALE: qs.T.contiguous(), **ft_k}),
+    }
+
+
+def _k_changes(one_sided: dict[str, str]) -> int:
+    """K's dequantized changes, decoded from the stored bytes: code value times its block's scale."""
+    from safetensors.torch import load_file
+
+    def values(key: str) -> np.ndarray:
+        sd = load_file(str(Path(one_sided[key]) / "model.safetensors"))
+        codes = fp8_values(sd[K].view(torch.uint8).numpy(), "e4m3")
+        scale = np.repeat(np.repeat(sd[K + SCALE].numpy().astype(np.float64), BLOCK, 0), BLOCK, 1)[:40, :24]
+        return (codes * scale).astype(np.float32)
+
+    return int(np.count_nonzero(values("base") != values("missing")))
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "transposed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["ft-raw", "base-raw"])
+def test_a_scale_on_one_side_only_is_a_finding(one_sided: dict[str, str], case: str, reverse: bool) -> None:
+    """Dequantized values against raw codes would count nearly every entry as changed: the weight is not
+    compared (status scale_mismatch, the reason in detail), the rest of the checkpoint is."""
+    base, ft = (one_sided[case], one_sided["base"]) if reverse else (one_sided["base"], one_sided[case])
+    assert _k_changes(one_sided) == K_CHANGED
+    code, out, err = _cli(["sparsity", base, ft, "-q", "-f", "csv"])
+    assert code == 0, err
+    rows = _csv_rows(out)
+    q = rows[Q]
+    assert q["status"] == "scale_mismatch" and q["changed"] == "" and q["compared_as"] == ""
+    raw, scaled = ("base", "ft") if reverse else ("ft", "base")
+    assert q["detail"].startswith(f"fp8 scale on one side only: f8_e4m3/16x16 dequantized in {scaled}, raw f8_e4m3")
+    assert f"usable scale in {raw}; not compared" in q["detail"]
+    assert int(rows[K]["changed"]) == K_CHANGED and rows[K]["status"] == "ok"
+    code, out, err = _cli(["principal-overlap", base, ft, "-q", "-f", "csv", "--k", "2"])
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert rows[Q]["status"] == "scale_mismatch" and rows[Q]["analysed"] == "False"
+    assert rows[K]["analysed"] == "True" and int(rows[K]["changed"]) == K_CHANGED
+    code, out, err = _cli(["check", base, ft, "-q", "--header-only", "--same-dtypes", "-f", "json"])
+    assert code == 1, err + out
+    (rule,) = json.loads(out)["rules"]
+    assert [o["tensor"] for o in rule["offenders"]] == [Q]
+
+
+def test_nothing_comparable_but_mismatched_scales_says_so(tmp_path: Path) -> None:
+    """When the mismatched weight is all there is, the refusal names the cause, not 'different models'."""
+    q, qs = _scaled_codes(1)
+    base, alone = _save_fp8(tmp_path, "base", {Q: q, Q + SCALE: qs}), _save_fp8(tmp_path, "alone", {Q: q})
+    code, _, err = _cli(["sparsity", base, alone, "-q"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "1 scale mismatch" in err and "*_scale_inv" in err
