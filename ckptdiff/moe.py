@@ -9,6 +9,11 @@ matrices for the SVD-based analyses instead of one 3-D tensor they would skip.
 
 A tensor is taken for fused when its name ends in ``experts.PART`` (optionally ``.weight``/``.bias``) with a PART
 that is not an expert index, and it has at least two dimensions. Reading ``NAME[e]`` reads only that slice.
+
+The view never replaces a stored tensor. Tensor names are arbitrary strings in safetensors and in ``.bin`` state
+dicts, so no spelling is reserved for the slices: a checkpoint that stores a tensor (or a tied name) under a name
+a slice would take is refused, naming both. Renaming the slice only there would make its name depend on the other
+tensors, and the same expert would get different names in two checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import re
 import numpy as np
 import torch
 
+from ckptdiff.errors import InputError
 from ckptdiff.fp8 import Fp8Info
 from ckptdiff.sources import Source, TensorInfo
 
@@ -35,6 +41,19 @@ def is_fused(info: TensorInfo) -> bool:
 def slice_name(name: str, expert: int) -> str:
     """The name of expert ``expert``'s slice of fused tensor ``name``: ``name[expert]``."""
     return f"{name}[{expert}]"
+
+
+def _where(src: Source, info: TensorInfo) -> str:
+    """The file holding ``info`` (the shard), else what the user typed, for messages."""
+    return info.file or src.spec
+
+
+def _collision(src: Source, fused: TensorInfo, expert: int, stored: str) -> InputError:
+    """The error for a stored (or tied) name that is the name expert ``expert``'s slice of ``fused`` would take."""
+    return InputError(
+        f"{_where(src, fused)}: tensor {stored!r} is stored under the name ckptdiff gives expert {expert} of the "
+        f"fused expert tensor {fused.name!r}, so one would hide the other; rename or remove {stored!r}"
+    )
 
 
 class SplitExpertsSource(Source):
@@ -55,6 +74,8 @@ class SplitExpertsSource(Source):
                 per *= d
             for e in range(info.shape[0]):
                 sub = slice_name(name, e)
+                if sub in inner.infos or sub in inner.tied:
+                    raise _collision(inner, info, e, sub)
                 infos[sub] = dataclasses.replace(info, name=sub, shape=shape)  # keeps an FP8 note
                 self.parts[sub] = (name, e * per)
         what = f"moe: {fused} fused expert tensors split into {len(self.parts)} per-expert tensors"

@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import torch
 from factory import bump_ulps, save_single
-from test_hostile_inputs import _deadline
+from test_hostile_inputs import _assert_refused, _deadline
 from typer.testing import CliRunner
 
 from ckptdiff.cli import app
@@ -281,3 +281,54 @@ def test_nothing_comparable_but_mismatched_scales_says_so(tmp_path: Path) -> Non
     code, _, err = _cli(["sparsity", base, alone, "-q"])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "1 scale mismatch" in err and "*_scale_inv" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# item 1: a stored tensor named like an expert slice never gets replaced by the slice
+
+DOWN = "model.layers.0.mlp.experts.down_proj"
+
+
+def _refused(tmp_path: Path, base: Path, ft: Path, names: list[str], expect: str) -> None:
+    """sparsity and (for safetensors) check --header-only refuse the pair in one line naming all of ``names``."""
+    outs = ["--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json"), "-q"]
+    _assert_refused(["sparsity", str(base), str(ft), *outs], tmp_path, names, expect)
+    if base.suffix != ".safetensors":
+        return
+    args = ["check", str(base), str(ft), "--header-only", "--same-keys", "--json", str(tmp_path / "out.json")]
+    _assert_refused(args, tmp_path, names, expect)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "bin alias"])
+def test_a_stored_name_like_an_expert_slice_is_refused(tmp_path: Path, fmt: str) -> None:
+    """Both checkpoints store a fused (2, 4, 6) tensor and a (4, 6) tensor named like its slice 0, every entry of
+    which differs between them: the split used to replace it by the fused slice (0 changed). In a .bin the name
+    may also be an alias of the fused tensor's storage (a tied name)."""
+    g = torch.Generator().manual_seed(1)
+    fused = torch.randn(2, 4, 6, generator=g).to(torch.bfloat16)
+    lone = torch.randn(4, 6, generator=g).to(torch.bfloat16)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    paths = []
+    for side, value in (("base", lone), ("ft", lone + 1)):
+        if fmt == "safetensors":
+            paths.append(save_single({DOWN: fused, DOWN + "[0]": value}, inputs / f"{side}.safetensors"))
+        else:
+            path = inputs / f"{side}.bin"
+            torch.save({DOWN: fused, DOWN + "[0]": fused if fmt == "bin alias" else value}, path)
+            paths.append(path)
+    names = [paths[0].name, f"'{DOWN}[0]'", f"'{DOWN}'"]  # the base, refused first
+    _refused(tmp_path, paths[0], paths[1], names, "ckptdiff gives expert 0 of the fused")
+
+
+def test_a_slice_name_across_checkpoints_is_paired(tmp_path: Path) -> None:
+    """Only a clash inside one checkpoint is refused: a base storing expert 0 as NAME[0] and a fine-tune storing
+    the fused tensor pair by name, each side's names being its own (the slice holds what NAME[0] holds)."""
+    g = torch.Generator().manual_seed(2)
+    fused = torch.randn(2, 4, 6, generator=g).to(torch.bfloat16)
+    base = save_single({DOWN + "[0]": fused[0].clone(), DOWN + "[1]": fused[1].clone()}, tmp_path / "b.safetensors")
+    ft = save_single({DOWN: bump_ulps(fused, torch.arange(3))}, tmp_path / "f.safetensors")
+    code, out, err = _cli(["sparsity", str(base), str(ft), "-q", "-f", "csv"])
+    assert code == 0, err
+    rows = _csv_rows(out)
+    assert [int(rows[f"{DOWN}[{e}]"]["changed"]) for e in range(2)] == [3, 0]
