@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ from factory import bump_ulps, save_single
 from test_hostile_inputs import _assert_refused, _deadline
 from typer.testing import CliRunner
 
+from ckptdiff import moe
 from ckptdiff.cli import app
+from ckptdiff.errors import InputError
+from ckptdiff.sources import resolve
 
 runner = CliRunner()
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -332,3 +336,61 @@ def test_a_slice_name_across_checkpoints_is_paired(tmp_path: Path) -> None:
     assert code == 0, err
     rows = _csv_rows(out)
     assert [int(rows[f"{DOWN}[{e}]"]["changed"]) for e in range(2)] == [3, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: expansion bombs: work in proportion to the bytes present, absurd expert counts refused at once
+
+
+def _fused_header(folder: Path, shape: list[int], data: int = 0, name: str = "bad.safetensors") -> Path:
+    """A safetensors file with one bf16 fused expert tensor of ``shape`` and ``data`` bytes of zeros."""
+    raw = json.dumps({DOWN: {"dtype": "BF16", "shape": shape, "data_offsets": [0, data]}}).encode()
+    path = folder / name
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    return path
+
+
+def _many_fused(folder: Path, tensors: int, experts: int) -> Path:
+    """``tensors`` fused (experts, 1) bf16 tensors in one file: each within the expert bound, many in all."""
+    sd = {f"model.layers.{i}.mlp.experts.down_proj": torch.zeros(experts, 1, dtype=torch.bfloat16)
+          for i in range(tensors)}  # fmt: skip
+    return save_single(sd, folder / "bad.safetensors")
+
+
+BOMBS = [
+    ("100,000 empty experts in 112 bytes", lambda d: _fused_header(d, [100_000, 0]), "100,000 experts"),
+    ("2^40 empty experts", lambda d: _fused_header(d, [2**40, 0]), "1,099,511,627,776 experts"),
+    ("100,000 experts with their bytes", lambda d: _fused_header(d, [100_000, 1], 200_000), "100,000 experts"),
+    ("too many slices in all", lambda d: _many_fused(d, moe.MAX_SLICES // moe.MAX_EXPERTS + 1, moe.MAX_EXPERTS),
+     "per-expert tensors"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "expect"), [b[1:] for b in BOMBS], ids=[b[0] for b in BOMBS])
+def test_expert_bombs_are_refused_at_once(tmp_path: Path, build: object, expect: str) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    bad = build(inputs)  # type: ignore[operator]
+    base = save_single({"w": torch.zeros(2, 2)}, tmp_path / "base.safetensors")
+    _refused(tmp_path, base, bad, [bad.name, "down_proj'"], expect)
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path: Path) -> None:
+    """MAX_EXPERTS experts in one tensor split (reading the header only, at once); one more is refused."""
+    ok = _fused_header(tmp_path, [moe.MAX_EXPERTS, 1], 2 * moe.MAX_EXPERTS, "ok.safetensors")
+    over = _fused_header(tmp_path, [moe.MAX_EXPERTS + 1, 1], 2 * moe.MAX_EXPERTS + 2, "over.safetensors")
+    with _deadline(SECONDS):
+        view = moe.split(resolve(str(ok)))
+        assert isinstance(view, moe.SplitExpertsSource) and len(view.infos) == moe.MAX_EXPERTS
+        with pytest.raises(InputError, match="16,385 experts"):
+            moe.split(resolve(str(over)))
+
+
+def test_empty_experts_are_not_split(tmp_path: Path) -> None:
+    """A fused tensor of 300 empty experts holds no bytes: it stays one (empty) tensor, no 300 rows."""
+    path = _fused_header(tmp_path, [300, 0], 0, "empty.safetensors")
+    src = resolve(str(path))
+    assert moe.split(src) is src
+    code, out, err = _cli(["sparsity", str(path), str(path), "-q", "-f", "csv"])
+    assert code == 0, err
+    assert list(_csv_rows(out)) == [DOWN]
