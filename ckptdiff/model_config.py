@@ -61,4 +61,8 @@ def load(src: Source, purpose: str) -> ModelConfig | None:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise InputError(f"{where}: not valid JSON; ckptdiff reads {purpose}: fix or remove the file") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise InputError(
+            f"{where}: holds a number too long to read; ckptdiff reads {purpose}: fix or remove the file"
+        ) from None
     return ModelConfig(where, data if isinstance(data, dict) else {})

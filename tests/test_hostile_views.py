@@ -394,3 +394,81 @@ def test_empty_experts_are_not_split(tmp_path: Path) -> None:
     code, out, err = _cli(["sparsity", str(path), str(path), "-q", "-f", "csv"])
     assert code == 0, err
     assert list(_csv_rows(out)) == [DOWN]
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: the FP8 block size: any positive integer (longer than the weight: one block), memory from the data
+
+
+def _block_pair(tmp_path: Path, block: list[int], scale_shape: tuple[int, int]) -> tuple[str, str, np.ndarray]:
+    """A 40 x 24 e4m3 weight under ``block`` (config.json) with a scale of ``scale_shape``; the fine-tune flips
+    K_CHANGED codes. Returns both folders and the base's values decoded here: code value times its block's scale."""
+    codes, _ = _scaled_codes(3)
+    rng = np.random.default_rng(8)
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, size=scale_shape).astype(np.float32))
+    flipped = codes.view(torch.uint8).clone().reshape(-1)
+    flipped[torch.arange(K_CHANGED) * 31] ^= 1
+    config = json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": block}})
+    folders = []
+    for side, c in (("base", codes), ("ft", flipped.view(torch.float8_e4m3fn).reshape(codes.shape))):
+        folder = tmp_path / side
+        folder.mkdir(parents=True)
+        save_single({Q: c, Q + SCALE: scale.clone()}, folder / "model.safetensors")
+        (folder / "config.json").write_text(config)
+        folders.append(str(folder))
+    rows = np.minimum(np.arange(40) // min(block[0], 40), scale_shape[0] - 1)  # a block longer than the weight: 0
+    cols = np.minimum(np.arange(24) // min(block[1], 24), scale_shape[1] - 1)
+    s = scale.numpy().astype(np.float64)[rows][:, cols]  # (40, 24) the scale of each entry
+    values = (fp8_values(codes.view(torch.uint8).numpy(), "e4m3") * s).astype(np.float32)
+    return folders[0], folders[1], values
+
+
+@pytest.mark.parametrize(
+    ("block", "scale_shape"),
+    [([2**31, 2**40], (1, 1)), ([2**40, 16], (1, 2)), ([16, 2**62], (3, 1)), ([2**63 - 1, 2**63 - 1], (1, 1))],
+    ids=["2^31 x 2^40", "2^40 x 16", "16 x 2^62", "(2^63-1) x (2^63-1)"],
+)
+def test_a_block_longer_than_the_weight_is_one_block(
+    tmp_path: Path, block: list[int], scale_shape: tuple[int, int]
+) -> None:
+    """Such a block size used to allocate its length in scale entries (terabytes) or overflow: it is one block."""
+    from ckptdiff import fp8
+
+    base, ft, want = _block_pair(tmp_path, block, scale_shape)
+    with _deadline(SECONDS):
+        src = fp8.wrap(resolve(base))
+        got = src.read_full(Q).numpy()
+        src.close()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    code, out, err = _cli(["sparsity", base, ft, "-q", "-f", "csv"])
+    assert code == 0, err
+    row = _csv_rows(out)[Q]
+    assert int(row["changed"]) == K_CHANGED and row["dtype_base"] == f"f8_e4m3/{block[0]}x{block[1]}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("[0, 16]", "got [0, 16]"),
+        ("[-16, 16]", "got [-16, 16]"),
+        ("[16.5, 16]", "got [16.5, 16]"),
+        ("[16.0, 16]", "got [16.0, 16]"),
+        ("[true, 16]", "got [true, 16]"),
+        ('["16", 16]', 'got ["16", 16]'),
+        ("[1e30, 1e30]", "got [1e+30, 1e+30]"),
+        ("[9223372036854775808, 16]", "got [9223372036854775808, 16]"),  # 2^63
+        ("[" + "1" * 200 + ", 16]", "got [" + "1" * 20),
+        ("[" + "9" * 5000 + ", 16]", "holds a number too long to read"),
+        ("[16, 16, 16]", "two positive integers"),
+    ],
+    ids=["0", "negative", "fraction", "float", "bool", "string", "1e30", "2^63", "200 digits", "5000 digits", "three"],
+)
+def test_a_bad_block_size_is_refused_naming_config_json(tmp_path: Path, text: str, expect: str) -> None:
+    """Not a positive integer, or past any tensor dimension: exit 2, one line naming the file (the 5000-digit
+    number used to escape as a Python ValueError while the file was parsed)."""
+    base, ft, _ = _block_pair(tmp_path / "inputs", [16, 16], (3, 2))
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": "@"}}
+    (Path(ft) / "config.json").write_text(json.dumps(config).replace('"@"', text))
+    outs = ["--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json"), "-q"]
+    line = _assert_refused(["sparsity", base, ft, *outs], tmp_path, ["ft/config.json"], expect)
+    assert len(line) < 400  # one readable line, whatever the file holds
