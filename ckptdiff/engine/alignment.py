@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 
 from ckptdiff.errors import InputError
 from ckptdiff.io.source import Source, TensorInfo, Tie
+from ckptdiff.io.views import fp8
 from ckptdiff.io.views.ties import HINT, describe, has_input_embedding
 from ckptdiff.io.views.ties import aliases as tied_names
 from ckptdiff.log import log
@@ -35,6 +36,7 @@ class Status(str, Enum):
     ONLY_FT = "only_ft"
     MISSING = "missing"  # absent from some of several fine-tunes
     TIE_CHANGED = "tie_changed"  # own tensor on some side, tied to another (io.views.ties) on the rest
+    SCALE_MISMATCH = "scale_mismatch"  # a block-scaled FP8 weight on some side, raw FP8 on another (io.views.fp8)
 
     def __str__(self) -> str:
         return self.value
@@ -140,6 +142,9 @@ def status_of(
     kinds = {i.dtype.is_float for i in present}
     if len(kinds) > 1:
         return Status.KIND_MISMATCH, " vs ".join(i.dtype.short for i in present)
+    scales = fp8.mismatch(infos, labels)
+    if scales:
+        return Status.SCALE_MISMATCH, scales
     if len({i.dtype.name for i in present}) > 1:
         detail = " vs ".join(i.dtype.short for i in present)
         return (Status.DTYPE_CHANGED if present[0].dtype.is_float else Status.NON_FLOAT), detail
@@ -158,6 +163,8 @@ def require_comparable(items: Sequence[Aligned], sources: Sequence[Source]) -> N
     names = [n for s in sources for n in s.infos]
     if any("lora_" in n or ".lora" in n for n in names):
         hint = "; this looks like a LoRA adapter: merge it into its base model first (e.g. peft's merge_and_unload)"
+    elif Status.SCALE_MISMATCH in counts:
+        hint = "; fp8 weights are block-scaled on one side and raw fp8 on the other: check their *_scale_inv tensors"
     elif counts.get(Status.SHAPE_MISMATCH, 0) == len(items):
         hint = "; every shape differs: these look like different model sizes or architectures"
     else:

@@ -30,7 +30,7 @@ from ckptdiff.gate.rules import METRICS, Op, Rule, StructuralRules, unknown_metr
 OK, DTYPE_CHANGED, NON_FLOAT = Status.OK.value, Status.DTYPE_CHANGED.value, Status.NON_FLOAT.value
 ONLY_BASE, ONLY_FT, MISSING = Status.ONLY_BASE.value, Status.ONLY_FT.value, Status.MISSING.value
 SHAPE_MISMATCH, KIND_MISMATCH = Status.SHAPE_MISMATCH.value, Status.KIND_MISMATCH.value
-TIE_CHANGED = Status.TIE_CHANGED.value
+TIE_CHANGED, SCALE_MISMATCH = Status.TIE_CHANGED.value, Status.SCALE_MISMATCH.value
 COMPARABLE = frozenset({OK, DTYPE_CHANGED, NON_FLOAT})
 _STATUS_TEXT = {
     ONLY_BASE: "only in base",
@@ -41,6 +41,7 @@ _STATUS_TEXT = {
     DTYPE_CHANGED: "dtype changed",
     NON_FLOAT: "dtype changed",
     TIE_CHANGED: "tied to another tensor on one side only",
+    SCALE_MISMATCH: "fp8 scale on one side only",
 }
 MAX_OFFENDERS = 5
 
@@ -260,7 +261,7 @@ def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:
 
 def _dtype_changed(frame: pd.DataFrame) -> pd.Series:
     """Rows whose dtype differs: by status, or by differing non-empty dtype columns (integer tensors)."""
-    changed = frame["status"].isin([DTYPE_CHANGED, KIND_MISMATCH])
+    changed = frame["status"].isin([DTYPE_CHANGED, KIND_MISMATCH, SCALE_MISMATCH])
     if "dtype_base" in frame.columns and "dtype_ft" in frame.columns:
         base, ft = frame["dtype_base"].fillna("").astype(str), frame["dtype_ft"].fillna("").astype(str)
         changed |= (base != "") & (ft != "") & (base != ft)

@@ -164,10 +164,13 @@ def update_mask(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = CompareM
 
 
 def overflowed(w0: torch.Tensor, w1: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """Entries that rounding to a narrower dtype turned from finite into ±inf on either side (None: none can)."""
+    """Entries that rounding to a narrower dtype turned from finite into ±inf on either side (None: none can).
+
+    An fp8 side is tested on its exact fp32 value (torch has no ``isfinite`` for fp8).
+    """
     if a.dtype == w0.dtype and b.dtype == w1.dtype:
         return None
-    return (torch.isinf(a) & torch.isfinite(w0)) | (torch.isinf(b) & torch.isfinite(w1))
+    return (torch.isinf(a) & torch.isfinite(widen_fp8(w0))) | (torch.isinf(b) & torch.isfinite(widen_fp8(w1)))
 
 
 def overflow_hidden(

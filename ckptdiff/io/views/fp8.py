@@ -9,7 +9,9 @@ computed in fp32 (the scale is converted to fp32 first, exactly for fp32/bf16/fp
 ``(b₀, b₁)`` comes from the checkpoint's ``config.json`` (``quantization_config.weight_block_size``; found as
 :mod:`ckptdiff.io.views.config` says), is ``[128, 128]`` when that config says ``quant_method: fp8`` and omits it, and
 is assumed ``[128, 128]`` when there is no config; every scale's shape is checked against it. Edge blocks are
-partial; the weight and its scale may sit in different shards.
+partial, and a block longer than the weight is one block along that dimension: any integer from 1 to
+:data:`MAX_BLOCK` is legal, and memory follows the stored data, never the block size. The weight and its scale may
+sit in different shards.
 
 :func:`wrap` puts an :class:`Fp8Source` around a source that holds such scales. It presents every such weight as
 an fp32 tensor (:class:`Fp8Info`, ``dtype`` F32, the stored weight and scale kept in ``codes`` / ``scale``) and
@@ -20,9 +22,11 @@ unchanged: an entry is changed iff its dequantized fp32 value changed (§1 rules
 
 What cannot be dequantized stays visible as stored, with a note that every report lists as a structural finding:
 a scale without its weight (or whose weight is not FP8, not a matrix, or does not fit the block size) is compared
-as a plain tensor, and its weight as raw, unscaled FP8 values. An FP8 tensor without a scale in a checkpoint that
-has block-scaled weights gets a note too. A bad ``config.json`` (not JSON, a malformed block size) is an
-:class:`~ckptdiff.errors.InputError`: it would make every weight unreadable.
+as a plain tensor, and its weight read as raw, unscaled FP8 values. An FP8 tensor without a scale in a checkpoint
+that has block-scaled weights gets a note too. A weight dequantized on one side and raw FP8 on another is not
+compared at all (:func:`mismatch`, status ``scale_mismatch``): its codes without their scale are not its values,
+so every count would be an artefact of the missing scale. A bad ``config.json`` (not JSON, a malformed block
+size) is an :class:`~ckptdiff.errors.InputError`: it would make every weight unreadable.
 
 :class:`CodeStats` gives the sparsity CSV's ``codes_changed`` (stored FP8 codes that changed, by the §1 bitwise
 rule on the FP8 encoding) and ``scale_blocks_changed`` (blocks whose scale changed) from the raw codes and scales
@@ -69,6 +73,7 @@ CT_SCALE_SUFFIX = "_scale"  # compressed-tensors: P.weight_scale (not dequantize
 FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
 DEFAULT_BLOCK = (128, 128)
 F32 = dtypes.BY_NAME["F32"]
+MAX_BLOCK = (1 << 63) - 1  # the longest dimension a tensor can have: any block up to it is one block or more
 PIECE = 1 << 20  # entries dequantized at a time: temporaries stay a few MB for any tensor
 _SCALES_KEPT = 64  # scale tensors cached per source (the largest DeepSeek-V3 scale is 56 x 144 fp32)
 _CODES_KEPT = 8  # raw code reads kept for CodeStats: more than the reader's prefetch can be ahead
@@ -117,6 +122,24 @@ def label(info: TensorInfo) -> str:
     return info.dtype.short
 
 
+def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
+    """Why one weight cannot be compared across its sides ('' when it can): dequantized with its scale on some,
+    raw FP8 on others (its scale missing or unusable there, see the notes). A raw code is the weight's value only
+    times a scale that side does not have, so any count of changes would compare codes with values."""
+    scaled = [k for k, i in enumerate(infos) if isinstance(i, Fp8Info) and i.scaled]
+    raw = [k for k, i in enumerate(infos) if is_fp8(i)]
+    if not scaled or not raw:
+        return ""
+    a, b = infos[scaled[0]], infos[raw[0]]
+    assert a is not None and b is not None
+    where = ", ".join(labels[k] for k in scaled)
+    bare = ", ".join(labels[k] for k in raw)
+    return (
+        f"fp8 scale on one side only: {label(a)} dequantized in {where}, raw {label(b)} without a usable scale in "
+        f"{bare}; not compared (codes without their scale are not the weight's values)"
+    )
+
+
 def notes(infos: Iterable[TensorInfo | None]) -> str:
     """The FP8 notes of one aligned tensor's sides, each once, joined with '; ' ('' when none)."""
     found = [i.note for i in infos if isinstance(i, Fp8Info) and i.note]
@@ -139,13 +162,19 @@ def load_layout(config: ModelConfig | None) -> Layout:
         method = quant.get("quant_method")
         why = "default for quant_method fp8" if method == "fp8" else f"assumed: quant_method {method!r}"
         return Layout(DEFAULT_BLOCK, why + ", no weight_block_size")
-    ok = isinstance(size, list) and len(size) == 2 and all(type(b) is int and b > 0 for b in size)
+    ok = isinstance(size, list) and len(size) == 2 and all(type(b) is int and 0 < b <= MAX_BLOCK for b in size)
     if not ok:
         raise InputError(
-            f"{config.where}: quantization_config.weight_block_size must be two positive integers like [128, 128], "
-            f"got {json.dumps(size)}; fix the config"
+            f"{config.where}: quantization_config.weight_block_size must be two positive integers like [128, 128] "
+            f"(at most 2^63 - 1; a block longer than a weight is one block), got {_shown(size)}; fix the config"
         )
     return Layout((size[0], size[1]), "config.json")
+
+
+def _shown(value: object, most: int = 60) -> str:
+    """``value`` as JSON for a one-line message, cut after ``most`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def scale_shape(shape: Sequence[int], block: tuple[int, int]) -> tuple[int, int]:
@@ -192,7 +221,7 @@ def plan(infos: Mapping[str, TensorInfo], layout: Layout) -> dict[str, TensorInf
         if why:
             noted[name] = f"fp8 scale not applied ({why}): compared as a plain tensor"
             if weight is not None:
-                noted[wname] = f"fp8 weight not dequantized ({name.rsplit('.', 1)[-1]}: {why}): compared as stored"
+                noted[wname] = f"fp8 weight not dequantized ({name.rsplit('.', 1)[-1]}: {why}): read as stored"
             continue
         assert weight is not None
         scaled[wname] = Fp8Info(wname, F32, weight.shape, weight.file, codes=weight, scale=scale, block=block)
@@ -206,7 +235,7 @@ def plan(infos: Mapping[str, TensorInfo], layout: Layout) -> dict[str, TensorInf
         elif name in noted:
             out[name] = Fp8Info(name, info.dtype, info.shape, info.file, note=noted[name])
         elif is_fp8(info) and scaled and name + CT_SCALE_SUFFIX not in infos:
-            why = f"fp8 tensor without a {name.rsplit('.', 1)[-1]}{SCALE_SUFFIX}: compared as raw fp8 values"
+            why = f"fp8 tensor without a {name.rsplit('.', 1)[-1]}{SCALE_SUFFIX}: read as raw fp8 values"
             out[name] = Fp8Info(name, info.dtype, info.shape, info.file, note=why)
         else:
             out[name] = info
@@ -239,17 +268,19 @@ def dequantize_into(
 
     Works through ``PIECE`` entries at a time, never across a block row. Each piece is converted before it is
     written, so ``codes`` may lie in the last quarter of ``out``'s own bytes (the reader's in-place layout).
+    Memory follows the stored columns, never the block size: column j takes its block's scale, ``S[·, j // b₁]``.
     """
     b0, b1 = block
     count = codes.numel()
     pos = 0
+    col_block = torch.arange(n_cols, device=scale.device) // b1  # (n,) the block column of each column
     row_of: tuple[int, torch.Tensor] | None = None
     while pos < count:
         g = start + pos
         br = (g // n_cols) // b0
         end = min(start + count, (br + 1) * b0 * n_cols, g + PIECE)
         if row_of is None or row_of[0] != br:  # the scale of every column of this block row, (n,) fp32
-            row_of = (br, scale[br].repeat_interleave(b1)[:n_cols].contiguous())
+            row_of = (br, scale[br][col_block])
         seg = codes[pos : pos + end - g].to(torch.float32)
         _mul_columns(seg, row_of[1], g % n_cols)
         out[pos : pos + end - g] = seg

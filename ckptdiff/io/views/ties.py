@@ -8,7 +8,7 @@ the alias left out of ``infos`` so that every total counts the data once:
   ``model.embed_tokens.weight``, with the same offset, shape and stride; :class:`~ckptdiff.io.source.TorchFileSource`
   keeps the input embedding (or, for other aliases, the first name in natural order) and ties the rest to it.
   Views that overlap only in part (a fused matrix saved with its slices) are different tensors and stay;
-- ``config.json``: ``save_pretrained`` drops ``lm_head.weight``; :func:`declare` (part of ``views.logical``) ties it
+- ``config.json``: ``save_pretrained`` drops ``lm_head.weight``; :func:`declare` (part of ``resolve.logical``) ties it
   to the one 2-D input embedding when the checkpoint's ``config.json`` says ``"tie_word_embeddings": true``, or its
   ``text_config`` does (multimodal configs); a config without the key ties only for the model types whose
   configuration class ties by default (:data:`TIED_BY_DEFAULT`: GPT-2, Gemma), since ``save_pretrained`` leaves a
