@@ -73,3 +73,13 @@ def from_torch(dtype: torch.dtype) -> DType | None:
     return BY_TORCH.get(dtype)
 
 
+# (narrow, wide): every value of the narrow float dtype is a value of the wide one, so widening loses nothing.
+WIDENS_EXACTLY: frozenset[tuple[torch.dtype, torch.dtype]] = frozenset(
+    {
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float64),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.float64),
+    }
+)

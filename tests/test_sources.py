@@ -11,6 +11,7 @@ import torch
 from factory import llama_like, save_sharded, save_single
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import layout
 from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.hub import download as hub
@@ -204,7 +205,7 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_hub_bin_fallback_patterns() -> None:
-    assert hub._choose_patterns(["pytorch_model.bin", "config.json"]) == hub.PICKLE_PATTERNS
+    assert hub._choose_patterns(["pytorch_model.bin", "config.json"]) == layout.HUB_PICKLE_PATTERNS
     assert hub._choose_patterns(["model.safetensors", "pytorch_model.bin"]) == ["model.safetensors"]
 
 

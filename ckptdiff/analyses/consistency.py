@@ -22,7 +22,8 @@ from ckptdiff.analyses.base import Report, Table, count, digest, item_detail
 from ckptdiff.engine.alignment import Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
-from ckptdiff.io.resolve import HUB_ID, SourceLike
+from ckptdiff.io import layout
+from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.io.views import fp8
 from ckptdiff.metrics.consistency import Consistency, PairCounts, combine, consistency_from_masks, delta_sign
@@ -102,13 +103,13 @@ _GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "adapter_model", "we
 def _tails(spec: str) -> list[str]:
     """Candidate labels for one input, shortest first: a run name, then longer path tails."""
     path = Path(spec).expanduser()
-    if not path.exists() and HUB_ID.match(spec):
+    if not path.exists() and layout.is_hub_id(spec):
         repo, _, rev = spec.partition("@")
         name = repo.split("/")[-1]
         return [name, f"{name}@{rev}", f"{repo}@{rev}"] if rev else [name, repo]
     parts = [p for p in Path(os.path.abspath(path)).parts if p not in ("/", "")] or [spec]  # no resolve(): loops
     stem = parts[-1].split(".")[0]
-    generic = path.is_file() and (stem in _GENERIC_STEMS or parts[-1].endswith(".index.json") or "-of-" in stem)
+    generic = path.is_file() and (stem in _GENERIC_STEMS or layout.is_index(parts[-1]) or "-of-" in stem)
     if generic and len(parts) > 1:
         parts = parts[:-1]  # .../run-a/model.safetensors -> run-a
     elif path.is_file():

@@ -1,4 +1,8 @@
-"""Which files inside a checkpoint folder ckptdiff may open: shard names from an index, and links in the folder.
+"""Every file-name rule of ckptdiff: what a checkpoint's files are called, what a Hub id looks like, which files
+inside a checkpoint folder ckptdiff may open (shard names from an index, links in the folder).
+
+The names (:data:`SAFETENSORS`, :data:`PICKLE_SUFFIXES`, the two index names, the side files published beside the
+weights) and the Hub-id test are spelled here once; the readers, the Hub code and the output checks ask this module.
 
 An index is text from wherever the checkpoint came from; its ``weight_map`` names the shard files. A name
 like ``../outside/secret.safetensors`` or ``/etc/...`` would make ckptdiff open a file the user never pointed
@@ -18,10 +22,54 @@ named. (A file the user names directly is theirs to name, link or not.)
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+
+SAFETENSORS = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+INDEX_SUFFIX = ".index.json"
+SINGLE = "model" + SAFETENSORS  # a folder's one safetensors file
+SAFETENSORS_INDEX = "model.safetensors" + INDEX_SUFFIX
+PICKLE_INDEX = "pytorch_model.bin" + INDEX_SUFFIX
+# What a checkpoint file is called; a Hub repo name ending so is a local path with a typo in it.
+PATH_SUFFIXES = (SAFETENSORS, *PICKLE_SUFFIXES, ".ckpt", ".json")
+# Beside the weights: what a run reads (index, config.json) or a release ships with them; no output replaces these.
+SIDE_FILES = (
+    f"*{SAFETENSORS}",
+    f"*{INDEX_SUFFIX}",
+    *(f"*{s}" for s in PICKLE_SUFFIXES),
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+)
+# What a Hub download fetches of a repo: safetensors first, pickles when there are none.
+HUB_SAFETENSORS_PATTERNS = [f"*{SAFETENSORS}", f"*{SAFETENSORS}{INDEX_SUFFIX}"]
+HUB_PICKLE_PATTERNS = [*(f"*{s}" for s in PICKLE_SUFFIXES), f"*.bin{INDEX_SUFFIX}"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hub id ``org/name[@revision]`` (a path starting with ``.``, ``/`` or ``~`` never
+    does; a local path that exists is a path whatever it looks like, which the caller checks first)."""
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def is_pickle(name: str) -> bool:
+    """Whether a file name is a PyTorch pickle (``.bin``, ``.pt``, ``.pth``)."""
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
+def is_index(name: str) -> bool:
+    """Whether a file name is a checkpoint index (``*.index.json``)."""
+    return name.endswith(INDEX_SUFFIX)
 
 
 def shard_path(index: Path, name: str) -> Path:

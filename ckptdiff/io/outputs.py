@@ -36,25 +36,10 @@ from typing import IO
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+from ckptdiff.io import layout
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 PathLike = str | Path
-# Beside a checkpoint file: what a run reads (index, config.json) or a release ships with the weights.
-_SIDE_FILES = (
-    "*.safetensors",
-    "*.index.json",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "config.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-)
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free some space or pick another folder",
     errno.EDQUOT: "the disk quota is exhausted: free some space or pick another folder",
@@ -203,7 +188,7 @@ class OutputSet:
                 self._inputs.append((str(p), os.stat(p)))
             except OSError:
                 continue
-        if not os.path.exists(Path(spec).expanduser()) and _is_hub_id(spec):
+        if not os.path.exists(Path(spec).expanduser()) and layout.is_hub_id(spec):
             self._trees.append(Path(os.path.realpath(_hub_cache())))
 
     def add(self, flag: str, path: PathLike | None) -> Output | None:
@@ -324,8 +309,8 @@ def input_files(spec: str) -> list[Path]:
 
     A folder: every file in it (weights, index, ``config.json``, tokenizer and adapter files, anything else the
     user keeps there) and the shards its indexes name. A file: itself, the shards it names if it is an index,
-    and the side files beside it that a run reads or a checkpoint is published with (:data:`_SIDE_FILES`).
-    A Hub id or a missing path gives none.
+    and the side files beside it that a run reads or a checkpoint is published with
+    (:data:`ckptdiff.io.layout.SIDE_FILES`). A Hub id or a missing path gives none.
     """
     path = Path(spec).expanduser()
     try:
@@ -335,21 +320,13 @@ def input_files(spec: str) -> list[Path]:
     if stat.S_ISDIR(st.st_mode):
         files = [p for p in path.iterdir() if not p.is_dir()]
     else:
-        files = [path, *(p for pattern in _SIDE_FILES for p in path.parent.glob(pattern))]
-    for index in [f for f in files if f.name.endswith(".index.json")]:
-        from ckptdiff.io.layout import read_index
-
+        files = [path, *(p for pattern in layout.SIDE_FILES for p in path.parent.glob(pattern))]
+    for index in [f for f in files if layout.is_index(f.name)]:
         try:
-            files += read_index(index)[0]
+            files += layout.read_index(index)[0]
         except InputError:
             continue  # reading the checkpoint will report it; its other files are protected meanwhile
     return files
-
-
-def _is_hub_id(spec: str) -> bool:
-    from ckptdiff.io.resolve import HUB_ID
-
-    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
 def _hub_cache() -> str:

@@ -11,39 +11,37 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from pathlib import Path
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+from ckptdiff.io import layout
 from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.layout import contained, read_index
 from ckptdiff.io.source import Source
 from ckptdiff.io.views import fp8, moe, ties
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
 
 def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     """Pick the checkpoint inside a directory, preferring safetensors."""
     prefix = resolved_prefix or str(d)
-    idx = d / "model.safetensors.index.json"
+    idx = d / layout.SAFETENSORS_INDEX
     if idx.exists():  # not is_file(): an index that is a pipe or a folder is refused when read, not skipped
         shards, wmap = read_index(contained(d, idx))
         return SafetensorsSource(spec, shards, f"{prefix} ({len(shards)} safetensors shards)", wmap)
-    single = d / "model.safetensors"
+    single = d / layout.SINGLE
     if single.is_file():
         return SafetensorsSource(spec, [contained(d, single)], f"{prefix}/model.safetensors")
-    found = [contained(d, p) for p in sorted(d.glob("*.safetensors"))]
+    found = [contained(d, p) for p in sorted(d.glob(f"*{layout.SAFETENSORS}"))]
     if found:
         return SafetensorsSource(spec, found, f"{prefix} ({len(found)} safetensors files)")
-    bidx = d / "pytorch_model.bin.index.json"
+    bidx = d / layout.PICKLE_INDEX
     if bidx.exists():
         shards, wmap = read_index(contained(d, bidx))
         return TorchFileSource(spec, shards, f"{prefix} ({len(shards)} .bin shards)", wmap)
-    pickles = sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])
+    pickles = sorted(p for suffix in layout.PICKLE_SUFFIXES for p in d.glob(f"*{suffix}"))
     if len(pickles) == 1:
         contained(d, pickles[0])
         return TorchFileSource(spec, pickles, str(pickles[0]))
@@ -95,19 +93,19 @@ def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None)
         if stat.S_ISDIR(found.st_mode):
             return _from_directory(spec, path)
         suffix = path.suffix.lower()
-        if suffix == ".safetensors":
+        if suffix == layout.SAFETENSORS:
             return SafetensorsSource(spec, [path], str(path.resolve()))
-        if path.name.endswith(".index.json"):
+        if layout.is_index(path.name):
             shards, wmap = read_index(path)
-            if path.name.endswith(".safetensors.index.json"):
+            if path.name.endswith(layout.SAFETENSORS + layout.INDEX_SUFFIX):
                 return SafetensorsSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
             return TorchFileSource(spec, shards, f"{path} ({len(shards)} shards)", wmap)
-        if suffix in (".bin", ".pt", ".pth"):
+        if layout.is_pickle(path.name):
             return TorchFileSource(spec, [path], str(path.resolve()))
         raise InputError(
             f"{spec} is not a checkpoint ckptdiff can read; pass a .safetensors, .bin/.pt file, a directory or a Hub id"
         )
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if layout.is_hub_id(spec):
         from ckptdiff.io.hub import download as hub
 
         hub.refuse_path_like(spec)

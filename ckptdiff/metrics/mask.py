@@ -12,19 +12,13 @@ from typing import Literal
 
 import torch
 
+from ckptdiff import dtypes
 from ckptdiff.dtypes import INT_VIEW, short_name
 
 Kind = Literal["bitwise", "rtol", "atol"]
 
 
 # Lossless embeddings: (narrow, wide) pairs where every narrow value is exact in wide.
-_EXACT_IN: set[tuple[torch.dtype, torch.dtype]] = {
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.float64),
-    (torch.float16, torch.float64),
-    (torch.float32, torch.float64),
-}
 
 
 @dataclass(frozen=True)
@@ -90,9 +84,9 @@ def comparison_dtype(a: torch.dtype, b: torch.dtype, as_dtype: torch.dtype | Non
         return as_dtype
     if a == b:
         return a
-    if (a, b) in _EXACT_IN:
+    if (a, b) in dtypes.WIDENS_EXACTLY:
         return a
-    if (b, a) in _EXACT_IN:
+    if (b, a) in dtypes.WIDENS_EXACTLY:
         return b
     return torch.float32
 

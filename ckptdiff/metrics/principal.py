@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ckptdiff import dtypes
 from ckptdiff.metrics.mask import joint_bin_counts, matched_overlap
 from ckptdiff.metrics.numeric import ratio
 
@@ -26,13 +27,6 @@ _KEY_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {
 _RADIX_BITS = 16
 _BIG_ENDIAN = sys.byteorder == "big"
 # (narrow, wide) float pairs where every narrow value is exact in wide.
-_WIDENS_EXACTLY = {
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.float64),
-    (torch.float16, torch.float64),
-    (torch.float32, torch.float64),
-}
 
 
 @dataclass(frozen=True)
@@ -227,7 +221,7 @@ def difference(w1: torch.Tensor, w0: torch.Tensor, dtype: torch.dtype) -> torch.
     promoted subtraction is then the same operation), else rounded to ``dtype`` first as before.
     """
     d = w1.to(dtype, copy=True)
-    return d.sub_(w0 if w0.dtype == dtype or (w0.dtype, dtype) in _WIDENS_EXACTLY else w0.to(dtype))
+    return d.sub_(w0 if w0.dtype == dtype or (w0.dtype, dtype) in dtypes.WIDENS_EXACTLY else w0.to(dtype))
 
 
 def update_energy(

@@ -17,14 +17,14 @@ import torch
 
 from ckptdiff import dtypes
 from ckptdiff.errors import InputError
+from ckptdiff.io import layout
 from ckptdiff.io.formats.safetensors_header import I64_MAX
-from ckptdiff.io.resolve import HUB_ID, open_stored, stat_input
+from ckptdiff.io.resolve import open_stored, stat_input
 from ckptdiff.io.source import Source, TensorInfo
 
 if TYPE_CHECKING:
     from ckptdiff.io.hub.stream import Remote
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _PICKLES_ONLY = "header-only mode needs safetensors ({what} holds PyTorch pickles, which have no header); "
 _PICKLES_FIX = "convert it to safetensors or drop --header-only"
 
@@ -63,7 +63,7 @@ def open_headers(spec: str) -> HeaderSource:
     path = Path(spec).expanduser()
     if stat_input(spec) is not None:  # refuses links that loop, pipes and devices before anything is opened
         return _local(spec, path)
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if layout.is_hub_id(spec):
         from ckptdiff.io.hub import download as hub
 
         hub.refuse_path_like(spec)
@@ -75,7 +75,7 @@ def open_headers(spec: str) -> HeaderSource:
 
 def _local(spec: str, path: Path) -> HeaderSource:
     """Local headers via the sources' safetensors reader (which opens files for their headers only)."""
-    if (path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES) or path.name.endswith(".bin.index.json"):
+    if (path.is_file() and layout.is_pickle(path.name)) or path.name == layout.PICKLE_INDEX:
         raise InputError(_PICKLES_ONLY.format(what=spec) + _PICKLES_FIX)
     if path.is_dir() and not _has_safetensors(path) and _has_pickles(path):
         raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
@@ -85,11 +85,11 @@ def _local(spec: str, path: Path) -> HeaderSource:
 
 
 def _has_safetensors(folder: Path) -> bool:
-    return (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+    return (folder / layout.SAFETENSORS_INDEX).is_file() or any(folder.glob(f"*{layout.SAFETENSORS}"))
 
 
 def _has_pickles(folder: Path) -> bool:
-    return any(any(folder.glob(f"*{suffix}")) for suffix in PICKLE_SUFFIXES)
+    return any(any(folder.glob(f"*{suffix}")) for suffix in layout.PICKLE_SUFFIXES)
 
 
 def _hub(spec: str) -> HeaderSource:

@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ckptdiff.errors import InputError
+from ckptdiff.io import layout
 
-SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
-PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 STREAM_ENV = "CKPTDIFF_HUB_STREAM"
-# What a checkpoint file is called; a Hub repo name ending so is a local path with a typo in it.
-PATH_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -63,7 +60,7 @@ def path_like(spec: str) -> str | None:
     if repo.count("/") > 1 or any(s in repo for s in seps):
         return "it has more than one path separator"
     lowered = repo.lower()
-    for suffix in PATH_SUFFIXES:
+    for suffix in layout.PATH_SUFFIXES:
         if lowered.endswith(suffix):
             return f"it ends in {suffix}"
     first = repo.split("/", 1)[0]
@@ -131,13 +128,13 @@ def cache_dir() -> str | None:
 def _choose_patterns(files: list[str]) -> list[str]:
     """Weights to fetch: safetensors (with index) if the repo has any, otherwise PyTorch pickles."""
     names = set(files)
-    if "model.safetensors.index.json" in names:
-        return ["model.safetensors.index.json", "model-*.safetensors", "model.safetensors"]
-    if "model.safetensors" in names:
-        return ["model.safetensors"]
-    if any(f.endswith(".safetensors") for f in files):
-        return SAFETENSORS_PATTERNS
-    return PICKLE_PATTERNS
+    if layout.SAFETENSORS_INDEX in names:
+        return [layout.SAFETENSORS_INDEX, f"model-*{layout.SAFETENSORS}", layout.SINGLE]
+    if layout.SINGLE in names:
+        return [layout.SINGLE]
+    if any(f.endswith(layout.SAFETENSORS) for f in files):
+        return layout.HUB_SAFETENSORS_PATTERNS
+    return layout.HUB_PICKLE_PATTERNS
 
 
 @contextmanager
@@ -175,7 +172,7 @@ def download(spec: str, *, progress: bool = True) -> tuple[Path, str]:
     try:
         with repo_errors(repo, revision):
             if is_offline:
-                patterns = SAFETENSORS_PATTERNS + PICKLE_PATTERNS
+                patterns = layout.HUB_SAFETENSORS_PATTERNS + layout.HUB_PICKLE_PATTERNS
             else:
                 patterns = _choose_patterns(repo_files(repo, revision))
             patterns = [*patterns, "config.json"]  # small; FP8 block size, tied embeddings (ckptdiff.io.views.config)

@@ -41,13 +41,14 @@ import torch
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+from ckptdiff.io import layout
 from ckptdiff.io.formats import safetensors_header as st_header
 from ckptdiff.io.formats.safetensors import header_infos
 from ckptdiff.io.hub import download as hub
 from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.io.views.config import NAME as CONFIG
 
-INDEX = "model.safetensors.index.json"
+INDEX = layout.SAFETENSORS_INDEX
 PART_BYTES = 8 * 1024 * 1024  # a read larger than this is split into parallel requests of this size
 WORKERS = 4  # parallel requests per checkpoint (large reads, shard headers)
 RETRY_WAITS = (1.0, 3.0)  # seconds before each retry of a failed request; len() is the number of retries
@@ -56,7 +57,6 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 WHOLE_FILE_MAX = 4 * 1024 * 1024  # a file this small may come whole when a server ignores the range asked for
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 class _Retry(Exception):
@@ -404,12 +404,12 @@ def _shards(spec: str, remote: Remote) -> tuple[list[str], dict[str, str] | None
     names = remote.sizes
     if INDEX in names:
         return _read_index(spec, remote)
-    if "model.safetensors" in names:
-        return ["model.safetensors"], None
+    if layout.SINGLE in names:
+        return [layout.SINGLE], None
     top = sorted(f for f in names if f.endswith(".safetensors") and "/" not in f)
     if top:
         return top, None
-    if any(f.endswith(_PICKLE_SUFFIXES) for f in names):
+    if any(layout.is_pickle(f) for f in names):
         raise InputError(
             f"Hub repo {spec} holds PyTorch pickles and no safetensors; a pickle cannot be read by byte range "
             "(it must be unpickled to find its tensors): unset CKPTDIFF_HUB_STREAM to download it"
