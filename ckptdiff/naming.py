@@ -119,11 +119,6 @@ def is_input_embedding(name: str) -> bool:
     return len(parts) > 1 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDINGS
 
 
-def param_of(name: str) -> str:
-    """'weight', 'bias' or the last dotted part."""
-    return name.rsplit(".", 1)[-1]
-
-
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:
     """A 2-D matrix inside a transformer block: what PNT's tables focus on."""
     return len(shape) == 2 and layer_of(name) is not None and module_of(name) != "norm"

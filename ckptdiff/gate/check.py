@@ -142,10 +142,6 @@ def plugins(needed: set[str], shared: Shared, metrics: set[str]) -> dict[str, An
     return out
 
 
-def _metrics_of(config: R.CheckConfig, analysis: str) -> set[str]:
-    return {r.metric for r in config.rules if R.METRICS[r.metric].analysis == analysis}
-
-
 # ---------------------------------------------------------------------------------------------
 # Structural checks from headers
 
