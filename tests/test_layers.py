@@ -134,3 +134,10 @@ def test_the_scanner_sees_every_form_of_import(tmp_path: Path, source: str, expe
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert _imports("ckptdiff.analyses.probe", path) == expect
+
+
+def test_the_tests_mirror_the_package() -> None:
+    """Each test folder is named for the layer it tests (whole-project tests stay at the top of tests/)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders <= set(LAYERS[1:]), sorted(folders - set(LAYERS[1:]))

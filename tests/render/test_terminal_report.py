@@ -33,7 +33,7 @@ from ckptdiff.analyses.spectral import spectral
 from ckptdiff.cli import app
 
 runner = CliRunner()
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "checkpoints"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "checkpoints"
 LONG_LABELS = ["grpo-qwen3-4b-lr3e-6-seed1", "grpo-qwen3-4b-lr3e-6-seed2", "sft-qwen3-4b-lr1e-5-seed1"]
 MISSING = "lm_head.weight"  # only in base: a structural finding
 EXTRA = "model.layers.1.mlp.extra_proj.weight"  # only in the fine-tunes

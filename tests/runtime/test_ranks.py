@@ -17,7 +17,7 @@ from factory import bump_ulps, llama_like, save_single
 
 from ckptdiff.runtime.distributed import balance
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UP0 = "model.layers.0.mlp.up_proj.weight"
 
 

@@ -32,7 +32,7 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 EMBED = "model.embed_tokens.weight"
 PLANTED = {UP0: 256, DOWN0: 64, Q1: 16}
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ci"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ci"
 
 
 def _changed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -227,7 +227,7 @@ def test_pt_truncated_while_read(tmp_path: Path) -> None:
     out = tmp_path / "out.csv"
     proc = subprocess.run(
         [sys.executable, "-c", _TRUNCATE_DURING_READ, str(base), str(victim), "--csv", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
