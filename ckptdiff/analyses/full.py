@@ -11,7 +11,7 @@ figures under ``figures/``, and ``index.html``, self-contained (figures inline, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,21 +33,76 @@ from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
 
-ANALYSES = ("sparsity", "principal", "spectral", "consistency")
 # Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
 SHARED_COLUMNS = ("tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status")
 
 
 @dataclass(frozen=True)
+class Settings:
+    """The parameters of one ``report`` run that the analyses' plug-ins are built from."""
+
+    mode: CompareMode
+    k: int
+    alpha: float
+    svd: str
+    principal_precision: str
+    spectral_precision: str
+    null: str | bool
+    seed: int
+    runs: tuple[str, ...]  # fine-tune labels
+
+
+@dataclass(frozen=True)
+class Reported:
+    """How ``report`` runs one analysis: under which key and heading, pairwise (once per fine-tune, against the
+    base: ``sides`` is ``(0, r)``) or across every input at once (``sides`` is all of them), and its plug-in."""
+
+    key: str
+    title: str
+    pairwise: bool
+    plugin: Callable[[Settings, tuple[int, ...]], Analysis]
+
+
+# The analyses ``report`` runs, in report order: a new analysis is one line here.
+REPORTED: tuple[Reported, ...] = (
+    Reported("sparsity", "Sparsity", True, lambda s, sides: SparsityAnalysis(s.mode, sides=sides)),
+    Reported(
+        "principal",
+        "Principal overlap",
+        True,
+        lambda s, sides: PrincipalAnalysis(
+            k=s.k, alpha=s.alpha, svd=s.svd, precision=s.principal_precision, mode=s.mode, sides=sides
+        ),
+    ),
+    Reported(
+        "spectral",
+        "Spectral drift",
+        True,
+        lambda s, sides: SpectralAnalysis(
+            k=s.k, precision=s.spectral_precision, null=s.null, seed=s.seed, as_dtype=s.mode.as_dtype, sides=sides
+        ),
+    ),
+    Reported(
+        "consistency",
+        "Consistency across fine-tunes",
+        False,
+        lambda s, sides: ConsistencyAnalysis(s.runs, s.mode, sides=sides),
+    ),
+)
+
+
+def _reported() -> dict[str, Reported]:
+    return {r.key: r for r in REPORTED}
+
+
+@dataclass(frozen=True)
 class FullReportResult:
-    """The results of one ``report`` run: per fine-tune (by label) each pairwise analysis, and consistency."""
+    """The results of one ``report`` run: per analysis, per fine-tune (by label) for the pairwise ones, or under the
+    run '' for an analysis across every fine-tune (consistency)."""
 
     header: dict[str, str]
     runs: tuple[str, ...]  # fine-tune labels, in the order given
-    sparsity: dict[str, SparsityResult] = field(default_factory=dict)
-    principal: dict[str, PrincipalOverlapResult] = field(default_factory=dict)
-    spectral: dict[str, SpectralDriftResult] = field(default_factory=dict)
-    consistency: ConsistencyResult | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # analysis -> run ('' across runs) -> result
 
     def __repr__(self) -> str:
         return (
@@ -56,16 +111,33 @@ class FullReportResult:
         )
 
     @property
+    def sparsity(self) -> dict[str, SparsityResult]:
+        """Sparsity per fine-tune."""
+        return self.results.get("sparsity", {})
+
+    @property
+    def principal(self) -> dict[str, PrincipalOverlapResult]:
+        """Principal overlap per fine-tune."""
+        return self.results.get("principal", {})
+
+    @property
+    def spectral(self) -> dict[str, SpectralDriftResult]:
+        """Spectral drift per fine-tune."""
+        return self.results.get("spectral", {})
+
+    @property
+    def consistency(self) -> ConsistencyResult | None:
+        """Consistency across the fine-tunes, when it ran."""
+        return self.results.get("consistency", {}).get("")
+
+    @property
     def analyses(self) -> tuple[str, ...]:
         """The analyses that ran, in report order."""
-        ran = {"sparsity": self.sparsity, "principal": self.principal, "spectral": self.spectral}
-        out = [name for name, results in ran.items() if results]
-        return (*out, "consistency") if self.consistency is not None else tuple(out)
+        return tuple(r.key for r in REPORTED if self.results.get(r.key))
 
     def section_keys(self) -> list[tuple[str, str]]:
-        """(analysis, run) per section, in the order of :meth:`sections` (run is '' for consistency)."""
-        out = [(name, run) for name, results in self._pairwise() for run in results]
-        return out + ([("consistency", "")] if self.consistency is not None else [])
+        """(analysis, run) per section, in the order of :meth:`sections` (run is '' across fine-tunes)."""
+        return [(key, run) for key in self.analyses for run in self.results[key]]
 
     def sections(self) -> list[tuple[str, Report]]:
         """(heading, report) per analysis and fine-tune, in reading order.
@@ -78,14 +150,12 @@ class FullReportResult:
 
     @cached_property
     def _sections(self) -> tuple[tuple[str, Report], ...]:
-        titles = {"sparsity": "Sparsity", "principal": "Principal overlap", "spectral": "Spectral drift"}
         several = len(self.runs) > 1
+        titles = {key: r.title for key, r in _reported().items()}
         out: list[tuple[str, Report]] = []
-        for name, results in self._pairwise():
-            for run, result in results.items():
-                out.append((f"{titles[name]}: {run}" if several else titles[name], result.report()))
-        if self.consistency is not None:
-            out.append(("Consistency across fine-tunes", self.consistency.report()))
+        for key, run in self.section_keys():
+            heading = f"{titles[key]}: {run}" if several and run else titles[key]
+            out.append((heading, self.results[key][run].report()))
         return tuple(out)
 
     def tensors(self) -> pd.DataFrame:
@@ -116,18 +186,19 @@ class FullReportResult:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def _pairwise(self) -> list[tuple[str, dict[str, Any]]]:
-        return [("sparsity", self.sparsity), ("principal", self.principal), ("spectral", self.spectral)]
+        return [(r.key, self.results.get(r.key, {})) for r in REPORTED if r.pairwise]
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report, machine-readable: header, runs, and each analysis's full JSON report."""
         from ckptdiff.analyses.base import to_json_dict
 
+        pairwise = {r.key for r in REPORTED if r.pairwise}
         out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
         for (name, run), (_, section) in zip(self.section_keys(), self._sections, strict=True):
-            if name == "consistency":
-                out["consistency"] = to_json_dict(section)
-            else:
+            if name in pairwise:
                 out.setdefault(name, {})[run] = to_json_dict(section)
+            else:
+                out[name] = to_json_dict(section)
         return out
 
 
@@ -150,12 +221,19 @@ def split_columns(tensors: pd.DataFrame, analysis: str, columns: Sequence[str]) 
 
 
 def _analyses_for(chosen: Sequence[str], n_fts: int) -> tuple[str, ...]:
-    unknown = [a for a in chosen if a not in ANALYSES]
+    known = _reported()
+    unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise InputError(f"--analyses: unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
-    if "consistency" in chosen and n_fts < 2:
-        raise InputError("--analyses consistency needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
-    return tuple(a for a in ANALYSES if a in chosen)
+        raise InputError(f"--analyses: unknown analysis {unknown[0]!r}; choose from {', '.join(known)}")
+    across = [a for a in chosen if not known[a].pairwise]
+    if across and n_fts < 2:
+        raise InputError(f"--analyses {across[0]} needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
+    return tuple(r.key for r in REPORTED if r.key in chosen)
+
+
+def _default_analyses(n_fts: int) -> tuple[str, ...]:
+    """Every pairwise analysis, and those across fine-tunes when there are two or more."""
+    return tuple(r.key for r in REPORTED if r.pairwise or n_fts > 1)
 
 
 def full_report(
@@ -189,24 +267,15 @@ def full_report(
     if isinstance(fts, (str, Path, Source)):
         fts = [fts]  # type: ignore[list-item]
     names = run_labels(fts, labels, minimum=1, command="report")
-    chosen = _analyses_for(analyses if analyses is not None else ANALYSES[: 3 + (len(fts) > 1)], len(fts))
+    chosen = _analyses_for(analyses if analyses is not None else _default_analyses(len(fts)), len(fts))
+    settings = Settings(mode, k, alpha, svd, principal_precision, spectral_precision, null, seed, tuple(names))
     plugins: list[tuple[str, str, Analysis]] = []
-    for r, run in enumerate(names, start=1):
-        sides = (0, r)
-        if "sparsity" in chosen:
-            plugins.append(("sparsity", run, SparsityAnalysis(mode, sides=sides)))
-        if "principal" in chosen:
-            principal = PrincipalAnalysis(
-                k=k, alpha=alpha, svd=svd, precision=principal_precision, mode=mode, sides=sides
-            )
-            plugins.append(("principal", run, principal))
-        if "spectral" in chosen:
-            spectral = SpectralAnalysis(
-                k=k, precision=spectral_precision, null=null, seed=seed, as_dtype=mode.as_dtype, sides=sides
-            )
-            plugins.append(("spectral", run, spectral))
-    if "consistency" in chosen:
-        plugins.append(("consistency", "", ConsistencyAnalysis(names, mode)))
+    for key in chosen:
+        entry = _reported()[key]
+        if entry.pairwise:
+            plugins += [(key, run, entry.plugin(settings, (0, r))) for r, run in enumerate(names, start=1)]
+        else:
+            plugins.append((key, "", entry.plugin(settings, tuple(range(len(names) + 1)))))
     params: dict[str, object] = {
         "analyses": ", ".join(chosen),
         "k": k,
@@ -229,15 +298,12 @@ def full_report(
         progress=progress,
         label="report",
     )
-    out: dict[str, Any] = {"sparsity": {}, "principal": {}, "spectral": {}, "consistency": None}
+    out: dict[str, dict[str, Any]] = {}
     for (name, run, _), result in zip(plugins, results, strict=True):
-        if name == "consistency":
-            out["consistency"] = result
-        else:
-            out[name][run] = result
-    return FullReportResult(
-        header, tuple(names), out["sparsity"], out["principal"], out["spectral"], out["consistency"]
-    )
+        out.setdefault(name, {})[run] = result
+    order = ("", *names)
+    ordered = {r.key: {run: out[r.key][run] for run in order if run in out[r.key]} for r in REPORTED if r.key in out}
+    return FullReportResult(header, tuple(names), ordered)
 
 
 class _Header(Analysis):
