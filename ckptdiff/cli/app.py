@@ -84,17 +84,6 @@ def _is_usage_error(e: Exception) -> bool:
     return isinstance(e, typer.BadParameter) or any(k.__name__ == "UsageError" for k in type(e).__mro__)
 
 
-app = typer.Typer(
-    cls=_Group,
-    name="ckptdiff",
-    help="Checkpoint forensics: what did this fine-tune actually do to the weights?",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-
-
 def _version(value: bool) -> None:
     if value:
         from ckptdiff.cli.options import stdout_may_close
@@ -104,7 +93,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     hub_stream: bool = typer.Option(
@@ -116,15 +104,27 @@ def _root(
 ) -> None:
     """Checkpoint forensics: what did this fine-tune actually do to the weights?"""
     if hub_stream:
-        os.environ["CKPTDIFF_HUB_STREAM"] = "1"  # read by sources.resolve for every Hub id of this run
+        os.environ["CKPTDIFF_HUB_STREAM"] = "1"  # read by io.resolve for every Hub id of this run
 
 
-def _register() -> None:
-    for name, command, epilog in COMMANDS:
-        app.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
+def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS) -> typer.Typer:
+    """The application with ``commands`` (name, function, epilog) registered in order, each under the guard."""
+    made = typer.Typer(
+        cls=_Group,
+        name="ckptdiff",
+        help="Checkpoint forensics: what did this fine-tune actually do to the weights?",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+    )
+    made.callback()(_root)
+    for name, command, epilog in commands:
+        made.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
+    return made
 
 
-_register()
+app = make_app()
 
 
 def main() -> None:
