@@ -108,16 +108,28 @@ def contained(folder: Path, path: Path) -> Path:
     )
 
 
+def parse_weight_map(data: object, what: str, fix: str) -> dict[str, str]:
+    """The ``weight_map`` of a parsed index (local or fetched from the Hub): tensor name -> shard file name, both
+    strings, or :class:`InputError` naming ``what`` (a list or a number where a shard name belongs is refused, not
+    turned into text)."""
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{what} is not a valid checkpoint index (no weight_map); {fix}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(
+                f"{what} maps tensor {name!r} to {str(shard)[:60]}, not a shard file name; the index is corrupt: {fix}"
+            )
+    return weight_map
+
+
 def read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     """Shards named by a ``*.index.json`` (each checked by :func:`shard_path`, each must exist) and its weight map.
 
     The index is a side file (:func:`ckptdiff.io.files.load_json`): a regular file of bounded size and nesting.
     """
     data = fileio.load_json(index, f"index {index}", fileio.MAX_INDEX_BYTES, "re-download it")
-    try:
-        weight_map: dict[str, str] = {str(k): str(v) for k, v in data["weight_map"].items()}
-    except (KeyError, TypeError, AttributeError):
-        raise InputError(f"index {index} is not a valid checkpoint index (no weight_map); re-download it") from None
+    weight_map = parse_weight_map(data, f"index {index}", "re-download it")
     shards: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):
         p = shard_path(index, shard)

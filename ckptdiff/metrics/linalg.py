@@ -25,8 +25,9 @@ COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 
 # Randomized top-k defaults: q = k + max(OVERSAMPLE_MIN, ceil(OVERSAMPLE_FRAC * k)) columns, NITER power iterations.
 # Chosen so the rank-k principal mask agrees with the exact one on >= 99% of entries for slowly decaying spectra
-# (sigma_i ~ i^-0.5 plus noise, the hard case; see tests/metrics/test_linalg.py and benchmarks/bench_svd.py). Measured on
-# 512x256, k=64: q=k+10, niter=2 gave 87%; q=2k, niter=4 99.2%; q=2k, niter=6 99.8%. On 7B shapes: 99.88-99.89%.
+# (sigma_i ~ i^-0.5 plus noise, the hard case; see tests/metrics/test_linalg.py and benchmarks/bench_svd.py).
+# Measured on 512x256, k=64: q=k+10, niter=2 gave 87%; q=2k, niter=4 99.2%; q=2k, niter=6 99.8%.
+# On 7B shapes: 99.88-99.89%.
 OVERSAMPLE_MIN = 10
 OVERSAMPLE_FRAC = 1.0
 NITER = 6
