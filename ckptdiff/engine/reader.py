@@ -54,10 +54,12 @@ T = TypeVar("T")
 _DONE = object()
 
 
-def prefetch(produce: Iterator[T], depth: int = 2) -> Iterator[T]:
+def prefetch(produce: Iterator[T], depth: int = 2, abandon: Callable[[], None] | None = None) -> Iterator[T]:
     """Run an iterator in a background thread, at most ``depth`` items ahead; re-raise its errors here.
 
-    File reads release the GIL, so reading the next tensor overlaps with computing on this one.
+    File reads release the GIL, so reading the next tensor overlaps with computing on this one. When the consumer
+    stops first (an error, Ctrl-C), ``abandon()`` makes a read in progress end at once (a network read may stall)
+    before the thread is waited for.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -79,9 +81,11 @@ def prefetch(produce: Iterator[T], depth: int = 2) -> Iterator[T]:
 
     thread = threading.Thread(target=worker, name="ckptdiff-prefetch", daemon=True)
     thread.start()
+    ended = False  # the worker has handed over its last item (or its error)
     try:
         while True:
             item = q.get()
+            ended = item is _DONE or isinstance(item, BaseException)
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -89,6 +93,8 @@ def prefetch(produce: Iterator[T], depth: int = 2) -> Iterator[T]:
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+        if abandon is not None and not ended:
+            abandon()
         while thread.is_alive():
             try:
                 q.get_nowait()
@@ -142,6 +148,12 @@ def _chunk_elems(item: Aligned, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // widest)
 
 
+def _abandon(sources: Sequence[Source]) -> None:
+    """Each source's reads in progress end at once (see :meth:`Source.abandon_reads`)."""
+    for src in sources:
+        src.abandon_reads()
+
+
 def iter_chunks(
     sources: Sequence[Source],
     reads: Sequence[Read],
@@ -178,7 +190,7 @@ def iter_chunks(
                 if start >= numel:
                     break
 
-    for chunk in prefetch(produce(), depth):
+    for chunk in prefetch(produce(), depth, lambda: _abandon(sources)):
         if on_bytes is not None:
             on_bytes(chunk.nbytes)
         yield Chunk(chunk.item, chunk.start, _to(chunk.tensors, device), chunk.last)
@@ -199,7 +211,7 @@ def iter_tensors(
             name = read.item.name
             yield read, tuple(s.read_full(name) if k in read.sides else None for k, s in enumerate(sources))
 
-    for read, ts in prefetch(produce(), depth):
+    for read, ts in prefetch(produce(), depth, lambda: _abandon(sources)):
         if on_bytes is not None:
             on_bytes(_nbytes(ts))
         yield read, _to(ts, device)

@@ -92,6 +92,10 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release file handles."""
 
+    def abandon_reads(self) -> None:  # noqa: B027 - a local file's reads end soon on their own
+        """Make the reads in progress in other threads end at once with an error, not when the bytes come (a run
+        that is stopping, on Ctrl-C, must not wait for a stalled network read); later reads are unaffected."""
+
     def remote_config(self) -> tuple[str, bytes] | None:
         """The checkpoint's ``config.json`` as (where, bytes) when its files are not on this machine (a streamed
         Hub repo fetches it); None for a local checkpoint, whose config sits beside the weights

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from factory import EMBED, HEAD, bump_ulps, hub_metadata, llama_like, save_sharded, save_single, save_tied_hf
-from hub_server import FakeHub
+from hub_server import FakeHub, serve
 from typer.testing import CliRunner
 
 from ckptdiff.analyses.sparsity import sparsity
@@ -39,27 +39,10 @@ SHA_FT = "f" * 40
 
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    from huggingface_hub import constants
-
-    fake = FakeHub()
-    endpoint = fake.start()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # huggingface_hub's own requests (read at import)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import: a test that imported it offline must not leak here.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
-    monkeypatch.setattr(hub_stream, "RETRY_WAITS", (0.05, 0.1))
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")  # no local folder named like a repo's org
-    try:
+    with serve(tmp_path, monkeypatch) as fake:
+        monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
+        monkeypatch.setattr(hub_stream, "RETRY_WAITS", (0.05, 0.1))
         yield fake
-    finally:
-        fake.stop()
 
 
 def _pair(tmp_path: Path) -> tuple[Path, Path]:

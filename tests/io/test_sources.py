@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from factory import llama_like, save_sharded, save_single
+from hub_server import serve
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import layout
@@ -185,23 +186,77 @@ def test_hub_online_fetches_only_weights(tmp_path: Path, monkeypatch: pytest.Mon
         ]
         return SimpleNamespace(sha=SHA, siblings=[SimpleNamespace(rfilename=n) for n in names])
 
-    def fake_snapshot(repo_id: str, **kw: object) -> str:
-        calls["snapshot"] = (repo_id, kw)
-        return str(snap)
+    fetched: list[tuple[str, str, object]] = []
+
+    def fake_download(repo_id: str, filename: str, **kw: object) -> str:
+        fetched.append((repo_id, filename, kw["revision"]))
+        return str(snap / filename)
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf.HfApi, "model_info", fake_info)
-    monkeypatch.setattr(hf, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hf, "hf_hub_download", fake_download)
     src = open_stored("acme/big@v1.0", progress=False)
     _same(sd, src)
     assert calls["list"] == ("acme/big", "v1.0")
-    _, kw = calls["snapshot"]  # type: ignore[misc]
-    assert kw["revision"] == "v1.0" and kw["local_files_only"] is False
-    patterns = kw["allow_patterns"]
-    assert "model.safetensors.index.json" in patterns
-    assert not any(p.endswith(".bin") for p in patterns)
-    assert "consolidated.safetensors" not in patterns
-    assert "config.json" in patterns  # how FP8 weights are block-scaled, read by ckptdiff.io.views.fp8
+    names = {name for _, name, _ in fetched}
+    assert "model.safetensors.index.json" in names
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    assert "consolidated.safetensors" not in names
+    assert "config.json" in names  # how FP8 weights are block-scaled, read by ckptdiff.io.views.fp8
+    # The first file at the revision asked for (the cache records the branch's commit), the others at that commit.
+    assert [rev for _, _, rev in fetched] == ["v1.0"] + [SHA] * (len(fetched) - 1)
+    assert {repo for repo, _, _ in fetched} == {"acme/big"}
+
+
+def test_hub_files_after_the_first_download_in_parallel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first file pins the commit, the others are fetched several at a time: here each of the two
+    shards waits at a barrier for the other, which only a parallel download passes (no timing involved)."""
+    import threading
+
+    import huggingface_hub as hf
+
+    sd = llama_like()
+    snap = tmp_path / "snap" / SHA
+    save_sharded(sd, snap, [3, len(sd) - 3])
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    names = ["model.safetensors.index.json", *shards]
+
+    def fake_info(self: object, repo_id: str, revision: str | None = None, **_: object) -> SimpleNamespace:
+        sizes = {n: (snap / n).stat().st_size for n in names}  # the index is the smallest: fetched first, alone
+        return SimpleNamespace(sha=SHA, siblings=[SimpleNamespace(rfilename=n, size=sizes[n]) for n in names])
+
+    both = threading.Barrier(2, timeout=10)
+
+    def fake_download(repo_id: str, filename: str, **kw: object) -> str:
+        if filename in shards:
+            both.wait()  # BrokenBarrierError after 10 s if the other shard is not being fetched at the same time
+        return str(snap / filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf.HfApi, "model_info", fake_info)
+    monkeypatch.setattr(hf, "hf_hub_download", fake_download)
+    _same(sd, open_stored("acme/big", progress=False))
+
+
+def test_a_hub_download_is_found_offline_afterwards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are downloaded one by one (the first at the branch asked for): the cache still records each branch's
+    commit, so HF_HUB_OFFLINE finds the snapshot by the repo id, a branch or the commit."""
+    from huggingface_hub import constants
+
+    sd = llama_like()
+    save_sharded(sd, tmp_path / "repo", [3, len(sd) - 3])
+    with serve(tmp_path, monkeypatch) as fake:
+        fake.add("acme/big", tmp_path / "repo", SHA, branches=("main", "v1.0"))
+        for spec in ("acme/big", "acme/big@v1.0"):
+            open_stored(spec, progress=False).close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for spec in ("acme/big", "acme/big@v1.0", f"acme/big@{SHA}"):
+        src = open_stored(spec, progress=False)
+        _same(sd, src)
+        assert SHA in src.resolved
+        src.close()
 
 
 def test_hub_bin_fallback_patterns() -> None:

@@ -104,7 +104,7 @@ def _hub(spec: str) -> HeaderSource:
         folder, resolved = hub.download(spec, progress=False)
         return HeaderSource(spec, f"{resolved} (headers only)", _local(str(folder), folder).infos)
     try:
-        with hub.network_errors(), hub.repo_errors(repo, revision):
+        with hub.request_errors(f"the safetensors headers of Hub repo {spec}"), hub.repo_errors(repo, revision):
             meta = hf.get_safetensors_metadata(repo, revision=revision)
     except hf_errors.NotASafetensorsRepoError:
         raise InputError(

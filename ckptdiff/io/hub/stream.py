@@ -4,7 +4,8 @@
 ``CKPTDIFF_HUB_STREAM=1`` or ``stream=True``):
 
 1. one metadata request resolves the revision to its commit and lists the files with their sizes; it is not
-   retried, so a Hub that cannot be reached is one line at once (:func:`ckptdiff.io.hub.download.repo_info`);
+   retried, so a Hub that cannot be reached is one line at once, and it is checked strictly (safe relative names,
+   byte counts: :func:`ckptdiff.io.hub.download.listing`);
 2. ``model.safetensors.index.json``, when the repo has one, is fetched whole (it is small);
 3. each shard's header is read with two range requests, its first 8 bytes and then its N header bytes, for all
    shards in parallel, and validated by the same strict parser as a local file
@@ -18,7 +19,11 @@
 Every URL names the commit the revision resolved to, so a branch that moves during a long run cannot mix two
 commits. Requests go through huggingface_hub's HTTP session (its proxy and client settings) with its headers
 (``HF_TOKEN``); a failed connection or a 429/5xx answer is retried twice (1 s, then 3 s, resuming after the
-bytes already received), each wait and stall bounded by ``HF_HUB_DOWNLOAD_TIMEOUT``.
+bytes already received), each wait and stall bounded by ``HF_HUB_DOWNLOAD_TIMEOUT``, and each request by a
+:class:`ckptdiff.io.hub.download.Deadline` (a server that drips bytes is given up, naming the file). When the run
+stops (Ctrl-C while the source's workers or the reader's prefetch thread wait on a stalled read),
+:meth:`Remote.abort` shuts the connections in use down, so the run ends at once (exit 130) rather than when the
+reads time out.
 
 PyTorch pickles (``.bin``/``.pt``) cannot be streamed: a pickle must be read to know where its tensors are, so
 a repo without safetensors is refused (download it instead).
@@ -26,11 +31,11 @@ a repo without safetensors is refused (download it instead).
 
 from __future__ import annotations
 
-import json
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -54,7 +59,6 @@ WORKERS = 4  # parallel requests per checkpoint (large reads, shard headers)
 RETRY_WAITS = (1.0, 3.0)  # seconds before each retry of a failed request; len() is the number of retries
 RETRY_AFTER_CAP = 10.0  # the most a 429's Retry-After is honoured, in seconds
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-MAX_INDEX_BYTES = 64 * 1024 * 1024
 WHOLE_FILE_MAX = 4 * 1024 * 1024  # a file this small may come whole when a server ignores the range asked for
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
@@ -62,8 +66,9 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECA
 class _Retry(Exception):
     """A response worth asking again for (408, 429, 5xx), with the wait the server asked for."""
 
-    def __init__(self, reason: str, wait: float | None = None):
-        super().__init__(reason)
+    def __init__(self, status: int, wait: float | None = None):
+        super().__init__(f"HTTP {status}")
+        self.status = status
         self.wait = wait
 
 
@@ -71,7 +76,6 @@ class Remote:
     """Range requests for the files of one repo at one commit, with bounded retries; counts what it fetched."""
 
     def __init__(self, repo: str, sha: str, sizes: dict[str, int | None]):
-        from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers, get_session
 
         self.repo = repo
@@ -84,27 +88,30 @@ class Remote:
                 "streaming Hub reads need huggingface_hub 1.0 or later; upgrade it, or unset CKPTDIFF_HUB_STREAM"
             )
         self.headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
-        self.timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        self.timeout = hub.timeout()
         self.fetched = 0  # body bytes received
         self.requests = 0
         self._lock = threading.Lock()
         self._transport = hub._transport_errors()
+        self._request = hub._request_errors()  # also a redirect loop, a body that cannot be decoded
+        self._generation = 0  # abort() moves it on: a request begun before then gives up
+        self._reading: dict[int, Any] = {}  # the responses being read, by id (abort() shuts them down)
         self._config_lock = threading.Lock()
         self._config: tuple[tuple[str, bytes] | None] | None = None  # (config,) once fetched
 
     @classmethod
     def open(cls, repo: str, revision: str | None) -> Remote:
         """The repo at ``revision``, resolved to its commit and file sizes in one request (not retried)."""
-        info = hub.repo_info(repo, revision, files_metadata=True)
-        sizes: dict[str, int | None] = {s.rfilename: s.size for s in info.siblings or []}
-        return cls(repo, str(info.sha or revision or "main"), sizes)
+        found = hub.listing(repo, revision, sizes=True)
+        return cls(repo, found.sha, found.sizes)
 
-    def small_file(self, filename: str, what: str) -> tuple[str, bytes] | None:
-        """A small file of the repo, fetched whole, and where it is (for messages); None when the repo lacks it."""
+    def small_file(self, filename: str, what: str, limit: int) -> tuple[str, bytes] | None:
+        """A small file of the repo (at most ``limit`` bytes, the cap of a local side file of its kind), fetched
+        whole, and where it is (for messages); None when the repo lacks it."""
         if filename not in self.sizes:
             return None
         size = self.sizes[filename]
-        if size is None or size > MAX_INDEX_BYTES:
+        if size is None or size > limit:
             raise InputError(f"{self.where(filename)} is {size} bytes, not {what}; check the repo")
         raw = bytearray(size)
         self.get_range(filename, 0, memoryview(raw), what)
@@ -115,7 +122,7 @@ class Remote:
         repo has none): what a view needs from it (:mod:`ckptdiff.io.views.config`)."""
         with self._config_lock:
             if self._config is None:
-                self._config = (self.small_file(CONFIG, "a model config"),)
+                self._config = (self.small_file(CONFIG, "a model config", fileio.MAX_CONFIG_BYTES),)
             return self._config[0]
 
     def url(self, filename: str) -> str:
@@ -136,9 +143,10 @@ class Remote:
             return self.sizes.get(filename)
         done = 0
         failures = 0
+        generation = self._generation
         while True:
             try:
-                return self._get(filename, pos, view, done, what)
+                return self._get(filename, pos, view, done, what, generation)
             except _Retry as e:  # an answer worth asking again for, before any byte of it was taken
                 error: BaseException = e
                 wait = e.wait
@@ -146,25 +154,57 @@ class Remote:
                 error, wait = e, None
             except _Progress as p:  # the connection broke after some bytes arrived
                 done, error, wait = p.done, p.error, None
+            except self._request as e:  # an answer that is no usable HTTP: asking again would get the same
+                raise hub.request_failed(e, f"{what} of {self.where(filename)}") from None
+            if self._generation != generation:  # abort() shut the connection down: not a failure to retry
+                raise self._abandoned(filename, what)
             failures += 1
             if failures > len(RETRY_WAITS):
-                raise InputError(
-                    f"cannot reach the Hub at {self.endpoint} to read {what} of {self.where(filename)} "
-                    f"({hub.first_line(error)}; {failures} tries); check the network and rerun, or set "
-                    "HF_HUB_OFFLINE=1 to use the local cache"
-                ) from None
+                if isinstance(error, _Retry):
+                    raise hub.answered(error.status, f"{what} of {self.where(filename)}", failures) from None
+                raise hub.request_failed(error, f"{what} of {self.where(filename)}", failures) from None
             time.sleep(RETRY_WAITS[failures - 1] if wait is None else min(wait, RETRY_AFTER_CAP))
 
-    def _get(self, filename: str, pos: int, view: memoryview, done: int, what: str) -> int | None:
+    def abort(self) -> None:
+        """Make the requests in progress, in other threads, end at once with an error (not retried), instead of
+        when their bytes come or their timeout passes: their connections are shut down, which wakes a thread
+        blocked reading one. Requests made afterwards are unaffected."""
+        with self._lock:
+            self._generation += 1
+            reading = list(self._reading.values())
+        for response in reading:
+            _shut_down(response)
+
+    @contextmanager
+    def _reading_now(self, response: Any, generation: int, filename: str, what: str) -> Iterator[None]:
+        """While ``response`` is read, :meth:`abort` can shut it down; one begun before an abort gives up now."""
+        with self._lock:
+            if self._generation != generation:
+                raise self._abandoned(filename, what)
+            self._reading[id(response)] = response
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading.pop(id(response), None)
+
+    def _abandoned(self, filename: str, what: str) -> InputError:
+        return InputError(f"the read of {what} of {self.where(filename)} was abandoned: the run is stopping")
+
+    def _get(self, filename: str, pos: int, view: memoryview, done: int, what: str, generation: int) -> int | None:
         n = len(view)
         first, last = pos + done, pos + n - 1
         headers = {**self.headers, "Range": f"bytes={first}-{last}"}
+        started = time.monotonic()
         with self._lock:
             self.requests += 1
-        with self.session.stream("GET", self.url(filename), headers=headers, timeout=self.timeout) as r:
+        with (
+            self.session.stream("GET", self.url(filename), headers=headers, timeout=self.timeout) as r,
+            self._reading_now(r, generation, filename, what),
+        ):
             status = r.status_code
             if status in RETRY_STATUS:
-                raise _Retry(f"HTTP {status}", _retry_after(r.headers.get("Retry-After")))
+                raise _Retry(status, _retry_after(r.headers.get("Retry-After")))
             if status >= 400:
                 r.read()  # small error bodies: huggingface_hub reads them to name the error
                 self._raise_http(r, filename, what)
@@ -177,11 +217,13 @@ class Remote:
                     f"the Hub at {self.endpoint} answered a byte-range request for {self.where(filename)} with "
                     f"HTTP {status}; unset CKPTDIFF_HUB_STREAM to download it"
                 )
+            deadline = hub.Deadline(skip + n - done, f"{what} of {self.where(filename)}", started)
             try:
                 for chunk in r.iter_bytes():
                     with self._lock:
                         self.fetched += len(chunk)
                     piece = memoryview(chunk)
+                    deadline.got = (deadline.got or 0) + len(piece)
                     if skip:
                         cut = min(skip, len(piece))
                         piece, skip = piece[cut:], skip - cut
@@ -195,6 +237,7 @@ class Remote:
                     done += take
                     if done == n and status == 200:
                         break  # the rest of a small whole file is not needed
+                    deadline.check()
             except self._transport as e:
                 raise _Progress(done, e) from None
             if done < n:
@@ -252,8 +295,21 @@ class Remote:
         except hf_errors.EntryNotFoundError:
             raise InputError(f"{self.where(filename)} was not found; the repo is incomplete") from None
         except hf_errors.HfHubHTTPError as e:
-            raise InputError(f"the Hub refused to send {what} of {self.where(filename)}: {hub.first_line(e)}") from None
+            raise hub.http_refused(e, f"{what} of {self.where(filename)}") from None
         raise InputError(f"the Hub refused to send {what} of {self.where(filename)}: HTTP {response.status_code}")
+
+
+def _shut_down(response: Any) -> None:
+    """Shut the connection of ``response`` down both ways: a thread blocked reading it gets an error at once.
+
+    The plain socket's shutdown, also under TLS (``SSLSocket.shutdown`` would drop the TLS state under the reader's
+    feet); a response without a socket (another transport) is left alone.
+    """
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class _Progress(Exception):
@@ -364,13 +420,17 @@ class HubStreamSource(Source):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckptdiff-hub")
             pool = self._pool
-        futures: list[Future[Any]] = [pool.submit(fn, x) for x in items]
-        with _cancel_on_error(futures):
+        futures: list[Future[Any]] = []
+        with _cancel_on_error(futures, self.remote.abort):
+            futures.extend(pool.submit(fn, x) for x in items)
             return iter([f.result() for f in futures])
 
     def remote_config(self) -> tuple[str, bytes] | None:
         """The repo's ``config.json``, fetched whole the first time a view asks for it (None when it has none)."""
         return self.remote.config()
+
+    def abandon_reads(self) -> None:
+        self.remote.abort()
 
     @property
     def fetched_bytes(self) -> int:
@@ -378,6 +438,8 @@ class HubStreamSource(Source):
         return self.remote.fetched
 
     def close(self) -> None:
+        """Abandon the reads in progress (none, unless the run is being interrupted), then end the workers."""
+        self.remote.abort()
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
@@ -385,11 +447,14 @@ class HubStreamSource(Source):
 
 
 @contextmanager
-def _cancel_on_error(futures: list[Future[Any]]) -> Iterator[None]:
-    """On an error, cancel what has not started and wait for what has, so no request outlives the call."""
+def _cancel_on_error(futures: list[Future[Any]], abort: Callable[[], None]) -> Iterator[None]:
+    """On an error, cancel what has not started and wait for what has, so no request outlives the call; on Ctrl-C
+    (or another exception that is no error), ``abort()`` the requests in progress first, so the wait is short."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            abort()
         for f in futures:
             f.cancel()
         for f in futures:
@@ -414,26 +479,22 @@ def _shards(spec: str, remote: Remote) -> tuple[list[str], dict[str, str] | None
             f"Hub repo {spec} holds PyTorch pickles and no safetensors; a pickle cannot be read by byte range "
             "(it must be unpickled to find its tensors): unset CKPTDIFF_HUB_STREAM to download it"
         )
-    raise InputError(f"Hub repo {spec} holds no checkpoint (.safetensors, index.json, .bin or .pt); check the id")
+    raise hub.no_checkpoint(spec)
 
 
 def _read_index(spec: str, remote: Remote) -> tuple[list[str], dict[str, str]]:
     """Fetch the index whole; every shard it names must be a file of the repo."""
     size = remote.sizes.get(INDEX)
-    if size is None or size > MAX_INDEX_BYTES:
+    if size is None or size > fileio.MAX_INDEX_BYTES:
         raise InputError(f"the index of Hub repo {spec} is {size} bytes, not a checkpoint index; check the repo")
     raw = bytearray(size)
     remote.get_range(INDEX, 0, memoryview(raw), "the index")
-    try:
-        data = fileio.parse_json(bytes(raw), remote.where(INDEX), "check the repo")  # bounded nesting, integers
-        weight_map: dict[str, str] = {str(k): v for k, v in data["weight_map"].items()}
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
-        raise InputError(
-            f"{remote.where(INDEX)} is not a valid checkpoint index (no weight_map); check the repo"
-        ) from None
+    where = remote.where(INDEX)
+    data = fileio.parse_json(bytes(raw), where, "check the repo")  # bounded nesting and integers, as a local index
+    weight_map = layout.parse_weight_map(data, where, "check the repo")
     shards: list[str] = []
     for shard in dict.fromkeys(weight_map.values()):
-        if not isinstance(shard, str) or shard not in remote.sizes:
+        if shard not in remote.sizes:  # every name of the listing is a safe relative path (hub.listing)
             raise InputError(
                 f"{remote.where(INDEX)} names shard {shard!r}, which is not a file of the repo; the repo is incomplete"
             )

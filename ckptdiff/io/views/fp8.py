@@ -380,6 +380,9 @@ class Fp8Source(Source):
             self._codes.clear()
         self.inner.close()
 
+    def abandon_reads(self) -> None:
+        self.inner.abandon_reads()
+
 
 def describe(infos: Mapping[str, TensorInfo], layout: Layout) -> str:
     """One line for report headers: how many weights are dequantized, the block size and its origin, findings."""

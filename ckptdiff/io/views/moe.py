@@ -132,6 +132,9 @@ class SplitExpertsSource(Source):
     def close(self) -> None:
         self.inner.close()
 
+    def abandon_reads(self) -> None:
+        self.inner.abandon_reads()
+
 
 def split(src: Source) -> Source:
     """``src`` with its fused expert tensors split per expert, or ``src`` itself when it has none worth splitting."""
