@@ -202,3 +202,19 @@ def test_plain_checkpoints_are_not_wrapped(fused: tuple[Path, Path], tmp_path: P
         app, ["check", str(fused[0]), str(fused[1]), "-q", "--header-only", "--same-keys", "-f", "json"]
     )
     assert doc.exit_code == 0 and "split into 16 per-expert tensors" in json.loads(doc.stdout)["header"]["base"]
+
+
+def test_the_front_door_gives_what_the_analyses_see(fused: tuple[Path, Path]) -> None:
+    """``ckptdiff.open`` (and its earlier name ``resolve``) splits the experts as a path does; passing its source to an
+    analysis gives the path's numbers; ``stored=True`` keeps the fused tensor and is compared as stored."""
+    base, ft = (str(p) for p in fused)
+    viewed = ckptdiff.open(base)
+    assert GATE_UP not in viewed.infos and GATE_UP + "[2]" in viewed.infos
+    assert ckptdiff.resolve is ckptdiff.open and ckptdiff.open(viewed) is viewed  # viewing twice changes nothing
+    by_path = ckptdiff.sparsity(base, ft, progress=False).to_frame().set_index("tensor")["changed"]
+    by_source = ckptdiff.sparsity(viewed, ckptdiff.open(ft), progress=False).to_frame().set_index("tensor")["changed"]
+    pd.testing.assert_series_equal(by_source, by_path)
+    assert by_path[GATE_UP + "[2]"] == 30 and by_path[GATE_UP + "[3]"] == 4  # the bumps planted in the fixture
+    stored = ckptdiff.sparsity(ckptdiff.open(base, stored=True), ckptdiff.open(ft, stored=True), progress=False)
+    rows = stored.to_frame().set_index("tensor")["changed"]
+    assert GATE_UP in rows.index and rows[GATE_UP] == 34 and GATE_UP + "[2]" not in rows.index
