@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from ckptdiff.analyses.base import records
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
-from ckptdiff.io.outputs import write_error, writes_files
+from ckptdiff.io.outputs import input_files, write_error, writes_files
 from ckptdiff.render.text import to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
 
@@ -76,18 +76,18 @@ def _contents(target: Path) -> tuple[set[str], set[str]]:
     folders: set[str] = set()
     for root, dirs, names in os.walk(target):
         rel = Path(root).relative_to(target)
-        folders.update(str(rel / d) for d in dirs if not (Path(root) / d).is_symlink())
-        files.update(str(rel / n) for n in names)
-        files.update(str(rel / d) for d in dirs if (Path(root) / d).is_symlink())  # os.walk does not enter them
+        linked = {d for d in dirs if (Path(root) / d).is_symlink()}  # os.walk does not enter them: they are entries
+        folders.update(str(rel / d) for d in dirs if d not in linked)
+        files.update(str(rel / n) for n in [*names, *linked])
     return files, folders
 
 
 def _manifest(target: Path) -> set[str] | None:
     """The files an earlier report's manifest lists, or None if there is no readable manifest."""
-    try:
-        doc = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    try:  # a side file like any other: a pipe or a huge file named like the manifest is no manifest
+        doc = fileio.load_json(target / MANIFEST, f"manifest {target / MANIFEST}", fileio.MAX_CONFIG_BYTES, "")
         listed = doc["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (InputError, KeyError, TypeError):
         return None
     if doc.get("ckptdiff_report") != 1 or not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
         return None
@@ -115,8 +115,6 @@ def _refuse_foreign_files(target: Path) -> None:
 
 def _refuse_inputs_inside(target: Path, inputs: Iterable[object]) -> None:
     """No input of the run (a checkpoint, its shards, a rules file) may live inside the directory replaced."""
-    from ckptdiff.io.outputs import input_files
-
     real = Path(os.path.realpath(target))
     for spec in inputs:
         if not isinstance(spec, (str, Path)):

@@ -159,3 +159,14 @@ def test_a_signal_as_a_temporary_file_is_made_leaves_none_behind(
     assert code == 143, output
     assert calls[0] == nth
     assert not list(tmp_path.glob(".out.csv.*")) and not (tmp_path / "out.csv").exists()
+
+
+def test_report_over_a_folder_whose_manifest_is_a_pipe_is_refused_at_once(tmp_path: Path) -> None:
+    """The manifest is read like any side file: a named pipe in its place is no manifest, not a hang."""
+    base, ft = _pair(tmp_path)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    os.mkfifo(rep / report_dir.MANIFEST)
+    code, message = _report([str(base), str(ft), "-o", str(rep)])
+    assert code == 2 and "not a report ckptdiff wrote" in message, message
+    assert (rep / report_dir.MANIFEST).is_fifo()
