@@ -53,6 +53,19 @@ class Rule:
     root: bool = False
     not_parent: tuple[str, ...] = ()
 
+    @property
+    def where(self) -> str:
+        """Where the part must sit, in words (the docs' rule tables print it)."""
+
+        def listed(parts: tuple[str, ...]) -> str:
+            return ", ".join(f"`{p}`" for p in parts)
+
+        said = ["first part of the name"] if self.root else []
+        said += [f"right after {listed(self.parent)}"] if self.parent else []
+        said += [f"after {listed(self.within)}"] if self.within else []
+        said += [f"not right after {listed(self.not_parent)}"] if self.not_parent else []
+        return "; ".join(said) or "anywhere"
+
     def matches(self, parts: list[str]) -> bool:
         """Whether one of ``parts`` (a tensor name split at dots) is what this rule names, in the right place."""
         for i, p in enumerate(parts):
@@ -79,7 +92,7 @@ STACK_RULES: tuple[Rule, ...] = (
         "head",
         ("score", "classifier", "classification_head", "qa_outputs", "v_head"),
         "sequence-classification "
-        "and reward models (Llama/Qwen/Mistral *ForSequenceClassification, BERT/RoBERTa classifiers, BART, trl)",
+        "and reward models (Llama, Qwen, Mistral, BERT, RoBERTa, BART ...ForSequenceClassification; trl value heads)",
         root=True,
     ),
     Rule("head", ("out_proj",), "GPT-NeoX reward model (OpenAssistant oasst-rm)", root=True),

@@ -219,3 +219,17 @@ def test_readme_links_resolve() -> None:
     anchored = [t.split("#", 1) for t in targets if "#" in t]
     broken = [f"{path}#{anchor}" for path, anchor in anchored if anchor not in github_anchors(ROOT / path)]
     assert not broken, f"README.md links to headings that do not exist: {broken}"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/inputs.md: the naming rule tables are naming.py's
+
+
+@pytest.mark.parametrize("marker", ["stacks", "modules"])
+def test_naming_rule_tables_are_naming_py(marker: str) -> None:
+    from ckptdiff.naming import MODULE_RULES, STACK_RULES
+
+    rules = STACK_RULES if marker == "stacks" else MODULE_RULES
+    got = table_after((DOCS / "inputs.md").read_text(encoding="utf-8"), f"rules: {marker}")
+    want = [[f"`{r.label}`", ", ".join(f"`{p}`" for p in r.parts), r.where, r.seen_in] for r in rules]
+    assert got == want, f"docs/inputs.md 'rules: {marker}' table: print ckptdiff.naming's rows, in order"

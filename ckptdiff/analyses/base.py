@@ -44,7 +44,8 @@ def once_per_key(method: _F) -> _F:
 
 
 def row_basics(item: Aligned) -> dict[str, object]:
-    """The leading columns of every per-tensor row: tensor, layer, module, expert, shape, dtypes, numel, status.
+    """The leading columns of every per-tensor row: tensor, stack, layer, module, expert, shape, dtypes, numel,
+    status.
 
     A block-scaled FP8 weight's dtype reads ``f8_e4m3/128x128`` (stored codes / block size; its values are
     compared dequantized, in fp32).
@@ -55,6 +56,7 @@ def row_basics(item: Aligned) -> dict[str, object]:
     shape = tuple(shape_src.shape) if shape_src is not None else ()
     return {
         "tensor": item.name,
+        "stack": item.stack,
         "layer": layer_of(item.name),
         "module": module_of(item.name),
         "expert": expert_of(item.name),
@@ -109,6 +111,20 @@ class Report:
     tensors: pd.DataFrame  # per-tensor rows: the CSV
     structural: pd.DataFrame = field(default_factory=pd.DataFrame)  # tensors not compared, and why
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON-only content
+
+
+def figures_table(scopes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Scope figures side by side: one column per scope (overall, linear layers), one row per figure, index
+    ``figure``. Integers stay integers (a column of floats would print one changed entry as ``1.0000``); a figure a
+    scope lacks is NaN."""
+    keys = list(dict.fromkeys(k for figures in scopes.values() for k in figures))
+    columns = {
+        name: pd.Series([figures.get(k, math.nan) for k in keys], index=keys, dtype=object)
+        for name, figures in scopes.items()
+    }
+    frame = pd.DataFrame(columns, index=keys)
+    frame.index.name = "figure"
+    return frame
 
 
 def _clean(value: Any) -> Any:

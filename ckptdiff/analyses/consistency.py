@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import Report, Table, count, digest, item_detail
+from ckptdiff.analyses.base import Report, Table, count, digest, figures_table, item_detail
 from ckptdiff.engine.alignment import Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
 from ckptdiff.errors import InputError
@@ -37,11 +37,12 @@ from ckptdiff.metrics.mask import (
     widen_fp8,
 )
 from ckptdiff.metrics.numeric import AGREEMENT_BAND, against_one, ratio
-from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
+from ckptdiff.naming import expert_of, is_linear, layer_of, module_of, stack_rank
 
 # Per-(tensor, pair) CSV columns, in order.
 COLUMNS = [
     "tensor",
+    "stack",
     "layer",
     "module",
     "expert",
@@ -275,20 +276,31 @@ class ConsistencyResult:
         c = self.linear_counts()
         return _figures(c) if c is not None else {}
 
+    def _stacked(self) -> bool:
+        """Whether the checkpoints have several stacks (rollups are then per (stack, key))."""
+        return any(t.item.get("stack") for t in self.tensors)
+
     def groups(self, key: str) -> dict[object, Consistency]:
-        """Exact rollup per ``module`` or ``layer`` (tensors outside the blocks have no layer)."""
+        """Exact rollup per ``module`` or ``layer`` (tensors outside the blocks have no layer); keyed
+        ``(stack, key)`` when the checkpoints have several stacks, in stack order."""
+        stacked = self._stacked()
         keys: dict[object, list[TensorConsistency]] = {}
         for t in self.compared():
             k = t.item[key]
             if k is not None:
-                keys.setdefault(k, []).append(t)
-        return {k: combine(t.counts for t in v if t.counts is not None) for k, v in sorted(keys.items())}
+                keys.setdefault((str(t.item["stack"]), k) if stacked else k, []).append(t)
+        order = sorted(keys, key=_group_order)
+        return {k: combine(t.counts for t in keys[k] if t.counts is not None) for k in order}
 
     def by(self, key: str) -> pd.DataFrame:
-        """Per ``module`` or ``layer``: mean off-diagonal Jaccard against both baselines, same sign, consensus."""
+        """Per ``module`` or ``layer`` (per (stack, key) with several stacks): mean off-diagonal Jaccard against
+        both baselines, same sign, consensus."""
         data = {k: _figures(c) for k, c in self.groups(key).items()}
         df = pd.DataFrame.from_dict(data, orient="index").drop(columns="vs_random", errors="ignore")
-        df.index.name = key
+        if self._stacked() and len(df):
+            df.index = pd.MultiIndex.from_tuples(list(df.index), names=["stack", key])
+        else:
+            df.index.name = key
         return df
 
     def pairs(self, c: Consistency | None = None) -> pd.DataFrame:
@@ -415,10 +427,9 @@ class ConsistencyResult:
     def report(self) -> Report:
         """The report the CLI renders."""
         o, lin = self.overall_counts(), self.linear_counts()
-        overall = pd.DataFrame(
+        overall = figures_table(
             {name: _figures(c) for name, c in (("overall", o), ("linear layers", lin)) if c is not None}
         )
-        overall.index.name = "figure"
         matrix = self.matrix(o)
         numbered = matrix.set_axis([str(i) for i in range(1, len(matrix.columns) + 1)], axis=1)
         numbered.index = pd.MultiIndex.from_arrays([range(1, len(matrix) + 1), matrix.index], names=["#", "run"])
@@ -458,6 +469,13 @@ class ConsistencyResult:
 # the analysis
 
 
+def _group_order(key: object) -> tuple[int, str, object]:
+    """Sort key of a consistency group: stacks in their order, then the layer or module itself."""
+    if isinstance(key, tuple):
+        return (stack_rank(str(key[0])), type(key[1]).__name__, key[1])
+    return (0, type(key).__name__, key)
+
+
 def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
     infos = it.infos
     base = infos[0]
@@ -471,6 +489,7 @@ def _item(it: Aligned, mode: CompareMode) -> dict[str, object]:
         ]
     return {
         "tensor": it.name,
+        "stack": it.stack,
         "layer": layer_of(it.name),
         "module": module_of(it.name),
         "expert": expert_of(it.name),

@@ -34,7 +34,19 @@ from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
 
 # Columns every analysis's per-tensor rows share: they appear once in tensors.csv.
-SHARED_COLUMNS = ("tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status")
+SHARED_COLUMNS = (
+    "tensor",
+    "stack",
+    "layer",
+    "module",
+    "expert",
+    "shape",
+    "dtype_base",
+    "dtype_ft",
+    "numel",
+    "linear",
+    "status",
+)
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ from ckptdiff.analyses.base import (
     count,
     digest,
     expected_skips,
+    figures_table,
     item_detail,
     once_per_key,
     pair_target,
     row_basics,
 )
-from ckptdiff.analyses.scopes import PRINCIPAL, figures
+from ckptdiff.analyses.scopes import PRINCIPAL, figures, rollup_by, scope_key
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.errors import InputError
@@ -72,6 +73,7 @@ _COUNTS = [
 # Per-tensor CSV columns, in order: row basics, every PrincipalResult field, then flags.
 COLUMNS = [
     "tensor",
+    "stack",
     "layer",
     "module",
     "expert",
@@ -193,14 +195,14 @@ class PrincipalOverlapResult:
 
     @once_per_key
     def by(self, key: str) -> pd.DataFrame:
-        """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`)."""
+        """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`); per (stack, module) and
+        (stack, layer) when the checkpoint has several stacks."""
         df = self.analysed()
         if key == "layer":
             df = df.dropna(subset=["layer"])
         if df.empty:
             return pd.DataFrame()
-        out = pd.DataFrame({name: rollup(group) for name, group in df.groupby(key, sort=True)}).T
-        out.index.name = key
+        out = rollup_by(df, scope_key(df, key), rollup)
         return out.astype({c: "int64" for c in ("tensors", "numel", "changed")})
 
     def structural(self) -> pd.DataFrame:
@@ -242,8 +244,7 @@ class PrincipalOverlapResult:
 
     def report(self) -> Report:
         """The report the CLI renders."""
-        overall = pd.DataFrame({"overall": self.overall(), "linear layers": self.linear_only()})
-        overall.index.name = "figure"
+        overall = figures_table({"overall": self.overall(), "linear layers": self.linear_only()})
         note = (
             "Overlaps weighted by updated entries; ratios = observed / expected intersection; "
             "energies weighted by ‖ΔW‖_F²."

@@ -28,6 +28,7 @@ import pandas as pd
 from ckptdiff.engine.alignment import COMPARABLE as _COMPARABLE
 from ckptdiff.engine.alignment import FLOAT_COMPARED as _FLOAT_COMPARED
 from ckptdiff.metrics.numeric import ratio
+from ckptdiff.naming import stack_rank
 
 AnalysisName = Literal["sparsity", "principal", "spectral"]
 COMPARABLE = frozenset(s.value for s in _COMPARABLE)
@@ -359,10 +360,55 @@ def figures(frame: pd.DataFrame, metrics: Sequence[Metric]) -> dict[str, float]:
 
 def grouped(frame: pd.DataFrame, key: str | list[str], metrics: Sequence[Metric]) -> pd.DataFrame:
     """One row per group of ``key`` (layer, module, ...): each metric's scope figure over the group's rows."""
-    rows = {name: figures(group, metrics) for name, group in frame.groupby(key, sort=True)}
-    out = pd.DataFrame.from_dict(rows, orient="index", columns=[m.name for m in metrics])
-    out.index.names = [key] if isinstance(key, str) else key
-    return out
+    return rollup_by(frame, key, lambda group: figures(group, metrics), [m.name for m in metrics])
+
+
+def scope_key(frame: pd.DataFrame, key: str | list[str]) -> str | list[str]:
+    """The grouping of a rollup per ``key`` (layer, module, (layer, module) ...): ``stack`` first when the
+    checkpoint has several stacks (a non-empty ``stack`` column), so that encoder block N and decoder block N, or
+    vision layer i and text layer i, are never one row; ``key`` itself when it has one."""
+    keys = [key] if isinstance(key, str) else list(key)
+    if "stack" in frame.columns and "stack" not in keys and bool((frame["stack"].astype(str) != "").any()):
+        return ["stack", *keys]
+    return key
+
+
+def rollup_by(
+    frame: pd.DataFrame,
+    key: str | list[str],
+    figures_of: Callable[[pd.DataFrame], dict[str, float]],
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per group of ``key``, its figures from ``figures_of(rows)``; a ``stack`` level sorts in the order
+    of :data:`ckptdiff.naming.STACKS` (vision, audio, encoder, projector, decoder, mtp, head), the rest naturally."""
+    rows = {name: figures_of(group) for name, group in frame.groupby(key, sort=True)}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    if columns is not None:
+        out = out.reindex(columns=list(columns))
+    names = [key] if isinstance(key, str) else list(key)
+    if len(names) > 1:
+        tuples = list(out.index)
+        index = pd.MultiIndex.from_tuples(tuples, names=names) if tuples else None
+        out.index = index if index is not None else pd.MultiIndex.from_arrays([[]] * len(names), names=names)
+    else:
+        out.index.names = names
+    return in_stack_order(out)
+
+
+def layer_label(value: object) -> str:
+    """A row of a per-layer rollup as words: ``layer 3``, or ``vision layer 3`` for a (stack, layer) row."""
+    if isinstance(value, tuple):
+        *stack, layer = value
+        return " ".join([*(str(s) for s in stack if s), f"layer {int(layer)}"])
+    return f"layer {int(value)}"  # type: ignore[call-overload]
+
+
+def in_stack_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a rollup with a ``stack`` index level in stack order (a stable sort: within a stack the order stays)."""
+    if "stack" not in frame.index.names or frame.empty:
+        return frame
+    ranks = [stack_rank(str(s)) for s in frame.index.get_level_values("stack")]
+    return frame.iloc[sorted(range(len(frame)), key=ranks.__getitem__)]
 
 
 def pick(metrics: Sequence[Metric], *names: str) -> tuple[Metric, ...]:

@@ -9,8 +9,17 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, pair_target, row_basics
-from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, pick
+from ckptdiff.analyses.base import (
+    Report,
+    Table,
+    count,
+    digest,
+    figures_table,
+    item_detail,
+    pair_target,
+    row_basics,
+)
+from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, in_stack_order, pick, scope_key
 from ckptdiff.engine.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.resolve import SourceLike
@@ -24,6 +33,7 @@ BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 # Per-tensor CSV columns, in order (documented in README.md).
 COLUMNS = [
     "tensor",
+    "stack",
     "layer",
     "module",
     "expert",
@@ -83,8 +93,12 @@ class SparsityResult:
     def _sum(self, df: pd.DataFrame) -> dict[str, float]:
         out = {"tensors": len(df), **figures(df, pick(SPARSITY, "numel", "changed", "sparsity"))}
         bf16 = by_name(SPARSITY)["sparsity_bf16"]
-        if len(bf16.rows(df)):  # only fp32/fp64 tensors have a bf16 view
+        wide = bf16.rows(df)  # only fp32/fp64 tensors have a bf16 view
+        if len(wide):
             out["sparsity_bf16"] = bf16.over(df)
+            if len(wide) < len(df):  # mixed dtypes: the native figure over the same tensors, to compare like with like
+                out["tensors_fp32"] = len(wide)
+                out["sparsity_fp32"] = by_name(SPARSITY)["sparsity"].over(wide)
         out.update(figures(df, pick(SPARSITY, *ULP_LABELS)))
         return out
 
@@ -100,6 +114,9 @@ class SparsityResult:
     def by(self, key: str) -> pd.DataFrame:
         """Parameter-weighted rollup per ``layer``, ``module`` or ``expert``: numel, changed, sparsity.
 
+        ``layer`` and ``module`` are per (stack, layer) and (stack, module) when the checkpoint has several stacks
+        (see :func:`ckptdiff.analyses.scopes.scope_key`).
+
         ``expert`` groups the tensors of each routed expert index (over every layer) and the shared experts
         (``shared``), in natural order; tensors outside the experts are left out.
         """
@@ -110,7 +127,9 @@ class SparsityResult:
             df = df[df["expert"] != ""]
             if df.empty:
                 return pd.DataFrame(columns=["numel", "changed", "sparsity"]).rename_axis("expert")
-        out = grouped(df, key, pick(SPARSITY, "numel", "changed", "sparsity"))
+        out = grouped(
+            df, key if key == "expert" else scope_key(df, key), pick(SPARSITY, "numel", "changed", "sparsity")
+        )
         if key == "expert":
             out = out.loc[sorted(out.index, key=natural_key)]
         return out.astype({"numel": "int64", "changed": "int64"})
@@ -130,7 +149,8 @@ class SparsityResult:
         df = df[df["expert"] != ""]
         if df.empty:
             return pd.DataFrame()
-        out = grouped(df.dropna(subset=["layer"]), ["layer", "expert"], pick(SPARSITY, "numel", "changed", "sparsity"))
+        df = df.dropna(subset=["layer"])
+        out = grouped(df, scope_key(df, ["layer", "expert"]), pick(SPARSITY, "numel", "changed", "sparsity"))
         out["density"] = 1.0 - out["sparsity"]
         out = out.astype({"numel": "int64", "changed": "int64"}).sort_values(
             ["density", "changed"], ascending=False, kind="stable"
@@ -138,12 +158,14 @@ class SparsityResult:
         return out.head(n)
 
     def grid(self) -> pd.DataFrame:
-        """Layer x module sparsity of the linear matrices, parameter-weighted within each cell."""
+        """Layer x module sparsity of the linear matrices, parameter-weighted within each cell; rows per (stack,
+        layer) when the checkpoint has several stacks."""
         df = self.compared()
         df = df[df["linear"].astype(bool)]
         if df.empty:
             return pd.DataFrame()
-        return grouped(df, ["layer", "module"], pick(SPARSITY, "sparsity"))["sparsity"].unstack("module")
+        grid = grouped(df, scope_key(df, ["layer", "module"]), pick(SPARSITY, "sparsity"))["sparsity"].unstack("module")
+        return in_stack_order(grid)
 
     def structural(self) -> pd.DataFrame:
         """Tensors that were not compared one to one, or that carry a structural note."""
@@ -155,12 +177,26 @@ class SparsityResult:
         """The report the CLI renders."""
         o = self.overall()
         lin = self.linear_only()
-        summary = [
-            f"Update sparsity (fraction of entries unchanged) {o['sparsity']:.4f} overall "
-            f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, {count(int(o['tensors']), 'tensor')}); "
-            f"linear layers only {lin['sparsity']:.4f}.",
-        ]
-        if "sparsity_bf16" in o:
+        linear = (
+            f"linear layers only {lin['sparsity']:.4f}"
+            if lin["tensors"]
+            else "no linear layer among them (2-D matrices in the blocks)"
+        )
+        if o["tensors"]:
+            summary = [
+                f"Update sparsity (fraction of entries unchanged) {o['sparsity']:.4f} overall "
+                f"({int(o['changed']):,} of {int(o['numel']):,} entries changed, "
+                f"{count(int(o['tensors']), 'tensor')}); {linear}.",
+            ]
+        else:
+            summary = ["No floating-point tensor was compared, so there is no update sparsity to report."]
+        if "sparsity_fp32" in o:  # mixed dtypes: bf16's figure is over the fp32/fp64 tensors only, and so is this one
+            summary.append(
+                f"As bf16 would store them, the {count(int(o['tensors_fp32']), 'fp32/fp64 tensor')} have sparsity "
+                f"{o['sparsity_bf16']:.4f} against {o['sparsity_fp32']:.4f} natively: the gap is what bf16 rounding "
+                "hides (PNT's precision gate); the other tensors have no bf16 view."
+            )
+        elif "sparsity_bf16" in o:
             summary.append(
                 f"As bf16 would store them, sparsity {o['sparsity_bf16']:.4f}: the gap to the native "
                 f"{o['sparsity']:.4f} is what bf16 rounding hides (PNT's precision gate)."
@@ -177,8 +213,7 @@ class SparsityResult:
             )
         findings, notes = self._findings()
         summary += notes
-        overall = pd.DataFrame({"overall": o, "linear layers": lin})
-        overall.index.name = "figure"
+        overall = figures_table({"overall": o, "linear layers": lin})
         grid = self.grid()
         per_layer = self.by("layer")
         if not grid.empty:  # every layer on one line: the layer's sparsity over all its tensors, then per module

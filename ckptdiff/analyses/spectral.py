@@ -26,12 +26,22 @@ from ckptdiff.analyses.base import (
     count,
     digest,
     expected_skips,
+    figures_table,
     item_detail,
     once_per_key,
     pair_target,
     row_basics,
 )
-from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
+from ckptdiff.analyses.scopes import (
+    SPECTRAL,
+    WEDIN_UNSTABLE_DEG,
+    angle_status,
+    angles_ok,
+    by_name,
+    layer_label,
+    rollup_by,
+    scope_key,
+)
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.outputs import Output, standalone
@@ -56,7 +66,18 @@ NULL_COLUMNS = [
     "angle_v_max_null_ratio",
 ]
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
-LEAD_COLUMNS = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "compared_as", "numel"]
+LEAD_COLUMNS = [
+    "tensor",
+    "stack",
+    "layer",
+    "module",
+    "expert",
+    "shape",
+    "dtype_base",
+    "dtype_ft",
+    "compared_as",
+    "numel",
+]
 LEAD_COLUMNS.append("linear")
 TAIL_COLUMNS = ["analysed", "status", "outcome", "detail"]
 TOP_MATRICES = 10
@@ -134,9 +155,7 @@ class SpectralDriftResult:
         df = self.analysed()
         if key == "layer":
             df = df.dropna(subset=["layer"])
-        groups = {name: self._stats(sub) for name, sub in df.groupby(key, sort=True)}
-        out = pd.DataFrame.from_dict(groups, orient="index")
-        out.index.name = key
+        out = rollup_by(df, scope_key(df, key), self._stats)
         return out.astype({"matrices": "int64", "params": "int64"}) if len(out) else out
 
     def most_rotated(self, n: int = TOP_MATRICES) -> pd.DataFrame:
@@ -205,7 +224,7 @@ class SpectralDriftResult:
                 rot = layers[["angle_u_deg_max", "angle_v_deg_max"]].max(axis=1).dropna()
                 rot = rot.sort_values(ascending=False, kind="stable").head(TOP_LAYERS)
                 if len(rot):
-                    named = ", ".join(f"layer {int(i)} ({v:.4g}°)" for i, v in rot.items())  # type: ignore[call-overload]
+                    named = ", ".join(f"{layer_label(i)} ({v:.4g}°)" for i, v in rot.items())
                     out.append(f"{'Layers that rotate' if len(rot) > 1 else 'The layer that rotates'} most: {named}.")
         else:
             out.append(f"No matrix has stable principal angles; {medians}.")
@@ -268,8 +287,7 @@ class SpectralDriftResult:
 
     def report(self) -> Report:
         """The report the CLI renders."""
-        overall = pd.DataFrame({"all matrices": self.overall(), "linear layers": self.linear_only()})
-        overall.index.name = "figure"
+        overall = figures_table({"all matrices": self.overall(), "linear layers": self.linear_only()})
         note = (
             "max / median over matrices of NSS and of each matrix's largest principal angle (degrees); drift is not "
             "additive, so no sums. Largest angles over the matrices whose angles are stable (angles column: ok), "

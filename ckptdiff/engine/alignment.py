@@ -21,7 +21,7 @@ from ckptdiff.io.views import fp8
 from ckptdiff.io.views.ties import HINT, describe, has_input_embedding
 from ckptdiff.io.views.ties import aliases as tied_names
 from ckptdiff.log import log
-from ckptdiff.naming import OUTPUT_EMBEDDING, natural_key, selected
+from ckptdiff.naming import OUTPUT_EMBEDDING, natural_key, selected, stacks
 
 
 class Status(str, Enum):
@@ -62,7 +62,9 @@ class Aligned:
     """One tensor name across several checkpoints (index 0 is the base).
 
     ``ties`` (empty when none): per side, the tensor this name is tied to there (:mod:`ckptdiff.io.views.ties`);
-    ``embedded`` (``lm_head.weight`` only): per side, whether that checkpoint has an input embedding.
+    ``embedded`` (``lm_head.weight`` only): per side, whether that checkpoint has an input embedding;
+    ``stack``: the part of the model it belongs to, from every name of the checkpoints (:func:`ckptdiff.naming.stacks`:
+    '' when they have one stack).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Aligned:
     detail: str = ""
     ties: tuple[Tie | None, ...] = ()
     embedded: tuple[bool, ...] = ()
+    stack: str = ""
 
     @property
     def comparable(self) -> bool:
@@ -108,7 +111,7 @@ class Aligned:
             return None
         embedded = tuple(self.embedded[k] for k in sides) if self.embedded else ()
         status, detail = status_of(infos, labels, ties, embedded)
-        return Aligned(self.name, infos, status, detail, ties, embedded)
+        return Aligned(self.name, infos, status, detail, ties, embedded, self.stack)
 
 
 def status_of(
@@ -196,6 +199,7 @@ def align(
         names.update(dict.fromkeys(s.infos))
     for s in sources:  # a tied name absent (and untied) somewhere is a finding; tied everywhere, it has no row
         names.update(dict.fromkeys(n for n in s.tied if not all(n in o.tied for o in sources)))
+    stack = stacks(names)  # from every name, so that --include/--exclude never change a tensor's stack
     out: list[Aligned] = []
     for name in sorted(names, key=natural_key):
         if not selected(name, list(include), list(exclude)):
@@ -205,7 +209,7 @@ def align(
         ties = ties if any(ties) else ()
         embedded = tuple(has_input_embedding(s) for s in sources) if name == OUTPUT_EMBEDDING else ()
         status, detail = status_of(infos, labels, ties, embedded)
-        out.append(Aligned(name, infos, status, detail, ties, embedded))
+        out.append(Aligned(name, infos, status, detail, ties, embedded, stack[name]))
     aliases = tied_names(sources)
     for flag, globs in (("--include", include), ("--exclude", exclude)):
         for glob in globs if out else ():  # with nothing left, the error below says it all

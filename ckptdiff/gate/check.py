@@ -177,7 +177,19 @@ def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
 def header_frame(items: Sequence[Aligned]) -> pd.DataFrame:
     """The per-tensor frame structural rules read, from headers alone (``changed`` is unknown: NA)."""
     rows = [{**row_basics(it), "detail": item_detail(it), "changed": pd.NA} for it in items]
-    columns = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "numel", "linear", "status"]
+    columns = [
+        "tensor",
+        "stack",
+        "layer",
+        "module",
+        "expert",
+        "shape",
+        "dtype_base",
+        "dtype_ft",
+        "numel",
+        "linear",
+        "status",
+    ]
     columns.append("detail")
     return pd.DataFrame(rows, columns=[*columns, "changed"]).astype({"numel": "Int64", "changed": "Int64"})
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ class Figure:
 
 
 # Module types in the order a transformer block runs them (ckptdiff.naming's names); others follow, sorted.
-MODULE_ORDER = ("qkv", "q", "k", "v", "kv", "o", "gate_up", "router", "gate", "up", "down")
+MODULE_ORDER = ("qkv", "q", "k", "v", "kv", "o", "gate_up", "router", "gate", "up", "down", "proj")
 WIDTH = 8.0  # inches; 576 pt in the SVG
 ANNOTATE_CELLS = 16 * 12  # heatmaps with at most this many cells get their values written in
 RASTER_CELLS = 240  # heatmaps with more cells draw them as one embedded PNG (at RASTER_DPI) instead of paths
@@ -188,6 +188,12 @@ def _layer_axis(ax: Axes, layers: Sequence[object], axis: str = "x") -> None:
         ax.set_yticks(ticks, labels)
 
 
+def _layer_names(index: Iterable[object]) -> list[str]:
+    """Tick labels of a per-layer rollup: ``3``, or ``vision 3`` for a (stack, layer) row of a checkpoint with
+    several stacks."""
+    return [f"{x[0]} {int(x[1])}" if isinstance(x, tuple) else str(int(x)) for x in index]  # type: ignore[call-overload]
+
+
 def _style(ax: Axes) -> None:
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(labelsize=8)
@@ -217,7 +223,7 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     if grid.empty:
         return None
     grid = grid[_module_order([str(c) for c in grid.columns])]
-    layers = [int(x) for x in grid.index]
+    layers = _layer_names(grid.index)
     modules = [str(c) for c in grid.columns]
     values = grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()  # (modules, layers)
     flat = _finite([v for row in values for v in row])
@@ -271,7 +277,12 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
         f"observed range {lo:.4f} to {hi:.4f}.{missing} For reference: {o['sparsity']:.4f} over every compared "
         f"tensor, {lin['sparsity']:.4f} over the linear layers."
     )
-    if "sparsity_bf16" in o:
+    if "sparsity_fp32" in o:
+        caption += (
+            f" Rounded to bf16, as bf16 storage would keep them, the fp32/fp64 tensors' sparsity is "
+            f"{o['sparsity_bf16']:.4f} ({o['sparsity_fp32']:.4f} natively)."
+        )
+    elif "sparsity_bf16" in o:
         caption += f" Rounded to bf16, as bf16 storage would keep them: {o['sparsity_bf16']:.4f} overall."
     return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption)
 
@@ -342,7 +353,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     overlap = _floats(df["overlap_principal"])
     if not _finite(overlap):
         return None
-    layers = [int(x) for x in df.index]
+    layers = _layer_names(df.index)
     x = list(range(len(layers)))
     marker = "o" if len(layers) <= 40 else None
     fig = _new(4.6)
@@ -400,7 +411,7 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     ]
     if not _finite(nss_max) and not _finite(ang_max):
         return None
-    layers = [int(x) for x in df.index]
+    layers = _layer_names(df.index)
     x = list(range(len(layers)))
     marker = "o" if len(layers) <= 40 else None
     fig = _new(4.6)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ckptdiff.render.figures import Figure
 
 COLLAPSE_ROWS = 30  # longer tables start folded
-_TEXT_COLUMNS = {"tensor", "module", "shape", "status", "detail", "run", "run_a", "run_b", "outcome"}
+_TEXT_COLUMNS = {"tensor", "stack", "module", "shape", "status", "detail", "run", "run_a", "run_b", "outcome"}
 _NUMBER = re.compile(r"^(?:[-+−]?(?:\d[\d,]*)?\.?\d+(?:e[-+]?\d+)?%?|—|inf|-inf|nan)$")
 
 CSS = """

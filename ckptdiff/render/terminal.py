@@ -186,9 +186,9 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
         lines = any("\n" in c for r in part.rows for c in r)
         rt = RichTable(show_lines=lines, pad_edge=_total(widths) + 2 <= width)  # edge padding when it fits
         for h, w, text in zip(part.headers, widths, part.text, strict=True):
-            rt.add_column(h, width=w, no_wrap=True, justify="left" if text else "right", overflow="crop")
-        for r in part.rows:
-            rt.add_row(*r)
+            rt.add_column(Text(h), width=w, no_wrap=True, justify="left" if text else "right", overflow="crop")
+        for r in part.rows:  # cells as Text: a tensor name or a detail may hold brackets rich would read as markup
+            rt.add_row(*(Text(c) for c in r))
         pieces: list[RenderableType] = [Text(part.title, style="italic"), rt]
         if part.caption:
             pieces.append(Text(part.caption, style="dim"))
@@ -227,6 +227,7 @@ def to_grid(table: Table) -> Grid:
 
 def _numeric(cells: Sequence[str]) -> bool:
     """Cells that all read as numbers (or the missing-value dash): never wrapped."""
+
     def number(c: str) -> bool:
         try:
             float(c.replace(",", ""))
@@ -246,8 +247,8 @@ def print_summary(report: Report, console: Console | None = None) -> None:
     head = RichTable(title=report.title, show_header=False, title_justify="left", box=None)
     head.add_column(style="dim", no_wrap=True)
     head.add_column(overflow="fold")  # long paths wrap; nothing is cut
-    for k, v in report.header.items():
-        head.add_row(k, v)
+    for k, v in report.header.items():  # Text, not markup: a header value may hold "[fp8: ...]" or "[moe: ...]"
+        head.add_row(Text(k), Text(v))
     console.print(head)
     for s in report.summary:
         console.print(Text(s, style="bold"))

@@ -116,7 +116,7 @@ def test_every_command_has_the_expert_column(pair: tuple[Path, Path], tmp_path: 
     assert report.passed
     res = CliRunner().invoke(app, ["sparsity", str(pair[0]), str(pair[1]), "-q", "-f", "csv"])
     header, *lines = res.stdout.splitlines()
-    assert "expert" in header.split(",") and any(line.startswith(name + ",1,down,3,") for line in lines)
+    assert "expert" in header.split(",") and any(line.startswith(name + ",,1,down,3,") for line in lines)
 
 
 def test_no_experts_no_expert_tables(tmp_path: Path) -> None:
