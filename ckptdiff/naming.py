@@ -16,6 +16,7 @@ when the checkpoint has only one.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,18 +69,37 @@ class Rule:
 
     def matches(self, parts: list[str]) -> bool:
         """Whether one of ``parts`` (a tensor name split at dots) is what this rule names, in the right place."""
-        for i, p in enumerate(parts):
-            if p not in self.parts or (self.root and i != 0):
-                continue
-            before = parts[i - 1] if i else ""
-            if self.parent and before not in self.parent:
-                continue
-            if self.not_parent and before in self.not_parent:
-                continue
-            if self.within and not any(q in self.within for q in parts[:i]):
-                continue
-            return True
-        return False
+        return any(p in self.parts and self.fits(parts, i) for i, p in enumerate(parts))
+
+    def fits(self, parts: list[str], i: int) -> bool:
+        """Whether ``parts[i]``, one of this rule's parts, sits where the rule asks."""
+        if self.root and i != 0:
+            return False
+        before = parts[i - 1] if i else ""
+        if self.parent and before not in self.parent:
+            return False
+        if self.not_parent and before in self.not_parent:
+            return False
+        return not self.within or any(q in self.within for q in parts[:i])
+
+
+def _first(rules: tuple[Rule, ...], by_part: dict[str, list[tuple[int, Rule]]], parts: list[str]) -> Rule | None:
+    """The first row of ``rules`` that matches ``parts`` (``by_part``: each part's rows with their positions, so
+    that a name is read once rather than once per row)."""
+    best: tuple[int, Rule] | None = None
+    for i, p in enumerate(parts):
+        for k, rule in by_part.get(p, ()):
+            if (best is None or k < best[0]) and rule.fits(parts, i):
+                best = (k, rule)
+    return best[1] if best is not None else None
+
+
+def _by_part(rules: tuple[Rule, ...]) -> dict[str, list[tuple[int, Rule]]]:
+    out: dict[str, list[tuple[int, Rule]]] = {}
+    for k, rule in enumerate(rules):
+        for p in rule.parts:
+            out.setdefault(p, []).append((k, rule))
+    return out
 
 
 # Stacks, in the order the rollup tables list them (the order data flows through a multimodal model).
@@ -208,6 +228,9 @@ MODULE_RULES: tuple[Rule, ...] = (
     ),
 )
 
+_STACKS_BY_PART = _by_part(STACK_RULES)
+_MODULES_BY_PART = _by_part(MODULE_RULES)
+
 # A ``layers.N`` that holds one of these parts is a multi-token-prediction layer (DeepSeek-V3, GLM-4.5).
 _MTP_LAYER = re.compile(r"^(.*?(?:^|\.)layers\.\d+)\.(?:eh_proj|enorm|hnorm)(?:\.|$)")
 # Modules that are never a linear layer of a block, wherever they sit (MTP's embed_tokens and shared head, T5's
@@ -239,6 +262,7 @@ def expert_of(name: str) -> str:
     return "shared" if _SHARED.search(name) else ""
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_norm(part: str) -> bool:
     """A part that names a normalisation: an underscore-separated word ending in ``norm`` or the word ``ln``
     (``input_layernorm``, ``layer_norm1``, ``LayerNorm``, ``ln_f``, ``enorm``, ``pre_fc_norm_embedding``)."""
@@ -248,11 +272,12 @@ def _is_norm(part: str) -> bool:
 
 def _parts(name: str) -> list[str]:
     """The dotted parts of a name that say what it is: slices and a trailing parameter name dropped."""
-    parts = [_SLICE.sub("", p) for p in name.split(".")]
+    parts = [_SLICE.sub("", p) if p.endswith("]") else p for p in name.split(".")]
     stem = parts[:-1] if len(parts) > 1 and parts[-1] in _PARAMS else parts
     return [p.removesuffix("_bias") if p.endswith("_proj_bias") else p for p in stem]  # gpt-oss gate_up_proj_bias
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def module_of(name: str) -> str:
     """A short module type (see :data:`MODULE_RULES`): q, k, v, o, qkv, kv, gate, up, down, gate_up, router,
     shared_expert_gate, embed, pos_embed, lm_head, head, proj, norm, other."""
@@ -267,13 +292,12 @@ def module_rule(name: str) -> Rule | None:
     stem = _parts(name)
     if any(_is_norm(p) for p in stem):
         return None
-    return next((r for r in MODULE_RULES if r.matches(stem)), None)
+    return _first(MODULE_RULES, _MODULES_BY_PART, stem)
 
 
 def stack_rule(name: str) -> Rule | None:
     """The row of :data:`STACK_RULES` that claims a name (None: the checkpoint's main stack decides)."""
-    parts = name.split(".")
-    return next((r for r in STACK_RULES if r.matches(parts)), None)
+    return _first(STACK_RULES, _STACKS_BY_PART, name.split("."))
 
 
 def stack_of(name: str) -> str:
@@ -294,8 +318,9 @@ def stacks(names: Iterable[str]) -> dict[str, str]:
     layer, ``model.layers.61`` in V3) are ``mtp``, every tensor under them included.
     """
     names = list(names)
-    mtp = {m.group(1) + "." for n in names if (m := _MTP_LAYER.match(n))}
-    own = {n: ("mtp" if any(n.startswith(p) for p in mtp) else stack_of(n)) for n in names}
+    hints = ("eh_proj", "enorm", "hnorm")
+    mtp = {m.group(1) + "." for n in names if any(h in n for h in hints) and (m := _MTP_LAYER.match(n))}
+    own = {n: ("mtp" if mtp and n.startswith(tuple(mtp)) else stack_of(n)) for n in names}
     claimed = set(own.values()) - {""}
     main = "encoder" if "encoder" in claimed and "decoder" not in claimed else "decoder"
     out = {n: s or main for n, s in own.items()}
