@@ -111,8 +111,8 @@ STACK_RULES: tuple[Rule, ...] = (
     Rule(
         "head",
         ("score", "classifier", "classification_head", "qa_outputs", "v_head"),
-        "sequence-classification "
-        "and reward models (Llama, Qwen, Mistral, BERT, RoBERTa, BART ...ForSequenceClassification; trl value heads)",
+        "sequence-classification and reward models (Llama, Qwen, Mistral, BERT, RoBERTa, BART "
+        "...ForSequenceClassification; trl value heads)",
         root=True,
     ),
     Rule("head", ("out_proj",), "GPT-NeoX reward model (OpenAssistant oasst-rm)", root=True),
