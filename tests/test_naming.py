@@ -25,7 +25,7 @@ from ckptdiff.naming import (
 
 Row = tuple[str, str, int | None, str, str]  # name, stack, layer, module, expert
 
-# meta-llama/Meta-Llama-3-8B (and mistralai/Mistral-7B-v0.1, the same names): model.safetensors.index.json
+# meta-llama/Meta-Llama-3-8B: model.safetensors.index.json
 LLAMA: list[Row] = [
     ("model.embed_tokens.weight", "", None, "embed", ""),
     ("model.layers.0.self_attn.q_proj.weight", "", 0, "q", ""),
@@ -41,13 +41,26 @@ LLAMA: list[Row] = [
     ("model.norm.weight", "", None, "norm", ""),
     ("lm_head.weight", "", None, "lm_head", ""),
 ]
-# Qwen/Qwen2.5-7B (biases on q/k/v) and Qwen/Qwen3-8B (q_norm, k_norm): model.safetensors.index.json
-QWEN2_QWEN3: list[Row] = [
+# mistralai/Mistral-7B-v0.1: model.safetensors.index.json (Llama's names)
+MISTRAL: list[Row] = [
+    ("model.embed_tokens.weight", "", None, "embed", ""),
+    ("model.layers.7.self_attn.k_proj.weight", "", 7, "k", ""),
+    ("model.layers.7.mlp.gate_proj.weight", "", 7, "gate", ""),
+    ("model.layers.7.post_attention_layernorm.weight", "", 7, "norm", ""),
+    ("lm_head.weight", "", None, "lm_head", ""),
+]
+# Qwen/Qwen2.5-7B: model.safetensors.index.json (biases on q/k/v)
+QWEN25: list[Row] = [
     ("model.layers.3.self_attn.q_proj.bias", "", 3, "q", ""),
     ("model.layers.3.self_attn.k_proj.bias", "", 3, "k", ""),
     ("model.layers.3.self_attn.v_proj.bias", "", 3, "v", ""),
+    ("model.layers.3.mlp.up_proj.weight", "", 3, "up", ""),
+]
+# Qwen/Qwen3-8B: model.safetensors.index.json (q_norm, k_norm)
+QWEN3: list[Row] = [
     ("model.layers.3.self_attn.q_norm.weight", "", 3, "norm", ""),
     ("model.layers.3.self_attn.k_norm.weight", "", 3, "norm", ""),
+    ("model.layers.3.self_attn.o_proj.weight", "", 3, "o", ""),
 ]
 # Qwen/Qwen3-30B-A3B: model.safetensors.index.json
 QWEN3_MOE: list[Row] = [
@@ -404,7 +417,9 @@ BERT_CLASSIFIER: list[Row] = [
 ]
 TABLES = {
     "llama": LLAMA,
-    "qwen2-qwen3": QWEN2_QWEN3,
+    "mistral": MISTRAL,
+    "qwen2.5": QWEN25,
+    "qwen3": QWEN3,
     "qwen3-moe": QWEN3_MOE,
     "qwen2-moe": QWEN2_MOE,
     "olmoe": OLMOE,

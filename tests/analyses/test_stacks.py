@@ -105,6 +105,14 @@ def test_t5_encoder_and_decoder_blocks_are_separate_rows(t5_pair: tuple[str, str
     assert list(grid.index) == [("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1)]
 
 
+def test_a_filter_does_not_change_the_stack(t5_pair: tuple[str, str]) -> None:
+    """--include decoder.*: the rows are the decoder's alone, still labelled decoder (the stack is read from every
+    name of the checkpoint, before filtering), and still per (stack, layer)."""
+    res = ckptdiff.sparsity(*t5_pair, include=["decoder.*"], progress=False)
+    assert set(res.to_frame()["stack"]) == {"decoder"}
+    assert list(res.by("layer").index) == [("decoder", 0), ("decoder", 1)]
+
+
 def test_t5_svd_and_consistency_rollups_keep_stacks(t5_pair: tuple[str, str]) -> None:
     keys = [("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1)]
     principal = ckptdiff.principal_overlap(*t5_pair, k=2, progress=False).by("layer")
