@@ -192,9 +192,10 @@ class SparsityResult:
             summary = ["No floating-point tensor was compared, so there is no update sparsity to report."]
         if "sparsity_fp32" in o:  # mixed dtypes: bf16's figure is over the fp32/fp64 tensors only, and so is this one
             summary.append(
-                f"As bf16 would store them, the {count(int(o['tensors_fp32']), 'fp32/fp64 tensor')} have sparsity "
-                f"{o['sparsity_bf16']:.4f} against {o['sparsity_fp32']:.4f} natively: the gap is what bf16 rounding "
-                "hides (PNT's precision gate); the other tensors have no bf16 view."
+                f"As bf16 would store them, sparsity {o['sparsity_bf16']:.4f} over the "
+                f"{count(int(o['tensors_fp32']), 'fp32/fp64 tensor')}, against {o['sparsity_fp32']:.4f} natively "
+                "over the same: the gap is what bf16 rounding hides (PNT's precision gate); the other tensors have "
+                "no bf16 view."
             )
         elif "sparsity_bf16" in o:
             summary.append(

@@ -54,17 +54,21 @@ def test_bf16_view_is_compared_with_the_same_tensors(tmp_path: Path) -> None:
     }
     base = {**wide, **narrow}
     ft = {k: v.clone() for k, v in base.items()}
-    for name in wide:  # 40 of 64 entries doubled: changed natively and in bf16
-        ft[name].reshape(-1)[:40] *= 2.0
+    for name in wide:  # 40 of 64 entries doubled (seen in bf16 too), 10 more moved by one fp32 ULP (mostly not)
+        flat = ft[name].reshape(-1)
+        flat[:40] *= 2.0
+        flat[40:50] = torch.nextafter(flat[40:50], torch.full((10,), torch.inf))
     ft["model.layers.0.self_attn.q_proj.weight"].reshape(-1)[:1] *= 2.0
     res = ckptdiff.sparsity(*_save(tmp_path, base, ft), progress=False)
-    native_fp32 = 1.0 - (2 * 40) / (2 * 64)  # a plain count over the two fp32 tensors
-    as_bf16 = native_fp32  # doubling a value changes it in bf16 too
-    overall = 1.0 - (2 * 40 + 1) / (2 * 64 + 2 * 256)
+    native_fp32 = 1.0 - (2 * 50) / (2 * 64)  # a plain count over the two fp32 tensors
+    seen_in_bf16 = sum(int((base[n].bfloat16() != ft[n].bfloat16()).sum()) for n in wide)
+    as_bf16 = 1.0 - seen_in_bf16 / (2 * 64)
+    overall = 1.0 - (2 * 50 + 1) / (2 * 64 + 2 * 256)
+    assert as_bf16 > native_fp32  # the fp32 ULP moves are what bf16 hides
     o = res.overall()
     assert o["sparsity_fp32"] == native_fp32 and o["sparsity_bf16"] == as_bf16 and o["sparsity"] == overall
     sentence = next(s for s in res.report().summary if s.startswith("As bf16 would store them"))
-    assert f"{as_bf16:.4f} against {native_fp32:.4f} natively" in sentence
+    assert f"sparsity {as_bf16:.4f} over the 2 fp32/fp64 tensors, against {native_fp32:.4f} natively" in sentence
     assert f"{overall:.4f}" not in sentence  # the old sentence set the bf16 figure against every tensor's
 
 
