@@ -122,6 +122,7 @@ STACK_RULES: tuple[Rule, ...] = (
         "Gemma 3, LLaVA, Llama 4, Qwen2-VL/2.5-VL (visual.merger), Idefics2/3 (connector)",
     ),
     Rule("projector", ("mlp1",), "InternVL (mlp1: LayerNorm, Linear, GELU, Linear)", root=True),
+    Rule("projector", ("visual_projection", "text_projection"), "CLIP (both towers into the joint space)", root=True),
     Rule(
         "vision",
         ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder"),
@@ -139,7 +140,8 @@ STACK_RULES: tuple[Rule, ...] = (
     Rule(
         "decoder",
         ("language_model", "text_model"),
-        "Gemma 3, LLaVA, Llama 4, InternVL (language_model), Idefics2/3 (text_model)",
+        "Gemma 3, LLaVA, Llama 4, InternVL (language_model), Idefics2/3 (text_model); a text tower whose blocks "
+        "are under encoder. (CLIP's text_model) is an encoder",
     ),
 )
 
@@ -212,6 +214,7 @@ MODULE_RULES: tuple[Rule, ...] = (
     Rule("lm_head", ("decoder",), "BERT (cls.predictions.decoder)", parent=("predictions",)),
     Rule("lm_head", ("lm_head", "embed_out", "output", "proj_out"), "Llama, GPT-NeoX (embed_out), Whisper (proj_out)"),
     Rule("proj", ("eh_proj",), "DeepSeek-V3 MTP (eh_proj: embedding and hidden state into one)"),
+    Rule("proj", ("visual_projection", "text_projection"), "CLIP", root=True),
     Rule(
         "proj",
         (
@@ -233,6 +236,8 @@ _MODULES_BY_PART = _by_part(MODULE_RULES)
 
 # A ``layers.N`` that holds one of these parts is a multi-token-prediction layer (DeepSeek-V3, GLM-4.5).
 _MTP_LAYER = re.compile(r"^(.*?(?:^|\.)layers\.\d+)\.(?:eh_proj|enorm|hnorm)(?:\.|$)")
+# The prefix of a text tower, up to its name (``model.text_model``), for :func:`stacks`.
+_TEXT_TOWER = re.compile(r"^((?:.*\.)?(?:text_model|language_model))\.")
 # Modules that are never a linear layer of a block, wherever they sit (MTP's embed_tokens and shared head, T5's
 # relative position bias).
 _NOT_LINEAR = frozenset({"norm", "embed", "pos_embed", "lm_head", "head"})
@@ -321,6 +326,15 @@ def stacks(names: Iterable[str]) -> dict[str, str]:
     hints = ("eh_proj", "enorm", "hnorm")
     mtp = {m.group(1) + "." for n in names if any(h in n for h in hints) and (m := _MTP_LAYER.match(n))}
     own = {n: ("mtp" if mtp and n.startswith(tuple(mtp)) else stack_of(n)) for n in names}
+    # A text tower (text_model., language_model.) whose blocks are an encoder (CLIP's text_model.encoder.layers.N)
+    # is an encoder: its embeddings and final norm go with its blocks.
+    towers: dict[str, set[str]] = {}
+    for n in names:
+        if ("text_model" in n or "language_model" in n) and (m := _TEXT_TOWER.match(n)) is not None:
+            towers.setdefault(m.group(1), set()).update(n[m.end() :].split("."))
+    encoders = tuple(t + "." for t, parts in towers.items() if "encoder" in parts and "decoder" not in parts)
+    if encoders:
+        own = {n: "encoder" if s == "decoder" and n.startswith(encoders) else s for n, s in own.items()}
     claimed = set(own.values()) - {""}
     main = "encoder" if "encoder" in claimed and "decoder" not in claimed else "decoder"
     out = {n: s or main for n, s in own.items()}

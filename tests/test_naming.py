@@ -270,6 +270,20 @@ QWEN2_AUDIO: list[Row] = [
     ("multi_modal_projector.linear.weight", "projector", None, "proj", ""),
     ("language_model.model.layers.0.self_attn.q_proj.weight", "decoder", 0, "q", ""),
 ]
+# openai/clip-vit-base-patch32: model.safetensors (CLIPModel: a text encoder, a vision encoder, two projections)
+CLIP: list[Row] = [
+    ("text_model.embeddings.token_embedding.weight", "encoder", None, "embed", ""),
+    ("text_model.embeddings.position_embedding.weight", "encoder", None, "pos_embed", ""),
+    ("text_model.encoder.layers.0.self_attn.q_proj.weight", "encoder", 0, "q", ""),
+    ("text_model.encoder.layers.0.mlp.fc1.weight", "encoder", 0, "up", ""),
+    ("text_model.final_layer_norm.weight", "encoder", None, "norm", ""),
+    ("vision_model.embeddings.class_embedding", "vision", None, "embed", ""),
+    ("vision_model.pre_layrnorm.weight", "vision", None, "norm", ""),
+    ("vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision", 0, "q", ""),
+    ("visual_projection.weight", "projector", None, "proj", ""),
+    ("text_projection.weight", "projector", None, "proj", ""),
+    ("logit_scale", "encoder", None, "other", ""),
+]
 # google/flan-t5-base (T5 v1.1 layout: gated wi_0/wi_1): model.safetensors; google-t5/t5-small for wi
 T5: list[Row] = [
     ("shared.weight", "decoder", None, "embed", ""),
@@ -436,6 +450,7 @@ TABLES = {
     "idefics3": IDEFICS3,
     "internvl": INTERNVL,
     "qwen2-audio": QWEN2_AUDIO,
+    "clip": CLIP,
     "t5": T5,
     "bart": BART,
     "whisper": WHISPER,
