@@ -9,6 +9,7 @@ import torch
 from factory import save_single
 
 import ckptdiff
+from ckptdiff.analyses.base import to_json_dict
 from ckptdiff.errors import InputError
 from ckptdiff.metrics.mask import CompareMode
 
@@ -132,4 +133,4 @@ def test_rollups_are_computed_once_and_handed_out_as_copies(
     (_, b), *_ = full.sections()
     assert a is b  # one report object per section, shared by the terminal, HTML, Markdown and JSON writers
     (run,) = full.runs
-    assert full.to_dict()["sparsity"][run] == ckptdiff.render.text.to_json_dict(a)
+    assert full.to_dict()["sparsity"][run] == to_json_dict(a)
