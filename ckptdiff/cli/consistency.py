@@ -16,6 +16,7 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     LabelOpt,
+    MergedDtypeOpt,
     QuietOpt,
     RollupsCsvOpt,
     RtolOpt,
@@ -30,8 +31,7 @@ EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
     "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -45,6 +45,7 @@ def consistency(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
     rollups_csv: RollupsCsvOpt = None,
@@ -66,6 +67,7 @@ def consistency(
             include=include or [],
             exclude=exclude or [],
             device=device,
+            merged_dtype=merged_dtype,
             progress=not quiet,
         )
         emit(result.report(), fmt, outs, summary)

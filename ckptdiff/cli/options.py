@@ -52,6 +52,14 @@ AtolOpt = Annotated[
 AsOpt = Annotated[
     str | None, typer.Option("--as", help="Round both sides to this storage dtype first: bf16, fp16 or fp32.")
 ]
+MergedDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--merged-dtype",
+        help="A PEFT adapter fine-tune: the dtype its merged weights W + BA would be stored in (bf16, fp16 or "
+        "fp32; default: each base weight's dtype). Sparsity of a merged adapter depends on it.",
+    ),
+]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write per-tensor rows as CSV to this file.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")]
 RollupsCsvOpt = Annotated[
@@ -66,8 +74,9 @@ FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: t
 QuietOpt = Annotated[
     bool,
     typer.Option(
-        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout "
-        "is unchanged."
+        "--quiet",
+        "-q",
+        help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout is unchanged.",
     ),
 ]
 SummaryOpt = Annotated[

@@ -23,6 +23,7 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     KOpt,
+    MergedDtypeOpt,
     QuietOpt,
     RollupsCsvOpt,
     RtolOpt,
@@ -49,8 +50,7 @@ EPILOG = (
     "[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
     "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -67,6 +67,7 @@ def principal_overlap(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     batch_budget: BudgetOpt = None,
     save_masks: SaveMasksOpt = None,
     csv: CsvOpt = None,
@@ -94,6 +95,7 @@ def principal_overlap(
             include=include or [],
             exclude=exclude or [],
             device=device,
+            merged_dtype=merged_dtype,
             batch_budget=batch_budget,
             save_masks=outs.get("--save-masks"),
             progress=not quiet,

@@ -21,6 +21,7 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     KOpt,
+    MergedDtypeOpt,
     NullOpt,
     QuietOpt,
     RollupsCsvOpt,
@@ -38,8 +39,7 @@ EPILOG = (
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -64,6 +64,7 @@ def spectral(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     batch_budget: BudgetOpt = None,
     save_spectra: SpectraOpt = None,
     csv: CsvOpt = None,
@@ -94,6 +95,7 @@ def spectral(
             include=include or [],
             exclude=exclude or [],
             device=device,
+            merged_dtype=merged_dtype,
             batch_budget=batch_budget,
             save_spectra=outs.get("--save-spectra"),
             progress=not quiet,

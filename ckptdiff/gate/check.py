@@ -118,6 +118,7 @@ class Shared:
     mode: CompareMode = field(default_factory=CompareMode)
     k: int | None = None  # top-k for the principal and spectral analyses; None keeps their defaults
     progress: bool = True
+    merged_dtype: str | None = None  # a PEFT adapter FT: what its merged weights are stored as (base's dtype)
 
 
 def _k(shared: Shared) -> dict[str, Any]:
@@ -227,7 +228,9 @@ def check(
     try:
         shared = shared or Shared(**options)
     except TypeError as e:
-        raise InputError(f"check(): {e}; options are include, exclude, device, mode, k and progress") from None
+        raise InputError(
+            f"check(): {e}; options are include, exclude, device, mode, k, progress and merged_dtype"
+        ) from None
     if not config.rules and not config.structural.active and not same_param_count:
         raise InputError(
             "no rules to check: pass --rule 'METRIC[@GLOB] OP VALUE', a structural flag such as --same-keys, "
@@ -256,6 +259,7 @@ def check(
             exclude=shared.exclude,
             device=shared.device,
             progress=shared.progress,
+            merged_dtype=shared.merged_dtype,
         ) as run:
             items = list(run.items)
             names = [it.name for it in items]
