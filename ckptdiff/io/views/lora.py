@@ -428,8 +428,8 @@ def merge(adapter: Adapter, base: Source | None, merged_dtype: torch.dtype | Non
     """``adapter`` merged into ``base`` (the base as the analyses see it); InputError without a base."""
     if base is None:
         raise InputError(
-            f"{adapter.spec} is a PEFT adapter (adapter_config.json), which is a fine-tune only beside its base: "
-            f"pass the base model first ({adapter.config.base_named})"
+            f"{adapter.spec} is a PEFT adapter (adapter_config.json), a fine-tune only beside its base: pass the "
+            f"base model as BASE and the adapter after it ({adapter.config.base_named})"
         )
     if isinstance(base, (Adapter, MergedSource)):
         raise InputError(
