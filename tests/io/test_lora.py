@@ -311,7 +311,8 @@ def test_consistency_and_report_equal_merged_checkpoints(pair: dict[str, Path]) 
 
 
 def test_check_equals_merged_checkpoint(pair: dict[str, Path], tmp_path: Path) -> None:
-    rules = ["--rule", "sparsity >= 0.5", "--rule", "overlap_principal@*q_proj* <= 0.5", "--rule", "nss <= 1", "--k", "4", "-f", "json"]
+    rules = ["--rule", "sparsity >= 0.5", "--rule", "overlap_principal@*q_proj* <= 0.5", "--rule", "nss <= 1"]
+    rules += ["--k", "4", "-f", "json"]
     results = []
     for ft in (pair["adapter11"], pair["merged11"]):
         code, _, output, _ = invoke(["check", str(pair["base"]), str(ft), "-q", *rules])
@@ -409,5 +410,19 @@ def test_adapter_needs_a_base_and_a_valid_merged_dtype(tmp_path: Path, base_sd: 
     )
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     assert_refused(
-        ["sparsity", str(base), str(adapter), *out_args(tmp_path)], tmp_path, ["adapter_model.safetensors"], "incomplete"
+        ["sparsity", str(base), str(adapter), *out_args(tmp_path)],
+        tmp_path,
+        ["adapter_model.safetensors"],
+        "incomplete",
     )
+
+
+def test_check_header_only_sees_the_merged_names_and_dtypes(pair: dict[str, Path]) -> None:
+    """--header-only reads no tensor data: the adapter's headers and config give the merged checkpoint's names."""
+    args = ["check", str(pair["base"]), str(pair["adapter11"]), "--header-only", "-q", "-f", "json"]
+    code, _, output, _ = invoke([*args, "--same-keys", "--same-shapes", "--same-dtypes"])
+    assert code == 0, output
+    code, _, output, _ = invoke([*args, "--same-dtypes", "--merged-dtype", "fp32"])
+    assert code == 1
+    rule = json.loads(output)["rules"][0]
+    assert rule["value"] == 5  # the five adapted matrices are stored as fp32, the rest as the base's bf16

@@ -21,6 +21,7 @@ from ckptdiff.io import layout
 from ckptdiff.io.formats.safetensors_header import I64_MAX
 from ckptdiff.io.resolve import open_stored, stat_input
 from ckptdiff.io.source import Source, TensorInfo
+from ckptdiff.io.views import lora
 
 if TYPE_CHECKING:
     from ckptdiff.io.hub.stream import Remote
@@ -58,8 +59,9 @@ class HubHeaderSource(HeaderSource):
         return Remote.open(*hub.split_id(self.spec))
 
 
-def open_headers(spec: str) -> HeaderSource:
-    """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data."""
+def open_headers(spec: str) -> Source:
+    """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data (a local PEFT
+    adapter folder: its factors' headers and its config, :class:`~ckptdiff.io.views.lora.Adapter`)."""
     path = Path(spec).expanduser()
     if stat_input(spec) is not None:  # refuses links that loop, pipes and devices before anything is opened
         return _local(spec, path)
@@ -73,7 +75,7 @@ def open_headers(spec: str) -> HeaderSource:
     )
 
 
-def _local(spec: str, path: Path) -> HeaderSource:
+def _local(spec: str, path: Path) -> Source:
     """Local headers via the sources' safetensors reader (which opens files for their headers only)."""
     if (path.is_file() and layout.is_pickle(path.name)) or path.name == layout.PICKLE_INDEX:
         raise InputError(_PICKLES_ONLY.format(what=spec) + _PICKLES_FIX)
@@ -81,7 +83,10 @@ def _local(spec: str, path: Path) -> HeaderSource:
         raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
     src = open_stored(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
     src.close()
-    return HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
+    headers = HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
+    if isinstance(src, lora.Adapter):
+        return lora.Adapter(spec, headers, src.config)
+    return headers
 
 
 def _has_safetensors(folder: Path) -> bool:
