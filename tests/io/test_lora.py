@@ -426,3 +426,25 @@ def test_check_header_only_sees_the_merged_names_and_dtypes(pair: dict[str, Path
     assert code == 1
     rule = json.loads(output)["rules"][0]
     assert rule["value"] == 5  # the five adapted matrices are stored as fp32, the rest as the base's bf16
+
+
+def test_dora_through_the_pass_reads_the_base_once(tmp_path: Path) -> None:
+    """DoRA's norms need whole matrices: spectral's whole reads hand the base weight over, read once, and the
+    result is the reference merge's (within fp32 rounding: the norm is a square root)."""
+    g = torch.Generator().manual_seed(21)
+    base_sd = {f"m.layers.{i}.proj.weight": torch.randn(12, 20, generator=g) for i in range(3)}
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    paths = [f"m.layers.{i}.proj" for i in range(2)]
+    factors = lora_factors(base_sd, paths, r=3, seed=22)
+    for p in paths:
+        factors[f"{PREFIX}{p}.lora_magnitude_vector"] = torch.rand(12, generator=g) + 0.5
+    config = {"r": 3, "lora_alpha": 6, "use_dora": True}
+    adapter = write_adapter(tmp_path / "adapter", factors, config, dtype=torch.float32)
+    merged = save_single(reference_merge(base_sd, factors, config, None), tmp_path / "merged" / "model.safetensors")
+    counting = CountingSource(SafetensorsSource("base", [base / "model.safetensors"], "base"))
+    got = spectral(counting, adapter, k=4, progress=False).to_frame()
+    assert dict(counting.bytes) == {n: t.numel() * 4 for n, t in base_sd.items()}
+    want = spectral(base, merged.parent, k=4, progress=False).to_frame()
+    numeric = [c for c in want.columns if want[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(got[numeric], want[numeric], rtol=1e-4, atol=1e-6)
+    assert (got["nss"] > 0).sum() == 2  # the two adapted matrices moved, the third did not

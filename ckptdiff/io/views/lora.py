@@ -294,7 +294,8 @@ class MergedSource(Source):
             return given  # untouched: the base's own entries
         n = self.infos[name].numel - start if count is None else count
         if self.config.dora and name == m.weight:  # the norm needs whole rows: the merged matrix, formed once
-            return self._merged_dora(m)[start : start + n].to(self.infos[name].dtype.torch)
+            whole = given if start == 0 and n == self.infos[name].numel else None
+            return self._merged_dora(m, whole)[start : start + n].to(self.infos[name].dtype.torch)
         delta = self._delta(name, m)[start : start + n]
         return (given.to(torch.float32) + delta).to(self.infos[name].dtype.torch)
 
@@ -329,14 +330,16 @@ class MergedSource(Source):
             self._cached = (name, flat)
             return flat
 
-    def _merged_dora(self, m: Module) -> torch.Tensor:
-        """DoRA's merged weight, flat fp32: m / ‖W + s ΔW‖ · (W + s ΔW), the norm per output feature."""
+    def _merged_dora(self, m: Module, given: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's merged weight, flat fp32: m / ‖W + s ΔW‖ · (W + s ΔW), the norm per output feature; from the
+        base weight ``given`` whole (flat), or, when a piece was given, from the base weight read whole here (a
+        second read of its bytes: only DoRA matrices read in pieces, by sparsity alone, pay it)."""
         key = f"dora:{m.weight}"
         with self._lock:
             if self._cached is not None and self._cached[0] == key:
                 return self._cached[1]
         shape = self.base.infos[m.weight].shape
-        w = self.base.read_full(m.weight).to(torch.float32)
+        w = (self.base.read_full(m.weight) if given is None else given.reshape(shape)).to(torch.float32)
         merged = w + self._delta(m.weight, m).reshape(shape)
         assert m.magnitude is not None
         magnitude = self.adapter.read(m.magnitude).to(torch.float32)
