@@ -4,7 +4,8 @@
 dequantized, fused experts split); ``stored=True`` gives the tensors as stored. Every command and library function
 opens its inputs here. Supported inputs: a ``.safetensors`` file; a folder with ``model.safetensors`` or a sharded
 set with ``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict; a Hugging Face Hub id
-``org/name[@revision]`` (see :mod:`ckptdiff.io.hub`).
+``org/name[@revision]`` (see :mod:`ckptdiff.io.hub`); as a fine-tune, a PEFT adapter folder or Hub repo
+(``adapter_config.json``), merged into the base (:mod:`ckptdiff.io.views.lora`).
 """
 
 from __future__ import annotations
@@ -119,9 +120,12 @@ def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None)
 
         hub.refuse_path_like(spec)
         if hub.stream_wanted(stream):
-            from ckptdiff.io.hub.stream import HubStreamSource
+            from ckptdiff.io.hub.stream import AdapterRepo, HubStreamSource
 
-            return HubStreamSource.open(spec)
+            try:
+                return HubStreamSource.open(spec)
+            except AdapterRepo:  # an adapter's files are small and its config is needed: downloaded instead
+                pass
         folder, resolved = hub.download(spec, progress=progress)
         return _from_directory(spec, folder, resolved)
     raise InputError(

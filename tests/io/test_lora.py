@@ -448,3 +448,27 @@ def test_dora_through_the_pass_reads_the_base_once(tmp_path: Path) -> None:
     numeric = [c for c in want.columns if want[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(got[numeric], want[numeric], rtol=1e-4, atol=1e-6)
     assert (got["nss"] > 0).sum() == 2  # the two adapted matrices moved, the third did not
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+def test_adapter_from_the_hub_downloads_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_sd: dict[str, torch.Tensor], stream: str
+) -> None:
+    """A Hub adapter repo is downloaded with adapter_config.json (streaming would leave the config behind), beside a
+    base downloaded or streamed as usual; the result is the local folder's."""
+    from hub_server import serve
+
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    (tmp_path / "adapter" / "README.md").parent.mkdir()
+    (tmp_path / "adapter" / "README.md").write_text("an adapter card, not downloaded")
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {"r": 4, "lora_alpha": 8})
+    local = sparsity(base, adapter, progress=False).to_frame()
+    with serve(tmp_path, monkeypatch) as fake:
+        monkeypatch.setenv("CKPTDIFF_HUB_STREAM", stream)
+        fake.add("acme/base", base, "b" * 40)
+        fake.add("acme/lora", adapter, "a" * 40)
+        remote = sparsity("acme/base", "acme/lora", progress=False)
+        fetched = {s.path.rsplit("/", 1)[-1] for s in fake.data_requests() if "acme/lora" in s.path}
+    frames_equal(remote.to_frame(), local)
+    assert remote.header["ft"].startswith("adapter acme/lora, r=4, alpha=8, 4 modules")
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
