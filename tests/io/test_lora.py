@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from factory import CountingSource, llama_like, save_single
+from factory import CountingSource, llama_like, save_single, save_tied_hf
 from hostile import assert_refused, invoke
 from safetensors.torch import save_file
 
@@ -378,6 +378,7 @@ def test_unknown_peft_type_is_named(tmp_path: Path, base_sd: dict[str, torch.Ten
         ({"r": 4, "lora_alpha": 8}, {"drop_b": True}, "not both lora_A and lora_B"),
         ({"r": 4, "lora_alpha": 8}, {"stray": True}, "no part of the LoRA layout"),
         ({"r": "four", "lora_alpha": 8}, {}, "not what PEFT writes"),
+        ({"r": 4, "lora_alpha": 8}, {"whole": True}, "holds both LoRA factors"),
     ],
 )
 def test_config_contradicting_tensors_is_refused(
@@ -392,8 +393,22 @@ def test_config_contradicting_tensors_is_refused(
         del factors[f"{q}.lora_B.weight"]
     if extra.get("stray"):
         factors[f"{q}.lora_C.weight"] = torch.ones(2, 2)
+    if extra.get("whole"):
+        factors[f"{q}.weight"] = torch.ones(16, 16)
     adapter = write_adapter(tmp_path / "adapter", factors, config)
     assert_refused(["principal-overlap", str(base), str(adapter), *out_args(tmp_path)], tmp_path, ["adapter"], expect)
+
+
+def test_lora_on_a_tied_head_is_refused(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:
+    base = save_tied_hf(base_sd, tmp_path / "base", {"tie_word_embeddings": True})
+    factors = lora_factors(base_sd, ["lm_head"], r=4, seed=1)
+    adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8})
+    assert_refused(
+        ["sparsity", str(base), str(adapter), *out_args(tmp_path)],
+        tmp_path,
+        ["lm_head.weight", "model.embed_tokens.weight"],
+        "does not merge a LoRA into a tied tensor",
+    )
 
 
 def test_adapter_needs_a_base_and_a_valid_merged_dtype(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:

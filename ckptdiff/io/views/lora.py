@@ -227,8 +227,19 @@ class MergedSource(Source):
         cfg, infos = self.config, self.adapter.infos
         for m in self.modules:
             w = self.base.infos.get(m.weight)
+            if w is None and m.weight in self.base.tied:
+                raise InputError(
+                    f"adapter {self.adapter.spec} adapts {m.weight}, which base {self.base.spec} ties to "
+                    f"{self.base.tied[m.weight].to}; ckptdiff does not merge a LoRA into a tied tensor: merge it "
+                    "with peft's merge_and_unload and compare the merged checkpoint"
+                )
             if w is None:
                 raise self._wrong_base(m, f"the base has no tensor {m.weight}")
+            if m.weight in self.full:
+                raise InputError(
+                    f"adapter {self.adapter.spec} holds both LoRA factors for {m.path} and a whole {m.weight} "
+                    f"({self.full[m.weight]}); the adapter is inconsistent: re-save it with peft"
+                )
             a, b = infos[m.a].shape, infos[m.b].shape
             # Linear: A (r, in), B (out, r), W (out, in) or (in, out) with fan_in_fan_out; Embedding: A (r, vocab),
             # B (dim, r), W (vocab, dim). The magnitude (DoRA) and lora_B.bias have one entry per row of B.
