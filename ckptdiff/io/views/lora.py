@@ -211,8 +211,8 @@ class MergedSource(Source):
         self._targets: dict[str, Module] = {}  # adapted tensor name (weight or bias) -> its module
         self._check_fit(merged_dtype)
         infos = dict(base.infos)
-        for name, dtype in self.out_dtype.items():
-            infos[name] = dataclasses.replace(base.infos[name], dtype=dtype, file=adapter.spec)
+        for name, dtype in self.out_dtype.items():  # a plain tensor: whatever the base stored, W + ΔW is values
+            infos[name] = TensorInfo(name, dtype, tuple(base.infos[name].shape), adapter.spec)
         for name, stored in self.full.items():
             infos[name] = dataclasses.replace(adapter.infos[stored], name=name, file=adapter.spec)
         tied = {alias: tie for alias, tie in base.tied.items() if alias not in infos}
