@@ -97,7 +97,7 @@ def _has_pickles(folder: Path) -> bool:
     return any(any(folder.glob(f"*{suffix}")) for suffix in layout.PICKLE_SUFFIXES)
 
 
-def _hub(spec: str) -> HeaderSource:
+def _hub(spec: str) -> Source:
     """Hub headers from huggingface_hub's metadata call: a few range requests, no weights downloaded."""
     import huggingface_hub as hf
     from huggingface_hub import errors as hf_errors
@@ -107,7 +107,9 @@ def _hub(spec: str) -> HeaderSource:
     repo, revision = hub.split_id(spec)
     if hub.offline():  # the headers of the snapshot in the local cache, parsed like any local folder's
         folder, resolved = hub.download(spec, progress=False)
-        return HeaderSource(spec, f"{resolved} (headers only)", _local(str(folder), folder).infos)
+        local = _local(str(folder), folder)
+        headers = HeaderSource(spec, f"{resolved} (headers only)", local.infos)
+        return lora.Adapter(spec, headers, local.config) if isinstance(local, lora.Adapter) else headers
     try:
         with hub.request_errors(f"the safetensors headers of Hub repo {spec}"), hub.repo_errors(repo, revision):
             meta = hf.get_safetensors_metadata(repo, revision=revision)
