@@ -487,3 +487,17 @@ def test_adapter_from_the_hub_downloads_its_config(
     frames_equal(remote.to_frame(), local)
     assert remote.header["ft"].startswith("adapter acme/lora, r=4, alpha=8, 4 modules")
     assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_fp64_base_is_summed_in_fp64(tmp_path: Path) -> None:
+    """An fp64 base weight is not rounded to fp32 on the way: entries whose update is zero stay bit-identical."""
+    g = torch.Generator().manual_seed(31)
+    base_sd = {"m.proj.weight": torch.randn(8, 6, generator=g, dtype=torch.float64)}
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ["m.proj"], r=2, seed=32)
+    config = {"r": 2, "lora_alpha": 4}
+    adapter = write_adapter(tmp_path / "adapter", factors, config, dtype=torch.float32)
+    got = opened(base, adapter)["m.proj.weight"]
+    assert got.dtype == torch.float64
+    assert torch.equal(got[:3], base_sd["m.proj.weight"][:3])  # B's zero rows: W exactly, not W rounded to fp32
+    assert torch.equal(got, reference_merge(base_sd, factors, config, None)["m.proj.weight"])

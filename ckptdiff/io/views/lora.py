@@ -18,11 +18,12 @@ the base's of the same name. :class:`Adapter` is that folder as stored (the fact
     DoRA: W' = m / ‖W + s ΔW‖ · (W + s ΔW), the norm taken per output feature (over the input axis; an
           embedding's per embedding dimension), ``m`` the stored magnitude, as PEFT's merge computes it
 
-computed in fp32 from the stored factors and rounded once to the merged dtype (``--merged-dtype``; the base
-tensor's dtype by default), and a bias ``b' = b + s · b_B`` for ``lora_bias``. Every other tensor is the base's,
-read once: :meth:`MergedSource.derived_from` tells the reader that the entries come from the base tensor of the
-same name, so the pass that reads the base hands its bytes over (:meth:`MergedSource.derive`) instead of reading
-them a second time; an adapted matrix is the base's bytes plus ΔW, formed once per matrix and never written.
+computed in fp32 from the stored factors (the sum in fp64 for an fp64 base) and rounded once to the merged dtype
+(``--merged-dtype``; the base tensor's dtype by default), and a bias ``b' = b + s · b_B`` for ``lora_bias``.
+Every other tensor is the base's, read once: :meth:`MergedSource.derived_from` tells the reader that the entries
+come from the base tensor of the same name, so the pass that reads the base hands its bytes over
+(:meth:`MergedSource.derive`) instead of reading them a second time; an adapted matrix is the base's bytes plus
+ΔW, formed once per matrix and never written.
 
 Refused, each in one line naming the adapter: a ``peft_type`` other than LORA (IA3, LoHa, LoKr, VeRA, ...), a
 config that contradicts the tensors (a rank that is not the factors' rank, DoRA without magnitudes or magnitudes
@@ -49,6 +50,7 @@ from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.source import Source, TensorInfo
+from ckptdiff.naming import natural_key
 
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key (a PeftModel around the base model)
 _FACTOR = re.compile(
@@ -308,7 +310,8 @@ class MergedSource(Source):
             whole = given if start == 0 and n == self.infos[name].numel else None
             return self._merged_dora(m, whole)[start : start + n].to(self.infos[name].dtype.torch)
         delta = self._delta(name, m)[start : start + n]
-        return (given.to(torch.float32) + delta).to(self.infos[name].dtype.torch)
+        work = _work_dtype(given.dtype)
+        return (given.to(work) + delta.to(work)).to(self.infos[name].dtype.torch)
 
     def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
         if name in self.full:
@@ -350,10 +353,11 @@ class MergedSource(Source):
             if self._cached is not None and self._cached[0] == key:
                 return self._cached[1]
         shape = self.base.infos[m.weight].shape
-        w = (self.base.read_full(m.weight) if given is None else given.reshape(shape)).to(torch.float32)
-        merged = w + self._delta(m.weight, m).reshape(shape)
+        w = self.base.read_full(m.weight) if given is None else given.reshape(shape)
+        work = _work_dtype(w.dtype)
+        merged = w.to(work) + self._delta(m.weight, m).reshape(shape).to(work)
         assert m.magnitude is not None
-        magnitude = self.adapter.read(m.magnitude).to(torch.float32)
+        magnitude = self.adapter.read(m.magnitude).to(work)
         outputs_on_rows = not (m.embedding or self.config.fan_in_fan_out)  # the output axis of W's layout
         if outputs_on_rows:
             merged = merged * (magnitude / torch.linalg.vector_norm(merged, dim=1)).reshape(-1, 1)
@@ -370,6 +374,11 @@ class MergedSource(Source):
     def abandon_reads(self) -> None:
         self.adapter.abandon_reads()
         self.base.abandon_reads()
+
+
+def _work_dtype(base: torch.dtype) -> torch.dtype:
+    """Where W + ΔW is summed: fp32, or fp64 for an fp64 base weight (fp32 would round W itself)."""
+    return torch.float64 if base == torch.float64 else torch.float32
 
 
 def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
@@ -392,7 +401,7 @@ def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
         role = hit["mag"] or hit["emb"] or (hit["part"] if hit["param"] == "weight" else "bias")
         parts.setdefault(hit["path"], {})[role] = stored
     modules: list[Module] = []
-    for path, got in parts.items():
+    for path, got in sorted(parts.items(), key=lambda kv: natural_key(kv[0])):  # the first module named first
         embedding = "lora_embedding_A" in got or "lora_embedding_B" in got
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
         if a_key not in got or b_key not in got:
