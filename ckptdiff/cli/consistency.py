@@ -31,7 +31,8 @@ EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
     "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
-    "\n\n" + VERBOSITY
+    "\n\n"
+    + VERBOSITY
 )
 
 

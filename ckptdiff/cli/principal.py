@@ -50,7 +50,8 @@ EPILOG = (
     "[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
     "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
-    "\n\n" + VERBOSITY
+    "\n\n"
+    + VERBOSITY
 )
 
 

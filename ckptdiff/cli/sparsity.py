@@ -29,7 +29,8 @@ from ckptdiff.cli.options import (
 EPILOG = (
     "Example: [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --csv sparsity.csv[/bold]\n\n"
     "Sparsity is the fraction of entries whose stored value did not change, weighted by parameter count."
-    "\n\n" + VERBOSITY
+    "\n\n"
+    + VERBOSITY
 )
 
 

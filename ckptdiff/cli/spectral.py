@@ -39,7 +39,8 @@ EPILOG = (
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
-    "\n\n" + VERBOSITY
+    "\n\n"
+    + VERBOSITY
 )
 
 
