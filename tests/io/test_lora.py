@@ -501,3 +501,17 @@ def test_fp64_base_is_summed_in_fp64(tmp_path: Path) -> None:
     assert got.dtype == torch.float64
     assert torch.equal(got[:3], base_sd["m.proj.weight"][:3])  # B's zero rows: W exactly, not W rounded to fp32
     assert torch.equal(got, reference_merge(base_sd, factors, config, None)["m.proj.weight"])
+
+
+def test_adapter_model_bin_reads_as_the_safetensors_file(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:
+    """Older PEFT releases wrote adapter_model.bin (a torch.save state dict): the same merge."""
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ATTN, r=4, seed=41)
+    config = {"r": 4, "lora_alpha": 8}
+    st = write_adapter(tmp_path / "st", factors, config)
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    torch.save({k: v.to(torch.bfloat16) for k, v in factors.items()}, legacy / "adapter_model.bin")
+    (legacy / "adapter_config.json").write_text((st / "adapter_config.json").read_text())
+    assert_same_tensors(opened(base, legacy), opened(base, st))
+    assert_same_tensors(opened(base, legacy), reference_merge(base_sd, factors, config, None))
