@@ -2,7 +2,7 @@
 
 Each adapter is written here with PEFT's file layout (``adapter_config.json``, ``adapter_model.safetensors``, keys
 ``base_model.model.P.lora_A.weight`` ...). The merged reference is an independent fp64 formula in this file
-(numpy), rounded to the merged dtype and written to disk as a full checkpoint; every analysis run on
+(numpy einsum), rounded to the merged dtype and written to disk as a full checkpoint; every analysis run on
 (base, adapter) must equal the same analysis run on (base, merged checkpoint). For those comparisons the factors
 are multiples of 1/16 and the scalings powers of two, so W + s·B·A is exact in fp32 and fp64 alike and the two
 merges agree bit for bit; DoRA (a square root) is compared with a tolerance.
@@ -96,11 +96,8 @@ def reference_merge(
         alpha = pattern_match(config.get("alpha_pattern", {}), path, config["lora_alpha"])
         s = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         w = base[f"{path}.weight"].to(torch.float64).numpy()
-        delta = np.zeros_like(w)
-        for i in range(delta.shape[0]):  # a plain loop: delta[i, j] = s * sum_k B[., k] A[k, .]
-            for j in range(delta.shape[1]):
-                o, n = (j, i) if (emb or fifo) else (i, j)
-                delta[i, j] = s * sum(b[o, k] * a[k, n] for k in range(a.shape[0]))
+        product = np.einsum("ok,kn->on", b, a)  # (out, in): sum over the rank, in fp64
+        delta = s * (product.T if (emb or fifo) else product)
         new = w + delta
         if config.get("use_dora"):
             m = stored[f"{path}.lora_magnitude_vector"]
