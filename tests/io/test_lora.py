@@ -512,3 +512,14 @@ def test_adapter_model_bin_reads_as_the_safetensors_file(tmp_path: Path, base_sd
     (legacy / "adapter_config.json").write_text((st / "adapter_config.json").read_text())
     assert_same_tensors(opened(base, legacy), opened(base, st))
     assert_same_tensors(opened(base, legacy), reference_merge(base_sd, factors, config, None))
+
+
+def test_the_factor_file_alone_points_to_its_folder(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {"r": 4, "lora_alpha": 8})
+    assert_refused(
+        ["sparsity", str(base), str(adapter / "adapter_model.safetensors"), *out_args(tmp_path)],
+        tmp_path,
+        ["adapter_config.json"],
+        "pass its folder",
+    )
