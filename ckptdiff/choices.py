@@ -73,6 +73,17 @@ def as_dtype(value: object) -> torch.dtype | None:
     return AS_DTYPES[_one_of("--as", value, tuple(AS_DTYPES))]
 
 
+def merged_dtype(value: object) -> torch.dtype | None:
+    """--merged-dtype: what a PEFT adapter's merged weights are stored as, bf16, fp16 or fp32 (None: the base's)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        if value in AS_DTYPES.values():
+            return value
+        raise InputError(f"--merged-dtype must be one of {', '.join(AS_DTYPES)}, got {value}")
+    return AS_DTYPES[_one_of("--merged-dtype", value, tuple(AS_DTYPES))]
+
+
 def tolerance(flag: str, value: object) -> float:
     """--rtol / --atol: a finite, non-negative number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):

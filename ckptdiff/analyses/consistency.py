@@ -570,6 +570,7 @@ def consistency(
     exclude: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
+    merged_dtype: torch.dtype | str | None = None,
 ) -> ConsistencyResult:
     """Cross-run consistency of R >= 2 fine-tunes of ``base``, streamed one tensor per checkpoint at a time."""
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
@@ -583,5 +584,6 @@ def consistency(
         device=device,
         progress=progress,
         label="comparing",
+        merged_dtype=merged_dtype,
     )
     return result  # type: ignore[no-any-return]

@@ -270,6 +270,7 @@ def full_report(
     device: str = "auto",
     batch_budget: float | None = None,
     progress: bool = True,
+    merged_dtype: torch.dtype | str | None = None,
 ) -> FullReportResult:
     """Run every analysis (or ``analyses``) of ``fts`` against ``base`` in one pass of the checkpoints.
 
@@ -309,6 +310,7 @@ def full_report(
         batch_budget=batch_budget,
         progress=progress,
         label="report",
+        merged_dtype=merged_dtype,
     )
     out: dict[str, dict[str, Any]] = {}
     for (name, run, _), result in zip(plugins, results, strict=True):

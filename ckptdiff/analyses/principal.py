@@ -21,6 +21,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -519,6 +520,7 @@ def principal_overlap(
     batch_budget: float | None = None,
     save_masks: str | Path | Output | None = None,
     progress: bool = True,
+    merged_dtype: torch.dtype | str | None = None,
 ) -> PrincipalOverlapResult:
     """Principal-weight overlap of ``ft``'s update relative to ``base``, per 2-D matrix (docs/metrics.md §2, §2b).
 
@@ -530,7 +532,8 @@ def principal_overlap(
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     mask_out = standalone(save_masks, "save_masks", [base, ft])  # checked now; the CLI hands in one of its set
     analysis = PrincipalAnalysis(k=k, alpha=alpha, svd=svd, precision=precision, mode=mode, save_masks=mask_out)
-    opts = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    opts: dict[str, Any] = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    opts["merged_dtype"] = merged_dtype  # an adapter FT: what its merged weights are stored as
     return run_pair(base, ft, analysis, label="principal overlap", progress=progress, **opts)  # type: ignore[no-any-return]
 
 

@@ -358,8 +358,19 @@ def sparsity(
     exclude: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
+    merged_dtype: torch.dtype | str | None = None,
 ) -> SparsityResult:
-    """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors)."""
+    """Update sparsity of ``ft`` relative to ``base``, streamed tensor by tensor (chunked within tensors).
+
+    ``ft`` may be a PEFT adapter, merged into ``base`` with its merged weights stored as ``merged_dtype`` (the
+    base's dtype by default; :mod:`ckptdiff.io.views.lora`).
+    """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
-    opts = {"include": include, "exclude": exclude, "device": device, "progress": progress}
+    opts = {
+        "include": include,
+        "exclude": exclude,
+        "device": device,
+        "progress": progress,
+        "merged_dtype": merged_dtype,
+    }
     return run_pair(base, ft, SparsityAnalysis(mode), label="comparing", **opts)  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -488,6 +489,7 @@ def spectral(
     batch_budget: float | None = None,
     save_spectra: str | Path | Output | None = None,
     progress: bool = True,
+    merged_dtype: torch.dtype | str | None = None,
 ) -> SpectralDriftResult:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
 
@@ -500,7 +502,8 @@ def spectral(
     analysis = SpectralAnalysis(
         k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=spectra_out
     )
-    opts = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    opts: dict[str, Any] = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    opts["merged_dtype"] = merged_dtype  # an adapter FT: what its merged weights are stored as
     return run_pair(base, ft, analysis, label="decomposing", progress=progress, **opts)  # type: ignore[no-any-return]
 
 

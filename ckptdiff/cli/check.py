@@ -17,6 +17,7 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
+    MergedDtypeOpt,
     QuietOpt,
     RtolOpt,
     compare_mode,
@@ -99,6 +100,7 @@ def check(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     as_: AsOpt = None,
@@ -132,6 +134,7 @@ def check(
             mode=compare_mode(rtol, atol, as_),
             k=k,
             progress=not quiet,
+            merged_dtype=merged_dtype,
         )
         report = run(
             base,

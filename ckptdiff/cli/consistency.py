@@ -16,6 +16,7 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     LabelOpt,
+    MergedDtypeOpt,
     QuietOpt,
     RollupsCsvOpt,
     RtolOpt,
@@ -45,6 +46,7 @@ def consistency(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
     rollups_csv: RollupsCsvOpt = None,
@@ -66,6 +68,7 @@ def consistency(
             include=include or [],
             exclude=exclude or [],
             device=device,
+            merged_dtype=merged_dtype,
             progress=not quiet,
         )
         emit(result.report(), fmt, outs, summary)

@@ -52,6 +52,14 @@ AtolOpt = Annotated[
 AsOpt = Annotated[
     str | None, typer.Option("--as", help="Round both sides to this storage dtype first: bf16, fp16 or fp32.")
 ]
+MergedDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--merged-dtype",
+        help="A PEFT adapter fine-tune: the dtype its merged weights W + BA would be stored in (bf16, fp16 or "
+        "fp32; default: each base weight's dtype). Sparsity of a merged adapter depends on it.",
+    ),
+]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write per-tensor rows as CSV to this file.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")]
 RollupsCsvOpt = Annotated[

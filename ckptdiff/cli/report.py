@@ -19,6 +19,7 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     KOpt,
     LabelOpt,
+    MergedDtypeOpt,
     NullOpt,
     QuietOpt,
     RtolOpt,
@@ -77,6 +78,7 @@ def report(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     batch_budget: BudgetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -103,6 +105,7 @@ def report(
         include=include or [],
         exclude=exclude or [],
         device=device,
+        merged_dtype=merged_dtype,
         batch_budget=batch_budget,
         progress=not quiet,
     )

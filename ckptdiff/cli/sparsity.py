@@ -15,6 +15,7 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
+    MergedDtypeOpt,
     QuietOpt,
     RollupsCsvOpt,
     RtolOpt,
@@ -42,6 +43,7 @@ def sparsity(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     device: DeviceOpt = "auto",
+    merged_dtype: MergedDtypeOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
     rollups_csv: RollupsCsvOpt = None,
@@ -56,6 +58,13 @@ def sparsity(
     mode = compare_mode(rtol, atol, as_)
     with outputs([base, ft], {"--csv": csv, "--json": json, "--rollups-csv": rollups_csv}) as outs:
         result = run(
-            base, ft, mode=mode, include=include or [], exclude=exclude or [], device=device, progress=not quiet
+            base,
+            ft,
+            mode=mode,
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            progress=not quiet,
+            merged_dtype=merged_dtype,
         )
         emit(result.report(), fmt, outs, summary)

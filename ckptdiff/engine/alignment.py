@@ -165,7 +165,10 @@ def require_comparable(items: Sequence[Aligned], sources: Sequence[Source]) -> N
     why = ", ".join(f"{n} {status.value.replace('_', ' ')}" for status, n in ranked)
     names = [n for s in sources for n in s.infos]
     if any("lora_" in n or ".lora" in n for n in names):
-        hint = "; this looks like a LoRA adapter: merge it into its base model first (e.g. peft's merge_and_unload)"
+        hint = (
+            "; this looks like a LoRA adapter's weights: pass its folder (with adapter_config.json) as the fine-tune, "
+            "and ckptdiff merges it into the base"
+        )
     elif Status.SCALE_MISMATCH in counts:
         hint = "; fp8 weights are block-scaled on one side and raw fp8 on the other: check their *_scale_inv tensors"
     elif counts.get(Status.SHAPE_MISMATCH, 0) == len(items):

@@ -148,18 +148,26 @@ class Analysis(ABC):
 
 
 @contextlib.contextmanager
-def open_sources(specs: Sequence[SourceLike], progress: bool = True) -> Iterator[tuple[Source, ...]]:
-    """Open every input; close, once, the ones opened here (a Source passed in is its caller's to close)."""
+def open_sources(
+    specs: Sequence[SourceLike], progress: bool = True, merged_dtype: object = None
+) -> Iterator[tuple[Source, ...]]:
+    """Open every input; close, once, the ones opened here (a Source passed in is its caller's to close).
+
+    The first is the base: a PEFT adapter after it is merged into it (``merged_dtype``, ``--merged-dtype``: what
+    the merged weights are stored as; the base's dtype by default).
+    """
+    merged = choices.merged_dtype(merged_dtype)
     opened: list[Source] = []
     out: list[Source] = []
     try:
         for spec in specs:
-            if isinstance(spec, Source):
-                out.append(spec)
-            else:
-                src = resolve.open(spec, progress=progress)
-                opened.append(src)
-                out.append(src)
+            base = out[0] if out else None
+            if isinstance(spec, Source):  # the caller's to close; an adapter is merged here all the same
+                out.append(resolve.logical(spec, base=base, merged_dtype=merged) if resolve.is_adapter(spec) else spec)
+                continue
+            src = resolve.open(spec, progress=progress, base=base, merged_dtype=merged)
+            opened.append(src)
+            out.append(src)
         yield tuple(out)
     finally:
         for src in opened:
@@ -358,18 +366,20 @@ def open_run(
     device: str = "auto",
     batch_budget: float | None = None,
     progress: bool = True,
+    merged_dtype: object = None,
 ) -> Iterator[Run]:
     """Resolve the device and budget, open and align the inputs: the :class:`Run` every analysis of a pass shares.
 
-    Under several ranks every step is agreed on (a failure on one rank stops all of them with its message); the
-    sources opened here are closed on leaving, once.
+    ``merged_dtype`` (``--merged-dtype``): what a PEFT adapter's merged weights are stored as (see
+    :func:`open_sources`). Under several ranks every step is agreed on (a failure on one rank stops all of them
+    with its message); the sources opened here are closed on leaving, once.
     """
     from ckptdiff.runtime import distributed
 
     dev = resolve_device(distributed.device_spec(device))
     budget = budget_bytes(batch_budget, dev)
     with contextlib.ExitStack() as stack:
-        opener = open_sources(specs, progress and distributed.is_leader())
+        opener = open_sources(specs, progress and distributed.is_leader(), merged_dtype)
         sources = distributed.agree(lambda: stack.enter_context(opener), "opening")
         items = distributed.agree(lambda: align(sources, include, exclude, labels=labels), "aligning")
         distributed.agree(lambda: require_comparable(items, sources), "aligning")
@@ -394,6 +404,7 @@ def run_analyses(
     batch_budget: float | None = None,
     progress: bool = True,
     label: str = "reading",
+    merged_dtype: object = None,
 ) -> list[Any]:
     """Open ``specs``, align them, run ``analyses`` in one pass, close what was opened; the results in order."""
     with open_run(
@@ -404,5 +415,6 @@ def run_analyses(
         device=device,
         batch_budget=batch_budget,
         progress=progress,
+        merged_dtype=merged_dtype,
     ) as run:
         return execute(run, analyses, progress, label)

@@ -154,6 +154,35 @@ def _abandon(sources: Sequence[Source]) -> None:
         src.abandon_reads()
 
 
+def _read_sides(
+    sources: Sequence[Source],
+    read: Read,
+    start: int = 0,
+    count: int | None = None,
+    outs: Sequence[np.ndarray] | None = None,
+) -> Tensors:
+    """Entries [start, start+count) of ``read.item`` from every side asked for (``count`` None: the whole tensor
+    in its stored shape; ``outs``: one reusable buffer per side). A side whose tensor is derived from another
+    side's same-named tensor (:meth:`Source.derived_from`, a merged adapter) is computed from the piece just read
+    there, so those bytes are read once."""
+    name = read.item.name
+    out: list[torch.Tensor | None] = []
+    for k, src in enumerate(sources):
+        if k not in read.sides:
+            out.append(None)
+            continue
+        origin = src.derived_from(name)
+        given = next((t for j, t in enumerate(out) if sources[j] is origin and t is not None), None)
+        if count is None:
+            whole = src.read_full(name) if given is None else src.derive(name, given.reshape(-1))
+            out.append(whole.reshape(src.infos[name].shape))
+        elif given is None:
+            out.append(src.read(name, start, count, out=outs[k] if outs is not None else None))
+        else:
+            out.append(src.derive(name, given, start, count))
+    return tuple(out)
+
+
 def iter_chunks(
     sources: Sequence[Source],
     reads: Sequence[Read],
@@ -180,10 +209,7 @@ def iter_chunks(
             start = 0
             while True:
                 count = min(step, numel - start)
-                ts = tuple(
-                    sources[k].read(item.name, start, count, out=buffers[k][slot]) if k in read.sides else None
-                    for k in range(len(sources))
-                )
+                ts = _read_sides(sources, read, start, count, [b[slot] for b in buffers])
                 slot = (slot + 1) % ring
                 yield Chunk(item, start, ts, start + count >= numel)
                 start += count
@@ -208,8 +234,7 @@ def iter_tensors(
 
     def produce() -> Iterator[tuple[Read, Tensors]]:
         for read in reads:
-            name = read.item.name
-            yield read, tuple(s.read_full(name) if k in read.sides else None for k, s in enumerate(sources))
+            yield read, _read_sides(sources, read)
 
     for read, ts in prefetch(produce(), depth, lambda: _abandon(sources)):
         if on_bytes is not None:

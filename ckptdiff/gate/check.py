@@ -12,13 +12,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ckptdiff import gate as R
 from ckptdiff.analyses.base import item_detail, row_basics
-from ckptdiff.choices import DEFAULT_K
+from ckptdiff.choices import DEFAULT_K, merged_dtype
 from ckptdiff.engine.alignment import Aligned, Status, align
 from ckptdiff.engine.header import runtime
 from ckptdiff.engine.pipeline import Analysis, execute, open_run
@@ -28,6 +28,9 @@ from ckptdiff.io.source import Source
 from ckptdiff.io.views import ties
 from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.runtime.distributed import agree
+
+if TYPE_CHECKING:
+    import torch
 
 ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
 NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
@@ -118,6 +121,7 @@ class Shared:
     mode: CompareMode = field(default_factory=CompareMode)
     k: int | None = None  # top-k for the principal and spectral analyses; None keeps their defaults
     progress: bool = True
+    merged_dtype: str | None = None  # a PEFT adapter FT: what its merged weights are stored as (base's dtype)
 
 
 def _k(shared: Shared) -> dict[str, Any]:
@@ -239,7 +243,9 @@ def check(
     try:
         shared = shared or Shared(**options)
     except TypeError as e:
-        raise InputError(f"check(): {e}; options are include, exclude, device, mode, k and progress") from None
+        raise InputError(
+            f"check(): {e}; options are include, exclude, device, mode, k, progress and merged_dtype"
+        ) from None
     if not config.rules and not config.structural.active and not same_param_count:
         raise InputError(
             "no rules to check: pass --rule 'METRIC[@GLOB] OP VALUE', a structural flag such as --same-keys, "
@@ -248,7 +254,7 @@ def check(
     needed = R.required_analyses(config.rules, config.structural) if not header_only else set()
     if header_only:
         _reject_for_header_only(config)
-        opened = _open_headers(base, ft)
+        opened = _open_headers(base, ft, merged_dtype(shared.merged_dtype))
         try:
             items = align(opened, shared.include, shared.exclude, labels=["base", "ft"])
             R.check_scopes(config.rules, config.structural, (it.name for it in items), ties.aliases(opened))
@@ -268,6 +274,7 @@ def check(
             exclude=shared.exclude,
             device=shared.device,
             progress=shared.progress,
+            merged_dtype=shared.merged_dtype,
         ) as run:
             items = list(run.items)
             names = [it.name for it in items]
@@ -299,11 +306,12 @@ def fp8_findings(items: Sequence[Aligned], most: int = 5) -> str:
     return "; ".join(found[:most]) + more
 
 
-def _open_headers(base: SourceLike, ft: SourceLike) -> list[Source]:
+def _open_headers(base: SourceLike, ft: SourceLike, merged: torch.dtype | None) -> list[Source]:
     from ckptdiff.io.formats.headers_only import open_headers
     from ckptdiff.io.resolve import logical
 
-    return [s if isinstance(s, Source) else logical(open_headers(str(s))) for s in (base, ft)]
+    first = base if isinstance(base, Source) else logical(open_headers(str(base)))
+    return [first, ft if isinstance(ft, Source) else logical(open_headers(str(ft)), base=first, merged_dtype=merged)]
 
 
 def _header(

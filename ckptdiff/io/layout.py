@@ -34,6 +34,10 @@ INDEX_SUFFIX = ".index.json"
 SINGLE = "model" + SAFETENSORS  # a folder's one safetensors file
 SAFETENSORS_INDEX = "model.safetensors" + INDEX_SUFFIX
 PICKLE_INDEX = "pytorch_model.bin" + INDEX_SUFFIX
+# A PEFT adapter folder (:mod:`ckptdiff.io.views.lora`): its config, and its factors (safetensors first, as PEFT
+# writes them; the pickle of older releases otherwise).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model" + SAFETENSORS, "adapter_model.bin")
 # What a checkpoint file is called; a Hub repo name ending so is a local path with a typo in it.
 PATH_SUFFIXES = (SAFETENSORS, *PICKLE_SUFFIXES, ".ckpt", ".json")
 # Beside the weights: what a run reads (index, config.json) or a release ships with them; no output replaces these.
@@ -43,7 +47,7 @@ SIDE_FILES = (
     *(f"*{s}" for s in PICKLE_SUFFIXES),
     "config.json",
     "generation_config.json",
-    "adapter_config.json",
+    ADAPTER_CONFIG,
     "tokenizer*",
     "special_tokens_map.json",
     "vocab.*",
@@ -53,6 +57,9 @@ SIDE_FILES = (
 # What a Hub download fetches of a repo: safetensors first, pickles when there are none.
 HUB_SAFETENSORS_PATTERNS = [f"*{SAFETENSORS}", f"*{SAFETENSORS}{INDEX_SUFFIX}"]
 HUB_PICKLE_PATTERNS = [*(f"*{s}" for s in PICKLE_SUFFIXES), f"*.bin{INDEX_SUFFIX}"]
+# Side files a Hub download fetches with the weights: config.json (FP8 block size, tied embeddings) and an
+# adapter's adapter_config.json (what makes the folder a fine-tune of some base).
+HUB_SIDE_FILES = ["config.json", ADAPTER_CONFIG]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -60,6 +67,20 @@ def is_hub_id(spec: str) -> bool:
     """Whether ``spec`` reads as a Hub id ``org/name[@revision]`` (a path starting with ``.``, ``/`` or ``~`` never
     does; a local path that exists is a path whatever it looks like, which the caller checks first)."""
     return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def adapter_weights(folder: Path) -> Path | None:
+    """The factor file of PEFT adapter folder ``folder`` (``adapter_model.safetensors``, else ``adapter_model.bin``),
+    checked by :func:`contained`; None when the folder holds no ``adapter_config.json`` (it is no adapter)."""
+    if not (folder / ADAPTER_CONFIG).exists():
+        return None
+    for name in ADAPTER_WEIGHTS:
+        if (folder / name).exists():
+            return contained(folder, folder / name)
+    raise InputError(
+        f"{folder} holds {ADAPTER_CONFIG} but neither {' nor '.join(ADAPTER_WEIGHTS)}; the adapter is incomplete: "
+        "download its weights too"
+    )
 
 
 def is_pickle(name: str) -> bool:

@@ -4,7 +4,8 @@
 dequantized, fused experts split); ``stored=True`` gives the tensors as stored. Every command and library function
 opens its inputs here. Supported inputs: a ``.safetensors`` file; a folder with ``model.safetensors`` or a sharded
 set with ``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict; a Hugging Face Hub id
-``org/name[@revision]`` (see :mod:`ckptdiff.io.hub`).
+``org/name[@revision]`` (see :mod:`ckptdiff.io.hub`); as a fine-tune, a PEFT adapter folder or Hub repo
+(``adapter_config.json``), merged into the base (:mod:`ckptdiff.io.views.lora`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
@@ -21,12 +23,20 @@ from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.layout import contained, read_index
 from ckptdiff.io.source import Source
-from ckptdiff.io.views import fp8, moe, ties
+from ckptdiff.io.views import fp8, lora, moe, ties
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
-    """Pick the checkpoint inside a directory, preferring safetensors."""
+    """Pick the checkpoint inside a directory, preferring safetensors; a PEFT adapter folder is an :class:`Adapter`."""
     prefix = resolved_prefix or str(d)
+    weights = layout.adapter_weights(d)
+    if weights is not None:
+        config = lora.read_config(contained(d, d / layout.ADAPTER_CONFIG))
+        kind = SafetensorsSource if weights.name.endswith(layout.SAFETENSORS) else TorchFileSource
+        return lora.Adapter(spec, kind(spec, [weights], f"{prefix}/{weights.name}"), config)
     idx = d / layout.SAFETENSORS_INDEX
     if idx.exists():  # not is_file(): an index that is a pipe or a folder is refused when read, not skipped
         shards, wmap = read_index(contained(d, idx))
@@ -110,9 +120,12 @@ def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None)
 
         hub.refuse_path_like(spec)
         if hub.stream_wanted(stream):
-            from ckptdiff.io.hub.stream import HubStreamSource
+            from ckptdiff.io.hub.stream import AdapterRepo, HubStreamSource
 
-            return HubStreamSource.open(spec)
+            try:
+                return HubStreamSource.open(spec)
+            except AdapterRepo:  # an adapter's files are small and its config is needed: downloaded instead
+                pass
         folder, resolved = hub.download(spec, progress=progress)
         return _from_directory(spec, folder, resolved)
     raise InputError(
@@ -124,27 +137,42 @@ SourceLike = str | os.PathLike[str] | Source
 
 
 def open(
-    spec: SourceLike, *, stored: bool = False, progress: bool = True, stream: bool | None = None
+    spec: SourceLike,
+    *,
+    stored: bool = False,
+    progress: bool = True,
+    stream: bool | None = None,
+    base: Source | None = None,
+    merged_dtype: torch.dtype | None = None,
 ) -> Source:
     """The checkpoint ``spec`` names (a path, a Hub id, or a source already open) as the analyses compare it.
 
     By default that is :func:`logical`: tied names recorded, block-scaled FP8 weights dequantized, fused experts
-    split. ``stored=True`` gives the tensors as stored (FP8 codes and their scales, fused experts), and an analysis
-    handed that source compares them so. ``stream`` (Hub ids only): read by byte range instead of downloading;
-    ``None`` follows ``CKPTDIFF_HUB_STREAM``.
+    split, a PEFT adapter merged into ``base`` (the base as opened here; ``merged_dtype``: what its merged weights
+    are stored as, the base's dtype by default). ``stored=True`` gives the tensors as stored (FP8 codes and their
+    scales, fused experts, an adapter's factors), and an analysis handed that source compares them so. ``stream``
+    (Hub ids only): read by byte range instead of downloading; ``None`` follows ``CKPTDIFF_HUB_STREAM``.
     """
     src = spec if isinstance(spec, Source) else open_stored(os.fspath(spec), progress=progress, stream=stream)
     if stored:
         src.viewed = True
         return src
-    return logical(src)
+    return logical(src, base=base, merged_dtype=merged_dtype)
 
 
-def logical(src: Source) -> Source:
-    """``src`` as the analyses see it: ties declared, FP8 weights dequantized, fused experts split (or ``src``
-    itself); a source already viewed is returned as it is."""
+def is_adapter(src: Source) -> bool:
+    """Whether ``src`` is a PEFT adapter as stored, which is a fine-tune only merged into a base."""
+    return isinstance(src, lora.Adapter) and not src.viewed
+
+
+def logical(src: Source, *, base: Source | None = None, merged_dtype: torch.dtype | None = None) -> Source:
+    """``src`` as the analyses see it: ties declared, FP8 weights dequantized, fused experts split, an adapter
+    merged into ``base`` (:mod:`ckptdiff.io.views.lora`) (or ``src`` itself); a source already viewed is returned
+    as it is."""
     if src.viewed:
         return src
+    if isinstance(src, lora.Adapter):
+        return lora.merge(src, base, merged_dtype)
     out = moe.split(fp8.wrap(ties.declare(src)))
     out.viewed = True
     return out

@@ -76,6 +76,20 @@ class Source(ABC):
         Sources that must gather a non-contiguous view allocate instead.
         """
 
+    def derived_from(self, name: str) -> Source | None:
+        """The source whose same-named tensor this tensor is computed from (None: read it with :meth:`read`).
+
+        A view over another checkpoint (a PEFT adapter merged into its base, :mod:`ckptdiff.io.views.lora`) says so
+        here; a reader that reads that source in the same pass hands its entries to :meth:`derive` instead of
+        reading the same bytes again.
+        """
+        return None
+
+    def derive(self, name: str, given: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Entries [start, start+count) of ``name``, flattened, from ``given``: the same entries of the tensor of
+        :meth:`derived_from` (flattened). Only called for a name :meth:`derived_from` names a source for."""
+        raise NotImplementedError(f"{type(self).__name__} derives no tensor")
+
     def read_full(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` in its stored shape."""
         return self.read(name).reshape(self.infos[name].shape)

@@ -21,6 +21,7 @@ from ckptdiff.io import layout
 from ckptdiff.io.formats.safetensors_header import I64_MAX
 from ckptdiff.io.resolve import open_stored, stat_input
 from ckptdiff.io.source import Source, TensorInfo
+from ckptdiff.io.views import lora
 
 if TYPE_CHECKING:
     from ckptdiff.io.hub.stream import Remote
@@ -58,8 +59,9 @@ class HubHeaderSource(HeaderSource):
         return Remote.open(*hub.split_id(self.spec))
 
 
-def open_headers(spec: str) -> HeaderSource:
-    """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data."""
+def open_headers(spec: str) -> Source:
+    """Tensor metadata of a local safetensors checkpoint or a Hub id, without reading tensor data (a local PEFT
+    adapter folder: its factors' headers and its config, :class:`~ckptdiff.io.views.lora.Adapter`)."""
     path = Path(spec).expanduser()
     if stat_input(spec) is not None:  # refuses links that loop, pipes and devices before anything is opened
         return _local(spec, path)
@@ -73,7 +75,7 @@ def open_headers(spec: str) -> HeaderSource:
     )
 
 
-def _local(spec: str, path: Path) -> HeaderSource:
+def _local(spec: str, path: Path) -> Source:
     """Local headers via the sources' safetensors reader (which opens files for their headers only)."""
     if (path.is_file() and layout.is_pickle(path.name)) or path.name == layout.PICKLE_INDEX:
         raise InputError(_PICKLES_ONLY.format(what=spec) + _PICKLES_FIX)
@@ -81,7 +83,10 @@ def _local(spec: str, path: Path) -> HeaderSource:
         raise InputError(_PICKLES_ONLY.format(what=f"directory {path}") + _PICKLES_FIX)
     src = open_stored(spec, progress=False)  # safetensors only from here on: headers parsed, no data read
     src.close()
-    return HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
+    headers = HeaderSource(spec, f"{src.resolved} (headers only)", dict(src.infos))
+    if isinstance(src, lora.Adapter):
+        return lora.Adapter(spec, headers, src.config)
+    return headers
 
 
 def _has_safetensors(folder: Path) -> bool:
@@ -92,7 +97,7 @@ def _has_pickles(folder: Path) -> bool:
     return any(any(folder.glob(f"*{suffix}")) for suffix in layout.PICKLE_SUFFIXES)
 
 
-def _hub(spec: str) -> HeaderSource:
+def _hub(spec: str) -> Source:
     """Hub headers from huggingface_hub's metadata call: a few range requests, no weights downloaded."""
     import huggingface_hub as hf
     from huggingface_hub import errors as hf_errors
@@ -102,7 +107,9 @@ def _hub(spec: str) -> HeaderSource:
     repo, revision = hub.split_id(spec)
     if hub.offline():  # the headers of the snapshot in the local cache, parsed like any local folder's
         folder, resolved = hub.download(spec, progress=False)
-        return HeaderSource(spec, f"{resolved} (headers only)", _local(str(folder), folder).infos)
+        local = _local(str(folder), folder)
+        headers = HeaderSource(spec, f"{resolved} (headers only)", local.infos)
+        return lora.Adapter(spec, headers, local.config) if isinstance(local, lora.Adapter) else headers
     try:
         with hub.request_errors(f"the safetensors headers of Hub repo {spec}"), hub.repo_errors(repo, revision):
             meta = hf.get_safetensors_metadata(repo, revision=revision)

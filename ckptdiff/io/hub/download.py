@@ -384,7 +384,7 @@ def _cached(spec: str, repo: str, revision: str | None) -> Path:
     from huggingface_hub import errors as hf_errors
 
     cache = cache_dir()
-    patterns = [*layout.HUB_SAFETENSORS_PATTERNS, *layout.HUB_PICKLE_PATTERNS, "config.json"]
+    patterns = [*layout.HUB_SAFETENSORS_PATTERNS, *layout.HUB_PICKLE_PATTERNS, *layout.HUB_SIDE_FILES]
     try:
         with repo_errors(repo, revision):
             folder = hf.snapshot_download(
@@ -584,6 +584,7 @@ def _checked(repo: str, info: Any, what: str) -> Listing:
 
 def _choose_files(files: list[str]) -> list[str]:
     """The files of a repo to download: its weights (:func:`_choose_patterns`, matched as huggingface_hub matches
-    them) and its ``config.json`` (FP8 block size, tied embeddings: :mod:`ckptdiff.io.views.config`)."""
-    patterns = [*_choose_patterns(files), "config.json"]
+    them), its ``config.json`` (FP8 block size, tied embeddings: :mod:`ckptdiff.io.views.config`) and an adapter's
+    ``adapter_config.json`` (:mod:`ckptdiff.io.views.lora`)."""
+    patterns = [*_choose_patterns(files), *layout.HUB_SIDE_FILES]
     return [f for f in files if any(fnmatchcase(f, p) for p in patterns)]

@@ -464,9 +464,16 @@ def _cancel_on_error(futures: list[Future[Any]], abort: Callable[[], None]) -> I
         raise
 
 
+class AdapterRepo(InputError):
+    """The repo is a PEFT adapter (``adapter_config.json``): a few MB of factors, downloaded with its config
+    rather than streamed (:func:`ckptdiff.io.resolve.open_stored` does so)."""
+
+
 def _shards(spec: str, remote: Remote) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files to read, and the index's weight map when there is one (the local folder's rules)."""
     names = remote.sizes
+    if layout.ADAPTER_CONFIG in names:
+        raise AdapterRepo(f"Hub repo {spec} is a PEFT adapter; it is downloaded, not streamed")
     if INDEX in names:
         return _read_index(spec, remote)
     if layout.SINGLE in names:
