@@ -322,6 +322,11 @@ class PatchAnalysis(Analysis):
 
     # -- every rank's records on rank 0 ----------------------------------------------------------------------
 
+    def state(self) -> dict[str, Any]:
+        if self.scratch is not None:  # rank 0 reads this rank's scratch files next: their bytes must be in them
+            self.scratch.flush()
+        return super().state()
+
     def abort(self) -> None:
         self.cleanup()
 
