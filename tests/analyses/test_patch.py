@@ -213,7 +213,9 @@ def test_patch_file_is_within_one_percent_of_the_analytic_size(tmp_path: Path) -
         t.view(-1).view(torch.int16)[pick] ^= 1
     save_single(b, tmp_path / "b.safetensors")
     save_single(f, tmp_path / "f.safetensors")
-    res = patch_create(str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), tmp_path / "p.safetensors", progress=False)
+    res = patch_create(
+        str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), tmp_path / "p.safetensors", progress=False
+    )
     analytic = sum(_expected_choice(b[n], f[n])[1] for n in b)
     assert sorted(res.to_frame()["encoding"]) == ["bitmask", "dense", "sparse"]
     size = (tmp_path / "p.safetensors").stat().st_size
@@ -329,7 +331,9 @@ def test_gap_escapes_equal_a_loop() -> None:
 def test_header_is_padded_to_eight_bytes(tmp_path: Path) -> None:
     save_single({"w": torch.ones(3)}, tmp_path / "b.safetensors")
     save_single({"w": torch.zeros(3)}, tmp_path / "f.safetensors")
-    patch_create(str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), tmp_path / "p.safetensors", progress=False)
+    patch_create(
+        str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), tmp_path / "p.safetensors", progress=False
+    )
     raw = (tmp_path / "p.safetensors").read_bytes()
     (hlen,) = struct.unpack("<Q", raw[:8])
     assert (8 + hlen) % 8 == 0
