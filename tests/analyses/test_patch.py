@@ -5,6 +5,7 @@ recipe of docs/patches.md give the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -208,7 +209,7 @@ def test_patch_file_is_within_one_percent_of_the_analytic_size(tmp_path: Path) -
     b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(512, 1024, generator=g).bfloat16() for i in range(3)}
     f = {n: t.clone() for n, t in b.items()}
     rates = [0.01, 0.2, 0.97]  # sparse, bitmask, dense
-    for (name, t), rate in zip(f.items(), rates, strict=True):
+    for t, rate in zip(f.values(), rates, strict=True):
         pick = torch.rand(t.numel(), generator=g) < rate
         t.view(-1).view(torch.int16)[pick] ^= 1
     save_single(b, tmp_path / "b.safetensors")
@@ -249,7 +250,7 @@ def test_small_chunks_and_two_ranks_write_the_same_patch(
         with safe_open(str(path), "pt") as p, safe_open(str(one), "pt") as q:
             assert p.metadata()["ckptdiff.ft"] == q.metadata()["ckptdiff.ft"]
             assert sorted(p.keys()) == sorted(q.keys())
-            for key in q.keys():
+            for key in sorted(q.keys()):
                 assert _sha(p.get_tensor(key)) == _sha(q.get_tensor(key)), key
     assert not list(tmp_path.glob(".*"))
 
@@ -322,7 +323,7 @@ def test_gap_escapes_equal_a_loop() -> None:
         prev = i
     assert gap_escapes(idx) == want and want > 0
     assert gap_escapes(idx[5:], previous=int(idx[4])) == sum(
-        (int(b) - int(a) - 1) >= 0xFFFF for a, b in zip(idx[4:-1], idx[5:], strict=True)
+        (int(b) - int(a) - 1) >= 0xFFFF for a, b in itertools.pairwise(idx[4:])
     )
     c = patch_cost(1000, 10, 2, escapes=3)
     assert c.gaps == 10 * 2 + 3 * 4 + 10 * 2 and c.choice == "sparse"
