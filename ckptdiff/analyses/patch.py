@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,11 +43,12 @@ from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.metrics.patch import (
     Encoding,
     PatchCost,
-    changed_mask,
+    bits,
+    changed_indices,
     gap_escapes,
-    index_dtype,
     index_itemsize,
     patch_cost,
+    stored_bits,
 )
 from ckptdiff.runtime.progress import byte_progress
 
@@ -54,6 +56,7 @@ FORMAT = "ckptdiff.patch"  # metadata key: the format version
 FORMAT_VERSION = "1"
 BASE_KEY = "ckptdiff.base"  # metadata key: JSON {"source", "tensors": {name: sha256}}
 FT_KEY = "ckptdiff.ft"  # metadata key: JSON {"source", "tensors": [...], "shards": {...}, "metadata": {...}}
+_INDEX_NP = {4: np.int32, 8: np.int64}
 PIECE = 16 * 1024 * 1024  # bytes per read or copy while streaming
 SINGLE = "model.safetensors"
 
@@ -208,6 +211,7 @@ class PatchAnalysis(Analysis):
         self.open: dict[str, _Open] = {}
         self.scratch: _Scratch | None = None
         self.ft_source: Source | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
     @property
     def writing(self) -> bool:
@@ -237,20 +241,25 @@ class PatchAnalysis(Analysis):
         state = self.open.get(name)
         if state is None or start == 0:
             state = self._start(item)
-        state.hash_base.update(_raw(w0))
-        state.hash_ft.update(_raw(w1))
-        if state.same:
-            mask = changed_mask(w0, w1)
-            idx = mask.nonzero().reshape(-1)
-            if idx.numel():
-                state.changed += idx.numel()
-                state.escapes += gap_escapes(idx, state.last - start)  # the previous changed index, chunk-relative
-                state.last = start + int(idx[-1])
-                if self.scratch is not None:
-                    self.scratch.write("values", _raw(w1[mask]))
-                    self.scratch.write("aux", _raw((idx + start).to(index_dtype(item.base.numel))))
-        elif self.scratch is not None:
-            self.scratch.write("values", _raw(w1))
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(2, thread_name_prefix="ckptdiff-sha256")
+        # sha256 releases the GIL: both sides hash on their own threads while the entries are compared here
+        hashing = [self.pool.submit(h.update, _raw(w)) for h, w in ((state.hash_base, w0), (state.hash_ft, w1))]
+        try:
+            if state.same:
+                idx = changed_indices(w0, w1)
+                if idx.size:
+                    state.changed += idx.size
+                    state.escapes += gap_escapes(idx, state.last - start)  # the previous changed index, chunk-relative
+                    state.last = start + int(idx[-1])
+                    if self.scratch is not None:
+                        self.scratch.write("values", stored_bits(w1)[idx].data)
+                        self.scratch.write("aux", (idx + start).astype(_INDEX_NP[index_itemsize(item.base.numel)]).data)
+            elif self.scratch is not None:
+                self.scratch.write("values", _raw(w1))
+        finally:
+            for job in hashing:  # the chunk's buffers are reused once this returns
+                job.result()
         if start + w1.numel() >= item.base.numel:
             self._end(item, state)
 
@@ -332,6 +341,9 @@ class PatchAnalysis(Analysis):
 
     def cleanup(self) -> None:
         """Remove this rank's scratch files (rank 0 removes every rank's once it has written the patch)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
         if self.scratch is not None:
             self.scratch.close()
             self.scratch = None
@@ -833,7 +845,7 @@ class Rebuilder:
                             f"patch {patch.path} is damaged: tensor {name!r} has indices out of range; "
                             "re-create the patch"
                         )
-                    _bits_of(out)[idx] = _bits_of(values)
+                    bits(out)[idx] = bits(values)
                 else:
                     keep = unpack_mask(patch.read(f"{name}:mask"), t.numel)
                     if int(keep.sum()) != t.changed:
@@ -841,7 +853,7 @@ class Rebuilder:
                             f"patch {patch.path} is damaged: tensor {name!r}'s mask does not match its values; "
                             "re-create the patch"
                         )
-                    _bits_of(out)[keep] = _bits_of(values)
+                    bits(out)[keep] = bits(values)
         if sha256_hex(out) != t.sha256:
             raise InputError(
                 f"patch {patch.path} is damaged: tensor {name!r} rebuilds to bytes whose sha256 differs from the one "
@@ -864,12 +876,6 @@ class Rebuilder:
                 f"patch was made from ({first.base_source}); nothing was written; give that checkpoint"
             )
         return got
-
-
-def _bits_of(t: torch.Tensor) -> torch.Tensor:
-    from ckptdiff.metrics.patch import bits
-
-    return bits(t)
 
 
 def unpack_mask(mask: torch.Tensor, numel: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ckptdiff.dtypes import INT_VIEW
@@ -89,23 +90,37 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(INT_VIEW[t.element_size()])
 
 
+def stored_bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's stored bits, flat, as a numpy array of unsigned integers of the same width (no copy)."""
+    return bits(t.reshape(-1)).numpy().view(f"u{t.element_size()}")
+
+
 def changed_mask(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     """Where the stored bits of two same-dtype tensors differ (NaN payloads and -0.0 included), as bools."""
-    if w0.dtype != w1.dtype or w0.shape != w1.shape:
-        raise ValueError(
-            f"changed_mask: need one dtype and shape, got {w0.dtype}{list(w0.shape)} and {w1.dtype}{list(w1.shape)}"
-        )
+    _same_kind(w0, w1)
     return bits(w0) != bits(w1)
 
 
-def gap_escapes(indices: torch.Tensor, previous: int = -1) -> int:
+def changed_indices(w0: torch.Tensor, w1: torch.Tensor) -> np.ndarray:
+    """The flat indices (int64, sorted) where the stored bits of two same-dtype CPU tensors differ."""
+    _same_kind(w0, w1)
+    return np.flatnonzero(stored_bits(w0) != stored_bits(w1))
+
+
+def _same_kind(w0: torch.Tensor, w1: torch.Tensor) -> None:
+    if w0.dtype != w1.dtype or w0.shape != w1.shape:
+        raise ValueError(
+            f"changed entries: need one dtype and shape, got {w0.dtype}{list(w0.shape)} and {w1.dtype}{list(w1.shape)}"
+        )
+
+
+def gap_escapes(indices: np.ndarray | torch.Tensor, previous: int = -1) -> int:
     """How many of the sorted flat ``indices`` lie ``0xFFFF + 1`` or more past the index before them.
 
     ``previous`` is the changed index just before the first one (from an earlier chunk), or -1 for none: the first
     gap of a tensor is counted from index -1, so index 0 has gap 0.
     """
-    if indices.numel() == 0:
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size == 0:
         return 0
-    idx = indices.to(torch.int64)
-    prev = torch.cat([torch.tensor([previous], dtype=torch.int64), idx[:-1]])
-    return int(((idx - prev - 1) >= GAP_ESCAPE).sum())
+    return int(np.count_nonzero(np.diff(idx, prepend=np.int64(previous)) - 1 >= GAP_ESCAPE))
