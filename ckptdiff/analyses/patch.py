@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -391,11 +392,16 @@ class PatchAnalysis(Analysis):
         meta = {
             FORMAT: FORMAT_VERSION,
             BASE_KEY: json.dumps(
-                {"source": base_src.resolved, "tensors": {n: self.base_hashes[n] for n in base_src.infos}}
+                {
+                    "source": base_src.resolved,
+                    "commit": hub_commit(base_src),
+                    "tensors": {n: self.base_hashes[n] for n in base_src.infos},
+                }
             ),
             FT_KEY: json.dumps(
                 {
                     "source": ft_src.resolved,
+                    "commit": hub_commit(ft_src),
                     "tensors": [
                         {
                             "name": n,
@@ -491,6 +497,15 @@ def _copy_tensor(src: Source, info: TensorInfo, scratch: _Scratch | None) -> str
         if scratch is not None:
             scratch.write("values", raw)
     return h.hexdigest()
+
+
+_COMMIT = re.compile(r"(?:@|/snapshots/)([0-9a-f]{40})\b")
+
+
+def hub_commit(src: Source) -> str:
+    """The Hub commit a checkpoint was read at (streamed, or from the Hub cache's snapshot folder), or ""."""
+    found = _COMMIT.search(src.resolved)
+    return found.group(1) if found else ""
 
 
 def ft_layout(src: Source) -> dict[str, Any]:

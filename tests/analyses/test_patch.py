@@ -18,7 +18,7 @@ from factory import as_two_ranks, save_sharded, save_single
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptdiff.analyses.patch import PatchAnalysis, patch_apply, patch_create, patch_size, patch_verify
+from ckptdiff.analyses.patch import PatchAnalysis, hub_commit, patch_apply, patch_create, patch_size, patch_verify
 from ckptdiff.engine.alignment import align
 from ckptdiff.engine.pipeline import Run, execute
 from ckptdiff.errors import InputError
@@ -338,3 +338,15 @@ def test_header_is_padded_to_eight_bytes(tmp_path: Path) -> None:
     raw = (tmp_path / "p.safetensors").read_bytes()
     (hlen,) = struct.unpack("<Q", raw[:8])
     assert (8 + hlen) % 8 == 0
+
+
+def test_the_hub_commit_is_read_from_the_resolved_source(tmp_path: Path) -> None:
+    save_single({"w": torch.ones(3)}, tmp_path / "b.safetensors")
+    src = open_ckpt(str(tmp_path / "b.safetensors"), stored=True)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert hub_commit(src) == ""
+    src.resolved = f"hub:org/model@{sha} (streamed by byte range, 1 safetensors file)"
+    assert hub_commit(src) == sha
+    src.resolved = f"/home/u/.cache/huggingface/hub/models--org--model/snapshots/{sha}/model.safetensors"
+    assert hub_commit(src) == sha
+    src.close()
