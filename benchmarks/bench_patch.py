@@ -117,10 +117,11 @@ def disk_write(nbytes: int, out: Path) -> None:
 
 
 def peak_rss_mib(base: Path, ft: Path, out: Path) -> float:
+    """Peak resident memory (VmHWM) of ``patch create`` in a fresh process (ru_maxrss would carry the parent's)."""
     code = (
-        "import resource, sys, ckptdiff\n"
+        "import sys, ckptdiff\n"
         "ckptdiff.patch_create(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(next(x for x in open('/proc/self/status') if x.startswith('VmHWM')).split()[1])\n"
     )
     res = subprocess.run([sys.executable, "-c", code, str(base), str(ft), str(out)], capture_output=True, text=True)
     res.check_returncode()
@@ -159,19 +160,18 @@ def main() -> None:
     psize = patch.stat().st_size
     print(f"pair: {side / 2**20:.0f} MiB per side, {args.changed:.0%} of entries moved; patch {psize / 2**20:.1f} MiB")
     print()
+    rows = [
+        ("sparsity", "sparsity", "sparsity", 2, "both sides read"),
+        ("patch create", "create", "sparsity", 2, ""),
+        ("patch apply (ckptdiff)", "apply", "apply", 1, "written"),
+        ("load_file + scatter + save_file", "plain", "apply", 1, ""),
+        ("disk write of the same bytes", "disk", "apply", 1, ""),
+    ]
     print("| run | wall s (median) | ratio | GB/s |")
     print("|---|---|---|---|")
-    print(f"| sparsity | {med['sparsity']:.2f} | 1.00x | {2 * side / med['sparsity'] / 1e9:.2f} (both sides read) |")
-    print(
-        f"| patch create | {med['create']:.2f} | {med['create'] / med['sparsity']:.2f}x | {2 * side / med['create'] / 1e9:.2f} |"
-    )
-    print(f"| patch apply (ckptdiff) | {med['apply']:.2f} | 1.00x | {side / med['apply'] / 1e9:.2f} (written) |")
-    print(
-        f"| load_file + scatter + save_file | {med['plain']:.2f} | {med['plain'] / med['apply']:.2f}x | {side / med['plain'] / 1e9:.2f} |"
-    )
-    print(
-        f"| disk write of the same bytes | {med['disk']:.2f} | {med['disk'] / med['apply']:.2f}x | {side / med['disk'] / 1e9:.2f} |"
-    )
+    for label, key, ref, sides, note in rows:
+        rate = f"{sides * side / med[key] / 1e9:.2f}" + (f" ({note})" if note else "")
+        print(f"| {label} | {med[key]:.2f} | {med[key] / med[ref]:.2f}x | {rate} |")
     print()
     big_base, big_ft = make_pair(args.data, 2 * args.mib, args.changed, seed=1)
     print("| MiB per side | patch create peak RSS MiB |")

@@ -34,6 +34,7 @@ from ckptdiff import dtypes
 from ckptdiff.analyses.base import Report, Table, item_detail, row_basics
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
+from ckptdiff.engine.reader import prefetch
 from ckptdiff.errors import InputError
 from ckptdiff.io import resolve
 from ckptdiff.io.formats.safetensors import SafetensorsSource
@@ -44,7 +45,6 @@ from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.metrics.patch import (
     Encoding,
     PatchCost,
-    bits,
     changed_indices,
     gap_escapes,
     index_itemsize,
@@ -84,9 +84,11 @@ COLUMNS = [
 
 def sha256_hex(t: torch.Tensor) -> str:
     """sha256 of a tensor's stored bytes (row-major), as hex."""
-    h = hashlib.sha256()
-    h.update(_raw(t))
-    return h.hexdigest()
+    return _sha256_raw(_raw(t))
+
+
+def _sha256_raw(raw: memoryview) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -825,7 +827,10 @@ def check_base(base: Source, first: PatchFile) -> None:
 
 
 class Rebuilder:
-    """The fine-tune's tensors rebuilt one at a time from the base and a chain of patches, each checked by hash."""
+    """The fine-tune's tensors rebuilt one at a time from the base and a chain of patches, each checked by hash.
+
+    :meth:`tensors` reads (and hashes) the next base tensor on a background thread while this one is rebuilt.
+    """
 
     def __init__(self, base: Source, patches: Sequence[PatchFile]) -> None:
         check_chain(patches)
@@ -837,66 +842,98 @@ class Rebuilder:
     def last(self) -> PatchFile:
         return self.patches[-1]
 
-    def tensor(self, name: str, level: int | None = None) -> torch.Tensor:
-        """Tensor ``name`` after patch ``level`` (the last by default), flat, its sha256 checked."""
-        level = len(self.patches) - 1 if level is None else level
+    def needs_base(self, name: str) -> bool:
+        """Whether the last patch's tensor ``name`` is built on the base's (no patch of the chain replaces it whole)."""
+        for patch in reversed(self.patches):
+            t = patch.by_name.get(name)
+            if t is None or t.encoding == "dense":  # absent earlier: the later patch adds it (whole, checked below)
+                return False
+        return True
+
+    def tensors(self, names: Sequence[str]) -> Iterator[tuple[FtTensor, torch.Tensor]]:
+        """Each named tensor of the last patch rebuilt, flat, in order. Every base tensor used and every intermediate
+        result is checked by hash here; the final result's hash is the caller's to check (:meth:`check`), so that it
+        can be computed while the bytes are written."""
+        first = self.patches[0]
+
+        def produce() -> Iterator[tuple[str, torch.Tensor | None, str]]:
+            for name in names:
+                if not self.needs_base(name):
+                    yield name, None, ""
+                    continue
+                if name not in self.base.infos:
+                    raise InputError(
+                        f"patch {first.path} is damaged: it patches tensor {name!r}, which its base lacks; "
+                        "re-create the patch"
+                    )
+                got = self.base.read(name)
+                yield name, got, sha256_hex(got)
+
+        for name, base, digest in prefetch(produce(), depth=1, abandon=self.base.abandon_reads):
+            if base is not None and digest != first.base[name]:
+                raise InputError(
+                    f"{self.base.spec} is not the base of patch {first.path}: tensor {name!r} differs from the base "
+                    f"the patch was made from ({first.base_source}); nothing was written; give that checkpoint"
+                )
+            yield self.last.by_name[name], self._level(name, len(self.patches) - 1, base)
+
+    def check(self, t: FtTensor, digest: str) -> None:
+        """The last patch's tensor ``t`` was rebuilt to bytes of sha256 ``digest``: refuse if it is not recorded."""
+        self._check(self.last, t, digest)
+
+    def _check(self, patch: PatchFile, t: FtTensor, digest: str) -> None:
+        if digest != t.sha256:
+            raise InputError(
+                f"patch {patch.path} is damaged: tensor {t.name!r} rebuilds to bytes whose sha256 differs from the one "
+                "the patch records (tampered or corrupted values); nothing was written; re-create the patch"
+            )
+
+    def _level(self, name: str, level: int, base: torch.Tensor | None) -> torch.Tensor:
+        """Tensor ``name`` after patch ``level``, built on ``base`` (the base's tensor, ours to change)."""
         patch = self.patches[level]
         t = patch.by_name[name]
         if t.encoding == "dense":
-            out = patch.read(f"{name}:dense").reshape(-1)
-        else:
-            out = self._before(name, level).clone()
-            dt = dtypes.from_torch(out.dtype)
-            if out.numel() != t.numel or dt is None or dt.name != t.dtype:
-                raise InputError(
-                    f"patch {patch.path} is damaged: tensor {name!r} does not match its base's; re-create the patch"
-                )
-            if t.encoding != "none":
-                values = patch.read(f"{name}:values")
-                if t.encoding == "sparse":
-                    idx = patch.read(f"{name}:indices").to(torch.int64)
-                    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= t.numel):
-                        raise InputError(
-                            f"patch {patch.path} is damaged: tensor {name!r} has indices out of range; "
-                            "re-create the patch"
-                        )
-                    bits(out)[idx] = bits(values)
-                else:
-                    keep = unpack_mask(patch.read(f"{name}:mask"), t.numel)
-                    if int(keep.sum()) != t.changed:
-                        raise InputError(
-                            f"patch {patch.path} is damaged: tensor {name!r}'s mask does not match its values; "
-                            "re-create the patch"
-                        )
-                    bits(out)[keep] = bits(values)
-        if sha256_hex(out) != t.sha256:
-            raise InputError(
-                f"patch {patch.path} is damaged: tensor {name!r} rebuilds to bytes whose sha256 differs from the one "
-                "the patch records (tampered or corrupted values); nothing was written; re-create the patch"
-            )
-        return out
-
-    def _before(self, name: str, level: int) -> torch.Tensor:
+            return patch.read(f"{name}:dense").reshape(-1)
         if level > 0:
-            return self.tensor(name, level - 1)
-        first = self.patches[0]
-        if name not in self.base.infos:
+            if name not in self.patches[level - 1].by_name:
+                raise InputError(
+                    f"patch {patch.path} is damaged: it patches tensor {name!r}, which its base lacks; re-create it"
+                )
+            out = self._level(name, level - 1, base)
+            self._check(self.patches[level - 1], self.patches[level - 1].by_name[name], sha256_hex(out))
+        else:
+            if base is None:
+                raise InputError(
+                    f"patch {patch.path} is damaged: it patches tensor {name!r}, which its base lacks; re-create it"
+                )
+            out = base
+        dt = dtypes.from_torch(out.dtype)
+        if out.numel() != t.numel or dt is None or dt.name != t.dtype:
             raise InputError(
-                f"patch {first.path} is damaged: it patches tensor {name!r}, which its base lacks; re-create the patch"
+                f"patch {patch.path} is damaged: tensor {name!r} does not match its base's; re-create the patch"
             )
-        got = self.base.read(name)
-        if sha256_hex(got) != first.base[name]:
-            raise InputError(
-                f"{self.base.spec} is not the base of patch {first.path}: tensor {name!r} differs from the base the "
-                f"patch was made from ({first.base_source}); nothing was written; give that checkpoint"
+        if t.encoding == "none":
+            return out
+        values = stored_bits(patch.read(f"{name}:values"))
+        target = stored_bits(out)
+        if t.encoding == "sparse":
+            idx = stored_bits(patch.read(f"{name}:indices")).view(
+                np.int32 if index_itemsize(t.numel) == 4 else np.int64
             )
-        return got
-
-
-def unpack_mask(mask: torch.Tensor, numel: int) -> torch.Tensor:
-    """The bitmask's bits as bools (bit ``i % 8`` of byte ``i // 8`` is entry ``i``), ``numel`` of them."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((mask.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= t.numel):
+                raise InputError(
+                    f"patch {patch.path} is damaged: tensor {name!r} has indices out of range; re-create the patch"
+                )
+            target[idx] = values
+        else:
+            keep = np.unpackbits(stored_bits(patch.read(f"{name}:mask")), count=t.numel, bitorder="little").view(bool)
+            if int(np.count_nonzero(keep)) != t.changed:
+                raise InputError(
+                    f"patch {patch.path} is damaged: tensor {name!r}'s mask does not match its values; "
+                    "re-create the patch"
+                )
+            target[keep] = values
+        return out
 
 
 @contextlib.contextmanager
@@ -959,14 +996,18 @@ def patch_apply(
         plan = {target.name: list(last.ft)} if single else _shard_plan(last)
         total = sum(t.numel * _itemsize(t.dtype) for t in last.ft)
         written: list[str] = []
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ckptdiff-sha256")
         try:
             with byte_progress(total, "applying", progress) as on_bytes:
                 for fname, tensors in plan.items():
                     f = out_file.open() if out_file is not None else folder.open(fname)  # type: ignore[union-attr]
                     meta = last.metadata.get(fname) or (next(iter(last.metadata.values()), None) if single else None)
                     writer = StreamWriter(f, [Planned(t.name, t.dtype, t.shape) for t in tensors], meta)
-                    for t in tensors:
-                        writer.write(_raw(rb.tensor(t.name)))
+                    for t, made in rb.tensors([t.name for t in tensors]):
+                        raw = _raw(made)
+                        digest = pool.submit(_sha256_raw, raw)  # hashed while written: both release the GIL
+                        writer.write(raw)
+                        rb.check(t, digest.result())
                         on_bytes(t.numel * _itemsize(t.dtype))
                     writer.close()
                     if out_file is not None:
@@ -987,6 +1028,8 @@ def patch_apply(
             if out_file is not None:
                 out_file.discard()
             raise
+        finally:
+            pool.shutdown()
     return ApplyResult(target, written, len(last.ft), total)
 
 
@@ -1030,10 +1073,11 @@ def patch_verify(
                     if info.dtype.name != t.dtype or info.shape != t.shape:
                         why = f"{info.dtype.name}{list(info.shape)} in {ft}, {t.dtype}{list(t.shape)} from the patch"
                         return VerifyResult(False, len(want), name, why)
-                    made = rb.tensor(name)
-                    if _hash_source(target, info) != sha256_hex(made):
-                        return VerifyResult(False, len(want), name, "its stored bytes differ")
-                    on_bytes(info.nbytes)
+                for t, made in rb.tensors(list(want)):
+                    rb.check(t, sha256_hex(made))
+                    if _hash_source(target, target.infos[t.name]) != t.sha256:
+                        return VerifyResult(False, len(want), t.name, "its stored bytes differ")
+                    on_bytes(t.numel * _itemsize(t.dtype))
         finally:
             if not isinstance(ft, Source):
                 target.close()
