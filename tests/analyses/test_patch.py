@@ -350,3 +350,28 @@ def test_the_hub_commit_is_read_from_the_resolved_source(tmp_path: Path) -> None
     src.resolved = f"/home/u/.cache/huggingface/hub/models--org--model/snapshots/{sha}/model.safetensors"
     assert hub_commit(src) == sha
     src.close()
+
+
+def test_a_hub_streamed_pair_gives_the_local_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub_server import serve
+
+    b, f = zoo()
+    save_sharded(b, tmp_path / "base", [7, len(b) - 7])
+    save_sharded(f, tmp_path / "ft", [5, len(f) - 5])
+    local = tmp_path / "local.safetensors"
+    patch_create(str(tmp_path / "base"), str(tmp_path / "ft"), local, progress=False)
+    sha = "f" * 40
+    with serve(tmp_path, monkeypatch) as hub:
+        monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
+        hub.add("acme/base", tmp_path / "base", "b" * 40)
+        hub.add("acme/ft", tmp_path / "ft", sha)
+        streamed = tmp_path / "out" / "streamed.safetensors"
+        streamed.parent.mkdir()
+        patch_create("acme/base", "acme/ft", streamed, progress=False)
+    with safe_open(str(streamed), "pt") as p, safe_open(str(local), "pt") as q:
+        got, want = json.loads(p.metadata()["ckptdiff.ft"]), json.loads(q.metadata()["ckptdiff.ft"])
+        assert got["commit"] == sha and want["commit"] == ""
+        assert got["tensors"] == want["tensors"] and got["shards"] == want["shards"]
+        assert sorted(p.keys()) == sorted(q.keys())
+        for key in sorted(q.keys()):
+            assert _sha(p.get_tensor(key)) == _sha(q.get_tensor(key)), key
