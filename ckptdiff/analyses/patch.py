@@ -60,6 +60,7 @@ FT_KEY = "ckptdiff.ft"  # metadata key: JSON {"source", "tensors": [...], "shard
 _INDEX_NP = {4: np.int32, 8: np.int64}
 PIECE = 16 * 1024 * 1024  # bytes per read or copy while streaming
 SINGLE = "model.safetensors"
+PATCH_INDEX = "model.safetensors.index.json"  # a sharded patch is a folder, read like a sharded checkpoint
 
 COLUMNS = [
     "tensor",
@@ -202,10 +203,20 @@ class PatchAnalysis(Analysis):
     name = "patch"
     state_fields = ("records", "base_hashes", "ft_hashes", "scratch_paths")
 
-    def __init__(self, output: Output | None = None, folder: Path | None = None) -> None:
+    def __init__(
+        self,
+        output: Output | OutputFolder | None = None,
+        folder: Path | None = None,
+        max_shard_bytes: int | None = None,
+    ) -> None:
         super().__init__((0, 1))
         self.output = output
-        self.folder = folder if folder is not None else (output.target.parent if output is not None else None)
+        self.max_shard_bytes = max_shard_bytes
+        if folder is None and isinstance(output, Output):
+            folder = output.target.parent
+        elif folder is None and isinstance(output, OutputFolder):
+            folder = output.parent
+        self.folder = folder
         self.records: dict[str, TensorPatch] = {}
         self.base_hashes: dict[str, str] = {}
         self.ft_hashes: dict[str, str] = {}
@@ -230,7 +241,7 @@ class PatchAnalysis(Analysis):
             from ckptdiff.runtime import distributed
 
             w = distributed.world()
-            stem = (self.output.target.name if self.output is not None else "patch") + (
+            stem = (self.output.path.name if self.output is not None else "patch") + (
                 f".rank{w.rank}" if w is not None else ""
             )
             self.scratch = _Scratch(self.folder, stem)
@@ -385,7 +396,7 @@ class PatchAnalysis(Analysis):
         self.ft_hashes[item.name] = _copy_tensor(ft_src, ft, self.scratch)
         self.records[item.name] = self._whole(ft, at)
 
-    def _write(self, output: Output, base_src: Source, ft_src: Source) -> None:
+    def _write(self, output: Output | OutputFolder, base_src: Source, ft_src: Source) -> None:
         order = [n for n in ft_src.infos if n in self.records]
         pieces = [p for n in order for p in self.records[n].pieces]
         # Widest dtypes first: every tensor then starts on a multiple of its item size (the data section starts on
@@ -419,25 +430,49 @@ class PatchAnalysis(Analysis):
                 }
             ),
         }
-        f = output.open()
-        with output.writing():
-            writer = StreamWriter(f, [Planned(p.key, p.dtype, p.shape) for p in pieces], meta)
-            handles: dict[str, int] = {}
-            try:
-                for p in pieces:
-                    if p.path not in handles:
-                        handles[p.path] = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    for at in range(0, p.nbytes, PIECE):
-                        n = min(PIECE, p.nbytes - at)
-                        data = os.pread(handles[p.path], n, p.offset + at)
-                        if len(data) != n:
-                            raise InputError(f"scratch file {p.path} ended early; check the disk and run again")
-                        writer.write(data)
-                writer.close()
-            finally:
-                for fd in handles.values():
-                    os.close(fd)
-        output.finish()
+        if isinstance(output, Output):
+            with output.writing():
+                self._write_file(output.open(), pieces, meta)
+            output.finish()
+            return
+        shards: list[list[Piece]] = [[]]
+        size = 0
+        for p in pieces:  # cut where the next tensor would pass the size (a larger tensor gets a shard of its own)
+            if shards[-1] and self.max_shard_bytes is not None and size + p.nbytes > self.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(p)
+            size += p.nbytes
+        n = len(shards)
+        if n == 1:  # one shard: the folder holds model.safetensors alone (an index may not be empty)
+            self._write_file(output.open(SINGLE), shards[0], meta)
+            return
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self._write_file(output.open(name), shard, meta)
+            weight_map.update(dict.fromkeys((p.key for p in shard), name))
+        index = {"metadata": {"total_size": sum(p.nbytes for p in pieces)}, "weight_map": weight_map}
+        output.open(PATCH_INDEX).write(json.dumps(index, indent=1).encode() + b"\n")
+
+    def _write_file(self, f: IO[bytes], pieces: Sequence[Piece], meta: dict[str, str]) -> None:
+        """One safetensors file of ``pieces``, copied from the scratch files."""
+        writer = StreamWriter(f, [Planned(p.key, p.dtype, p.shape) for p in pieces], meta)
+        handles: dict[str, int] = {}
+        try:
+            for p in pieces:
+                if p.path not in handles:
+                    handles[p.path] = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                for at in range(0, p.nbytes, PIECE):
+                    n = min(PIECE, p.nbytes - at)
+                    data = os.pread(handles[p.path], n, p.offset + at)
+                    if len(data) != n:
+                        raise InputError(f"scratch file {p.path} ended early; check the disk and run again")
+                    writer.write(data)
+            writer.close()
+        finally:
+            for fd in handles.values():
+                os.close(fd)
 
     def _row(self, item: Aligned) -> dict[str, object]:
         basics = row_basics(item)
@@ -646,17 +681,34 @@ def _size(n: int) -> str:
 def patch_create(
     base: SourceLike,
     ft: SourceLike,
-    output: str | os.PathLike[str] | Output,
+    output: str | os.PathLike[str] | Output | OutputFolder,
     *,
+    max_shard_bytes: int | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> PatchResult:
-    """Write the patch that rebuilds ``ft`` from ``base`` bit for bit to ``output`` (one safetensors file)."""
-    out = standalone(output if isinstance(output, Output) else Path(output), "--out", [base, ft])
+    """Write the patch that rebuilds ``ft`` from ``base`` bit for bit to ``output``: one safetensors file, or with
+    ``max_shard_bytes`` a new or empty folder of shards of at most that size each and their index."""
+    out: Output | OutputFolder | None
+    if isinstance(output, (Output, OutputFolder)):
+        out = output
+    elif max_shard_bytes is not None:
+        out = OutputFolder("--out", Path(output), [base, ft])
+    else:
+        out = standalone(Path(output), "--out", [base, ft])
+    if max_shard_bytes is not None and (not isinstance(out, OutputFolder) or max_shard_bytes <= 0):
+        raise InputError("--max-shard-size needs a positive size and a folder for --out; give both")
     assert out is not None
-    analysis = PatchAnalysis(out)
+    analysis = PatchAnalysis(out, max_shard_bytes=max_shard_bytes)
     try:
-        return _run(base, ft, analysis, device, progress, "patching")
+        result = _run(base, ft, analysis, device, progress, "patching")
+        if isinstance(out, OutputFolder) and not isinstance(output, OutputFolder):
+            out.commit()  # a folder made here is put in place here; a caller's is the caller's to commit
+        return result  # type: ignore[no-any-return]
+    except BaseException:
+        if isinstance(out, OutputFolder) and not isinstance(output, OutputFolder):
+            out.discard()
+        raise
     finally:
         analysis.cleanup()
 
@@ -714,9 +766,10 @@ class PatchFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
-        if not self.path.endswith(".safetensors"):
+        if not (self.path.endswith(".safetensors") or Path(self.path).is_dir()):
             raise InputError(
-                f"patch {self.path} is not a .safetensors file; give a patch written by 'ckptdiff patch create'"
+                f"patch {self.path} is not a .safetensors file or a folder of shards; give a patch written by "
+                "'ckptdiff patch create'"
             )
         src = resolve.open(self.path, stored=True)
         if not isinstance(src, SafetensorsSource):
@@ -724,7 +777,12 @@ class PatchFile:
                 f"patch {self.path} is not a safetensors file; give a patch written by 'ckptdiff patch create'"
             )
         self.source = src
-        meta = next(iter(src.metadata.values()), {})
+        metas = list(src.metadata.values())
+        meta = metas[0] if metas else {}
+        if any(m != meta for m in metas[1:]):
+            raise InputError(
+                f"patch {self.path} mixes shards of different patches (their metadata differ); re-create the patch"
+            )
         version = meta.get(FORMAT)
         if version is None:
             raise InputError(f"patch {self.path} is not a ckptdiff patch (no {FORMAT} metadata); check the file")

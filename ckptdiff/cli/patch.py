@@ -30,7 +30,10 @@ EPILOG = (
     "rebuilds the fine-tune bit for bit. Layout: docs/patches.md."
 )
 
-PatchOut = Annotated[Path, typer.Option("--out", "-o", help="The patch file to write (.safetensors).")]
+PatchOut = Annotated[
+    Path,
+    typer.Option("--out", "-o", help="The patch file to write (.safetensors), or its folder with --max-shard-size."),
+]
 CheckpointOut = Annotated[
     Path,
     typer.Option(
@@ -49,10 +52,41 @@ app = typer.Typer(
 )
 
 
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size",
+        help="Write the patch as a folder of shards of at most this size each (e.g. 5GB, 500MiB, or bytes) with "
+        "their index; --out is then a new or empty folder. Default: one file.",
+    ),
+]
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
+_UNITS |= {"GIB": 2**30, "TIB": 2**40}
+
+
+def shard_bytes(text: str | None) -> int | None:
+    """--max-shard-size as bytes: a positive number with an optional unit (KB, MB, GB, TB, KiB, MiB, GiB, TiB)."""
+    if text is None:
+        return None
+    from ckptdiff.errors import InputError
+
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1.0
+    if not value >= 1:
+        raise InputError(f"--max-shard-size {text!r} is not a size; give e.g. 5GB, 500MiB or a number of bytes")
+    return int(value)
+
+
 def create(
     base: BaseArg,
     ft: FtArg,
     out: PatchOut,
+    max_shard_size: MaxShardOpt = None,
     csv: CsvOpt = None,
     json: JsonOpt = None,
     fmt: FormatOpt = Fmt.table,
@@ -61,12 +95,22 @@ def create(
 ) -> None:
     """Write the patch that rebuilds FT from BASE bit for bit, in one streamed pass over the stored tensors."""
     from ckptdiff.analyses.patch import patch_create
+    from ckptdiff.io.outputs import Output, OutputFolder
 
     check_summary(fmt, summary)
-    with outputs([base, ft], {"--out": out, "--csv": csv, "--json": json}) as outs:
-        target = outs.get("--out")
+    most = shard_bytes(max_shard_size)
+    files = {"--csv": csv, "--json": json} | ({} if most else {"--out": out})
+    with outputs([base, ft], files) as outs:
+        target: Output | OutputFolder | None = OutputFolder("--out", out, [base, ft]) if most else outs.get("--out")
         assert target is not None
-        result = patch_create(base, ft, target, progress=not quiet)
+        try:
+            result = patch_create(base, ft, target, max_shard_bytes=most, progress=not quiet)
+            if isinstance(target, OutputFolder):
+                target.commit()
+        except BaseException:
+            if isinstance(target, OutputFolder):
+                target.discard()
+            raise
         emit(result.report(), fmt, outs, summary)
 
 

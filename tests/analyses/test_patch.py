@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -375,3 +376,39 @@ def test_a_hub_streamed_pair_gives_the_local_patch(tmp_path: Path, monkeypatch: 
         assert sorted(p.keys()) == sorted(q.keys())
         for key in sorted(q.keys()):
             assert _sha(p.get_tensor(key)) == _sha(q.get_tensor(key)), key
+
+
+def test_a_sharded_patch_round_trips_and_its_shards_stay_within_the_size(
+    pair: tuple[Path, Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    base, ft, want = pair
+    folder = tmp_path / "sharded"
+    most = 4_000
+    patch_create(str(base), str(ft), folder, max_shard_bytes=most, progress=False)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as s:
+            sizes = [s.get_tensor(k).numel() * s.get_tensor(k).element_size() for k in s.keys()]  # noqa: SIM118
+            assert sum(sizes) <= most or len(sizes) == 1, shard.name  # a larger tensor gets a shard of its own
+            assert s.metadata()["ckptdiff.patch"] == "1"  # every shard carries the whole metadata
+    patch_apply(str(base), [str(folder)], tmp_path / "out", progress=False)
+    out = _ft_tensors(tmp_path / "out")
+    assert {n: _sha(t) for n, t in out.items()} == {n: _sha(t) for n, t in want.items()}
+    # a shard of another patch in its place is refused
+    other = tmp_path / "other.safetensors"  # a patch of another fine-tune (the base itself)
+    patch_create(str(base), str(base), other, progress=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copy(other, mixed / shards[0].name)
+    with pytest.raises(InputError, match="model-00001-of"):  # the index or the metadata give it away
+        patch_apply(str(base), [str(mixed)], tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+    relabelled = tmp_path / "relabelled"  # the same tensors, one shard's metadata from another patch
+    shutil.copytree(folder, relabelled)
+    with safe_open(str(other), "pt") as p:
+        foreign = p.metadata()
+    save_file(load_file(str(shards[0])), str(relabelled / shards[0].name), metadata=foreign)
+    with pytest.raises(InputError, match="mixes shards"):
+        patch_apply(str(base), [str(relabelled)], tmp_path / "out3", progress=False)

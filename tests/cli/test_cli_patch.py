@@ -203,3 +203,26 @@ def test_two_torchrun_ranks_write_the_same_patch(trio: dict[str, Path], tmp_path
         for key in sorted(q.keys()):
             assert _sha(p.get_tensor(key)) == _sha(q.get_tensor(key)), key
     assert not list(tmp_path.glob(".*"))  # every rank's scratch files are gone
+
+
+def test_max_shard_size_writes_a_folder_of_shards(trio: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "sharded"
+    code, _, output, _ = invoke(
+        ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(folder), "--max-shard-size", "0.2KB", "-q"]
+    )
+    assert code == 0, output
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
+    code, _, output, _ = invoke(["patch", "verify", str(trio["base"]), str(folder), str(trio["ft"]), "-q"])
+    assert code == 0, output
+    assert_refused(
+        ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(tmp_path / "x"), "--max-shard-size", "5XB"],
+        tmp_path,
+        ["--max-shard-size", "5XB"],
+        "is not a size",
+    )
+    assert_refused(  # a folder of shards replaces nothing: the folder just written is not empty
+        ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(folder), "--max-shard-size", "1GB"],
+        tmp_path,
+        ["sharded"],
+        "not empty",
+    )
