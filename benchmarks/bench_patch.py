@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -147,13 +148,13 @@ def main() -> None:
         patch.unlink(missing_ok=True)
         times["create"].append(timed(lambda: ckptdiff.patch_create(base, ft, patch, progress=False)))
         out = work / f"rebuilt-{r}"
-        times["apply"].append(timed(lambda out=out: ckptdiff.patch_apply(base, [patch], out, progress=False)))
+        times["apply"].append(timed(partial(ckptdiff.patch_apply, base, [patch], out, progress=False)))
         shutil.rmtree(out)
         plain = work / f"plain-{r}.safetensors"
-        times["plain"].append(timed(lambda plain=plain: plain_apply(base, patch, plain)))
+        times["plain"].append(timed(partial(plain_apply, base, patch, plain)))
         plain.unlink()
         raw = work / f"raw-{r}"
-        times["disk"].append(timed(lambda raw=raw: disk_write(ft.stat().st_size, raw)))
+        times["disk"].append(timed(partial(disk_write, ft.stat().st_size, raw)))
         raw.unlink()
     med = {k: statistics.median(v) for k, v in times.items()}
     side = base.stat().st_size

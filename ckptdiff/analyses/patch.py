@@ -3,9 +3,10 @@
 ``patch create`` is a plug-in on the one pass (:class:`PatchAnalysis`, flat chunks of the stored tensors, so Hub
 inputs, ``--hub-stream`` and torchrun ranks work as for every analysis). Each rank writes the changed entries of
 its tensors to two scratch files beside the output (values; indices or bitmasks); rank 0 merges the records,
-writes the patch (one safetensors file, layout in docs/patches.md) from the scratch files, and every scratch file
-is removed. ``patch size`` is the same pass without writing. ``patch apply`` and ``patch verify`` stream tensor by
-tensor: each tensor is rebuilt, its sha256 checked against the patch, then written (or compared).
+writes the patch (one safetensors file, or a folder of shards and their index; layout in docs/patches.md) from the
+scratch files, and every scratch file is removed. ``patch size`` is the same pass without writing. ``patch apply``
+and ``patch verify`` stream tensor by tensor: each tensor is rebuilt, its sha256 checked against the patch, then
+written (or compared).
 
 The patch's layout (format version 1) is :data:`FORMAT_VERSION`; the names of its tensors are ``NAME:indices``,
 ``NAME:mask``, ``NAME:values`` and ``NAME:dense`` for the fine-tune tensor ``NAME``, as the metadata lists them.

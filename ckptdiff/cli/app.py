@@ -122,7 +122,10 @@ def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS
     made.callback()(_root)
     for name, command, epilog in commands:
         if isinstance(command, typer.Typer):  # a group of subcommands (``ckptdiff patch create ...``)
-            made.add_typer(command, name=name, epilog=epilog)
+            for info in command.registered_commands:
+                if info.cls in (None, TyperCommand):
+                    info.cls = _Command
+            made.add_typer(command, name=name, epilog=epilog, cls=_Group)
         else:
             made.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
     return made
