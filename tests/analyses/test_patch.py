@@ -54,7 +54,7 @@ def zoo() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     b: dict[str, torch.Tensor] = {}
     f: dict[str, torch.Tensor] = {}
-    q = "model.layers.0.self_attn.q_proj.weight"  # bf16, 10 of 4096 changed: sparse
+    q = "model.layers.0.self_attn.q_proj.weight"  # bf16, 11 of 4096 changed: sparse
     b[q] = torch.randn(64, 64, generator=g).bfloat16()
     f[q] = b[q].clone()
     f[q].view(-1)[torch.arange(5, 4096, 409)] += 1
@@ -412,3 +412,24 @@ def test_a_sharded_patch_round_trips_and_its_shards_stay_within_the_size(
     save_file(load_file(str(shards[0])), str(relabelled / shards[0].name), metadata=foreign)
     with pytest.raises(InputError, match="mixes shards"):
         patch_apply(str(base), [str(relabelled)], tmp_path / "out3", progress=False)
+
+
+def test_int64_indices_past_the_int32_limit(
+    pair: tuple[Path, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors of 2**31 entries or more take int64 indices; the limit is lowered here so that a small tensor does."""
+    import ckptdiff.metrics.patch as metrics
+
+    base, ft, want = pair
+    monkeypatch.setattr(metrics, "INT32_LIMIT", 1000)
+    patch = tmp_path / "p.safetensors"
+    res = patch_create(str(base), str(ft), patch, progress=False)
+    q = "model.layers.0.self_attn.q_proj.weight"  # 4096 entries, sparse
+    row = res.to_frame().set_index("tensor").loc[q]
+    assert row["encoding"] == "sparse" and row["sparse_bytes"] == len(range(5, 4096, 409)) * (8 + 2)
+    with safe_open(str(patch), "pt") as p:
+        assert p.get_tensor(f"{q}:indices").dtype == torch.int64
+        assert p.get_tensor("model.position_ids:indices").dtype == torch.int32  # 16 entries: below the limit
+    patch_apply(str(base), [str(patch)], tmp_path / "out", progress=False)
+    out = _ft_tensors(tmp_path / "out")
+    assert {n: _sha(t) for n, t in out.items()} == {n: _sha(t) for n, t in want.items()}
