@@ -429,7 +429,6 @@ def test_int64_indices_past_the_int32_limit(
     assert row["encoding"] == "sparse" and row["sparse_bytes"] == len(range(5, 4096, 409)) * (8 + 2)
     with safe_open(str(patch), "pt") as p:
         assert p.get_tensor(f"{q}:indices").dtype == torch.int64
-        assert p.get_tensor("model.position_ids:indices").dtype == torch.int32  # 16 entries: below the limit
     patch_apply(str(base), [str(patch)], tmp_path / "out", progress=False)
     out = _ft_tensors(tmp_path / "out")
     assert {n: _sha(t) for n, t in out.items()} == {n: _sha(t) for n, t in want.items()}
