@@ -432,3 +432,23 @@ def test_int64_indices_past_the_int32_limit(
     patch_apply(str(base), [str(patch)], tmp_path / "out", progress=False)
     out = _ft_tensors(tmp_path / "out")
     assert {n: _sha(t) for n, t in out.items()} == {n: _sha(t) for n, t in want.items()}
+
+
+def test_a_failure_mid_pass_leaves_no_scratch_file_and_no_patch(
+    pair: tuple[Path, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, ft, _ = pair
+    seen: list[str] = []
+    real = PatchAnalysis.on_chunk
+
+    def fail_third(self: PatchAnalysis, item: object, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        seen.append(getattr(item, "name", ""))
+        if len(seen) == 3:
+            assert list(tmp_path.glob(".p.safetensors.*.scratch"))  # the scratch files exist meanwhile
+            raise KeyboardInterrupt
+        real(self, item, start, tensors)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PatchAnalysis, "on_chunk", fail_third)
+    with pytest.raises(KeyboardInterrupt):
+        patch_create(str(base), str(ft), tmp_path / "p.safetensors", progress=False)
+    assert list(tmp_path.iterdir()) == []
