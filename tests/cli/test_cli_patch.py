@@ -226,3 +226,17 @@ def test_max_shard_size_writes_a_folder_of_shards(trio: dict[str, Path], tmp_pat
         ["sharded"],
         "not empty",
     )
+
+
+def test_a_base_of_other_shapes_is_refused_from_its_headers(trio: dict[str, Path], tmp_path: Path) -> None:
+    other = load_file(str(trio["base"]))
+    other[UP] = other[UP].float()  # same names, one dtype differs
+    path = save_single(other, tmp_path / "retyped.safetensors")
+    out = tmp_path / "rebuilt"
+    line = assert_refused(
+        ["patch", "apply", str(path), str(trio["patch"]), "-o", str(out)],
+        tmp_path,
+        [UP, "F32", "BF16"],
+        "is not the base",
+    )
+    assert "retyped.safetensors" in line and not out.exists()

@@ -98,6 +98,9 @@ class PatchFile:
             ft = json.loads(meta[FT_KEY])
             self.base_source = str(base["source"])
             self.base: dict[str, str] = {str(k): str(v) for k, v in base["tensors"].items()}
+            self.base_layout: dict[str, tuple[str, tuple[int, ...]]] = {
+                str(k): (str(v[0]), tuple(int(d) for d in v[1])) for k, v in base["layout"].items()
+            }
             self.ft_source = str(ft["source"])
             self.ft = [
                 FtTensor(
@@ -171,7 +174,8 @@ def check_chain(patches: Sequence[PatchFile]) -> None:
 
 
 def check_base(base: Source, first: PatchFile) -> None:
-    """The base's tensors are those the first patch was made against (names, from headers), else exit 2."""
+    """The base's tensors are those the first patch was made against (names, dtypes and shapes, from headers), else
+    exit 2; their bytes are checked by hash as they are read."""
     for name in first.base:
         if name not in base.infos:
             raise InputError(
@@ -183,6 +187,14 @@ def check_base(base: Source, first: PatchFile) -> None:
             raise InputError(
                 f"{base.spec} is not the base of patch {first.path}: it has tensor {name!r}, which that base did not; "
                 f"give the checkpoint the patch was made from ({first.base_source})"
+            )
+    for name, info in base.infos.items():  # dtypes and shapes, from headers: before anything is read or written
+        want = first.base_layout.get(name)
+        if want is not None and (info.dtype.name, info.shape) != want:
+            raise InputError(
+                f"{base.spec} is not the base of patch {first.path}: its tensor {name!r} is "
+                f"{info.dtype.name}{list(info.shape)}, the patch's base had {want[0]}{list(want[1])}; give the "
+                f"checkpoint the patch was made from ({first.base_source})"
             )
 
 

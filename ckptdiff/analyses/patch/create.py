@@ -337,6 +337,7 @@ class PatchAnalysis(Analysis):
                     "source": base_src.resolved,
                     "commit": hub_commit(base_src),
                     "tensors": {n: self.base_hashes[n] for n in base_src.infos},
+                    "layout": {n: [i.dtype.name, list(i.shape)] for n, i in base_src.infos.items()},
                 }
             ),
             FT_KEY: json.dumps(
