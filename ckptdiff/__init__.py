@@ -25,6 +25,10 @@ _LAZY = {
     "consistency": ("ckptdiff.analyses.consistency", "consistency"),
     "check": ("ckptdiff.gate.check", "check"),
     "full_report": ("ckptdiff.analyses.full", "full_report"),
+    "patch_create": ("ckptdiff.analyses.patch", "patch_create"),
+    "patch_apply": ("ckptdiff.analyses.patch", "patch_apply"),
+    "patch_verify": ("ckptdiff.analyses.patch", "patch_verify"),
+    "patch_size": ("ckptdiff.analyses.patch", "patch_size"),
     "open": ("ckptdiff.io.resolve", "open"),
     "resolve": ("ckptdiff.io.resolve", "open"),  # the same front door under its earlier name
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),

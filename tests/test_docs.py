@@ -110,6 +110,7 @@ RUNS: dict[str, Callable[[str, str, str], pd.DataFrame]] = {
     "principal-overlap": lambda b, f, _: ckptdiff.principal_overlap(b, f, k=2, progress=False).to_frame(),
     "spectral": lambda b, f, _: ckptdiff.spectral(b, f, k=2, null="random", progress=False).to_frame(),
     "consistency": lambda b, f1, f2: ckptdiff.consistency(b, [f1, f2], progress=False).to_frame(),
+    "patch": lambda b, f, _: ckptdiff.patch_size(b, f, progress=False).to_frame(),
 }
 
 

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ckptdiff import __version__
-from ckptdiff.cli import check, consistency, principal, report, sparsity, spectral
+from ckptdiff.cli import check, consistency, patch, principal, report, sparsity, spectral
 from ckptdiff.cli.guard import RANK, handle_errors
 from ckptdiff.errors import printable
 
@@ -29,6 +29,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
     ("consistency", consistency.consistency, consistency.EPILOG),
     ("report", report.report, report.EPILOG),
     ("check", check.check, check.EPILOG),
+    ("patch", patch.app, patch.EPILOG),  # a group: its subcommands are guarded where they are declared
 )
 
 
@@ -120,7 +121,13 @@ def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS
     )
     made.callback()(_root)
     for name, command, epilog in commands:
-        made.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
+        if isinstance(command, typer.Typer):  # a group of subcommands (``ckptdiff patch create ...``)
+            for info in command.registered_commands:
+                if info.cls in (None, TyperCommand):
+                    info.cls = _Command
+            made.add_typer(command, name=name, epilog=epilog, cls=_Group)
+        else:
+            made.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
     return made
 
 

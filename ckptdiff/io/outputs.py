@@ -338,3 +338,103 @@ def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
+
+
+class OutputFolder:
+    """A destination folder of several files (a rebuilt checkpoint's shards and index), written whole or not at all.
+
+    Checked when made, before any work: the folder is new or empty (an existing file is never replaced, so no
+    input can be lost), not a symbolic link, and its parent takes a new folder. The files are written into a hidden
+    temporary folder beside it; :meth:`commit` renames that folder into place in one step (onto an empty folder of
+    the same name, if any), and any failure or signal before then removes it.
+    """
+
+    def __init__(self, flag: str, path: PathLike, inputs: Iterable[object] = ()) -> None:
+        self.flag = flag
+        self.path = Path(path).expanduser()
+        fileio.refuse_too_long(self.path, f"cannot write {flag} {self.path}")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise InputError(f"cannot write {flag} {self.path}: folder {parent} does not exist; create it first")
+        if self.path.is_symlink():
+            raise InputError(
+                f"cannot write {flag} {self.path}: it is a symbolic link; give a new folder name (nothing is replaced)"
+            )
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"cannot write {flag} {self.path}: it is a file; give a new folder name")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise InputError(
+                f"cannot write {flag} {self.path}: the folder is not empty, and ckptdiff replaces no file; give a new "
+                "or empty folder"
+            )
+        probe = OutputSet(inputs)
+        for tree in probe._trees:
+            if Path(os.path.realpath(parent)).is_relative_to(tree):
+                raise InputError(
+                    f"cannot write {flag} {self.path}: it is inside the Hugging Face cache {tree}, which holds an "
+                    "input of this run; pick another path"
+                )
+        self.parent = parent
+        self.tmp: Path | None = None
+        self.files: dict[str, IO[bytes]] = {}
+        with signals_held():
+            try:
+                fd, name = _create_temp(parent / self.path.name)
+                os.close(fd)
+                os.unlink(name)
+            except OSError as e:
+                raise write_error(flag, self.path, e) from None
+
+    def open(self, name: str) -> IO[bytes]:
+        """A new file ``name`` inside the folder being written, open for binary writing."""
+        import tempfile
+
+        with signals_held():
+            try:
+                if self.tmp is None:
+                    self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.parent))
+                f = open(self.tmp / name, "xb")  # noqa: SIM115 - closed by commit or discard
+            except OSError as e:
+                raise write_error(self.flag, self.path, e) from None
+        self.files[name] = f
+        return f
+
+    def commit(self) -> None:
+        """Flush every file to disk, then rename the folder into place (rank 0 only under torchrun)."""
+        if not writes_files() or self.tmp is None:
+            self.discard()
+            return
+        try:
+            for f in self.files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(self.tmp, 0o777 & ~mask)
+            with signals_held():
+                os.rename(self.tmp, self.path)  # onto an empty folder too
+                self.tmp = None
+                note_commit()
+        except OSError as e:
+            self.discard()
+            raise write_error(self.flag, self.path, e) from None
+
+    def discard(self) -> None:
+        """Close and remove everything written so far."""
+        import shutil
+
+        with signals_held():
+            for f in self.files.values():
+                with suppress(OSError):
+                    f.close()
+            self.files.clear()
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.discard()

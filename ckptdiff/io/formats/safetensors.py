@@ -102,9 +102,11 @@ class SafetensorsSource(Source):
         self._fds: dict[str, int] = {}
         self._identity: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
+        self.metadata: dict[str, dict[str, str]] = {}  # each file's ``__metadata__``, by path
         for path in files:
-            infos, offsets, _, identity = _read_safetensors_header(path)
+            infos, offsets, meta, identity = _read_safetensors_header(path)
             self._identity[str(path)] = identity
+            self.metadata[str(path)] = meta
             for name, info in infos.items():
                 if name in self.infos:
                     raise InputError(
@@ -138,5 +140,3 @@ class SafetensorsSource(Source):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-
-
