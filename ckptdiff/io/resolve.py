@@ -21,7 +21,7 @@ from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.layout import contained, read_index
 from ckptdiff.io.source import Source
-from ckptdiff.io.views import fp8, moe, ties
+from ckptdiff.io.views import fp8, moe, quant, ties
 
 
 def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
@@ -141,10 +141,14 @@ def open(
 
 
 def logical(src: Source) -> Source:
-    """``src`` as the analyses see it: ties declared, FP8 weights dequantized, fused experts split (or ``src``
-    itself); a source already viewed is returned as it is."""
+    """``src`` as the analyses see it: ties declared, quantized and FP8 weights dequantized, fused experts split (or
+    ``src`` itself); a source already viewed is returned as it is. Within :func:`ckptdiff.io.views.quant.as_stored`
+    (``--as-stored``) nothing is dequantized and every quantized part carries a note saying so."""
     if src.viewed:
         return src
-    out = moe.split(fp8.wrap(ties.declare(src)))
+    if quant.stored_wanted():  # --as-stored: nothing dequantized, every quantized part noted as compared raw
+        out = moe.split(quant.wrap(ties.declare(src)))
+    else:
+        out = moe.split(fp8.wrap(quant.wrap(ties.declare(src))))
     out.viewed = True
     return out

@@ -119,7 +119,8 @@ def label(info: TensorInfo) -> str:
     if isinstance(info, Fp8Info) and info.scaled:
         assert info.codes is not None and info.block is not None
         return f"{info.codes.dtype.short}/{info.block[0]}x{info.block[1]}"
-    return info.dtype.short
+    storage = getattr(info, "storage", "")  # a dequantized quantized weight (ckptdiff.io.views.quant): its format
+    return storage if isinstance(storage, str) and storage else info.dtype.short
 
 
 def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
@@ -141,8 +142,9 @@ def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
 
 
 def notes(infos: Iterable[TensorInfo | None]) -> str:
-    """The FP8 notes of one aligned tensor's sides, each once, joined with '; ' ('' when none)."""
-    found = [i.note for i in infos if isinstance(i, Fp8Info) and i.note]
+    """The FP8 (and quantized-storage) notes of one aligned tensor's sides, each once, joined with '; ' ('' when
+    none)."""
+    found = [note for i in infos if isinstance(note := getattr(i, "note", ""), str) and note]
     return "; ".join(dict.fromkeys(found))
 
 

@@ -1,0 +1,1065 @@
+"""Quantized checkpoints read as values: MXFP4, compressed-tensors, bitsandbytes, GPTQ and AWQ weights dequantized.
+
+Each quantized weight is stored as several tensors (packed codes, scales, zero points, a quant map, a state) under
+names of its own. :func:`wrap` recognises every such layout from tensor names, dtypes and ``config.json``'s
+``quantization_config``, and presents each quantized weight as one fp32 tensor (:class:`QuantInfo`) in its logical
+shape, under the name the unquantized checkpoint gives it (``mlp.experts.gate_up_proj``, ``q_proj.weight``), so a
+quantized base pairs with its bf16 fine-tune. The parts are hidden: they are not parameters, so they are out of
+``numel`` and every rollup. The formats and their formulas (docs/formats.md says the same for users):
+
+- ``mxfp4`` (gpt-oss experts; transformers' mxfp4 integration): ``P_blocks`` U8 ``(E, R, G, 16)``, two FP4 E2M1
+  codes per byte, the low nibble first, and ``P_scales`` U8 ``(E, R, G)``, an E8M0 exponent per 32 codes.
+  ``P[e]`` is the transpose of the ``(R, 32·G)`` matrix ``fp4(code) · 2^(scale − 127)``.
+- ``ct-int`` (compressed-tensors ``pack-quantized``, W4A16/W8A16): ``weight_packed`` I32 ``(out, ⌈in/p⌉)`` with
+  p = 32/bits codes per word, the first column in the lowest bits, each code stored as ``q + 2^(bits−1)``;
+  ``weight_scale`` per tensor, channel ``(out, 1)`` or group ``(out, G)``; ``weight_zero_point`` (asymmetric)
+  packed the same way along the rows; ``weight_shape`` the logical shape; ``weight_g_idx`` act-order groups.
+  ``W = (q − z) · s``.
+- ``ct-float`` / ``ct-int8`` (compressed-tensors ``float-quantized``/``naive-quantized``, also ModelOpt and
+  fbgemm FP8): ``weight`` F8_E4M3 or I8 beside ``weight_scale`` (per tensor, channel, group, or block with
+  ``block_structure``) and optional ``weight_zero_point``; ``W = (q − z) · s``; ``input_scale`` is an activation
+  scale, hidden.
+- ``bnb-nf4`` / ``bnb-fp4`` (bitsandbytes 4-bit): ``weight`` packed bytes, the first code in the high nibble, of
+  the flattened weight; ``weight.absmax`` one scale per ``blocksize`` entries (nested: U8 codes of a second, 256-entry
+  table, ``nested_quant_map[a] · nested_absmax[b // nested_blocksize] + nested_offset``); ``weight.quant_map`` the
+  16 values; ``weight.quant_state.bitsandbytes__nf4`` a JSON state (shape, blocksize, ...).
+  ``W = quant_map[code] · absmax[k // blocksize]``.
+- ``bnb-int8`` (LLM.int8): ``weight`` I8 with ``SCB`` one scale per row: ``W = q · SCB[row] / 127``.
+- ``gptq``: ``qweight`` I32 ``(in·bits/32, out)`` packed along the input (row i in word i·bits/32, bits
+  ``bits·(i mod 32/bits)`` up), ``qzeros`` ``(G, out·bits/32)`` packed along the output, ``scales`` ``(G, out)``,
+  ``g_idx`` the group of each input (act-order); ``W[o, i] = s[g(i), o] · (q[i, o] − z[g(i), o] − 1)`` for the
+  ``gptq`` checkpoint format (the zeros are stored minus one), without the −1 for ``gptq_v2``.
+- ``awq`` (GEMM): ``qweight`` ``(in, out/8)`` with the interleaved order (column 8k + j in nibble
+  ``[0, 4, 1, 5, 2, 6, 3, 7][j]``), ``qzeros`` alike, ``scales`` ``(G, out)``: ``W[o, i] = s[i // gs, o] ·
+  (q[i, o] − z[i // gs, o])``.
+
+Every value is computed once in float64 from the stored numbers and rounded once to fp32 (the libraries form the
+product in the scale's dtype, often bf16: their result is this value rounded again). An entry is changed iff its
+dequantized value changed. :class:`Stats` gives the sparsity rows ``codes_changed`` (logical codes that changed;
+a float code's zero keeps its value whatever its sign) and ``scale_blocks_changed`` (scale groups whose scale or zero
+point changed), the columns the block-scaled FP8 view fills.
+
+Never a silent raw comparison: a layout recognised but not implemented here, or a ``config.json`` that contradicts the
+tensors, is an :class:`~ckptdiff.errors.InputError` naming the tensor and the reason, with the hint ``--as-stored``.
+Under :func:`as_stored` (the ``--as-stored`` option) nothing is dequantized: every stored part is compared as it
+is, each with a note saying so, and the header says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptdiff import dtypes
+from ckptdiff.errors import InputError
+from ckptdiff.io.source import Source, TensorInfo
+from ckptdiff.io.views import config as model_config
+from ckptdiff.io.views import fp8
+from ckptdiff.io.views.config import ModelConfig
+
+F32 = dtypes.BY_NAME["F32"]
+HINT = "pass --as-stored to compare the stored tensors as they are, on purpose"
+PIECE = 1 << 22  # logical entries dequantized at a time (at least one row)
+_PURPOSE = "its quantization_config to dequantize the quantized weights"
+_STATE_MAX = 1 << 16  # bytes of a bitsandbytes quant_state JSON
+_KEPT = 4  # stored tensors kept whole per source (GPTQ/AWQ are unpacked whole)
+
+_AS_STORED: ContextVar[bool] = ContextVar("ckptdiff_as_stored", default=False)
+
+
+@contextmanager
+def as_stored(on: bool = True) -> Iterator[None]:
+    """Within this block, checkpoints opened are compared as stored: nothing dequantized (``--as-stored``)."""
+    token = _AS_STORED.set(on)
+    try:
+        yield
+    finally:
+        _AS_STORED.reset(token)
+
+
+def stored_wanted() -> bool:
+    """Whether the comparison is of stored tensors, on purpose (``--as-stored``)."""
+    return _AS_STORED.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# the logical tensor
+
+
+@dataclass(frozen=True)
+class QuantInfo(TensorInfo):
+    """A quantized weight as the analyses see it (``codec`` set: dtype F32, logical shape), or a stored tensor
+    compared as stored with a ``note`` (``--as-stored``)."""
+
+    codec: Codec | None = None
+    note: str = ""
+    origin: str = ""  # the logical name before the expert split (``name`` is ``origin[e]`` for a slice)
+
+    @property
+    def storage(self) -> str:
+        """The dtype as reports write it: ``mxfp4``, ``int4/g128``, ``nf4/64``, ..."""
+        return self.codec.label if self.codec is not None else ""
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One quantized weight's stored parts and how they make its values (subclasses: one per format)."""
+
+    fmt: str
+    shape: tuple[int, ...]  # logical
+    parts: tuple[tuple[str, TensorInfo], ...]
+
+    @property
+    def label(self) -> str:
+        return self.fmt
+
+    def part(self, role: str) -> TensorInfo | None:
+        for r, info in self.parts:
+            if r == role:
+                return info
+        return None
+
+    def need(self, role: str) -> TensorInfo:
+        info = self.part(role)
+        assert info is not None, role
+        return info
+
+    @property
+    def row_len(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values (fp32) and codes (int64) of logical rows [r0, r1), flat, row-major."""
+        raise NotImplementedError
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        """The scale groups that rows [r0, r1) use, one row each: (scale[, zero point]) as float64."""
+        raise NotImplementedError
+
+
+def _rows_of(src: QuantSource, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) along the first dimension of a stored tensor, in its stored shape."""
+    per = math.prod(info.shape[1:])
+    flat = src.inner.read(info.name, r0 * per, (r1 - r0) * per)
+    return flat.reshape(r1 - r0, *info.shape[1:])
+
+
+def _scale_rows(src: QuantSource, scale: TensorInfo, r0: int, r1: int, out_rows: int) -> torch.Tensor:
+    """The (r1 − r0, G) float64 scales of rows [r0, r1): per tensor (one value), or per row."""
+    if scale.numel == 1:
+        return _f64(src.inner.read(scale.name)).reshape(1, 1).expand(r1 - r0, 1)
+    return _f64(_rows_of(src, scale, r0, r1)).reshape(r1 - r0, -1)
+
+
+# --- MXFP4 ----------------------------------------------------------------------------------------
+
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_FP4 = torch.tensor(FP4_E2M1, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Mxfp4(Codec):
+    """gpt-oss MXFP4 experts: logical (E, 32·G, R), the transpose of each expert's (R, 32·G) dequantized blocks."""
+
+    @property
+    def label(self) -> str:
+        return "mxfp4/32"
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = _rows_of(src, self.need("blocks"), r0, r1).to(torch.int64)  # (n, R, G, 16)
+        exps = _rows_of(src, self.need("scales"), r0, r1).to(torch.int64)  # (n, R, G)
+        n, rr, g, _ = blocks.shape
+        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(n, rr, g, 32)
+        values = _FP4[codes] * torch.pow(2.0, (exps - 127).to(torch.float64)).unsqueeze(-1)
+        values = values.reshape(n, rr, g * 32).transpose(1, 2).to(torch.float32).reshape(-1)
+        codes = torch.where(codes == 8, 0, codes)  # −0 is +0
+        return values, codes.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        return _f64(_rows_of(src, self.need("scales"), r0, r1)).reshape(-1, 1)
+
+
+# --- integer codes with scales and zero points, one row per output (compressed-tensors) -------------
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """(rows, ⌈width·bits/32⌉) int32 words -> (rows, width) unsigned codes, the first in the lowest bits."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :width]
+
+
+@dataclass(frozen=True)
+class CtInt(Codec):
+    """compressed-tensors pack-quantized: signed int codes packed into int32 words along each row."""
+
+    bits: int = 4
+    group: int = 0  # input columns per scale group (0: one group per row, channel or tensor scale)
+    block: tuple[int, int] | None = None  # unused here; for the float variant
+
+    @property
+    def label(self) -> str:
+        g = f"/g{self.group}" if self.group else ""
+        return f"int{self.bits}{g}"
+
+    def _cols_group(self, src: QuantSource, n_groups: int) -> torch.Tensor:
+        cols = self.shape[1]
+        g_idx = self.part("g_idx")
+        if g_idx is not None:
+            return src.whole(g_idx).to(torch.int64).reshape(-1)
+        if n_groups <= 1:
+            return torch.zeros(cols, dtype=torch.int64)
+        return torch.arange(cols, dtype=torch.int64) // self.group
+
+    def _codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        words = _rows_of(src, self.need("packed"), r0, r1)
+        return _unpack_rows(words, self.bits, self.shape[1]) - (1 << (self.bits - 1))
+
+    def _zeros(self, src: QuantSource, r0: int, r1: int, n_groups: int) -> torch.Tensor | None:
+        zp = self.part("zero_point")
+        if zp is None:
+            return None
+        per = 32 // self.bits
+        words = _rows_of(src, zp, r0 // per, -(-r1 // per))  # (⌈⌉, G): rows packed along dim 0
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        shifts = torch.arange(per, dtype=torch.int64) * self.bits
+        z = (w.unsqueeze(1) >> shifts.reshape(1, per, 1)) & ((1 << self.bits) - 1)  # (⌈⌉, per, G)
+        z = z.reshape(-1, z.shape[-1]) - (1 << (self.bits - 1))
+        first = (r0 // per) * per
+        return z[r0 - first : r1 - first].to(torch.float64)
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._codes(src, r0, r1)
+        s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
+        col_g = self._cols_group(src, s.shape[1])
+        z = self._zeros(src, r0, r1, s.shape[1])
+        qf = q.to(torch.float64)
+        if z is not None:
+            qf = qf - z[:, col_g]
+        values = (qf * s[:, col_g]).to(torch.float32).reshape(-1)
+        return values, q.reshape(-1)
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
+        if self.need("scale").numel == 1:
+            s = s[:1]
+        z = self._zeros(src, r0, r1, s.shape[1])
+        if z is None:
+            return s.reshape(-1, 1)
+        return torch.stack((s.reshape(-1), z.reshape(-1)), dim=1)
+
+
+@dataclass(frozen=True)
+class CtFloat(Codec):
+    """Unpacked codes (FP8 E4M3 or int8) with a scale per tensor, channel, group or block and an optional zero point."""
+
+    group: int = 0
+    block: tuple[int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        code = self.need("weight").dtype.short
+        if self.block is not None:
+            return f"{code}/{self.block[0]}x{self.block[1]}"
+        scale = self.need("scale")
+        if scale.numel == 1:
+            return f"{code}/tensor"
+        return f"{code}/g{self.group}" if self.group else f"{code}/channel"
+
+    def _scales(self, src: QuantSource, role: str, r0: int, r1: int) -> torch.Tensor:
+        """(r1 − r0, n) float64 scale (or zero point) of every entry of rows [r0, r1)."""
+        info = self.need(role)
+        cols = self.shape[1]
+        if info.numel == 1:
+            return _f64(src.inner.read(info.name)).reshape(1, 1).expand(r1 - r0, cols)
+        if self.block is not None:
+            b0, b1 = self.block
+            s = _f64(_rows_of(src, info, r0 // b0, (r1 - 1) // b0 + 1))
+            rows = torch.arange(r0, r1) // b0 - r0 // b0
+            return s[rows][:, torch.arange(cols) // b1]
+        s = _f64(_rows_of(src, info, r0, r1)).reshape(r1 - r0, -1)
+        if s.shape[1] == 1:
+            return s.expand(r1 - r0, cols)
+        return s[:, torch.arange(cols) // self.group]
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = _rows_of(src, self.need("weight"), r0, r1)
+        qf = raw.to(torch.float64)
+        if self.part("zero_point") is not None:
+            qf = qf - self._scales(src, "zero_point", r0, r1)
+        values = (qf * self._scales(src, "scale", r0, r1)).to(torch.float32).reshape(-1)
+        if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            bits = raw.view(torch.uint8).to(torch.int64)
+            codes = torch.where((bits & 0x7F) == 0, 0, bits)  # −0 is +0
+        else:
+            codes = raw.to(torch.int64)
+        return values, codes.reshape(-1)
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        scale = self.need("scale")
+        if scale.numel == 1:
+            s = _f64(src.inner.read(scale.name)).reshape(1, 1)
+        elif self.block is not None:
+            s = _f64(_rows_of(src, scale, r0 // self.block[0], (r1 - 1) // self.block[0] + 1)).reshape(-1, 1)
+        else:
+            s = _f64(_rows_of(src, scale, r0, r1)).reshape(-1, 1)
+        zp = self.part("zero_point")
+        if zp is None:
+            return s
+        if zp.numel == 1:
+            z = _f64(src.inner.read(zp.name)).reshape(1, 1)
+        elif self.block is not None:
+            z = _f64(_rows_of(src, zp, r0 // self.block[0], (r1 - 1) // self.block[0] + 1)).reshape(-1, 1)
+        else:
+            z = _f64(_rows_of(src, zp, r0, r1)).reshape(-1, 1)
+        return torch.cat((s, z), dim=1)
+
+
+# --- bitsandbytes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BnbInt8(Codec):
+    """LLM.int8: int8 codes and one absmax per row (SCB): W = q · SCB[row] / 127."""
+
+    @property
+    def label(self) -> str:
+        return "int8/row"
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = _rows_of(src, self.need("weight"), r0, r1).to(torch.int64)
+        scb = _f64(src.inner.read(self.need("scb").name, r0, r1 - r0)).reshape(-1, 1)
+        values = (q.to(torch.float64) * scb / 127.0).to(torch.float32).reshape(-1)
+        return values, q.reshape(-1)
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        return _f64(src.inner.read(self.need("scb").name, r0, r1 - r0)).reshape(-1, 1)
+
+
+@dataclass(frozen=True)
+class Bnb4(Codec):
+    """bitsandbytes NF4/FP4: the flattened weight in blocks of ``blocksize``, two codes a byte, high nibble first."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    nested_blocksize: int = 256
+    nested_offset: float = 0.0
+
+    @property
+    def label(self) -> str:
+        nested = "+nested" if self.part("nested_absmax") is not None else ""
+        return f"{self.quant_type}/{self.blocksize}{nested}"
+
+    def _bytes(self, src: QuantSource, b0: int, b1: int) -> torch.Tensor:
+        info = self.need("weight")
+        if info.dtype.itemsize == 1:
+            return src.inner.read(info.name, b0, b1 - b0).view(torch.uint8)
+        return src.whole(info).reshape(-1).view(torch.uint8)[b0:b1]
+
+    def absmax(self, src: QuantSource, k0: int, k1: int) -> torch.Tensor:
+        """fp32 absmax of blocks [k0, k1), nested ones dequantized in fp32 as bitsandbytes does."""
+        am = self.need("absmax")
+        raw = src.inner.read(am.name, k0, k1 - k0)
+        nested = self.part("nested_absmax")
+        if nested is None:
+            return raw.to(torch.float32)
+        nmap = src.whole(self.need("nested_quant_map")).to(torch.float32).reshape(-1)
+        nbs = self.nested_blocksize
+        outer = src.inner.read(nested.name, k0 // nbs, (k1 - 1) // nbs - k0 // nbs + 1).to(torch.float32)
+        idx = torch.arange(k0, k1) // nbs - k0 // nbs
+        return nmap[raw.to(torch.int64)] * outer[idx] + torch.tensor(self.nested_offset, dtype=torch.float32)
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per = self.row_len
+        f0, f1 = r0 * per, r1 * per
+        packed = self._bytes(src, f0 // 2, -(-f1 // 2)).to(torch.int64)
+        codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[f0 % 2 : f0 % 2 + f1 - f0]
+        qmap = src.whole(self.need("quant_map")).to(torch.float64).reshape(-1)
+        bs = self.blocksize
+        k0, k1 = f0 // bs, (f1 - 1) // bs + 1
+        am = self.absmax(src, k0, k1).to(torch.float64)
+        values = (qmap[codes] * am[torch.arange(f0, f1) // bs - k0]).to(torch.float32)
+        zero = (qmap == 0).nonzero().reshape(-1)
+        if zero.numel() > 1:  # a table with +0 and −0: one value, one code
+            codes = torch.where(torch.isin(codes, zero), zero[0], codes)
+        return values, codes
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        per, bs = self.row_len, self.blocksize
+        f0, f1 = r0 * per, r1 * per
+        if f1 <= f0:
+            return torch.empty(0, 1, dtype=torch.float64)
+        return self.absmax(src, f0 // bs, (f1 - 1) // bs + 1).to(torch.float64).reshape(-1, 1)
+
+
+# --- GPTQ / AWQ: packed across rows of the transposed weight, unpacked whole ----------------------
+
+AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column 8k + j sits in nibble AWQ_ORDER[j] of word k
+
+
+@dataclass(frozen=True)
+class Gptq(Codec):
+    """GPTQ (``awq=False``) or AWQ GEMM packing; logical (out, in), the transpose of the stored (in, out)."""
+
+    bits: int = 4
+    group: int = 128  # inputs per group; 0 when one group covers every input
+    plus_one: bool = True  # GPTQ v1 stores zeros minus one
+    awq: bool = False
+
+    @property
+    def label(self) -> str:
+        g = f"/g{self.group}" if self.group else ""
+        return f"{'awq' if self.awq else 'gptq'}-int{self.bits}{g}"
+
+    def _unpack_out(self, words: torch.Tensor, width: int) -> torch.Tensor:
+        """(r, ⌈width·bits/32⌉) words packed along the output -> (r, width) codes."""
+        codes = _unpack_rows(words, self.bits, words.shape[1] * (32 // self.bits))
+        if self.awq:
+            order = torch.tensor(AWQ_ORDER)
+            cols = torch.arange(codes.shape[1]).reshape(-1, 8)
+            codes = codes[:, (cols[:, :1] + order).reshape(-1)]
+        return codes[:, :width]
+
+    def _qweight(self, src: QuantSource) -> torch.Tensor:
+        """(in, out) unsigned codes."""
+        out_f, in_f = self.shape
+        words = src.whole(self.need("qweight"))
+        if self.awq:
+            return self._unpack_out(words, out_f)
+        per = 32 // self.bits
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        shifts = torch.arange(per, dtype=torch.int64) * self.bits
+        codes = (w.unsqueeze(1) >> shifts.reshape(1, per, 1)) & ((1 << self.bits) - 1)
+        return codes.reshape(-1, out_f)[:in_f]
+
+    def _g(self, src: QuantSource) -> torch.Tensor:
+        in_f = self.shape[1]
+        g_idx = self.part("g_idx")
+        if g_idx is not None and not self.awq:
+            return src.whole(g_idx).to(torch.int64).reshape(-1)
+        if not self.group:
+            return torch.zeros(in_f, dtype=torch.int64)
+        return torch.arange(in_f) // self.group
+
+    def _sz(self, src: QuantSource) -> tuple[torch.Tensor, torch.Tensor]:
+        out_f = self.shape[0]
+        s = _f64(src.whole(self.need("scales")))
+        z = self._unpack_out(src.whole(self.need("qzeros")), out_f).to(torch.float64)
+        return s, z + 1 if self.plus_one else z
+
+    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._qweight(src)[:, r0:r1]  # (in, rows)
+        s, z = self._sz(src)
+        g = self._g(src)
+        values = ((q.to(torch.float64) - z[g][:, r0:r1]) * s[g][:, r0:r1]).to(torch.float32)
+        return values.t().reshape(-1), q.t().reshape(-1)
+
+    def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        s, z = self._sz(src)
+        return torch.stack((s[:, r0:r1].reshape(-1), z[:, r0:r1].reshape(-1)), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising layouts
+
+
+class Refusal(InputError):
+    """A recognised quantized layout ckptdiff does not dequantize, or a config that contradicts the tensors."""
+
+
+def _refuse(src: Source, what: str) -> Refusal:
+    return Refusal(f"{src.spec}: {what}; {HINT}")
+
+
+KNOWN_METHODS = {"fp8", "mxfp4", "compressed-tensors", "bitsandbytes", "gptq", "awq", "modelopt", "fbgemm_fp8"}
+_INT_FMTS = {"pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "mixed-precision"}
+
+
+def _quant_config(config: ModelConfig | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    q = config.data.get("quantization_config")
+    return q if isinstance(q, dict) else {}
+
+
+def _weights_args(q: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``weights`` quantization args of every compressed-tensors config group."""
+    out = []
+    groups = q.get("config_groups")
+    if isinstance(groups, dict):
+        for g in groups.values():
+            w = g.get("weights") if isinstance(g, dict) else None
+            if isinstance(w, dict):
+                out.append(w)
+    return out
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+@dataclass
+class _Found:
+    """What the headers show: quantized weights per format, their parts, and the tensors they hide."""
+
+    codecs: dict[str, Codec] = field(default_factory=dict)  # logical name -> codec
+    hidden: set[str] = field(default_factory=set)
+    formats: dict[str, int] = field(default_factory=dict)  # format -> count
+
+
+def _small_ints(src: Source, info: TensorInfo) -> list[int]:
+    if info.dtype.is_float or info.numel > 8:
+        raise _refuse(src, f"tensor {info.name!r} should hold a few integers (a shape), holds {info.dtype.short} "
+                      f"{list(info.shape)}")
+    return [int(v) for v in src.read(info.name).tolist()]
+
+
+def _bnb_state(src: Source, info: TensorInfo) -> dict[str, Any]:
+    if info.dtype.name != "U8" or info.numel > _STATE_MAX:
+        raise _refuse(src, f"{info.name!r} is not a bitsandbytes quant state (a short U8 JSON tensor)")
+    raw = bytes(src.read(info.name).numpy().tobytes())
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _refuse(src, f"{info.name!r} does not hold the JSON a bitsandbytes quant state is") from None
+    if not isinstance(data, dict):
+        raise _refuse(src, f"{info.name!r} does not hold a JSON object")
+    return data
+
+
+def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901 - one branch per layout
+    infos = src.infos
+    q = _quant_config(config)
+    method = q.get("quant_method") if q else None
+    found = _Found()
+
+    def add(name: str, codec: Codec, hide: Sequence[str]) -> None:
+        found.codecs[name] = codec
+        found.hidden.update(hide)
+        found.formats[codec.fmt] = found.formats.get(codec.fmt, 0) + 1
+
+    def expect(fmt_method: set[str], what: str, name: str) -> None:
+        if method is not None and method not in fmt_method:
+            where = config.where if config is not None else "config.json"
+            raise _refuse(src, f"{where} says quant_method {method!r}, but tensor {name!r} is stored as {what}")
+
+    if method is not None and method not in KNOWN_METHODS:
+        where = config.where if config is not None else "config.json"
+        raise _refuse(src, f"{where} says quant_method {method!r}, a quantization ckptdiff does not dequantize")
+
+    for name, info in infos.items():
+        # MXFP4: P_blocks + P_scales
+        if name.endswith("_blocks") and info.dtype.name == "U8" and name[: -len("_blocks")] + "_scales" in infos:
+            base = name[: -len("_blocks")]
+            scales = infos[base + "_scales"]
+            expect({"mxfp4"}, "MXFP4 blocks and scales", name)
+            shape = info.shape
+            if len(shape) != 4 or shape[-1] != 16 or scales.dtype.name != "U8" or tuple(scales.shape) != shape[:-1]:
+                raise _refuse(src, f"MXFP4 tensor {name!r} {list(shape)} with scales {list(scales.shape)} is not "
+                              "the (experts, rows, groups, 16) layout ckptdiff dequantizes")
+            if ".experts." not in f".{base}":
+                raise _refuse(src, f"MXFP4 tensor {name!r} is not an expert stack (transformers dequantizes only "
+                              "the experts' gate_up_proj/down_proj)")
+            logical = (shape[0], shape[2] * 32, shape[1])
+            add(base, Mxfp4("mxfp4", logical, (("blocks", info), ("scales", scales))), (name, base + "_scales"))
+            continue
+        # compressed-tensors packed
+        if name.endswith(".weight_packed"):
+            p = name[: -len("_packed")]  # P.weight
+            stem = name[: -len(".weight_packed")]
+            expect({"compressed-tensors"}, "compressed-tensors packed codes", name)
+            fmt = q.get("format") if q else None
+            if info.dtype.name != "I32" or stem + ".weight_global_scale" in infos or fmt not in (None, *_INT_FMTS):
+                raise _refuse(src, f"{name!r} is {info.dtype.short} packed codes of compressed-tensors format "
+                              f"{fmt or 'nvfp4-pack-quantized'}, which ckptdiff does not dequantize")
+            shape_t = infos.get(p + "_shape")
+            scale = infos.get(p + "_scale")
+            if shape_t is None or scale is None or len(info.shape) != 2:
+                raise _refuse(src, f"{name!r} lacks its weight_shape or weight_scale (or is not 2-D)")
+            dims = _small_ints(src, shape_t)
+            if len(dims) != 2:
+                raise _refuse(src, f"{shape_t.name!r} holds {dims}, not a 2-D shape")
+            out_f, in_f = dims
+            args = _weights_args(q)
+            bits_cfg = {a.get("num_bits") for a in args} - {None}
+            fits = [b for b in (4, 8, 2) if -(-in_f // (32 // b)) == info.shape[1]]
+            bits_ok = [b for b in fits if not bits_cfg or b in bits_cfg]
+            if len(bits_ok) != 1 or info.shape[0] != out_f:
+                raise _refuse(src, f"{name!r} {list(info.shape)} does not fit weight_shape {dims} with num_bits "
+                              f"{sorted(bits_cfg) or 'of 2, 4 or 8'}")
+            bits = bits_ok[0]
+            g_cols = scale.shape[1] if len(scale.shape) == 2 else 1
+            if scale.numel not in (1, out_f * g_cols) or (scale.numel != 1 and scale.shape[0] != out_f):
+                raise _refuse(src, f"{scale.name!r} {list(scale.shape)} is not a tensor, channel or group scale of "
+                              f"the {out_f}x{in_f} weight")
+            sizes = {_int(a.get("group_size")) for a in args} - {None}
+            group = 0
+            if g_cols > 1:
+                cands = [g for g in sizes if g and -(-in_f // g) == g_cols] or (
+                    [] if sizes else [-(-in_f // g_cols)] if -(-in_f // -(-in_f // g_cols)) == g_cols else []
+                )
+                if len(cands) != 1:
+                    raise _refuse(src, f"{scale.name!r} has {g_cols} groups, which no group_size of the config "
+                                  f"({sorted(sizes) or 'none'}) gives {in_f} inputs")
+                group = cands[0]
+            parts: list[tuple[str, TensorInfo]] = [("packed", info), ("scale", scale)]
+            hide = [name, p + "_shape", p + "_scale"]
+            zp = infos.get(p + "_zero_point")
+            if zp is not None:
+                if zp.dtype.name != "I32" or tuple(zp.shape) != (-(-out_f // (32 // bits)), g_cols):
+                    raise _refuse(src, f"{zp.name!r} {zp.dtype.short} {list(zp.shape)} is not the packed zero point "
+                                  "compressed-tensors writes")
+                parts.append(("zero_point", zp))
+                hide.append(zp.name)
+            gi = infos.get(p + "_g_idx")
+            if gi is not None:
+                if gi.numel != in_f or gi.dtype.is_float:
+                    raise _refuse(src, f"{gi.name!r} is not one group index per input")
+                parts.append(("g_idx", gi))
+                hide.append(gi.name)
+            add(p, CtInt("ct-int", (out_f, in_f), tuple(parts), bits=bits, group=group), hide)
+            continue
+        # bitsandbytes 4-bit
+        if ".weight.quant_state.bitsandbytes__" in name:
+            p = name.split(".quant_state.", 1)[0]  # P.weight
+            qtype = name.rsplit("__", 1)[1]
+            expect({"bitsandbytes"}, "bitsandbytes 4-bit", name)
+            weight, absmax, qmap = infos.get(p), infos.get(p + ".absmax"), infos.get(p + ".quant_map")
+            if qtype not in ("nf4", "fp4") or weight is None or absmax is None or qmap is None or qmap.numel != 16:
+                raise _refuse(src, f"{name!r}: a bitsandbytes {qtype} state without its weight, absmax or 16-entry "
+                              "quant_map")
+            state = _bnb_state(src, infos[name])
+            shape = state.get("shape")
+            bs = _int(state.get("blocksize"))
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)) or not bs or bs < 1:
+                raise _refuse(src, f"{name!r} has no usable shape and blocksize")
+            n = math.prod(shape)
+            if weight.nbytes != -(-n // 2) or absmax.numel != -(-n // bs):
+                raise _refuse(src, f"{p!r} holds {weight.nbytes} bytes and {absmax.numel} absmax for shape {shape} "
+                              f"in blocks of {bs}; the quant state contradicts the tensors")
+            parts = [("weight", weight), ("absmax", absmax), ("quant_map", qmap)]
+            hide = [p, p + ".absmax", p + ".quant_map", name]
+            nested = infos.get(p + ".nested_absmax")
+            nbs, off = 256, 0.0
+            if nested is not None:
+                nmap = infos.get(p + ".nested_quant_map")
+                nbs_v = _int(state.get("nested_blocksize"))
+                off_v = state.get("nested_offset")
+                if nmap is None or not nbs_v or not isinstance(off_v, (int, float)) or absmax.dtype.name != "U8":
+                    raise _refuse(src, f"{p!r}: nested absmax without its quant map, blocksize, offset or U8 codes")
+                if nested.numel != -(-absmax.numel // nbs_v) or nmap.numel != 256:
+                    raise _refuse(src, f"{p!r}: nested absmax shape does not fit its blocksize")
+                nbs, off = nbs_v, float(off_v)
+                parts += [("nested_absmax", nested), ("nested_quant_map", nmap)]
+                hide += [nested.name, nmap.name]
+            elif not absmax.dtype.is_float:
+                raise _refuse(src, f"{absmax.name!r} is {absmax.dtype.short} without a nested_absmax")
+            add(p, Bnb4(f"bnb-{qtype}", tuple(shape), tuple(parts), quant_type=qtype, blocksize=bs,
+                        nested_blocksize=nbs, nested_offset=off), hide)
+            continue
+        # bitsandbytes LLM.int8
+        if name.endswith(".SCB"):
+            stem = name[: -len(".SCB")]
+            weight = infos.get(stem + ".weight")
+            expect({"bitsandbytes"}, "bitsandbytes LLM.int8", name)
+            if weight is None or weight.dtype.name != "I8" or len(weight.shape) != 2 or info.numel != weight.shape[0]:
+                raise _refuse(src, f"{name!r}: LLM.int8 row scales without an int8 matrix of as many rows")
+            hide = [name, stem + ".weight"]
+            fmt_t = infos.get(stem + ".weight_format")
+            if fmt_t is not None:
+                if _small_ints(src, fmt_t) not in ([0], []):
+                    raise _refuse(src, f"{fmt_t.name!r}: LLM.int8 weights in a tiled (col32/turing/ampere) layout")
+                hide.append(fmt_t.name)
+            add(stem + ".weight", BnbInt8("bnb-int8", weight.shape, (("weight", weight), ("scb", info))), hide)
+            continue
+        # GPTQ / AWQ
+        if name.endswith(".qweight"):
+            stem = name[: -len(".qweight")]
+            qz, sc = infos.get(stem + ".qzeros"), infos.get(stem + ".scales")
+            if method not in ("gptq", "awq"):
+                raise _refuse(src, f"{name!r} is GPTQ/AWQ packing, but config.json's quant_method is "
+                              f"{method!r}: the packing order and bits are unknown")
+            if info.dtype.name != "I32" or qz is None or sc is None or len(info.shape) != 2 or len(sc.shape) != 2:
+                raise _refuse(src, f"{name!r}: packed codes without int32 qzeros and 2-D scales")
+            bits = _int(q.get("bits", q.get("w_bit"))) or 4
+            awq = method == "awq"
+            if 32 % bits or (awq and bits != 4) or (awq and str(q.get("version", "gemm")).lower() != "gemm"):
+                raise _refuse(src, f"{name!r}: {method} with {bits} bits, version {q.get('version', '-')}: only "
+                              "2/4/8-bit GPTQ and 4-bit AWQ GEMM are dequantized")
+            per = 32 // bits
+            if awq:
+                in_f, out_f = info.shape[0], info.shape[1] * per
+            else:
+                in_f, out_f = info.shape[0] * per, info.shape[1]
+            gi = infos.get(stem + ".g_idx")
+            if gi is not None and not awq:
+                in_f = gi.numel
+            gs = _int(q.get("group_size", q.get("q_group_size")))
+            group = 0 if gs is None or gs <= 0 else gs
+            n_groups = -(-in_f // group) if group else 1
+            ok = sc.shape[1] == out_f and qz.shape[1] * per == out_f and qz.shape[0] == sc.shape[0]
+            ok = ok and (gi is not None and not awq or sc.shape[0] == n_groups)
+            if not ok:
+                raise _refuse(src, f"{name!r} {list(info.shape)}, qzeros {list(qz.shape)}, scales {list(sc.shape)} "
+                              f"do not fit {bits}-bit {method} with group_size {gs}; the config contradicts the tensors")
+            fmt_ck = str(q.get("checkpoint_format", "gptq")).lower()
+            parts = [("qweight", info), ("qzeros", qz), ("scales", sc)]
+            hide = [name, qz.name, sc.name]
+            if gi is not None:
+                parts.append(("g_idx", gi))
+                hide.append(gi.name)
+            codec = Gptq(method, (out_f, in_f), tuple(parts), bits=bits, group=group,
+                         plus_one=not awq and fmt_ck == "gptq", awq=awq)
+            add(stem + ".weight", codec, hide)
+            continue
+    # unpacked codes with a weight_scale (compressed-tensors float/int, ModelOpt, fbgemm)
+    for name, info in infos.items():
+        if not name.endswith(".weight_scale") or name in found.hidden:
+            continue
+        p = name[: -len("_scale")]
+        weight = infos.get(p)
+        if weight is None or p in found.codecs:
+            continue
+        if not (fp8.is_fp8(weight) or weight.dtype.name == "I8"):
+            continue
+        expect({"compressed-tensors", "modelopt", "fbgemm_fp8"}, f"{weight.dtype.short} codes with a weight_scale",
+               p)
+        if len(weight.shape) != 2:
+            raise _refuse(src, f"{p!r} is {len(weight.shape)}-D quantized codes; only matrices are dequantized")
+        out_f, in_f = weight.shape
+        args = _weights_args(q)
+        block: tuple[int, int] | None = None
+        group = 0
+        if info.numel != 1:
+            if len(info.shape) != 2:
+                raise _refuse(src, f"{name!r} {list(info.shape)} is not a tensor, channel, group or block scale")
+            blocks = [a.get("block_structure") for a in args if a.get("block_structure")]
+            if info.shape[0] == out_f and info.shape[1] > 1:
+                g = in_f // info.shape[1] if in_f % info.shape[1] == 0 else 0
+                sizes = {_int(a.get("group_size")) for a in args} - {None}
+                if not g or (sizes and g not in sizes):
+                    raise _refuse(src, f"{name!r} {list(info.shape)} does not split {in_f} inputs into equal groups")
+                group = g
+            elif info.shape[0] != out_f:
+                ok = len(blocks) == 1 and isinstance(blocks[0], list) and len(blocks[0]) == 2
+                b = (int(blocks[0][0]), int(blocks[0][1])) if ok else (0, 0)
+                if not ok or b[0] < 1 or b[1] < 1 or tuple(info.shape) != fp8.scale_shape(weight.shape, b):
+                    raise _refuse(src, f"{name!r} {list(info.shape)} is a block scale without a block_structure in "
+                                  "config.json that fits it")
+                block = b
+        parts = [("weight", weight), ("scale", info)]
+        hide = [p, name]
+        zp = infos.get(p + "_zero_point")
+        if zp is not None:
+            if tuple(zp.shape) != tuple(info.shape) and zp.numel != info.numel:
+                raise _refuse(src, f"{zp.name!r} {list(zp.shape)} does not match its scale {list(info.shape)}")
+            parts.append(("zero_point", zp))
+            hide.append(zp.name)
+        inp = infos.get(p.rsplit(".", 1)[0] + ".input_scale")
+        if inp is not None:
+            hide.append(inp.name)
+        fmt_name = "ct-fp8" if fp8.is_fp8(weight) else "ct-int8"
+        add(p, CtFloat(fmt_name, tuple(weight.shape), tuple(parts), group=group, block=block), hide)
+    # a config naming a quantization whose tensors are absent
+    if method in ("mxfp4", "compressed-tensors", "bitsandbytes", "gptq", "awq") and not found.codecs:
+        fmt = q.get("format")
+        if not (method == "compressed-tensors" and fmt in ("dense", "sparse-bitmask", "marlin-24")):
+            where = config.where if config is not None else "config.json"
+            raise _refuse(src, f"{where} says quant_method {method!r}, but no tensor is stored in that layout")
+    if method == "compressed-tensors" and q.get("format") in ("sparse-bitmask", "marlin-24", "sparse-24-bitmask"):
+        raise _refuse(src, f"compressed-tensors format {q.get('format')!r} is not dequantized by ckptdiff")
+    return found
+
+
+def _order(src: Source) -> dict[str, int]:
+    return {n: k for k, n in enumerate(src.infos)}
+
+
+def _unsupported_names(src: Source) -> str:
+    """A stored name that marks a quantized layout nothing here dequantizes ('' when none)."""
+    for name in src.infos:
+        tail = name.rsplit(".", 1)[-1]
+        if tail in ("weight_global_scale", "W_q", "q_weight", "trellis", "codebooks", "SU", "SV"):
+            return name
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the source
+
+
+class QuantSource(Source):
+    """A source whose quantized weights read as fp32 in their logical shape (see the module doc)."""
+
+    def __init__(self, inner: Source, found: _Found, why: str):
+        first: dict[str, str] = {}  # the first stored part of each quantized weight -> its logical name
+        order = _order(inner)
+        for name, codec in found.codecs.items():
+            first.setdefault(min((p.name for _, p in codec.parts), key=order.__getitem__), name)
+        infos: dict[str, TensorInfo] = {}
+        for name, info in inner.infos.items():
+            logical = first.get(name)
+            if logical is not None:
+                codec = found.codecs[logical]
+                infos[logical] = QuantInfo(logical, F32, codec.shape, info.file, codec=codec, origin=logical)
+            if name not in found.hidden and name not in found.codecs:
+                infos[name] = info
+        what = ", ".join(f"{n} {fmt}" for fmt, n in sorted(found.formats.items()))
+        super().__init__(inner.spec, f"{inner.resolved} [quantized: {what} weights dequantized to fp32 ({why})]",
+                         infos, dict(inner.tied))
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._whole: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def whole(self, info: TensorInfo) -> torch.Tensor:
+        """A stored tensor whole, in its stored shape; the last few kept."""
+        with self._lock:
+            hit = self._whole.get(info.name)
+            if hit is not None:
+                self._whole.move_to_end(info.name)
+                return hit
+        value = self.inner.read_full(info.name)
+        with self._lock:
+            self._whole[info.name] = value
+            while len(self._whole) > _KEPT:
+                self._whole.popitem(last=False)
+        return value
+
+    def codec(self, name: str) -> Codec | None:
+        info = self.infos.get(name)
+        return info.codec if isinstance(info, QuantInfo) else None
+
+    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+        codec = self.codec(name)
+        if codec is None:
+            return self.inner.read(name, start, count, out)
+        total = math.prod(codec.shape)
+        n = total - start if count is None else count
+        if n <= 0:
+            return torch.empty(0, dtype=torch.float32)
+        need = 4 * n
+        buf = out[:need] if out is not None and out.nbytes >= need else np.empty(need, dtype=np.uint8)
+        values = torch.from_numpy(buf).view(torch.float32)
+        for pos, vals, _ in self.pieces(codec, start, n, codes=False):
+            values[pos : pos + vals.numel()] = vals
+        return values
+
+    def pieces(
+        self, codec: Codec, start: int, n: int, codes: bool = True
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(position, values, codes) of logical entries [start, start + n), a bounded slab of rows at a time."""
+        per = max(codec.row_len, 1)
+        step = max(1, PIECE // per)
+        end = start + n
+        r = start // per
+        while r * per < end:
+            r1 = min(-(-end // per), r + step)
+            vals, cods = codec.rows(self, r, r1)
+            lo, hi = max(start, r * per) - r * per, min(end, r1 * per) - r * per
+            yield max(start, r * per) - start, vals[lo:hi], cods[lo:hi]
+            r = r1
+
+    def close(self) -> None:
+        with self._lock:
+            self._whole.clear()
+        self.inner.close()
+
+    def abandon_reads(self) -> None:
+        self.inner.abandon_reads()
+
+    def remote_config(self) -> tuple[str, bytes] | None:
+        return self.inner.remote_config()
+
+
+class StoredSource(Source):
+    """``--as-stored``: every tensor as stored; the parts of quantized weights carry a note saying so."""
+
+    def __init__(self, inner: Source, marked: Mapping[str, str], what: str):
+        infos: dict[str, TensorInfo] = {}
+        for name, info in inner.infos.items():
+            note = marked.get(name)
+            infos[name] = (QuantInfo(name, info.dtype, info.shape, info.file, note=note, origin=name)
+                           if note else info)
+        super().__init__(inner.spec, f"{inner.resolved} [as stored: {what}]", infos, dict(inner.tied))
+        self.inner = inner
+
+    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+        return self.inner.read(name, start, count, out)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abandon_reads(self) -> None:
+        self.inner.abandon_reads()
+
+    def remote_config(self) -> tuple[str, bytes] | None:
+        return self.inner.remote_config()
+
+
+def _stored(src: Source) -> Source:
+    """``src`` with every part of a quantized weight noted as compared raw (``--as-stored``)."""
+    try:
+        config = model_config.load(src, _PURPOSE)
+    except InputError:
+        config = None
+    marked: dict[str, str] = {}
+    try:
+        found = _recognise(src, config)
+        for name, codec in found.codecs.items():
+            for _, part in codec.parts:
+                marked[part.name] = f"as stored (--as-stored): part of {codec.fmt} weight {name}, raw storage compared"
+        for name in found.hidden - set(marked):
+            marked[name] = "as stored (--as-stored): quantization metadata, raw storage compared"
+    except Refusal:
+        pass
+    for name, info in src.infos.items():
+        if name.endswith(fp8.SCALE_SUFFIX) or (fp8.is_fp8(info) and name not in marked):
+            marked.setdefault(name, "as stored (--as-stored): fp8 storage compared without its scale")
+    if not marked:
+        return src
+    return StoredSource(src, marked, f"{len(marked)} quantized tensors compared as raw storage, on purpose")
+
+
+def wrap(src: Source) -> Source:
+    """``src`` with its quantized weights read as fp32 values (a :class:`QuantSource`), or ``src`` itself when none
+    is recognised; :class:`Refusal` (exit 2, hint ``--as-stored``) for a layout not dequantized or a contradiction.
+    Under :func:`as_stored`, ``src`` with its quantized parts noted instead."""
+    if isinstance(src, (QuantSource, StoredSource)):
+        return src
+    if stored_wanted():
+        return _stored(src)
+    odd = _unsupported_names(src)
+    if odd:
+        raise _refuse(src, f"tensor {odd!r} belongs to a quantized layout ckptdiff does not dequantize")
+    names = src.infos
+    suspect = any(
+        n.endswith(("_blocks", ".weight_packed", ".qweight", ".SCB", ".weight_scale")) or ".quant_state." in n
+        for n in names
+    )
+    config = model_config.load(src, _PURPOSE) if suspect else _config_if_any(src)
+    if not suspect and not _quant_config(config):
+        return src
+    found = _recognise(src, config)
+    if not found.codecs:
+        return src
+    q = _quant_config(config)
+    why = f"config.json quant_method {q['quant_method']}" if q.get("quant_method") else "recognised from the tensors"
+    return QuantSource(src, found, why)
+
+
+def _config_if_any(src: Source) -> ModelConfig | None:
+    """The config of a checkpoint with no quantized-looking tensor (to catch a config that says it is quantized);
+    None when it is absent or unreadable (nothing here needs it then)."""
+    try:
+        return model_config.load(src, _PURPOSE)
+    except InputError:
+        return None
+
+
+def find(src: Source) -> QuantSource | None:
+    """The :class:`QuantSource` inside ``src`` (itself or a wrapper's ``inner``), if any."""
+    seen = 0
+    while seen < 8:
+        if isinstance(src, QuantSource):
+            return src
+        inner = getattr(src, "inner", None)
+        if not isinstance(inner, Source):
+            return None
+        src, seen = inner, seen + 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# codes and scales changed, for the sparsity CSV
+
+
+def _slice(info: QuantInfo) -> tuple[int, int]:
+    """(first logical row, rows) of a tensor in its quantized weight: an expert slice is one row of the stack."""
+    assert info.codec is not None
+    if info.name != info.origin and info.name.endswith("]") and "[" in info.name:
+        e = int(info.name[info.name.rindex("[") + 1 : -1])
+        return e, 1
+    return 0, info.codec.shape[0]
+
+
+class Stats:
+    """``codes_changed`` and ``scale_blocks_changed`` of one base/fine-tune pair, for quantized weights (here)
+    and block-scaled FP8 weights (:class:`ckptdiff.io.views.fp8.CodeStats`), into one pair of dicts."""
+
+    def __init__(self, base: Source, ft: Source):
+        self.fp8 = fp8.CodeStats.for_pair(base, ft)
+        self.qa, self.qb = find(base), find(ft)
+        self.codes: dict[str, int] = {}
+        self.blocks: dict[str, int] = {}
+        if self.fp8 is not None:
+            self.fp8.codes, self.fp8.blocks = self.codes, self.blocks
+
+    @classmethod
+    def for_pair(cls, base: Source, ft: Source) -> Stats | None:
+        """Stats for a pair, or None when neither kind of scaled weight is on both sides."""
+        made = cls(base, ft)
+        if made.fp8 is None and (made.qa is None or made.qb is None):
+            return None
+        return made
+
+    def _pair(self, item: fp8.Paired) -> tuple[QuantInfo, QuantInfo] | None:
+        a, b = item.infos[0], item.infos[-1]
+        if not (isinstance(a, QuantInfo) and isinstance(b, QuantInfo) and a.codec and b.codec):
+            return None
+        if self.qa is None or self.qb is None or type(a.codec) is not type(b.codec) or a.codec.shape != b.codec.shape:
+            return None
+        return a, b
+
+    def add(self, item: fp8.Paired, start: int, count: int) -> None:
+        """Count the changes of ``item`` once, with its first chunk."""
+        pair = self._pair(item)
+        if pair is None:
+            if self.fp8 is not None:
+                self.fp8.add(item, start, count)
+            return
+        if start != 0:
+            return
+        a, b = pair
+        assert a.codec is not None and b.codec is not None and self.qa is not None and self.qb is not None
+        r0, rows = _slice(a)
+        per = max(a.codec.row_len, 1)
+        changed = 0
+        for (_, _, c0), (_, _, c1) in zip(
+            self.qa.pieces(a.codec, r0 * per, rows * per), self.qb.pieces(b.codec, r0 * per, rows * per), strict=True
+        ):
+            changed += int((c0 != c1).sum())
+        self.codes[item.name] = changed
+        g0, g1 = a.codec.groups(self.qa, r0, r0 + rows), b.codec.groups(self.qb, r0, r0 + rows)
+        if g0.shape == g1.shape:
+            self.blocks[item.name] = int((g0 != g1).any(dim=1).sum())
+
+    def columns(self, item: fp8.Paired) -> dict[str, float]:
+        nan = float("nan")
+        if self._pair(item) is None:
+            return self.fp8.columns(item) if self.fp8 is not None else dict.fromkeys(fp8.FP8_COLUMNS, nan)
+        if not item.comparable:
+            return dict.fromkeys(fp8.FP8_COLUMNS, nan)
+        return {
+            "codes_changed": self.codes.get(item.name, 0),
+            "scale_blocks_changed": self.blocks.get(item.name, nan),
+        }
+
+    def close(self) -> None:
+        if self.fp8 is not None:
+            self.fp8.close()
