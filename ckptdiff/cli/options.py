@@ -66,8 +66,9 @@ FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: t
 QuietOpt = Annotated[
     bool,
     typer.Option(
-        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout "
-        "is unchanged."
+        "--quiet",
+        "-q",
+        help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout is unchanged.",
     ),
 ]
 SummaryOpt = Annotated[

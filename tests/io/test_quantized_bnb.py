@@ -21,11 +21,42 @@ import ckptdiff
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
 OUT, IN, BS, NBS = 6, 20, 16, 4  # 120 entries: 8 blocks of 16 (the last holds 8); nested blocks of 4 absmax
-NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
-FP4 = [0.0, 0.0052083333, 0.6666667, 1.0, 0.33333334, 0.5, 0.16666667, 0.25,
-       -0.0, -0.0052083333, -0.6666667, -1.0, -0.33333334, -0.5, -0.16666667, -0.25]
+NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
+FP4 = [
+    0.0,
+    0.0052083333,
+    0.6666667,
+    1.0,
+    0.33333334,
+    0.5,
+    0.16666667,
+    0.25,
+    -0.0,
+    -0.0052083333,
+    -0.6666667,
+    -1.0,
+    -0.33333334,
+    -0.5,
+    -0.16666667,
+    -0.25,
+]
 N = OUT * IN
 NB = -(-N // BS)
 
@@ -58,8 +89,9 @@ def state(qtype: str, nested: bool) -> torch.Tensor:
     return torch.frombuffer(bytearray(json.dumps(d).encode()), dtype=torch.uint8)
 
 
-def save(folder: Path, qc: np.ndarray, qabs: np.ndarray, kc: np.ndarray, ka: np.ndarray, nmap: np.ndarray,
-         outer: np.ndarray) -> Path:
+def save(
+    folder: Path, qc: np.ndarray, qabs: np.ndarray, kc: np.ndarray, ka: np.ndarray, nmap: np.ndarray, outer: np.ndarray
+) -> Path:
     sd = {
         Q: torch.from_numpy(pack(qc)),
         Q + ".absmax": torch.from_numpy(qabs),
@@ -73,8 +105,14 @@ def save(folder: Path, qc: np.ndarray, qabs: np.ndarray, kc: np.ndarray, ka: np.
         K + ".quant_state.bitsandbytes__fp4": state("fp4", nested=True),
     }
     save_single(sd, folder / "model.safetensors")
-    cfg = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                   "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}}
+    cfg = {
+        "quantization_config": {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+        }
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -145,8 +183,11 @@ def test_llm_int8(tmp_path: Path) -> None:
 
     def save8(folder: Path, qq: np.ndarray, s: np.ndarray) -> Path:
         stem = Q[: -len(".weight")]
-        sd = {Q: torch.from_numpy(qq), stem + ".SCB": torch.from_numpy(s),
-              stem + ".weight_format": torch.tensor(0, dtype=torch.uint8)}
+        sd = {
+            Q: torch.from_numpy(qq),
+            stem + ".SCB": torch.from_numpy(s),
+            stem + ".weight_format": torch.tensor(0, dtype=torch.uint8),
+        }
         save_single(sd, folder / "model.safetensors")
         cfg = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
         (folder / "config.json").write_text(json.dumps(cfg))

@@ -19,7 +19,7 @@ import ckptdiff
 Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"
 V = "model.layers.0.self_attn.v_proj"
-O = "model.layers.0.self_attn.o_proj"
+OPROJ = "model.layers.0.self_attn.o_proj"
 NORM = "model.layers.0.input_layernorm.weight"
 OUT, IN, GS = 12, 40, 16  # 40 inputs in groups of 16: the last group has 8, the last word half a word of padding
 NG = -(-IN // GS)
@@ -27,8 +27,13 @@ NG = -(-IN // GS)
 
 def ct_config(symmetric: bool) -> dict:
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": GS}
-    return {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}}
+    return {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        }
+    }
 
 
 def pack_rows(q: np.ndarray) -> np.ndarray:
@@ -98,9 +103,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
     q1[4, GS : 2 * GS] //= 2  # codes and zero halved, scale doubled: the same values
     z1[4, 1] //= 2
     s1[4, 1] *= 2
-    return {"b": b, "s": s, "q1": q1, "z1": z1, "s1": s1,
-            "base": save(root / "base", b["q"], b["z"], s, b["g_idx"]),
-            "ft": save(root / "ft", q1, z1, s1, b["g_idx"])}
+    return {
+        "b": b,
+        "s": s,
+        "q1": q1,
+        "z1": z1,
+        "s1": s1,
+        "base": save(root / "base", b["q"], b["z"], s, b["g_idx"]),
+        "ft": save(root / "ft", q1, z1, s1, b["g_idx"]),
+    }
 
 
 def _rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -136,8 +147,11 @@ def test_counts_values_codes_and_groups(pair: dict) -> None:
 def test_a_w4a16_release_pairs_with_its_bf16_source(pair: dict, tmp_path: Path) -> None:
     b = pair["b"]
     w = torch.from_numpy(values(b["q"], pair["s"], b["z"]))
-    ft = {Q + ".weight": w.clone(), K + ".weight": torch.from_numpy(values(b["q"], pair["s"], b["z"], b["g_idx"])),
-          NORM: torch.ones(IN, dtype=torch.bfloat16)}
+    ft = {
+        Q + ".weight": w.clone(),
+        K + ".weight": torch.from_numpy(values(b["q"], pair["s"], b["z"], b["g_idx"])),
+        NORM: torch.ones(IN, dtype=torch.bfloat16),
+    }
     ft[Q + ".weight"][0, 0] += 1.0
     path = save_single(ft, tmp_path / "src" / "model.safetensors")
     rows = _rows(ckptdiff.sparsity(pair["base"], path, progress=False).to_frame())
@@ -155,8 +169,12 @@ def test_a_config_whose_bits_contradict_the_tensors_is_refused(pair: dict, tmp_p
     (folder / "config.json").write_text(json.dumps(cfg))
     from hostile import assert_refused
 
-    line = assert_refused(["sparsity", str(folder), str(pair["ft"]), "--csv", str(tmp_path / "out.csv")], tmp_path,
-                          ["_proj.weight_packed", "bad"], "num_bits")
+    line = assert_refused(
+        ["sparsity", str(folder), str(pair["ft"]), "--csv", str(tmp_path / "out.csv")],
+        tmp_path,
+        ["_proj.weight_packed", "bad"],
+        "num_bits",
+    )
     assert "--as-stored" in line
 
 
@@ -181,14 +199,24 @@ def test_fp8_per_channel_and_per_tensor(tmp_path: Path) -> None:
     codes[5, 3] = 0.0
     ch = np.linspace(0.5, 2.0, 8, dtype=np.float32).reshape(8, 1)
     ten = np.array([0.25], dtype=np.float32)
-    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                   "config_groups": {"g": {"targets": ["Linear"],
-                                                           "weights": {"num_bits": 8, "type": "float",
-                                                                       "strategy": "channel"}}}}}
+    cfg = {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {
+                "g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+            },
+        }
+    }
 
     def save_fp8(folder: Path, c: torch.Tensor, sch: np.ndarray, sten: np.ndarray) -> Path:
-        sd = {V + ".weight": c, V + ".weight_scale": torch.from_numpy(sch), V + ".input_scale": torch.tensor([1.0]),
-              O + ".weight": c.clone(), O + ".weight_scale": torch.from_numpy(sten)}
+        sd = {
+            V + ".weight": c,
+            V + ".weight_scale": torch.from_numpy(sch),
+            V + ".input_scale": torch.tensor([1.0]),
+            OPROJ + ".weight": c.clone(),
+            OPROJ + ".weight_scale": torch.from_numpy(sten),
+        }
         save_single(sd, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(cfg))
         return folder
@@ -202,22 +230,22 @@ def test_fp8_per_channel_and_per_tensor(tmp_path: Path) -> None:
     base = save_fp8(tmp_path / "b", codes, ch, ten)
     ft = save_fp8(tmp_path / "f", c1, ch1, ten1)
     src = ckptdiff.open(base)
-    assert set(src.infos) == {V + ".weight", O + ".weight"}
+    assert set(src.infos) == {V + ".weight", OPROJ + ".weight"}
     np.testing.assert_array_equal(src.read_full(V + ".weight").numpy(), fp8_values(codes, ch))
-    np.testing.assert_array_equal(src.read_full(O + ".weight").numpy(), fp8_values(codes, ten))
+    np.testing.assert_array_equal(src.read_full(OPROJ + ".weight").numpy(), fp8_values(codes, ten))
     src.close()
     rows = _rows(ckptdiff.sparsity(base, ft, progress=False).to_frame())
     v0, v1 = fp8_values(codes, ch), fp8_values(c1, ch1)
     assert rows.loc[V + ".weight", "changed"] == np.count_nonzero(v0 != v1) == 24 + 1
     assert rows.loc[V + ".weight", "codes_changed"] == 1 and rows.loc[V + ".weight", "scale_blocks_changed"] == 1
     o0, o1 = fp8_values(codes, ten), fp8_values(c1, ten1)
-    assert rows.loc[O + ".weight", "changed"] == np.count_nonzero(o0 != o1) == 8 * 24 - 1
-    assert rows.loc[O + ".weight", "dtype_base"] == "f8_e4m3/tensor"
+    assert rows.loc[OPROJ + ".weight", "changed"] == np.count_nonzero(o0 != o1) == 8 * 24 - 1
+    assert rows.loc[OPROJ + ".weight", "dtype_base"] == "f8_e4m3/tensor"
     assert rows.loc[V + ".weight", "dtype_base"] == "f8_e4m3/channel"
     # principal-overlap sees the values: the same figures as the fp32 checkpoint of this test's formula
     p = {}
     for tag, (c, a, b) in {"b": (codes, ch, ten), "f": (c1, ch1, ten1)}.items():
-        sd = {V + ".weight": torch.from_numpy(fp8_values(c, a)), O + ".weight": torch.from_numpy(fp8_values(c, b))}
+        sd = {V + ".weight": torch.from_numpy(fp8_values(c, a)), OPROJ + ".weight": torch.from_numpy(fp8_values(c, b))}
         p[tag] = save_single(sd, tmp_path / f"{tag}32" / "model.safetensors")
     a = _rows(ckptdiff.principal_overlap(base, ft, k=4, svd="exact", progress=False).to_frame())
     w = _rows(ckptdiff.principal_overlap(p["b"], p["f"], k=4, svd="exact", progress=False).to_frame())

@@ -84,8 +84,14 @@ def _rows(df: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq(tmp_path: Path, data: dict, act_order: bool) -> None:
-    cfg = {"quant_method": "gptq", "bits": 4, "group_size": GS, "desc_act": act_order, "sym": False,
-           "checkpoint_format": "gptq"}
+    cfg = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": GS,
+        "desc_act": act_order,
+        "sym": False,
+        "checkpoint_format": "gptq",
+    }
     g = data["g_idx"] if act_order else (np.arange(IN) // GS).astype(np.int32)
     q1, zs1, s1 = data["q"].copy(), data["zs"].copy(), data["s"].copy()
     s1[1, 3] *= 2  # group 1 of output 3: its 16 inputs move

@@ -128,8 +128,12 @@ def test_an_mxfp4_base_pairs_with_its_bf16_fine_tune(pair: dict, tmp_path: Path)
     b = pair["b"]
     w = torch.from_numpy(reference(b["gb"], b["gs"]))
     d = torch.from_numpy(reference(b["db"], b["ds"]))
-    ft = {GATE_UP: w.to(torch.bfloat16), DOWN: d.to(torch.bfloat16),
-          GATE_UP + "_bias": torch.zeros(E, R, dtype=torch.bfloat16), NORM: torch.ones(64, dtype=torch.bfloat16)}
+    ft = {
+        GATE_UP: w.to(torch.bfloat16),
+        DOWN: d.to(torch.bfloat16),
+        GATE_UP + "_bias": torch.zeros(E, R, dtype=torch.bfloat16),
+        NORM: torch.ones(64, dtype=torch.bfloat16),
+    }
     assert torch.equal(ft[GATE_UP].float(), w)  # every E2M1 value times a power of two is a bf16 value
     ft[GATE_UP][1, 5, 2] += 1.0
     ft[GATE_UP][1, 60, 0] = -ft[GATE_UP][1, 60, 0] + 0.5
@@ -144,8 +148,12 @@ def test_spectral_and_principal_run_on_the_values(pair: dict, tmp_path: Path) ->
     b = pair["b"]
     fp32 = {}
     for tag, (gb, gs) in {"base": (b["gb"], b["gs"]), "ft": (pair["gb1"], pair["gs1"])}.items():
-        sd = {GATE_UP: torch.from_numpy(reference(gb, gs)), DOWN: torch.from_numpy(reference(b["db"], b["ds"])),
-              GATE_UP + "_bias": torch.zeros(E, R, dtype=torch.bfloat16), NORM: torch.ones(64, dtype=torch.bfloat16)}
+        sd = {
+            GATE_UP: torch.from_numpy(reference(gb, gs)),
+            DOWN: torch.from_numpy(reference(b["db"], b["ds"])),
+            GATE_UP + "_bias": torch.zeros(E, R, dtype=torch.bfloat16),
+            NORM: torch.ones(64, dtype=torch.bfloat16),
+        }
         fp32[tag] = save_single(sd, tmp_path / tag / "model.safetensors")
     q = _rows(ckptdiff.spectral(pair["base"], pair["ft"], k=4, progress=False).to_frame())
     f = _rows(ckptdiff.spectral(fp32["base"], fp32["ft"], k=4, progress=False).to_frame())

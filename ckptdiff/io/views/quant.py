@@ -525,8 +525,10 @@ class _Found:
 
 def _small_ints(src: Source, info: TensorInfo) -> list[int]:
     if info.dtype.is_float or info.numel > 8:
-        raise _refuse(src, f"tensor {info.name!r} should hold a few integers (a shape), holds {info.dtype.short} "
-                      f"{list(info.shape)}")
+        raise _refuse(
+            src,
+            f"tensor {info.name!r} should hold a few integers (a shape), holds {info.dtype.short} {list(info.shape)}",
+        )
     return [int(v) for v in src.read(info.name).tolist()]
 
 
@@ -543,7 +545,7 @@ def _bnb_state(src: Source, info: TensorInfo) -> dict[str, Any]:
     return data
 
 
-def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901 - one branch per layout
+def _recognise(src: Source, config: ModelConfig | None) -> _Found:
     infos = src.infos
     q = _quant_config(config)
     method = q.get("quant_method") if q else None
@@ -571,11 +573,17 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             expect({"mxfp4"}, "MXFP4 blocks and scales", name)
             shape = info.shape
             if len(shape) != 4 or shape[-1] != 16 or scales.dtype.name != "U8" or tuple(scales.shape) != shape[:-1]:
-                raise _refuse(src, f"MXFP4 tensor {name!r} {list(shape)} with scales {list(scales.shape)} is not "
-                              "the (experts, rows, groups, 16) layout ckptdiff dequantizes")
+                raise _refuse(
+                    src,
+                    f"MXFP4 tensor {name!r} {list(shape)} with scales {list(scales.shape)} is not "
+                    "the (experts, rows, groups, 16) layout ckptdiff dequantizes",
+                )
             if ".experts." not in f".{base}":
-                raise _refuse(src, f"MXFP4 tensor {name!r} is not an expert stack (transformers dequantizes only "
-                              "the experts' gate_up_proj/down_proj)")
+                raise _refuse(
+                    src,
+                    f"MXFP4 tensor {name!r} is not an expert stack (transformers dequantizes only "
+                    "the experts' gate_up_proj/down_proj)",
+                )
             logical = (shape[0], shape[2] * 32, shape[1])
             add(base, Mxfp4("mxfp4", logical, (("blocks", info), ("scales", scales))), (name, base + "_scales"))
             continue
@@ -586,8 +594,11 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             expect({"compressed-tensors"}, "compressed-tensors packed codes", name)
             fmt = q.get("format") if q else None
             if info.dtype.name != "I32" or stem + ".weight_global_scale" in infos or fmt not in (None, *_INT_FMTS):
-                raise _refuse(src, f"{name!r} is {info.dtype.short} packed codes of compressed-tensors format "
-                              f"{fmt or 'nvfp4-pack-quantized'}, which ckptdiff does not dequantize")
+                raise _refuse(
+                    src,
+                    f"{name!r} is {info.dtype.short} packed codes of compressed-tensors format "
+                    f"{fmt or 'nvfp4-pack-quantized'}, which ckptdiff does not dequantize",
+                )
             shape_t = infos.get(p + "_shape")
             scale = infos.get(p + "_scale")
             if shape_t is None or scale is None or len(info.shape) != 2:
@@ -597,34 +608,46 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
                 raise _refuse(src, f"{shape_t.name!r} holds {dims}, not a 2-D shape")
             out_f, in_f = dims
             args = _weights_args(q)
-            bits_cfg = {a.get("num_bits") for a in args} - {None}
+            bits_cfg = {nb for a in args if (nb := _int(a.get("num_bits"))) is not None}
             fits = [b for b in (4, 8, 2) if -(-in_f // (32 // b)) == info.shape[1]]
             bits_ok = [b for b in fits if not bits_cfg or b in bits_cfg]
             if len(bits_ok) != 1 or info.shape[0] != out_f:
-                raise _refuse(src, f"{name!r} {list(info.shape)} does not fit weight_shape {dims} with num_bits "
-                              f"{sorted(bits_cfg) or 'of 2, 4 or 8'}")
+                raise _refuse(
+                    src,
+                    f"{name!r} {list(info.shape)} does not fit weight_shape {dims} with num_bits "
+                    f"{sorted(bits_cfg) or 'of 2, 4 or 8'}",
+                )
             bits = bits_ok[0]
             g_cols = scale.shape[1] if len(scale.shape) == 2 else 1
             if scale.numel not in (1, out_f * g_cols) or (scale.numel != 1 and scale.shape[0] != out_f):
-                raise _refuse(src, f"{scale.name!r} {list(scale.shape)} is not a tensor, channel or group scale of "
-                              f"the {out_f}x{in_f} weight")
-            sizes = {_int(a.get("group_size")) for a in args} - {None}
+                raise _refuse(
+                    src,
+                    f"{scale.name!r} {list(scale.shape)} is not a tensor, channel or group scale of "
+                    f"the {out_f}x{in_f} weight",
+                )
+            sizes = {gsz for a in args if (gsz := _int(a.get("group_size"))) is not None}
             group = 0
             if g_cols > 1:
                 cands = [g for g in sizes if g and -(-in_f // g) == g_cols] or (
                     [] if sizes else [-(-in_f // g_cols)] if -(-in_f // -(-in_f // g_cols)) == g_cols else []
                 )
                 if len(cands) != 1:
-                    raise _refuse(src, f"{scale.name!r} has {g_cols} groups, which no group_size of the config "
-                                  f"({sorted(sizes) or 'none'}) gives {in_f} inputs")
+                    raise _refuse(
+                        src,
+                        f"{scale.name!r} has {g_cols} groups, which no group_size of the config "
+                        f"({sorted(sizes) or 'none'}) gives {in_f} inputs",
+                    )
                 group = cands[0]
             parts: list[tuple[str, TensorInfo]] = [("packed", info), ("scale", scale)]
             hide = [name, p + "_shape", p + "_scale"]
             zp = infos.get(p + "_zero_point")
             if zp is not None:
                 if zp.dtype.name != "I32" or tuple(zp.shape) != (-(-out_f // (32 // bits)), g_cols):
-                    raise _refuse(src, f"{zp.name!r} {zp.dtype.short} {list(zp.shape)} is not the packed zero point "
-                                  "compressed-tensors writes")
+                    raise _refuse(
+                        src,
+                        f"{zp.name!r} {zp.dtype.short} {list(zp.shape)} is not the packed zero point "
+                        "compressed-tensors writes",
+                    )
                 parts.append(("zero_point", zp))
                 hide.append(zp.name)
             gi = infos.get(p + "_g_idx")
@@ -642,17 +665,21 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             expect({"bitsandbytes"}, "bitsandbytes 4-bit", name)
             weight, absmax, qmap = infos.get(p), infos.get(p + ".absmax"), infos.get(p + ".quant_map")
             if qtype not in ("nf4", "fp4") or weight is None or absmax is None or qmap is None or qmap.numel != 16:
-                raise _refuse(src, f"{name!r}: a bitsandbytes {qtype} state without its weight, absmax or 16-entry "
-                              "quant_map")
+                raise _refuse(
+                    src, f"{name!r}: a bitsandbytes {qtype} state without its weight, absmax or 16-entry quant_map"
+                )
             state = _bnb_state(src, infos[name])
-            shape = state.get("shape")
+            dims4 = state.get("shape")
             bs = _int(state.get("blocksize"))
-            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)) or not bs or bs < 1:
+            if not (isinstance(dims4, list) and all(type(d) is int and d >= 0 for d in dims4)) or not bs or bs < 1:
                 raise _refuse(src, f"{name!r} has no usable shape and blocksize")
-            n = math.prod(shape)
+            n = math.prod(dims4)
             if weight.nbytes != -(-n // 2) or absmax.numel != -(-n // bs):
-                raise _refuse(src, f"{p!r} holds {weight.nbytes} bytes and {absmax.numel} absmax for shape {shape} "
-                              f"in blocks of {bs}; the quant state contradicts the tensors")
+                raise _refuse(
+                    src,
+                    f"{p!r} holds {weight.nbytes} bytes and {absmax.numel} absmax for shape {dims4} "
+                    f"in blocks of {bs}; the quant state contradicts the tensors",
+                )
             parts = [("weight", weight), ("absmax", absmax), ("quant_map", qmap)]
             hide = [p, p + ".absmax", p + ".quant_map", name]
             nested = infos.get(p + ".nested_absmax")
@@ -670,8 +697,19 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
                 hide += [nested.name, nmap.name]
             elif not absmax.dtype.is_float:
                 raise _refuse(src, f"{absmax.name!r} is {absmax.dtype.short} without a nested_absmax")
-            add(p, Bnb4(f"bnb-{qtype}", tuple(shape), tuple(parts), quant_type=qtype, blocksize=bs,
-                        nested_blocksize=nbs, nested_offset=off), hide)
+            add(
+                p,
+                Bnb4(
+                    f"bnb-{qtype}",
+                    tuple(dims4),
+                    tuple(parts),
+                    quant_type=qtype,
+                    blocksize=bs,
+                    nested_blocksize=nbs,
+                    nested_offset=off,
+                ),
+                hide,
+            )
             continue
         # bitsandbytes LLM.int8
         if name.endswith(".SCB"):
@@ -693,15 +731,21 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             stem = name[: -len(".qweight")]
             qz, sc = infos.get(stem + ".qzeros"), infos.get(stem + ".scales")
             if method not in ("gptq", "awq"):
-                raise _refuse(src, f"{name!r} is GPTQ/AWQ packing, but config.json's quant_method is "
-                              f"{method!r}: the packing order and bits are unknown")
+                raise _refuse(
+                    src,
+                    f"{name!r} is GPTQ/AWQ packing, but config.json's quant_method is "
+                    f"{method!r}: the packing order and bits are unknown",
+                )
             if info.dtype.name != "I32" or qz is None or sc is None or len(info.shape) != 2 or len(sc.shape) != 2:
                 raise _refuse(src, f"{name!r}: packed codes without int32 qzeros and 2-D scales")
             bits = _int(q.get("bits", q.get("w_bit"))) or 4
             awq = method == "awq"
             if 32 % bits or (awq and bits != 4) or (awq and str(q.get("version", "gemm")).lower() != "gemm"):
-                raise _refuse(src, f"{name!r}: {method} with {bits} bits, version {q.get('version', '-')}: only "
-                              "2/4/8-bit GPTQ and 4-bit AWQ GEMM are dequantized")
+                raise _refuse(
+                    src,
+                    f"{name!r}: {method} with {bits} bits, version {q.get('version', '-')}: only "
+                    "2/4/8-bit GPTQ and 4-bit AWQ GEMM are dequantized",
+                )
             per = 32 // bits
             if awq:
                 in_f, out_f = info.shape[0], info.shape[1] * per
@@ -714,18 +758,28 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             group = 0 if gs is None or gs <= 0 else gs
             n_groups = -(-in_f // group) if group else 1
             ok = sc.shape[1] == out_f and qz.shape[1] * per == out_f and qz.shape[0] == sc.shape[0]
-            ok = ok and (gi is not None and not awq or sc.shape[0] == n_groups)
+            ok = ok and ((gi is not None and not awq) or sc.shape[0] == n_groups)
             if not ok:
-                raise _refuse(src, f"{name!r} {list(info.shape)}, qzeros {list(qz.shape)}, scales {list(sc.shape)} "
-                              f"do not fit {bits}-bit {method} with group_size {gs}; the config contradicts the tensors")
+                raise _refuse(
+                    src,
+                    f"{name!r} {list(info.shape)}, qzeros {list(qz.shape)}, scales {list(sc.shape)} "
+                    f"do not fit {bits}-bit {method} with group_size {gs}: the config contradicts them",
+                )
             fmt_ck = str(q.get("checkpoint_format", "gptq")).lower()
             parts = [("qweight", info), ("qzeros", qz), ("scales", sc)]
             hide = [name, qz.name, sc.name]
             if gi is not None:
                 parts.append(("g_idx", gi))
                 hide.append(gi.name)
-            codec = Gptq(method, (out_f, in_f), tuple(parts), bits=bits, group=group,
-                         plus_one=not awq and fmt_ck == "gptq", awq=awq)
+            codec = Gptq(
+                method,
+                (out_f, in_f),
+                tuple(parts),
+                bits=bits,
+                group=group,
+                plus_one=not awq and fmt_ck == "gptq",
+                awq=awq,
+            )
             add(stem + ".weight", codec, hide)
             continue
     # unpacked codes with a weight_scale (compressed-tensors float/int, ModelOpt, fbgemm)
@@ -738,8 +792,7 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
             continue
         if not (fp8.is_fp8(weight) or weight.dtype.name == "I8"):
             continue
-        expect({"compressed-tensors", "modelopt", "fbgemm_fp8"}, f"{weight.dtype.short} codes with a weight_scale",
-               p)
+        expect({"compressed-tensors", "modelopt", "fbgemm_fp8"}, f"{weight.dtype.short} codes with a weight_scale", p)
         if len(weight.shape) != 2:
             raise _refuse(src, f"{p!r} is {len(weight.shape)}-D quantized codes; only matrices are dequantized")
         out_f, in_f = weight.shape
@@ -749,10 +802,10 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
         if info.numel != 1:
             if len(info.shape) != 2:
                 raise _refuse(src, f"{name!r} {list(info.shape)} is not a tensor, channel, group or block scale")
-            blocks = [a.get("block_structure") for a in args if a.get("block_structure")]
+            blocks: list[Any] = [a.get("block_structure") for a in args if a.get("block_structure")]
             if info.shape[0] == out_f and info.shape[1] > 1:
                 g = in_f // info.shape[1] if in_f % info.shape[1] == 0 else 0
-                sizes = {_int(a.get("group_size")) for a in args} - {None}
+                sizes = {gsz for a in args if (gsz := _int(a.get("group_size"))) is not None}
                 if not g or (sizes and g not in sizes):
                     raise _refuse(src, f"{name!r} {list(info.shape)} does not split {in_f} inputs into equal groups")
                 group = g
@@ -760,8 +813,11 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:  # noqa: C901
                 ok = len(blocks) == 1 and isinstance(blocks[0], list) and len(blocks[0]) == 2
                 b = (int(blocks[0][0]), int(blocks[0][1])) if ok else (0, 0)
                 if not ok or b[0] < 1 or b[1] < 1 or tuple(info.shape) != fp8.scale_shape(weight.shape, b):
-                    raise _refuse(src, f"{name!r} {list(info.shape)} is a block scale without a block_structure in "
-                                  "config.json that fits it")
+                    raise _refuse(
+                        src,
+                        f"{name!r} {list(info.shape)} is a block scale without a block_structure in "
+                        "config.json that fits it",
+                    )
                 block = b
         parts = [("weight", weight), ("scale", info)]
         hide = [p, name]
@@ -821,8 +877,12 @@ class QuantSource(Source):
             if name not in found.hidden and name not in found.codecs:
                 infos[name] = info
         what = ", ".join(f"{n} {fmt}" for fmt, n in sorted(found.formats.items()))
-        super().__init__(inner.spec, f"{inner.resolved} [quantized: {what} weights dequantized to fp32 ({why})]",
-                         infos, dict(inner.tied))
+        super().__init__(
+            inner.spec,
+            f"{inner.resolved} [quantized: {what} weights dequantized to fp32 ({why})]",
+            infos,
+            dict(inner.tied),
+        )
         self.inner = inner
         self._lock = threading.Lock()
         self._whole: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -894,8 +954,7 @@ class StoredSource(Source):
         infos: dict[str, TensorInfo] = {}
         for name, info in inner.infos.items():
             note = marked.get(name)
-            infos[name] = (QuantInfo(name, info.dtype, info.shape, info.file, note=note, origin=name)
-                           if note else info)
+            infos[name] = QuantInfo(name, info.dtype, info.shape, info.file, note=note, origin=name) if note else info
         super().__init__(inner.spec, f"{inner.resolved} [as stored: {what}]", infos, dict(inner.tied))
         self.inner = inner
 
