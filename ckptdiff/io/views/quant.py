@@ -847,13 +847,24 @@ def _order(src: Source) -> dict[str, int]:
     return {n: k for k, n in enumerate(src.infos)}
 
 
-def _unsupported_names(src: Source) -> str:
-    """A stored name that marks a quantized layout nothing here dequantizes ('' when none)."""
+_UNSUPPORTED = {  # a stored name's last part -> the layout it belongs to (none of them is dequantized here)
+    "weight_global_scale": "NVFP4 (compressed-tensors nvfp4-pack-quantized or ModelOpt)",
+    "W_q": "HQQ",
+    "q_weight": "EXL2",
+    "q_scale_max": "EXL2",
+    "codebooks": "AQLM",
+    "trellis": "QTIP",
+    "SU": "QuIP#",
+}
+
+
+def _unsupported_names(src: Source) -> tuple[str, str]:
+    """(a stored name that marks a quantized layout nothing here dequantizes, that layout), or ('', '')."""
     for name in src.infos:
-        tail = name.rsplit(".", 1)[-1]
-        if tail in ("weight_global_scale", "W_q", "q_weight", "trellis", "codebooks", "SU", "SV"):
-            return name
-    return ""
+        layout = _UNSUPPORTED.get(name.rsplit(".", 1)[-1])
+        if layout:
+            return name, layout
+    return "", ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -971,6 +982,13 @@ class StoredSource(Source):
         return self.inner.remote_config()
 
 
+_PART_TAILS = frozenset({
+    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
+    "input_global_scale", "qweight", "qzeros", "scales", "g_idx", "SCB", "weight_format", "absmax", "quant_map",
+    "nested_absmax", "nested_quant_map",
+})  # fmt: skip
+
+
 def _stored(src: Source) -> Source:
     """``src`` with every part of a quantized weight noted as compared raw (``--as-stored``)."""
     try:
@@ -987,6 +1005,19 @@ def _stored(src: Source) -> Source:
             marked[name] = "as stored (--as-stored): quantization metadata, raw storage compared"
     except Refusal:
         pass
+    infos = src.infos
+    for name, info in infos.items():
+        tail = name.rsplit(".", 1)[-1]
+        quantized = (
+            tail in _PART_TAILS
+            or tail in _UNSUPPORTED
+            or ".quant_state." in name
+            or (name.endswith("_blocks") and name[: -len("_blocks")] + "_scales" in infos)
+            or (name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in infos)
+            or (tail == "weight" and (name + ".absmax" in infos or name[: -len("weight")] + "SCB" in infos))
+        )
+        if quantized:
+            marked.setdefault(name, "as stored (--as-stored): quantized storage compared raw")
     for name, info in src.infos.items():
         if name.endswith(fp8.SCALE_SUFFIX) or (fp8.is_fp8(info) and name not in marked):
             marked.setdefault(name, "as stored (--as-stored): fp8 storage compared without its scale")
@@ -1003,9 +1034,9 @@ def wrap(src: Source) -> Source:
         return src
     if stored_wanted():
         return _stored(src)
-    odd = _unsupported_names(src)
+    odd, layout = _unsupported_names(src)
     if odd:
-        raise _refuse(src, f"tensor {odd!r} belongs to a quantized layout ckptdiff does not dequantize")
+        raise _refuse(src, f"tensor {odd!r} belongs to the {layout} layout, which ckptdiff does not dequantize")
     names = src.infos
     suspect = any(
         n.endswith(("_blocks", ".weight_packed", ".qweight", ".SCB", ".weight_scale")) or ".quant_state." in n
@@ -1023,8 +1054,11 @@ def wrap(src: Source) -> Source:
 
 
 def _config_if_any(src: Source) -> ModelConfig | None:
-    """The config of a checkpoint with no quantized-looking tensor (to catch a config that says it is quantized);
-    None when it is absent or unreadable (nothing here needs it then)."""
+    """The local config of a checkpoint with no quantized-looking tensor (to catch a config that says it is
+    quantized); None when it is absent, unreadable (nothing here needs it then) or remote (not fetched for this)."""
+    d = model_config.folder(src)
+    if d is None or not (d / model_config.NAME).is_file():
+        return None
     try:
         return model_config.load(src, _PURPOSE)
     except InputError:

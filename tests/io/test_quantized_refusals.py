@@ -1,0 +1,113 @@
+"""Never a silent raw comparison: a quantized layout ckptdiff recognises but does not dequantize, or a config.json
+that contradicts the tensors, exits 2 with one line naming the reason and ``--as-stored``; with ``--as-stored`` the
+same pair is compared as stored, on purpose, and every such row and the header say so (every command, report and
+check included)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from factory import save_single
+from hostile import assert_refused, invoke
+
+P = "model.layers.0.self_attn.q_proj"
+
+
+def _folder(root: Path, sd: dict[str, torch.Tensor], config: dict | None) -> Path:
+    save_single(sd, root / "model.safetensors")
+    if config is not None:
+        (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def nvfp4(root: Path) -> Path:
+    sd = {P + ".weight_packed": torch.zeros(8, 8, dtype=torch.uint8), P + ".weight_scale": torch.ones(8, 1),
+          P + ".weight_global_scale": torch.ones(1)}
+    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}}
+    return _folder(root, sd, cfg)
+
+
+def gptq_without_config(root: Path) -> Path:
+    sd = {P + ".qweight": torch.zeros(2, 16, dtype=torch.int32), P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
+          P + ".scales": torch.ones(1, 16, dtype=torch.float16)}
+    return _folder(root, sd, None)
+
+
+def awq_gemv(root: Path) -> Path:
+    sd = {P + ".qweight": torch.zeros(16, 2, dtype=torch.int32), P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
+          P + ".scales": torch.ones(1, 16, dtype=torch.float16)}
+    return _folder(root, sd, {"quantization_config": {"quant_method": "awq", "bits": 4, "version": "gemv"}})
+
+
+def int8_tiled(root: Path) -> Path:
+    sd = {P + ".weight": torch.zeros(4, 8, dtype=torch.int8), P + ".SCB": torch.ones(4),
+          P + ".weight_format": torch.tensor(2, dtype=torch.uint8)}
+    return _folder(root, sd, {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}})
+
+
+def hqq(root: Path) -> Path:
+    return _folder(root, {P + ".weight": torch.ones(4, 4)}, {"quantization_config": {"quant_method": "hqq"}})
+
+
+def config_says_mxfp4(root: Path) -> Path:
+    return _folder(root, {P + ".weight": torch.ones(4, 4)}, {"quantization_config": {"quant_method": "mxfp4"}})
+
+
+def mxfp4_under_gptq(root: Path) -> Path:
+    e = "model.layers.0.mlp.experts.down_proj"
+    sd = {e + "_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8), e + "_scales": torch.zeros(2, 4, 1, dtype=torch.uint8)}
+    return _folder(root, sd, {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+
+
+CASES: list[tuple[Callable[[Path], Path], str]] = [
+    (nvfp4, "NVFP4"),
+    (gptq_without_config, "packing order and bits are unknown"),
+    (awq_gemv, "only 2/4/8-bit GPTQ and 4-bit AWQ GEMM"),
+    (int8_tiled, "tiled"),
+    (hqq, "quant_method 'hqq'"),
+    (config_says_mxfp4, "no tensor is stored in that layout"),
+    (mxfp4_under_gptq, "says quant_method 'gptq'"),
+]
+
+
+@pytest.mark.parametrize(("build", "reason"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_refused_with_the_reason_and_the_way_out(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
+    base = build(tmp_path / "base")
+    ft = build(tmp_path / "ft")
+    line = assert_refused(
+        ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"], tmp_path, ["--as-stored"], reason
+    )
+    assert str(base) in line
+
+
+@pytest.mark.parametrize(("build", "reason"), CASES[:4], ids=[c[0].__name__ for c in CASES[:4]])
+def test_as_stored_compares_raw_and_every_row_says_so(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
+    base = build(tmp_path / "base")
+    ft = build(tmp_path / "ft")
+    code, stderr, output, _ = invoke(["sparsity", str(base), str(ft), "--as-stored", "-q", "-f", "csv"])
+    assert code == 0, output
+    df = pd.read_csv(StringIO(output.split("\n", 1)[1] if output.startswith("#") else output), comment="#")
+    quantized = df[df["tensor"].str.startswith(P)]
+    assert len(quantized) >= 2
+    assert quantized["detail"].astype(str).str.contains("as stored").all(), quantized[["tensor", "detail"]]
+
+
+def test_report_and_check_take_as_stored(tmp_path: Path) -> None:
+    base, ft = nvfp4(tmp_path / "base"), nvfp4(tmp_path / "ft")
+    code, stderr, output, _ = invoke(["check", str(base), str(ft), "--rule", "sparsity >= 0.5", "-q"])
+    assert code == 2 and "--as-stored" in stderr
+    code, stderr, output, _ = invoke(["check", str(base), str(ft), "--rule", "sparsity >= 0.5", "--as-stored", "-q"])
+    assert code == 0, output
+    assert "as stored" in output
+    out = tmp_path / "rep"
+    code, stderr, output, _ = invoke(["report", str(base), str(ft), "-o", str(out), "-q"])
+    assert code == 2 and "--as-stored" in stderr and not out.exists()
+    code, stderr, output, _ = invoke(["report", str(base), str(ft), "-o", str(out), "-q", "--as-stored"])
+    assert code == 0, output
+    assert "as stored" in (out / "report.md").read_text()
