@@ -27,27 +27,39 @@ def _folder(root: Path, sd: dict[str, torch.Tensor], config: dict | None) -> Pat
 
 
 def nvfp4(root: Path) -> Path:
-    sd = {P + ".weight_packed": torch.zeros(8, 8, dtype=torch.uint8), P + ".weight_scale": torch.ones(8, 1),
-          P + ".weight_global_scale": torch.ones(1)}
+    sd = {
+        P + ".weight_packed": torch.zeros(8, 8, dtype=torch.uint8),
+        P + ".weight_scale": torch.ones(8, 1),
+        P + ".weight_global_scale": torch.ones(1),
+    }
     cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}}
     return _folder(root, sd, cfg)
 
 
 def gptq_without_config(root: Path) -> Path:
-    sd = {P + ".qweight": torch.zeros(2, 16, dtype=torch.int32), P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
-          P + ".scales": torch.ones(1, 16, dtype=torch.float16)}
+    sd = {
+        P + ".qweight": torch.zeros(2, 16, dtype=torch.int32),
+        P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
+        P + ".scales": torch.ones(1, 16, dtype=torch.float16),
+    }
     return _folder(root, sd, None)
 
 
 def awq_gemv(root: Path) -> Path:
-    sd = {P + ".qweight": torch.zeros(16, 2, dtype=torch.int32), P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
-          P + ".scales": torch.ones(1, 16, dtype=torch.float16)}
+    sd = {
+        P + ".qweight": torch.zeros(16, 2, dtype=torch.int32),
+        P + ".qzeros": torch.zeros(1, 2, dtype=torch.int32),
+        P + ".scales": torch.ones(1, 16, dtype=torch.float16),
+    }
     return _folder(root, sd, {"quantization_config": {"quant_method": "awq", "bits": 4, "version": "gemv"}})
 
 
 def int8_tiled(root: Path) -> Path:
-    sd = {P + ".weight": torch.zeros(4, 8, dtype=torch.int8), P + ".SCB": torch.ones(4),
-          P + ".weight_format": torch.tensor(2, dtype=torch.uint8)}
+    sd = {
+        P + ".weight": torch.zeros(4, 8, dtype=torch.int8),
+        P + ".SCB": torch.ones(4),
+        P + ".weight_format": torch.tensor(2, dtype=torch.uint8),
+    }
     return _folder(root, sd, {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}})
 
 
@@ -61,7 +73,10 @@ def config_says_mxfp4(root: Path) -> Path:
 
 def mxfp4_under_gptq(root: Path) -> Path:
     e = "model.layers.0.mlp.experts.down_proj"
-    sd = {e + "_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8), e + "_scales": torch.zeros(2, 4, 1, dtype=torch.uint8)}
+    sd = {
+        e + "_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8),
+        e + "_scales": torch.zeros(2, 4, 1, dtype=torch.uint8),
+    }
     return _folder(root, sd, {"quantization_config": {"quant_method": "gptq", "bits": 4}})
 
 
@@ -87,10 +102,12 @@ def test_refused_with_the_reason_and_the_way_out(tmp_path: Path, build: Callable
 
 
 @pytest.mark.parametrize(("build", "reason"), CASES[:4], ids=[c[0].__name__ for c in CASES[:4]])
-def test_as_stored_compares_raw_and_every_row_says_so(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
+def test_as_stored_compares_raw_and_every_row_says_so(
+    tmp_path: Path, build: Callable[[Path], Path], reason: str
+) -> None:
     base = build(tmp_path / "base")
     ft = build(tmp_path / "ft")
-    code, stderr, output, _ = invoke(["sparsity", str(base), str(ft), "--as-stored", "-q", "-f", "csv"])
+    code, _, output, _ = invoke(["sparsity", str(base), str(ft), "--as-stored", "-q", "-f", "csv"])
     assert code == 0, output
     df = pd.read_csv(StringIO(output.split("\n", 1)[1] if output.startswith("#") else output), comment="#")
     quantized = df[df["tensor"].str.startswith(P)]

@@ -1006,7 +1006,7 @@ def _stored(src: Source) -> Source:
     except Refusal:
         pass
     infos = src.infos
-    for name, info in infos.items():
+    for name in infos:
         tail = name.rsplit(".", 1)[-1]
         quantized = (
             tail in _PART_TAILS
