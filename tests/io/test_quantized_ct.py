@@ -251,3 +251,26 @@ def test_fp8_per_channel_and_per_tensor(tmp_path: Path) -> None:
     w = _rows(ckptdiff.principal_overlap(p["b"], p["f"], k=4, svd="exact", progress=False).to_frame())
     num = [c for c in w.columns if w[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(a.loc[w.index, num], w[num], check_dtype=False)
+
+
+def test_consistency_check_and_as_bf16_see_the_values(pair: dict, tmp_path: Path) -> None:
+    b = pair["b"]
+    w0, w1 = values(b["q"], pair["s"], b["z"]), values(pair["q1"], pair["s1"], pair["z1"])
+    # --as bf16: both sides rounded to bf16 first; the expected count rounds this test's own values
+    r0 = torch.from_numpy(w0).to(torch.bfloat16).float().numpy()
+    r1 = torch.from_numpy(w1).to(torch.bfloat16).float().numpy()
+    rows = _rows(ckptdiff.sparsity(pair["base"], pair["ft"], as_dtype="bf16", progress=False).to_frame())
+    assert rows.loc[Q + ".weight", "changed"] == np.count_nonzero(r0 != r1)
+    # consistency across two fine-tunes: the second one identical to the first, so every changed entry agrees
+    c = _rows(ckptdiff.consistency(pair["base"], [pair["ft"], pair["ft"]], progress=False).to_frame())
+    row = c.loc[Q + ".weight"]
+    n = np.count_nonzero(w0 != w1)
+    assert row["n_a"] == row["n_b"] == row["n_both"] == n and row["jaccard"] == 1.0, row.to_dict()
+    assert row["dtype_base"] == "int4/g16"
+    # check gates on the dequantized count
+    from ckptdiff.gate.check import check
+
+    want = int(np.count_nonzero(w0 != w1))
+    ok = check(pair["base"], pair["ft"], rules=[f"changed@{Q}.weight == {want}"], progress=False)
+    bad = check(pair["base"], pair["ft"], rules=[f"changed@{Q}.weight == {want + 1}"], progress=False)
+    assert ok.passed and not bad.passed
