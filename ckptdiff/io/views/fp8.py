@@ -32,10 +32,9 @@ size) is an :class:`~ckptdiff.errors.InputError`: it would make every weight unr
 rule on the FP8 encoding) and ``scale_blocks_changed`` (blocks whose scale changed) from the raw codes and scales
 the source kept while dequantizing, so no byte is read twice.
 
-The compressed-tensors layout (``weight_scale`` per tensor, channel, group or block, ``quant_method:
-compressed-tensors``) is not dequantized: its value depends on the library version (the product is formed in the
-scale's dtype, often bf16, and may subtract a zero point), so its FP8 weights are compared as raw values and get
-a note, and its ``weight_scale`` tensors are compared as plain tensors.
+FP8 weights with a compressed-tensors (or ModelOpt, fbgemm) ``weight_scale`` per tensor, channel, group or block
+are dequantized by :mod:`ckptdiff.io.views.quant` before this view sees them; what remains here is an FP8 tensor
+whose ``weight_scale`` that view left alone (only with ``--as-stored``), compared as raw values with a note.
 """
 
 from __future__ import annotations
