@@ -147,3 +147,16 @@ def test_awq(tmp_path: Path, data: dict) -> None:
     row = _rows(ckptdiff.sparsity(base, ft, progress=False).to_frame()).loc[P + ".weight"]
     assert row["changed"] == np.count_nonzero(w0 != w1) > 1
     assert row["codes_changed"] == 1 and row["scale_blocks_changed"] == 1 and row["dtype_base"] == "awq-int4/g16"
+
+
+def test_a_g_idx_naming_no_group_is_refused(tmp_path: Path, data: dict) -> None:
+    from hostile import assert_refused
+
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": GS, "desc_act": True, "checkpoint_format": "gptq"}
+    qw, qz = gptq_pack(data["q"], data["zs"])
+    bad = data["g_idx"].copy()
+    bad[7] = NG  # one past the last group
+    sd = {P + ".qweight": qw, P + ".qzeros": qz, P + ".scales": data["s"], P + ".g_idx": bad}
+    base, ft = save(tmp_path / "b", sd, cfg), save(tmp_path / "f", sd, cfg)
+    args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
+    assert_refused(args, tmp_path, [".g_idx"], f"names group {NG}")

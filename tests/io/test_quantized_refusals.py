@@ -128,3 +128,17 @@ def test_report_and_check_take_as_stored(tmp_path: Path) -> None:
     code, stderr, output, _ = invoke(["report", str(base), str(ft), "-o", str(out), "-q", "--as-stored"])
     assert code == 0, output
     assert "as stored" in (out / "report.md").read_text()
+
+
+def test_header_only_says_what_it_cannot_read(tmp_path: Path) -> None:
+    sd = {
+        P + ".weight_packed": torch.zeros(4, 2, dtype=torch.int32),
+        P + ".weight_scale": torch.ones(4, 1),
+        P + ".weight_shape": torch.tensor([4, 16]),
+    }
+    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"}}
+    base, ft = _folder(tmp_path / "b", sd, cfg), _folder(tmp_path / "f", sd, cfg)
+    code, stderr, _, _ = invoke(["check", str(base), str(ft), "--header-only", "--same-shapes", "-q"])
+    assert code == 2 and "--header-only" in stderr and "weight_shape" in stderr and len(stderr.splitlines()) == 1
+    code, _, output, _ = invoke(["check", str(base), str(ft), "--header-only", "--same-shapes", "--as-stored", "-q"])
+    assert code == 0, output

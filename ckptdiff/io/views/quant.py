@@ -158,6 +158,17 @@ def _rows_of(src: QuantSource, info: TensorInfo, r0: int, r1: int) -> torch.Tens
     return flat.reshape(r1 - r0, *info.shape[1:])
 
 
+def _groups_of(src: QuantSource, g_idx: TensorInfo, n_groups: int) -> torch.Tensor:
+    """The group of every input column, from an act-order ``g_idx``; InputError when one names no group."""
+    g = src.whole(g_idx).to(torch.int64).reshape(-1)
+    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n_groups):
+        raise InputError(
+            f"{src.spec}: {g_idx.name!r} names group {int(g.max()) if int(g.max()) >= n_groups else int(g.min())}, "
+            f"but the weight has {n_groups} scale groups; the checkpoint is corrupt: re-download or re-export it"
+        )
+    return g
+
+
 def _scale_rows(src: QuantSource, scale: TensorInfo, r0: int, r1: int, out_rows: int) -> torch.Tensor:
     """The (r1 − r0, G) float64 scales of rows [r0, r1): per tensor (one value), or per row."""
     if scale.numel == 1:
@@ -222,7 +233,7 @@ class CtInt(Codec):
         cols = self.shape[1]
         g_idx = self.part("g_idx")
         if g_idx is not None:
-            return src.whole(g_idx).to(torch.int64).reshape(-1)
+            return _groups_of(src, g_idx, n_groups)
         if n_groups <= 1:
             return torch.zeros(cols, dtype=torch.int64)
         return torch.arange(cols, dtype=torch.int64) // self.group
@@ -452,7 +463,7 @@ class Gptq(Codec):
         in_f = self.shape[1]
         g_idx = self.part("g_idx")
         if g_idx is not None and not self.awq:
-            return src.whole(g_idx).to(torch.int64).reshape(-1)
+            return _groups_of(src, g_idx, self.need("scales").shape[0])
         if not self.group:
             return torch.zeros(in_f, dtype=torch.int64)
         return torch.arange(in_f) // self.group
@@ -523,19 +534,33 @@ class _Found:
     formats: dict[str, int] = field(default_factory=dict)  # format -> count
 
 
+def _read_small(src: Source, info: TensorInfo) -> torch.Tensor:
+    """A small part that says how to read a quantized weight (its shape, its state); a source opened header-only
+    cannot read it, which is said in one line."""
+    try:
+        return src.read(info.name)
+    except InputError as e:
+        if "header-only" not in str(e):
+            raise
+        raise Refusal(
+            f"{src.spec}: tensor {info.name!r} holds what a quantized weight's shape is, and --header-only reads no "
+            f"tensor data; drop --header-only, or {HINT}"
+        ) from None
+
+
 def _small_ints(src: Source, info: TensorInfo) -> list[int]:
     if info.dtype.is_float or info.numel > 8:
         raise _refuse(
             src,
             f"tensor {info.name!r} should hold a few integers (a shape), holds {info.dtype.short} {list(info.shape)}",
         )
-    return [int(v) for v in src.read(info.name).tolist()]
+    return [int(v) for v in _read_small(src, info).tolist()]
 
 
 def _bnb_state(src: Source, info: TensorInfo) -> dict[str, Any]:
     if info.dtype.name != "U8" or info.numel > _STATE_MAX:
         raise _refuse(src, f"{info.name!r} is not a bitsandbytes quant state (a short U8 JSON tensor)")
-    raw = bytes(src.read(info.name).numpy().tobytes())
+    raw = bytes(_read_small(src, info).numpy().tobytes())
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -552,6 +577,12 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
     found = _Found()
 
     def add(name: str, codec: Codec, hide: Sequence[str]) -> None:
+        if (name in infos and name not in hide) or name in src.tied or name in found.codecs:
+            raise _refuse(
+                src,
+                f"tensor {name!r} is stored beside the quantized parts that make the weight of that "
+                "name, so one would hide the other; remove one of them",
+            )
         found.codecs[name] = codec
         found.hidden.update(hide)
         found.formats[codec.fmt] = found.formats.get(codec.fmt, 0) + 1
