@@ -474,15 +474,25 @@ class Gptq(Codec):
         z = self._unpack_out(src.whole(self.need("qzeros")), out_f).to(torch.float64)
         return s, z + 1 if self.plus_one else z
 
+    def _unpacked(self, src: QuantSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (in, out) uint8, scales, zeros (G, out) float64, group of each input), unpacked once per read
+        of the tensor's chunks."""
+        key = self.need("qweight").name
+        hit = src.memo.get(key)
+        if hit is None:
+            s, z = self._sz(src)
+            hit = (self._qweight(src).to(torch.uint8), s, z, self._g(src))
+            src.remember(key, hit)
+        return hit
+
     def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self._qweight(src)[:, r0:r1]  # (in, rows)
-        s, z = self._sz(src)
-        g = self._g(src)
+        q_all, s, z, g = self._unpacked(src)
+        q = q_all[:, r0:r1].to(torch.int64)  # (in, rows)
         values = ((q.to(torch.float64) - z[g][:, r0:r1]) * s[g][:, r0:r1]).to(torch.float32)
         return values.t().reshape(-1), q.t().reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
-        s, z = self._sz(src)
+        _, s, z, _ = self._unpacked(src)
         return torch.stack((s[:, r0:r1].reshape(-1), z[:, r0:r1].reshape(-1)), dim=1)
 
 
@@ -928,6 +938,13 @@ class QuantSource(Source):
         self.inner = inner
         self._lock = threading.Lock()
         self._whole: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memo: dict[str, Any] = {}  # a codec's unpacked form of the tensor read last (see remember)
+
+    def remember(self, key: str, value: Any) -> None:
+        """Keep ``value`` for ``key`` (a codec's unpacked tensor), dropping what was kept before: the chunks of one
+        tensor are read in turn, so one is enough, and memory stays that of one tensor."""
+        with self._lock:
+            self.memo = {key: value}
 
     def whole(self, info: TensorInfo) -> torch.Tensor:
         """A stored tensor whole, in its stored shape; the last few kept."""
@@ -980,6 +997,7 @@ class QuantSource(Source):
     def close(self) -> None:
         with self._lock:
             self._whole.clear()
+            self.memo = {}
         self.inner.close()
 
     def abandon_reads(self) -> None:
