@@ -205,3 +205,25 @@ def test_llm_int8(tmp_path: Path) -> None:
     assert row["changed"] == np.count_nonzero(vals(q, scb) != vals(q1, s1)) == IN + 1
     assert row["codes_changed"] == 1 and row["scale_blocks_changed"] == 1 and row["dtype_base"] == "int8/row"
     assert bool(row["linear"]) and row["numel"] == OUT * IN
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 7, 4 * 33])
+def test_small_chunks_count_what_whole_tensors_count(pair: dict, chunk_bytes: int) -> None:
+    """Chunks of 7 or 33 entries (odd starts: half a byte, across absmax blocks and rows) give the same rows."""
+    from ckptdiff.analyses.sparsity import SparsityAnalysis
+    from ckptdiff.engine.alignment import align
+    from ckptdiff.engine.pipeline import Run, execute
+
+    def run(chunk: int) -> pd.DataFrame:
+        views = [ckptdiff.open(pair["base"]), ckptdiff.open(pair["ft"])]
+        items = align(views)
+        r = Run(tuple(views), ("base", "ft"), tuple(items), torch.device("cpu"), 2 * 1024**3, chunk_bytes=chunk)
+        (res,) = execute(r, [SparsityAnalysis()], progress=False)
+        for v in views:
+            v.close()
+        return res.to_frame()
+
+    small, whole = run(chunk_bytes), run(4 * 60_000)
+    pd.testing.assert_frame_equal(small, whole)
+    (q0, _), (q1, _) = _vals(pair["b"]), _vals(pair["f"])
+    assert _rows(small).loc[Q, "changed"] == np.count_nonzero(q0 != q1)

@@ -177,3 +177,22 @@ def test_as_stored_compares_bytes_and_says_so(pair: dict) -> None:
     assert f"{GATE_UP}_blocks[0]" in df.index or f"{GATE_UP}_blocks" in df.index
     raw = df.loc[[t for t in df.index if t.startswith(GATE_UP + "_blocks")]]
     assert raw["detail"].str.contains("as stored").all()
+
+
+def test_small_chunks_count_what_whole_tensors_count(pair: dict) -> None:
+    """Chunks of 37 entries cross rows of the transposed expert and experts of the stack: the same rows."""
+    from ckptdiff.analyses.sparsity import SparsityAnalysis
+    from ckptdiff.engine.alignment import align
+    from ckptdiff.engine.pipeline import Run, execute
+
+    def run(chunk: int) -> pd.DataFrame:
+        views = [ckptdiff.open(pair["base"]), ckptdiff.open(pair["ft"])]
+        r = Run(tuple(views), ("base", "ft"), tuple(align(views)), torch.device("cpu"), 2 * 1024**3, chunk_bytes=chunk)
+        (res,) = execute(r, [SparsityAnalysis()], progress=False)
+        for v in views:
+            v.close()
+        return res.to_frame()
+
+    small = run(4 * 37)
+    pd.testing.assert_frame_equal(small, run(4 * 60_000))
+    assert _rows(small).loc[f"{GATE_UP}[0]", "changed"] == 32
