@@ -80,6 +80,14 @@ def mxfp4_under_gptq(root: Path) -> Path:
     return _folder(root, sd, {"quantization_config": {"quant_method": "gptq", "bits": 4}})
 
 
+def gpt_oss_original(root: Path) -> Path:
+    sd = {
+        "block.0.mlp.mlp1_weight.blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8),
+        "block.0.mlp.mlp1_weight.scales": torch.zeros(2, 4, 1, dtype=torch.uint8),
+    }
+    return _folder(root, sd, None)
+
+
 CASES: list[tuple[Callable[[Path], Path], str]] = [
     (nvfp4, "NVFP4"),
     (gptq_without_config, "packing order and bits are unknown"),
@@ -88,6 +96,7 @@ CASES: list[tuple[Callable[[Path], Path], str]] = [
     (hqq, "quant_method 'hqq'"),
     (config_says_mxfp4, "no tensor is stored in that layout"),
     (mxfp4_under_gptq, "says quant_method 'gptq'"),
+    (gpt_oss_original, "gpt-oss original MXFP4"),
 ]
 
 

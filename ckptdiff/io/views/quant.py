@@ -890,6 +890,7 @@ def _order(src: Source) -> dict[str, int]:
 
 _UNSUPPORTED = {  # a stored name's last part -> the layout it belongs to (none of them is dequantized here)
     "weight_global_scale": "NVFP4 (compressed-tensors nvfp4-pack-quantized or ModelOpt)",
+    "weight_scale_2": "NVFP4 (ModelOpt)",
     "W_q": "HQQ",
     "q_weight": "EXL2",
     "q_scale_max": "EXL2",
@@ -901,10 +902,13 @@ _UNSUPPORTED = {  # a stored name's last part -> the layout it belongs to (none 
 
 def _unsupported_names(src: Source) -> tuple[str, str]:
     """(a stored name that marks a quantized layout nothing here dequantizes, that layout), or ('', '')."""
-    for name in src.infos:
+    infos = src.infos
+    for name, info in infos.items():
         layout = _UNSUPPORTED.get(name.rsplit(".", 1)[-1])
         if layout:
             return name, layout
+        if name.endswith(".blocks") and info.dtype.name == "U8" and name[: -len(".blocks")] + ".scales" in infos:
+            return name, "gpt-oss original MXFP4 (*.blocks/*.scales; the transformers-format release is read)"
     return "", ""
 
 
@@ -1088,7 +1092,8 @@ def wrap(src: Source) -> Source:
         raise _refuse(src, f"tensor {odd!r} belongs to the {layout} layout, which ckptdiff does not dequantize")
     names = src.infos
     suspect = any(
-        n.endswith(("_blocks", ".weight_packed", ".qweight", ".SCB", ".weight_scale")) or ".quant_state." in n
+        n.endswith(("_blocks", ".weight_packed", ".qweight", ".SCB", ".weight_scale", ".blocks"))
+        or ".quant_state." in n
         for n in names
     )
     config = model_config.load(src, _PURPOSE) if suspect else _config_if_any(src)
