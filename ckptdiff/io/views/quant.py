@@ -888,15 +888,14 @@ def _order(src: Source) -> dict[str, int]:
     return {n: k for k, n in enumerate(src.infos)}
 
 
-_UNSUPPORTED = {  # a stored name's last part -> the layout it belongs to (none of them is dequantized here)
-    "weight_global_scale": "NVFP4 (compressed-tensors nvfp4-pack-quantized or ModelOpt)",
-    "weight_scale_2": "NVFP4 (ModelOpt)",
-    "W_q": "HQQ",
-    "q_weight": "EXL2",
-    "q_scale_max": "EXL2",
-    "codebooks": "AQLM",
-    "trellis": "QTIP",
-    "SU": "QuIP#",
+_UNSUPPORTED = {  # a stored name's last part -> (the layout it belongs to, a sibling part that must be there too)
+    "weight_global_scale": ("NVFP4 (compressed-tensors nvfp4-pack-quantized or ModelOpt)", ""),
+    "weight_scale_2": ("NVFP4 (ModelOpt)", "weight_scale"),
+    "W_q": ("HQQ", ""),
+    "q_weight": ("EXL2", "q_scale"),
+    "codebooks": ("AQLM", "codes"),
+    "trellis": ("QTIP", "SU"),
+    "Qidxs": ("QuIP#", "SU"),
 }
 
 
@@ -904,9 +903,10 @@ def _unsupported_names(src: Source) -> tuple[str, str]:
     """(a stored name that marks a quantized layout nothing here dequantizes, that layout), or ('', '')."""
     infos = src.infos
     for name, info in infos.items():
-        layout = _UNSUPPORTED.get(name.rsplit(".", 1)[-1])
-        if layout:
-            return name, layout
+        stem, _, tail = name.rpartition(".")
+        hit = _UNSUPPORTED.get(tail)
+        if hit is not None and (not hit[1] or f"{stem}.{hit[1]}" in infos):
+            return name, hit[0]
         if name.endswith(".blocks") and info.dtype.name == "U8" and name[: -len(".blocks")] + ".scales" in infos:
             return name, "gpt-oss original MXFP4 (*.blocks/*.scales; the transformers-format release is read)"
     return "", ""
@@ -1038,7 +1038,7 @@ class StoredSource(Source):
 _PART_TAILS = frozenset({
     "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
     "input_global_scale", "qweight", "qzeros", "scales", "g_idx", "SCB", "weight_format", "absmax", "quant_map",
-    "nested_absmax", "nested_quant_map",
+    "nested_absmax", "nested_quant_map", "blocks",
 })  # fmt: skip
 
 
