@@ -111,6 +111,9 @@ class QuantInfo(TensorInfo):
         return self.codec.label if self.codec is not None else ""
 
 
+_NONE = torch.empty(0, dtype=torch.int64)  # the codes of a read that does not want them
+
+
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
@@ -142,7 +145,7 @@ class Codec:
     def row_len(self) -> int:
         return math.prod(self.shape[1:])
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Values (fp32) and codes (int64) of logical rows [r0, r1), flat, row-major."""
         raise NotImplementedError
 
@@ -169,6 +172,12 @@ def _groups_of(src: QuantSource, g_idx: TensorInfo, n_groups: int) -> torch.Tens
     return g
 
 
+def _fdt(*infos: TensorInfo | None) -> torch.dtype:
+    """The dtype a value is formed in: fp32, whose one multiply of two exact fp32 numbers rounds the exact product
+    once, as float64 then a cast would; float64 where a part (an F64 scale) is not an fp32 number."""
+    return torch.float64 if any(i is not None and i.dtype.name == "F64" for i in infos) else torch.float32
+
+
 def _scale_rows(src: QuantSource, scale: TensorInfo, r0: int, r1: int, out_rows: int) -> torch.Tensor:
     """The (r1 − r0, G) float64 scales of rows [r0, r1): per tensor (one value), or per row."""
     if scale.numel == 1:
@@ -179,7 +188,16 @@ def _scale_rows(src: QuantSource, scale: TensorInfo, r0: int, r1: int, out_rows:
 # --- MXFP4 ----------------------------------------------------------------------------------------
 
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_FP4 = torch.tensor(FP4_E2M1, dtype=torch.float64)
+_FP4 = torch.tensor(FP4_E2M1, dtype=torch.float32)
+
+
+def e8m0(exps: torch.Tensor) -> torch.Tensor:
+    """fp32 2^(e − 127) of E8M0 exponents, built from its bits (exact: 2^−127 is an fp32 subnormal); 255 is NaN
+    (the OCP microscaling definition)."""
+    e = exps.to(torch.int32)
+    bits = torch.where(e == 0, 1 << 22, e << 23)
+    bits = torch.where(e == 255, 0x7FC00000, bits)
+    return bits.view(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -190,15 +208,17 @@ class Mxfp4(Codec):
     def label(self) -> str:
         return "mxfp4/32"
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = _rows_of(src, self.need("blocks"), r0, r1).to(torch.int64)  # (n, R, G, 16)
-        exps = _rows_of(src, self.need("scales"), r0, r1).to(torch.int64)  # (n, R, G)
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = _rows_of(src, self.need("blocks"), r0, r1)  # (n, R, G, 16) uint8
         n, rr, g, _ = blocks.shape
-        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(n, rr, g, 32)
-        values = _FP4[codes] * torch.pow(2.0, (exps - 127).to(torch.float64)).unsqueeze(-1)
-        values = values.reshape(n, rr, g * 32).transpose(1, 2).to(torch.float32).reshape(-1)
-        codes = torch.where(codes == 8, 0, codes)  # −0 is +0
-        return values, codes.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
+        nib = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(n, rr, g, 32)
+        # each product of a code value and a power of two rounds once in fp32: the exact value, rounded once
+        values = _FP4[nib.to(torch.int64)] * e8m0(_rows_of(src, self.need("scales"), r0, r1)).unsqueeze(-1)
+        values = values.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
+        if not codes:
+            return values, _NONE
+        nib = torch.where(nib == 8, 0, nib)  # −0 is +0
+        return values, nib.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         return _f64(_rows_of(src, self.need("scales"), r0, r1)).reshape(-1, 1)
@@ -255,16 +275,17 @@ class CtInt(Codec):
         first = (r0 // per) * per
         return z[r0 - first : r1 - first].to(torch.float64)
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         q = self._codes(src, r0, r1)
         s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
         col_g = self._cols_group(src, s.shape[1])
         z = self._zeros(src, r0, r1, s.shape[1])
-        qf = q.to(torch.float64)
+        dt = _fdt(self.need("scale"))
+        qf = q.to(dt)
         if z is not None:
-            qf = qf - z[:, col_g]
-        values = (qf * s[:, col_g]).to(torch.float32).reshape(-1)
-        return values, q.reshape(-1)
+            qf = qf - z.to(dt)[:, col_g]  # small integers: exact
+        values = (qf * s.to(dt)[:, col_g]).to(torch.float32).reshape(-1)
+        return values, q.reshape(-1) if codes else _NONE
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
@@ -309,18 +330,20 @@ class CtFloat(Codec):
             return s.expand(r1 - r0, cols)
         return s[:, torch.arange(cols) // self.group]
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         raw = _rows_of(src, self.need("weight"), r0, r1)
-        qf = raw.to(torch.float64)
-        if self.part("zero_point") is not None:
+        zp = self.part("zero_point")
+        dt = torch.float64 if zp is not None else _fdt(self.need("scale"))  # q − z is exact in float64
+        qf = raw.to(dt)
+        if zp is not None:
             qf = qf - self._scales(src, "zero_point", r0, r1)
-        values = (qf * self._scales(src, "scale", r0, r1)).to(torch.float32).reshape(-1)
+        values = (qf * self._scales(src, "scale", r0, r1).to(dt)).to(torch.float32).reshape(-1)
+        if not codes:
+            return values, _NONE
         if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             bits = raw.view(torch.uint8).to(torch.int64)
-            codes = torch.where((bits & 0x7F) == 0, 0, bits)  # −0 is +0
-        else:
-            codes = raw.to(torch.int64)
-        return values, codes.reshape(-1)
+            return values, torch.where((bits & 0x7F) == 0, 0, bits).reshape(-1)  # −0 is +0
+        return values, raw.to(torch.int64).reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         scale = self.need("scale")
@@ -353,7 +376,7 @@ class BnbInt8(Codec):
     def label(self) -> str:
         return "int8/row"
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         q = _rows_of(src, self.need("weight"), r0, r1).to(torch.int64)
         scb = _f64(src.inner.read(self.need("scb").name, r0, r1 - r0)).reshape(-1, 1)
         values = (q.to(torch.float64) * scb / 127.0).to(torch.float32).reshape(-1)
@@ -396,20 +419,22 @@ class Bnb4(Codec):
         idx = torch.arange(k0, k1) // nbs - k0 // nbs
         return nmap[raw.to(torch.int64)] * outer[idx] + torch.tensor(self.nested_offset, dtype=torch.float32)
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         per = self.row_len
         f0, f1 = r0 * per, r1 * per
         packed = self._bytes(src, f0 // 2, -(-f1 // 2)).to(torch.int64)
-        codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[f0 % 2 : f0 % 2 + f1 - f0]
-        qmap = src.whole(self.need("quant_map")).to(torch.float64).reshape(-1)
+        nib = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[f0 % 2 : f0 % 2 + f1 - f0]
+        qmap = src.whole(self.need("quant_map")).to(torch.float32).reshape(-1)
         bs = self.blocksize
         k0, k1 = f0 // bs, (f1 - 1) // bs + 1
-        am = self.absmax(src, k0, k1).to(torch.float64)
-        values = (qmap[codes] * am[torch.arange(f0, f1) // bs - k0]).to(torch.float32)
+        am = self.absmax(src, k0, k1)  # fp32
+        values = qmap[nib] * am.repeat_interleave(bs)[f0 - k0 * bs : f1 - k0 * bs]
+        if not codes:
+            return values, _NONE
         zero = (qmap == 0).nonzero().reshape(-1)
         if zero.numel() > 1:  # a table with +0 and −0: one value, one code
-            codes = torch.where(torch.isin(codes, zero), zero[0], codes)
-        return values, codes
+            nib = torch.where(torch.isin(nib, zero), zero[0], nib)
+        return values, nib
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         per, bs = self.row_len, self.blocksize
@@ -485,11 +510,13 @@ class Gptq(Codec):
             src.remember(key, hit)
         return hit
 
-    def rows(self, src: QuantSource, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         q_all, s, z, g = self._unpacked(src)
-        q = q_all[:, r0:r1].to(torch.int64)  # (in, rows)
-        values = ((q.to(torch.float64) - z[g][:, r0:r1]) * s[g][:, r0:r1]).to(torch.float32)
-        return values.t().reshape(-1), q.t().reshape(-1)
+        q = q_all[:, r0:r1]  # (in, rows)
+        dt = _fdt(self.need("scales"))
+        zs, ss = z[:, r0:r1].to(dt), s[:, r0:r1].to(dt)
+        values = ((q.to(dt) - zs[g]) * ss[g]).to(torch.float32)  # q − z: small integers, exact
+        return values.t().reshape(-1), q.t().to(torch.int64).reshape(-1) if codes else _NONE
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         _, s, z, _ = self._unpacked(src)
@@ -993,7 +1020,7 @@ class QuantSource(Source):
         r = start // per
         while r * per < end:
             r1 = min(-(-end // per), r + step)
-            vals, cods = codec.rows(self, r, r1)
+            vals, cods = codec.rows(self, r, r1, codes)
             lo, hi = max(start, r * per) - r * per, min(end, r1 * per) - r * per
             yield max(start, r * per) - start, vals[lo:hi], cods[lo:hi]
             r = r1
