@@ -111,7 +111,13 @@ class QuantInfo(TensorInfo):
         return self.codec.label if self.codec is not None else ""
 
 
-_NONE = torch.empty(0, dtype=torch.int64)  # the codes of a read that does not want them
+def _split_nibbles(packed: torch.Tensor, low_first: bool) -> torch.Tensor:
+    """uint8 bytes (..., k) -> uint8 codes (..., k, 2): each byte's two nibbles, in the format's order."""
+    out = torch.empty(*packed.shape, 2, dtype=torch.uint8)
+    lo, hi = (0, 1) if low_first else (1, 0)
+    torch.bitwise_and(packed, 0x0F, out=out[..., lo])
+    torch.bitwise_right_shift(packed, 4, out=out[..., hi])
+    return out
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,12 @@ class Codec:
     def row_len(self) -> int:
         return math.prod(self.shape[1:])
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values (fp32) and codes (int64) of logical rows [r0, r1), flat, row-major."""
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        """The fp32 values of logical rows [r0, r1), flat, row-major."""
+        raise NotImplementedError
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        """The codes of logical rows [r0, r1), flat, row-major, one per entry (a float code's −0 as its +0)."""
         raise NotImplementedError
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
@@ -208,17 +218,23 @@ class Mxfp4(Codec):
     def label(self) -> str:
         return "mxfp4/32"
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nibbles(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        """(n, R, G, 32) uint8 codes, the low nibble of each byte first."""
         blocks = _rows_of(src, self.need("blocks"), r0, r1)  # (n, R, G, 16) uint8
-        n, rr, g, _ = blocks.shape
-        nib = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(n, rr, g, 32)
+        return _split_nibbles(blocks, low_first=True).reshape(*blocks.shape[:-1], 32)
+
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        nib = self._nibbles(src, r0, r1)
+        n, rr, g, _ = nib.shape
         # each product of a code value and a power of two rounds once in fp32: the exact value, rounded once
-        values = _FP4[nib.to(torch.int64)] * e8m0(_rows_of(src, self.need("scales"), r0, r1)).unsqueeze(-1)
-        values = values.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
-        if not codes:
-            return values, _NONE
+        values = _FP4[nib.to(torch.int32)] * e8m0(_rows_of(src, self.need("scales"), r0, r1)).unsqueeze(-1)
+        return values.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        nib = self._nibbles(src, r0, r1)
+        n, rr, g, _ = nib.shape
         nib = torch.where(nib == 8, 0, nib)  # −0 is +0
-        return values, nib.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
+        return nib.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         return _f64(_rows_of(src, self.need("scales"), r0, r1)).reshape(-1, 1)
@@ -230,10 +246,9 @@ class Mxfp4(Codec):
 def _unpack_rows(words: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """(rows, ⌈width·bits/32⌉) int32 words -> (rows, width) unsigned codes, the first in the lowest bits."""
     per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(words.shape[0], -1)[:, :width]
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (words.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # the mask drops the sign fill
+    return codes.to(torch.uint8).reshape(words.shape[0], -1)[:, :width]
 
 
 @dataclass(frozen=True)
@@ -260,7 +275,7 @@ class CtInt(Codec):
 
     def _codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         words = _rows_of(src, self.need("packed"), r0, r1)
-        return _unpack_rows(words, self.bits, self.shape[1]) - (1 << (self.bits - 1))
+        return _unpack_rows(words, self.bits, self.shape[1]).to(torch.int16) - (1 << (self.bits - 1))
 
     def _zeros(self, src: QuantSource, r0: int, r1: int, n_groups: int) -> torch.Tensor | None:
         zp = self.part("zero_point")
@@ -275,7 +290,7 @@ class CtInt(Codec):
         first = (r0 // per) * per
         return z[r0 - first : r1 - first].to(torch.float64)
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         q = self._codes(src, r0, r1)
         s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
         col_g = self._cols_group(src, s.shape[1])
@@ -284,8 +299,10 @@ class CtInt(Codec):
         qf = q.to(dt)
         if z is not None:
             qf = qf - z.to(dt)[:, col_g]  # small integers: exact
-        values = (qf * s.to(dt)[:, col_g]).to(torch.float32).reshape(-1)
-        return values, q.reshape(-1) if codes else _NONE
+        return (qf * s.to(dt)[:, col_g]).to(torch.float32).reshape(-1)
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        return self._codes(src, r0, r1).reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         s = _scale_rows(src, self.need("scale"), r0, r1, self.shape[0])
@@ -330,20 +347,21 @@ class CtFloat(Codec):
             return s.expand(r1 - r0, cols)
         return s[:, torch.arange(cols) // self.group]
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         raw = _rows_of(src, self.need("weight"), r0, r1)
         zp = self.part("zero_point")
         dt = torch.float64 if zp is not None else _fdt(self.need("scale"))  # q − z is exact in float64
         qf = raw.to(dt)
         if zp is not None:
             qf = qf - self._scales(src, "zero_point", r0, r1)
-        values = (qf * self._scales(src, "scale", r0, r1).to(dt)).to(torch.float32).reshape(-1)
-        if not codes:
-            return values, _NONE
+        return (qf * self._scales(src, "scale", r0, r1).to(dt)).to(torch.float32).reshape(-1)
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        raw = _rows_of(src, self.need("weight"), r0, r1)
         if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            bits = raw.view(torch.uint8).to(torch.int64)
-            return values, torch.where((bits & 0x7F) == 0, 0, bits).reshape(-1)  # −0 is +0
-        return values, raw.to(torch.int64).reshape(-1)
+            bits = raw.view(torch.uint8)
+            return torch.where((bits & 0x7F) == 0, 0, bits).reshape(-1)  # −0 is +0
+        return raw.reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         scale = self.need("scale")
@@ -376,11 +394,13 @@ class BnbInt8(Codec):
     def label(self) -> str:
         return "int8/row"
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        q = _rows_of(src, self.need("weight"), r0, r1).to(torch.int64)
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        q = _rows_of(src, self.need("weight"), r0, r1)
         scb = _f64(src.inner.read(self.need("scb").name, r0, r1 - r0)).reshape(-1, 1)
-        values = (q.to(torch.float64) * scb / 127.0).to(torch.float32).reshape(-1)
-        return values, q.reshape(-1)
+        return (q.to(torch.float64) * scb / 127.0).to(torch.float32).reshape(-1)
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        return _rows_of(src, self.need("weight"), r0, r1).reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         return _f64(src.inner.read(self.need("scb").name, r0, r1 - r0)).reshape(-1, 1)
@@ -419,22 +439,27 @@ class Bnb4(Codec):
         idx = torch.arange(k0, k1) // nbs - k0 // nbs
         return nmap[raw.to(torch.int64)] * outer[idx] + torch.tensor(self.nested_offset, dtype=torch.float32)
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        per = self.row_len
-        f0, f1 = r0 * per, r1 * per
-        packed = self._bytes(src, f0 // 2, -(-f1 // 2)).to(torch.int64)
-        nib = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[f0 % 2 : f0 % 2 + f1 - f0]
+    def _nibbles(self, src: QuantSource, f0: int, f1: int) -> torch.Tensor:
+        """uint8 codes of flat entries [f0, f1): two a byte, the high nibble first."""
+        packed = self._bytes(src, f0 // 2, -(-f1 // 2))
+        return _split_nibbles(packed, low_first=False).reshape(-1)[f0 % 2 : f0 % 2 + f1 - f0]
+
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        f0, f1 = r0 * self.row_len, r1 * self.row_len
+        nib = self._nibbles(src, f0, f1)
         qmap = src.whole(self.need("quant_map")).to(torch.float32).reshape(-1)
         bs = self.blocksize
         k0, k1 = f0 // bs, (f1 - 1) // bs + 1
         am = self.absmax(src, k0, k1)  # fp32
-        values = qmap[nib] * am.repeat_interleave(bs)[f0 - k0 * bs : f1 - k0 * bs]
-        if not codes:
-            return values, _NONE
-        zero = (qmap == 0).nonzero().reshape(-1)
+        return qmap[nib.to(torch.int32)] * am.repeat_interleave(bs)[f0 - k0 * bs : f1 - k0 * bs]
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        nib = self._nibbles(src, r0 * self.row_len, r1 * self.row_len)
+        qmap = src.whole(self.need("quant_map")).to(torch.float32).reshape(-1)
+        zero = (qmap == 0).nonzero().reshape(-1).to(torch.uint8)
         if zero.numel() > 1:  # a table with +0 and −0: one value, one code
             nib = torch.where(torch.isin(nib, zero), zero[0], nib)
-        return values, nib
+        return nib
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         per, bs = self.row_len, self.blocksize
@@ -479,10 +504,9 @@ class Gptq(Codec):
         if self.awq:
             return self._unpack_out(words, out_f)
         per = 32 // self.bits
-        w = words.to(torch.int64) & 0xFFFFFFFF
-        shifts = torch.arange(per, dtype=torch.int64) * self.bits
-        codes = (w.unsqueeze(1) >> shifts.reshape(1, per, 1)) & ((1 << self.bits) - 1)
-        return codes.reshape(-1, out_f)[:in_f]
+        shifts = torch.arange(per, dtype=torch.int32) * self.bits
+        codes = (words.to(torch.int32).unsqueeze(1) >> shifts.reshape(1, per, 1)) & ((1 << self.bits) - 1)
+        return codes.to(torch.uint8).reshape(-1, out_f)[:in_f]
 
     def _g(self, src: QuantSource) -> torch.Tensor:
         in_f = self.shape[1]
@@ -510,13 +534,16 @@ class Gptq(Codec):
             src.remember(key, hit)
         return hit
 
-    def rows(self, src: QuantSource, r0: int, r1: int, codes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         q_all, s, z, g = self._unpacked(src)
         q = q_all[:, r0:r1]  # (in, rows)
         dt = _fdt(self.need("scales"))
         zs, ss = z[:, r0:r1].to(dt), s[:, r0:r1].to(dt)
         values = ((q.to(dt) - zs[g]) * ss[g]).to(torch.float32)  # q − z: small integers, exact
-        return values.t().reshape(-1), q.t().to(torch.int64).reshape(-1) if codes else _NONE
+        return values.t().reshape(-1)
+
+    def codes(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
+        return self._unpacked(src)[0][:, r0:r1].t().reshape(-1)
 
     def groups(self, src: QuantSource, r0: int, r1: int) -> torch.Tensor:
         _, s, z, _ = self._unpacked(src)
@@ -1006,23 +1033,21 @@ class QuantSource(Source):
         need = 4 * n
         buf = out[:need] if out is not None and out.nbytes >= need else np.empty(need, dtype=np.uint8)
         values = torch.from_numpy(buf).view(torch.float32)
-        for pos, vals, _ in self.pieces(codec, start, n, codes=False):
+        for pos, vals in self.pieces(codec, start, n):
             values[pos : pos + vals.numel()] = vals
         return values
 
-    def pieces(
-        self, codec: Codec, start: int, n: int, codes: bool = True
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(position, values, codes) of logical entries [start, start + n), a bounded slab of rows at a time."""
+    def pieces(self, codec: Codec, start: int, n: int, codes: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position, values or codes) of logical entries [start, start + n), a bounded slab of rows at a time."""
         per = max(codec.row_len, 1)
         step = max(1, PIECE // per)
         end = start + n
         r = start // per
         while r * per < end:
             r1 = min(-(-end // per), r + step)
-            vals, cods = codec.rows(self, r, r1, codes)
+            got = codec.codes(self, r, r1) if codes else codec.values(self, r, r1)
             lo, hi = max(start, r * per) - r * per, min(end, r1 * per) - r * per
-            yield max(start, r * per) - start, vals[lo:hi], cods[lo:hi]
+            yield max(start, r * per) - start, got[lo:hi]
             r = r1
 
     def close(self) -> None:
@@ -1214,8 +1239,10 @@ class Stats:
         r0, rows = _slice(a)
         per = max(a.codec.row_len, 1)
         changed = 0
-        for (_, _, c0), (_, _, c1) in zip(
-            self.qa.pieces(a.codec, r0 * per, rows * per), self.qb.pieces(b.codec, r0 * per, rows * per), strict=True
+        for (_, c0), (_, c1) in zip(
+            self.qa.pieces(a.codec, r0 * per, rows * per, codes=True),
+            self.qb.pieces(b.codec, r0 * per, rows * per, codes=True),
+            strict=True,
         ):
             changed += int((c0 != c1).sum())
         self.codes[item.name] = changed
