@@ -151,3 +151,18 @@ def test_header_only_says_what_it_cannot_read(tmp_path: Path) -> None:
     assert code == 2 and "--header-only" in stderr and "weight_shape" in stderr and len(stderr.splitlines()) == 1
     code, _, output, _ = invoke(["check", str(base), str(ft), "--header-only", "--same-shapes", "--as-stored", "-q"])
     assert code == 0, output
+
+
+def test_the_library_takes_as_stored_as_a_context(tmp_path: Path) -> None:
+    import ckptdiff
+    from ckptdiff.errors import InputError
+    from ckptdiff.io.views.quant import as_stored
+
+    base, ft = int8_tiled(tmp_path / "base"), int8_tiled(tmp_path / "ft")
+    with pytest.raises(InputError, match="--as-stored"):
+        ckptdiff.sparsity(base, ft, progress=False)
+    with as_stored():
+        df = ckptdiff.sparsity(base, ft, progress=False).to_frame().set_index("tensor")
+    assert df.loc[P + ".weight", "detail"].startswith("as stored") and df.loc[P + ".weight", "changed"] == 0
+    with pytest.raises(InputError):  # the context ended: the next run dequantizes (and refuses) again
+        ckptdiff.sparsity(base, ft, progress=False)
