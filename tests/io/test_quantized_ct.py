@@ -274,3 +274,18 @@ def test_consistency_check_and_as_bf16_see_the_values(pair: dict, tmp_path: Path
     ok = check(pair["base"], pair["ft"], rules=[f"changed@{Q}.weight == {want}"], progress=False)
     bad = check(pair["base"], pair["ft"], rules=[f"changed@{Q}.weight == {want + 1}"], progress=False)
     assert ok.passed and not bad.passed
+
+
+def test_an_unpacked_zero_point_is_one_integer_per_group(pair: dict, tmp_path: Path) -> None:
+    b = pair["b"]
+    sd = {
+        Q + ".weight_packed": torch.from_numpy(pack_rows(b["q"])),
+        Q + ".weight_scale": torch.from_numpy(pair["s"]),
+        Q + ".weight_zero_point": torch.from_numpy(b["z"]),  # int8 (out, groups), as older releases wrote it
+        Q + ".weight_shape": torch.tensor([OUT, IN], dtype=torch.int64),
+    }
+    save_single(sd, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(ct_config(symmetric=False)))
+    src = ckptdiff.open(tmp_path / "m")
+    np.testing.assert_array_equal(src.read_full(Q + ".weight").numpy(), values(b["q"], pair["s"], b["z"]))
+    src.close()

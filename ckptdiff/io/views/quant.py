@@ -278,6 +278,9 @@ class CtInt(Codec):
         return _unpack_rows(words, self.bits, self.shape[1]).to(torch.int16) - (1 << (self.bits - 1))
 
     def _zeros(self, src: QuantSource, r0: int, r1: int, n_groups: int) -> torch.Tensor | None:
+        plain = self.part("zero_point_plain")  # one signed integer per scale (older compressed-tensors)
+        if plain is not None:
+            return _rows_of(src, plain, r0, r1).to(torch.float64).reshape(r1 - r0, -1)
         zp = self.part("zero_point")
         if zp is None:
             return None
@@ -737,13 +740,15 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
             hide = [name, p + "_shape", p + "_scale"]
             zp = infos.get(p + "_zero_point")
             if zp is not None:
-                if zp.dtype.name != "I32" or tuple(zp.shape) != (-(-out_f // (32 // bits)), g_cols):
+                packed_zp = zp.dtype.name == "I32" and tuple(zp.shape) == (-(-out_f // (32 // bits)), g_cols)
+                plain_zp = zp.dtype.name in ("I8", "I16", "I32") and tuple(zp.shape) == (out_f, g_cols)
+                if not (packed_zp or plain_zp) or (packed_zp and plain_zp):
                     raise _refuse(
                         src,
-                        f"{zp.name!r} {zp.dtype.short} {list(zp.shape)} is not the packed zero point "
-                        "compressed-tensors writes",
+                        f"{zp.name!r} {zp.dtype.short} {list(zp.shape)} is neither the packed zero point "
+                        "compressed-tensors writes nor one integer per scale",
                     )
-                parts.append(("zero_point", zp))
+                parts.append(("zero_point" if packed_zp else "zero_point_plain", zp))
                 hide.append(zp.name)
             gi = infos.get(p + "_g_idx")
             if gi is not None:
@@ -887,7 +892,8 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
             continue
         if not (fp8.is_fp8(weight) or weight.dtype.name == "I8"):
             continue
-        expect({"compressed-tensors", "modelopt", "fbgemm_fp8"}, f"{weight.dtype.short} codes with a weight_scale", p)
+        scaled_methods = {"compressed-tensors", "modelopt", "fbgemm_fp8", "fp8"}
+        expect(scaled_methods, f"{weight.dtype.short} codes with a weight_scale", p)
         if len(weight.shape) != 2:
             raise _refuse(src, f"{p!r} is {len(weight.shape)}-D quantized codes; only matrices are dequantized")
         out_f, in_f = weight.shape
