@@ -131,8 +131,13 @@ def test_packed_weights_read_as_values(pair: dict) -> None:
 def test_counts_values_codes_and_groups(pair: dict) -> None:
     b = pair["b"]
     w0, w1 = values(b["q"], pair["s"], b["z"]), values(pair["q1"], pair["s1"], pair["z1"])
-    rows = _rows(ckptdiff.sparsity(pair["base"], pair["ft"], progress=False).to_frame())
+    res = ckptdiff.sparsity(pair["base"], pair["ft"], progress=False)
+    rows = _rows(res.to_frame())
     row = rows.loc[Q + ".weight"]
+    # the headline counts the two quantized linears at their logical size, the norm beside them, and no scale
+    assert res.overall()["numel"] == 2 * OUT * IN + IN and res.linear_only()["numel"] == 2 * OUT * IN
+    assert res.overall()["changed"] == rows["changed"].sum() > 0
+    assert set(rows.index) == {Q + ".weight", K + ".weight", NORM}
     moved_zero = np.count_nonzero(w0[3, 2 * GS :] != w1[3, 2 * GS :])
     assert moved_zero == IN - 2 * GS  # the zero point moves all 8 weights of the partial group
     assert row["changed"] == np.count_nonzero(w0 != w1) == GS + 1 + moved_zero
