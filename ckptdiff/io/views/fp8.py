@@ -33,8 +33,9 @@ rule on the FP8 encoding) and ``scale_blocks_changed`` (blocks whose scale chang
 the source kept while dequantizing, so no byte is read twice.
 
 FP8 weights with a compressed-tensors (or ModelOpt, fbgemm) ``weight_scale`` per tensor, channel, group or block
-are dequantized by :mod:`ckptdiff.io.views.quant` before this view sees them; what remains here is an FP8 tensor
-whose ``weight_scale`` that view left alone (only with ``--as-stored``), compared as raw values with a note.
+are dequantized by :mod:`ckptdiff.io.views.quant` before this view sees them (:func:`ckptdiff.io.resolve.logical`
+applies that view first). Applied alone, to a source that still holds them, this view reads such weights as raw
+values with a note, never silently.
 """
 
 from __future__ import annotations
