@@ -769,9 +769,11 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
                     src, f"{name!r}: a bitsandbytes {qtype} state without its weight, absmax or 16-entry quant_map"
                 )
             state = _bnb_state(src, infos[name])
-            dims4 = state.get("shape")
+            got = state.get("shape")
+            dims4: list[int] = got if isinstance(got, list) else []
             bs = _int(state.get("blocksize"))
-            if not (isinstance(dims4, list) and all(type(d) is int and d >= 0 for d in dims4)) or not bs or bs < 1:
+            ok_shape = 1 <= len(dims4) <= 8 and all(type(d) is int and d >= 0 for d in dims4)
+            if not ok_shape or not bs or bs < 1:
                 raise _refuse(src, f"{name!r} has no usable shape and blocksize")
             n = math.prod(dims4)
             if weight.nbytes != -(-n // 2) or absmax.numel != -(-n // bs):
