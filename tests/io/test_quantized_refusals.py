@@ -166,3 +166,49 @@ def test_the_library_takes_as_stored_as_a_context(tmp_path: Path) -> None:
     assert df.loc[P + ".weight", "detail"].startswith("as stored") and df.loc[P + ".weight", "changed"] == 0
     with pytest.raises(InputError):  # the context ended: the next run dequantizes (and refuses) again
         ckptdiff.sparsity(base, ft, progress=False)
+
+
+def _bnb(root: Path, state: bytes, nbytes: int = 8) -> Path:
+    w = P + ".weight"
+    sd = {
+        w: torch.zeros(nbytes, 1, dtype=torch.uint8),
+        w + ".absmax": torch.ones(1),
+        w + ".quant_map": torch.linspace(-1, 1, 16),
+        w + ".quant_state.bitsandbytes__nf4": torch.frombuffer(bytearray(state), dtype=torch.uint8),
+    }
+    return _folder(root, sd, {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+
+
+def _mxfp4_collision(root: Path) -> Path:
+    e = "model.layers.0.mlp.experts.down_proj"
+    sd = {
+        e + "_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8),
+        e + "_scales": torch.zeros(2, 4, 1, dtype=torch.uint8),
+        e: torch.zeros(2, 32, 4),
+    }
+    return _folder(root, sd, {"quantization_config": {"quant_method": "mxfp4"}})
+
+
+def _ct_shape(root: Path) -> Path:
+    sd = {
+        P + ".weight_packed": torch.zeros(4, 2, dtype=torch.int32),
+        P + ".weight_scale": torch.ones(4, 1),
+        P + ".weight_shape": torch.tensor([4, 16, 1]),
+    }
+    cfg = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    return _folder(root, sd, {"quantization_config": cfg})
+
+
+HOSTILE: list[tuple[Callable[[Path], Path], str]] = [
+    (lambda r: _bnb(r, b"{not json"), "does not hold the JSON"),
+    (lambda r: _bnb(r, json.dumps({"shape": [4, 8], "blocksize": 64}).encode()), "contradicts the tensors"),
+    (lambda r: _bnb(r, json.dumps({"shape": [], "blocksize": 64}).encode()), "no usable shape"),
+    (_mxfp4_collision, "so one would hide the other"),
+    (_ct_shape, "not a 2-D shape"),
+]
+
+
+@pytest.mark.parametrize(("build", "reason"), HOSTILE, ids=["bnb-json", "bnb-shape", "bnb-scalar", "collision", "ct"])
+def test_malformed_parts_are_refused(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
+    base, ft = build(tmp_path / "base"), build(tmp_path / "ft")
+    assert_refused(["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"], tmp_path, [], reason)
