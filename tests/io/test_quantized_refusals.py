@@ -212,3 +212,13 @@ HOSTILE: list[tuple[Callable[[Path], Path], str]] = [
 def test_malformed_parts_are_refused(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
     base, ft = build(tmp_path / "base"), build(tmp_path / "ft")
     assert_refused(["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"], tmp_path, [], reason)
+
+
+def test_header_only_reads_int8_shapes_from_headers(tmp_path: Path) -> None:
+    sd = {P + ".weight": torch.zeros(4, 8, dtype=torch.int8), P + ".SCB": torch.ones(4),
+          P + ".weight_format": torch.tensor(0, dtype=torch.uint8)}  # fmt: skip
+    cfg = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
+    base = _folder(tmp_path / "b", sd, cfg)
+    plain = _folder(tmp_path / "p", {P + ".weight": torch.zeros(4, 8, dtype=torch.bfloat16)}, None)
+    code, stderr, output, _ = invoke(["check", str(base), str(plain), "--header-only", "--same-shapes", "-q"])
+    assert code == 0, stderr + output

@@ -601,6 +601,10 @@ class _Found:
     formats: dict[str, int] = field(default_factory=dict)  # format -> count
 
 
+class _HeaderOnly(Refusal):
+    """A part that says how to read a quantized weight, in a source opened header-only (no data can be read)."""
+
+
 def _read_small(src: Source, info: TensorInfo) -> torch.Tensor:
     """A small part that says how to read a quantized weight (its shape, its state); a source opened header-only
     cannot read it, which is said in one line."""
@@ -609,7 +613,7 @@ def _read_small(src: Source, info: TensorInfo) -> torch.Tensor:
     except InputError as e:
         if "header-only" not in str(e):
             raise
-        raise Refusal(
+        raise _HeaderOnly(
             f"{src.spec}: tensor {info.name!r} holds what a quantized weight's shape is, and --header-only reads no "
             f"tensor data; drop --header-only, or {HINT}"
         ) from None
@@ -823,7 +827,11 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
             hide = [name, stem + ".weight"]
             fmt_t = infos.get(stem + ".weight_format")
             if fmt_t is not None:
-                if _small_ints(src, fmt_t) not in ([0], []):
+                try:
+                    layout = _small_ints(src, fmt_t)
+                except _HeaderOnly:  # headers alone: the shape is the int8 matrix's, whatever the layout
+                    layout = [0]
+                if layout not in ([0], []):
                     raise _refuse(src, f"{fmt_t.name!r}: LLM.int8 weights in a tiled (col32/turing/ampere) layout")
                 hide.append(fmt_t.name)
             add(stem + ".weight", BnbInt8("bnb-int8", weight.shape, (("weight", weight), ("scb", info))), hide)
