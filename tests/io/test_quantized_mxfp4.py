@@ -196,3 +196,22 @@ def test_small_chunks_count_what_whole_tensors_count(pair: dict) -> None:
     small = run(4 * 37)
     pd.testing.assert_frame_equal(small, run(4 * 60_000))
     assert _rows(small).loc[f"{GATE_UP}[0]", "changed"] == 32
+
+
+def test_two_ranks_give_the_rows_of_one(pair: dict) -> None:
+    """The code and scale counts travel with the totals when the experts are dealt to two ranks."""
+    from factory import as_two_ranks
+
+    from ckptdiff.analyses.sparsity import SparsityAnalysis
+    from ckptdiff.engine.alignment import align
+    from ckptdiff.engine.pipeline import Run, execute
+
+    views = [ckptdiff.open(pair["base"]), ckptdiff.open(pair["ft"])]
+    run = Run(tuple(views), ("base", "ft"), tuple(align(views, labels=["base", "ft"])), torch.device("cpu"), 2**31)
+    (whole,) = execute(run, [SparsityAnalysis()], progress=False)
+    (split,) = as_two_ranks(run, lambda: [SparsityAnalysis()])
+    pd.testing.assert_frame_equal(whole.to_frame(), split.to_frame())
+    rows = _rows(split.to_frame())
+    assert rows.loc[f"{GATE_UP}[1]", "codes_changed"] == 1 and rows.loc[f"{GATE_UP}[0]", "scale_blocks_changed"] == 1
+    for v in views:
+        v.close()
