@@ -199,7 +199,21 @@ def _ct_shape(root: Path) -> Path:
     return _folder(root, sd, {"quantization_config": cfg})
 
 
+def _bnb_without_state(root: Path) -> Path:
+    w = P + ".weight"
+    sd = {w: torch.zeros(8, 1, dtype=torch.uint8), w + ".absmax": torch.ones(1), w + ".quant_map": torch.ones(16)}
+    return _folder(root, sd, None)
+
+
+def _blocks_without_scales(root: Path) -> Path:
+    return _folder(
+        root, {"model.layers.0.mlp.experts.down_proj_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8)}, None
+    )
+
+
 HOSTILE: list[tuple[Callable[[Path], Path], str]] = [
+    (_bnb_without_state, "the rest of that weight is not in the checkpoint"),
+    (_blocks_without_scales, "the rest of that weight is not in the checkpoint"),
     (lambda r: _bnb(r, b"{not json"), "does not hold the JSON"),
     (lambda r: _bnb(r, json.dumps({"shape": [4, 8], "blocksize": 64}).encode()), "contradicts the tensors"),
     (lambda r: _bnb(r, json.dumps({"shape": [], "blocksize": 64}).encode()), "no usable shape"),
@@ -208,7 +222,11 @@ HOSTILE: list[tuple[Callable[[Path], Path], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("build", "reason"), HOSTILE, ids=["bnb-json", "bnb-shape", "bnb-scalar", "collision", "ct"])
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    HOSTILE,
+    ids=["bnb-orphan", "blocks-orphan", "bnb-json", "bnb-shape", "bnb-scalar", "collision", "ct"],
+)
 def test_malformed_parts_are_refused(tmp_path: Path, build: Callable[[Path], Path], reason: str) -> None:
     base, ft = build(tmp_path / "base"), build(tmp_path / "ft")
     assert_refused(["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"], tmp_path, [], reason)

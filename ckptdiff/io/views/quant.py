@@ -943,6 +943,22 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
             hide.append(inp.name)
         fmt_name = "ct-fp8" if fp8.is_fp8(weight) else "ct-int8"
         add(p, CtFloat(fmt_name, tuple(weight.shape), tuple(parts), group=group, block=block), hide)
+    # a quantized part whose weight was not found: its raw numbers would be compared as if they were parameters
+    for name, info in infos.items():
+        if name in found.hidden:
+            continue
+        tail = name.rsplit(".", 1)[-1]
+        orphan = tail in _ORPHAN_TAILS or (
+            info.dtype.name == "U8"
+            and (name.endswith("_blocks") or name.endswith("_scales"))
+            and (method == "mxfp4" or ".experts." in f".{name}")
+        )
+        if orphan:
+            raise _refuse(
+                src,
+                f"tensor {name!r} is part of a quantized weight, but the rest of that weight is not "
+                "in the checkpoint (or not in a layout ckptdiff reads)",
+            )
     # a config naming a quantization whose tensors are absent
     if method in ("mxfp4", "compressed-tensors", "bitsandbytes", "gptq", "awq") and not found.codecs:
         fmt = q.get("format")
@@ -952,6 +968,12 @@ def _recognise(src: Source, config: ModelConfig | None) -> _Found:
     if method == "compressed-tensors" and q.get("format") in ("sparse-bitmask", "marlin-24", "sparse-24-bitmask"):
         raise _refuse(src, f"compressed-tensors format {q.get('format')!r} is not dequantized by ckptdiff")
     return found
+
+
+_ORPHAN_TAILS = frozenset({
+    "weight_packed", "weight_zero_point", "weight_shape", "weight_g_idx", "qweight", "qzeros", "g_idx", "absmax",
+    "quant_map", "nested_absmax", "nested_quant_map", "SCB", "weight_format",
+})  # fmt: skip
 
 
 def _order(src: Source) -> dict[str, int]:
@@ -1160,7 +1182,8 @@ def wrap(src: Source) -> Source:
         raise _refuse(src, f"tensor {odd!r} belongs to the {layout} layout, which ckptdiff does not dequantize")
     names = src.infos
     suspect = any(
-        n.endswith(("_blocks", ".weight_packed", ".qweight", ".SCB", ".weight_scale", ".blocks"))
+        n.endswith(("_blocks", "_scales", ".weight_scale", ".blocks"))
+        or n.rsplit(".", 1)[-1] in _ORPHAN_TAILS
         or ".quant_state." in n
         for n in names
     )
