@@ -294,3 +294,60 @@ def test_an_unpacked_zero_point_is_one_integer_per_group(pair: dict, tmp_path: P
     src = ckptdiff.open(tmp_path / "m")
     np.testing.assert_array_equal(src.read_full(Q + ".weight").numpy(), values(b["q"], pair["s"], b["z"]))
     src.close()
+
+
+def test_fp8_block_scales_and_int8_zero_points(tmp_path: Path) -> None:
+    """FP8 with a block_structure [4, 8] (edge blocks partial) and naive int8 with a zero point per channel."""
+    g = torch.Generator().manual_seed(4)
+    codes = (torch.rand(10, 20, generator=g) * 6 + 0.5).to(E4M3)
+    bs = np.random.default_rng(4).uniform(0.5, 2.0, size=(3, 3)).astype(np.float32)  # ⌈10/4⌉ x ⌈20/8⌉
+    q8 = torch.randint(-100, 100, (10, 20), generator=g, dtype=torch.int8)
+    s8 = np.linspace(0.01, 0.1, 10, dtype=np.float32).reshape(10, 1)
+    z8 = np.arange(-5, 5, dtype=np.int8).reshape(10, 1)
+
+    def block_ref(c: torch.Tensor, s: np.ndarray) -> np.ndarray:
+        cf = c.float().numpy()
+        out = np.zeros(cf.shape, dtype=np.float32)
+        for i in range(cf.shape[0]):
+            for j in range(cf.shape[1]):
+                out[i, j] = np.float32(float(cf[i, j]) * float(s[i // 4, j // 8]))
+        return out
+
+    def zp_ref(q: torch.Tensor, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        qn = q.numpy()
+        out = np.zeros(qn.shape, dtype=np.float32)
+        for i in range(qn.shape[0]):
+            for j in range(qn.shape[1]):
+                out[i, j] = np.float32((float(qn[i, j]) - float(z[i, 0])) * float(s[i, 0]))
+        return out
+
+    def save_both(folder: Path, s: np.ndarray, z: np.ndarray) -> Path:
+        sd = {V + ".weight": codes, V + ".weight_scale": torch.from_numpy(s),
+              OPROJ + ".weight": q8, OPROJ + ".weight_scale": torch.from_numpy(s8),
+              OPROJ + ".weight_zero_point": torch.from_numpy(z)}  # fmt: skip
+        save_single(sd, folder / "model.safetensors")
+        w = {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [4, 8]}
+        cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                       "config_groups": {"g": {"targets": ["Linear"], "weights": w}}}}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return folder
+
+    bs1, z1 = bs.copy(), z8.copy()
+    bs1[2, 2] *= 2  # the corner block, 2 x 4 entries
+    z1[3, 0] += 1  # one channel's zero point: its 20 entries move
+    base, ft = save_both(tmp_path / "b", bs, z8), save_both(tmp_path / "f", bs1, z1)
+    src = ckptdiff.open(base)
+    np.testing.assert_array_equal(src.read_full(V + ".weight").numpy(), block_ref(codes, bs))
+    np.testing.assert_array_equal(src.read_full(OPROJ + ".weight").numpy(), zp_ref(q8, s8, z8))
+    assert src.infos[V + ".weight"].shape == (10, 20)
+    src.close()
+    rows = _rows(ckptdiff.sparsity(base, ft, progress=False).to_frame())
+    assert rows.loc[V + ".weight", "changed"] == np.count_nonzero(block_ref(codes, bs) != block_ref(codes, bs1)) == 8
+    assert (
+        rows.loc[V + ".weight", "dtype_base"] == "f8_e4m3/4x8" and rows.loc[V + ".weight", "scale_blocks_changed"] == 1
+    )
+    o0, o1 = zp_ref(q8, s8, z8), zp_ref(q8, s8, z1)
+    assert rows.loc[OPROJ + ".weight", "changed"] == np.count_nonzero(o0 != o1) == 20
+    assert (
+        rows.loc[OPROJ + ".weight", "codes_changed"] == 0 and rows.loc[OPROJ + ".weight", "scale_blocks_changed"] == 1
+    )
