@@ -227,3 +227,20 @@ def test_small_chunks_count_what_whole_tensors_count(pair: dict, chunk_bytes: in
     pd.testing.assert_frame_equal(small, whole)
     (q0, _), (q1, _) = _vals(pair["b"]), _vals(pair["f"])
     assert _rows(small).loc[Q, "changed"] == np.count_nonzero(q0 != q1)
+
+
+def test_4bit_bytes_stored_as_bf16(pair: dict, tmp_path: Path) -> None:
+    """quant_storage=bfloat16 (FSDP-QLoRA): the packed bytes are stored viewed as bf16; the values are the same."""
+    b = pair["b"]
+    sd = {
+        Q: torch.from_numpy(pack(b["qc"])).reshape(-1).view(torch.bfloat16).reshape(-1, 1),
+        Q + ".absmax": torch.from_numpy(b["qabs"]),
+        Q + ".quant_map": torch.tensor(NF4, dtype=torch.float32),
+        Q + ".quant_state.bitsandbytes__nf4": state("nf4", nested=False),
+    }
+    assert sd[Q].dtype == torch.bfloat16 and sd[Q].shape == (N // 4, 1)
+    save_single(sd, tmp_path / "m" / "model.safetensors")
+    src = ckptdiff.open(tmp_path / "m")
+    np.testing.assert_array_equal(src.read_full(Q).numpy(), values4(b["qc"], NF4, b["qabs"]))
+    np.testing.assert_array_equal(src.read(Q, 41, 30).numpy(), values4(b["qc"], NF4, b["qabs"]).reshape(-1)[41:71])
+    src.close()
