@@ -160,3 +160,29 @@ def test_a_g_idx_naming_no_group_is_refused(tmp_path: Path, data: dict) -> None:
     base, ft = save(tmp_path / "b", sd, cfg), save(tmp_path / "f", sd, cfg)
     args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
     assert_refused(args, tmp_path, [".g_idx"], f"names group {NG}")
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_gptq_other_widths(tmp_path: Path, bits: int) -> None:
+    """2- and 8-bit GPTQ: 32/bits codes per word, the same packing directions."""
+    per = 32 // bits
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 1 << bits, size=(IN, OUT)).astype(np.int64)
+    zs = rng.integers(0, (1 << bits) - 1, size=(NG, OUT)).astype(np.int64)
+    s = rng.uniform(0.01, 0.03, size=(NG, OUT)).astype(np.float16)
+    qw = np.zeros((IN // per, OUT), dtype=np.uint32)
+    for i in range(IN):
+        for o in range(OUT):
+            qw[i // per, o] |= np.uint32(int(q[i, o])) << np.uint32(bits * (i % per))
+    qz = np.zeros((NG, OUT // per), dtype=np.uint32)
+    for gi in range(NG):
+        for o in range(OUT):
+            qz[gi, o // per] |= np.uint32(int(zs[gi, o])) << np.uint32(bits * (o % per))
+    cfg = {"quant_method": "gptq", "bits": bits, "group_size": GS, "checkpoint_format": "gptq"}
+    sd = {P + ".qweight": qw.view(np.int32), P + ".qzeros": qz.view(np.int32), P + ".scales": s}
+    base = save(tmp_path / "b", sd, cfg)
+    src = ckptdiff.open(base)
+    want = values(q, zs + 1, s, (np.arange(IN) // GS).astype(np.int32))
+    np.testing.assert_array_equal(src.read_full(P + ".weight").numpy(), want)
+    assert src.infos[P + ".weight"].shape == (OUT, IN)
+    src.close()
