@@ -23,7 +23,8 @@ from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, in_sta
 from ckptdiff.engine.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.resolve import SourceLike
-from ckptdiff.io.views.fp8 import FP8_COLUMNS, CodeStats
+from ckptdiff.io.views.fp8 import FP8_COLUMNS
+from ckptdiff.io.views.quant import Stats
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
@@ -283,7 +284,7 @@ class SparsityAnalysis(Analysis):
         self.totals_bf16: dict[str, ChangeCounts] = {}
         self.items: list[Aligned] = []
         self.targets: dict[str, torch.dtype] = {}
-        self.fp8: CodeStats | None = None  # raw code / scale changes of block-scaled FP8 weights
+        self.fp8: Stats | None = None  # code / scale changes of quantized and block-scaled FP8 weights
 
     def form(self, item: Aligned) -> Form | None:
         return Form.CHUNKS if item.comparable else None
@@ -292,7 +293,7 @@ class SparsityAnalysis(Analysis):
         self.items = list(items)
         self.targets = {it.name: pair_target(it, self.mode.as_dtype) for it in items if it.comparable and it.is_float}
         base, ft = (run.sources[k] for k in self.sides)
-        self.fp8 = CodeStats.for_pair(base, ft)
+        self.fp8 = Stats.for_pair(base, ft)
 
     def on_chunk(self, item: Aligned, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
         w0, w1 = tensors

@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 from ckptdiff import __version__
 from ckptdiff.cli import check, consistency, patch, principal, report, sparsity, spectral
 from ckptdiff.cli.guard import RANK, handle_errors
+from ckptdiff.cli.options import with_as_stored
 from ckptdiff.errors import printable
 
 # name, function, example epilog: the order of `ckptdiff --help`
@@ -127,7 +128,7 @@ def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS
                     info.cls = _Command
             made.add_typer(command, name=name, epilog=epilog, cls=_Group)
         else:
-            made.command(name, epilog=epilog, cls=_Command)(handle_errors(command))
+            made.command(name, epilog=epilog, cls=_Command)(handle_errors(with_as_stored(command)))
     return made
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -74,8 +74,9 @@ FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: t
 QuietOpt = Annotated[
     bool,
     typer.Option(
-        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout "
-        "is unchanged."
+        "--quiet",
+        "-q",
+        help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout is unchanged.",
     ),
 ]
 SummaryOpt = Annotated[
@@ -191,3 +192,40 @@ def emit(report: Report, fmt: Fmt, outs: OutputSet, summary: bool = False) -> No
             print_summary(report)
         else:
             print_tables(report)
+
+
+AsStoredOpt = Annotated[
+    bool,
+    typer.Option(
+        "--as-stored",
+        help="Compare quantized checkpoints (MXFP4, GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8) as stored: "
+        "raw codes and scales, nothing dequantized; every such row and the header say so. By default their "
+        "weights are compared as dequantized values (see docs/formats.md).",
+    ),
+]
+
+
+def with_as_stored(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the ``--as-stored`` option added: the run inside it opens checkpoints as stored
+    (:func:`ckptdiff.io.views.quant.as_stored`). Declared once here for every command."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(command, eval_str=True)  # typer reads the options from the annotations
+    if "as_stored" in sig.parameters:
+        return command
+
+    @functools.wraps(command)
+    def run(*args: object, as_stored: bool = False, **kwargs: object) -> None:
+        if not as_stored:
+            command(*args, **kwargs)
+            return
+        from ckptdiff.io.views.quant import as_stored as stored  # torch loads only once a command runs
+
+        with stored(True):
+            command(*args, **kwargs)
+
+    param = inspect.Parameter("as_stored", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=AsStoredOpt)
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), param])  # type: ignore[attr-defined]
+    run.__annotations__ = {**getattr(command, "__annotations__", {}), "as_stored": AsStoredOpt}
+    return run

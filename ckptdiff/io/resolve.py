@@ -23,7 +23,7 @@ from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.layout import contained, read_index
 from ckptdiff.io.source import Source
-from ckptdiff.io.views import fp8, lora, moe, ties
+from ckptdiff.io.views import fp8, lora, moe, quant, ties
 
 if TYPE_CHECKING:
     import torch
@@ -166,13 +166,17 @@ def is_adapter(src: Source) -> bool:
 
 
 def logical(src: Source, *, base: Source | None = None, merged_dtype: torch.dtype | None = None) -> Source:
-    """``src`` as the analyses see it: ties declared, FP8 weights dequantized, fused experts split, an adapter
-    merged into ``base`` (:mod:`ckptdiff.io.views.lora`) (or ``src`` itself); a source already viewed is returned
-    as it is."""
+    """``src`` as the analyses see it: ties declared, quantized and FP8 weights dequantized, fused experts split, an
+    adapter merged into ``base`` (:mod:`ckptdiff.io.views.lora`) (or ``src`` itself); a source already viewed is
+    returned as it is. Within :func:`ckptdiff.io.views.quant.as_stored` (``--as-stored``) nothing is dequantized and
+    every quantized part carries a note saying so."""
     if src.viewed:
         return src
     if isinstance(src, lora.Adapter):
         return lora.merge(src, base, merged_dtype)
-    out = moe.split(fp8.wrap(ties.declare(src)))
+    if quant.stored_wanted():  # --as-stored: nothing dequantized, every quantized part noted as compared raw
+        out = moe.split(quant.wrap(ties.declare(src)))
+    else:
+        out = moe.split(fp8.wrap(quant.wrap(ties.declare(src))))
     out.viewed = True
     return out

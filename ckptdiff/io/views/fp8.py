@@ -32,10 +32,10 @@ size) is an :class:`~ckptdiff.errors.InputError`: it would make every weight unr
 rule on the FP8 encoding) and ``scale_blocks_changed`` (blocks whose scale changed) from the raw codes and scales
 the source kept while dequantizing, so no byte is read twice.
 
-The compressed-tensors layout (``weight_scale`` per tensor, channel, group or block, ``quant_method:
-compressed-tensors``) is not dequantized: its value depends on the library version (the product is formed in the
-scale's dtype, often bf16, and may subtract a zero point), so its FP8 weights are compared as raw values and get
-a note, and its ``weight_scale`` tensors are compared as plain tensors.
+FP8 weights with a compressed-tensors (or ModelOpt, fbgemm) ``weight_scale`` per tensor, channel, group or block
+are dequantized by :mod:`ckptdiff.io.views.quant` before this view sees them (:func:`ckptdiff.io.resolve.logical`
+applies that view first). Applied alone, to a source that still holds them, this view reads such weights as raw
+values with a note, never silently.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def label(info: TensorInfo) -> str:
     if isinstance(info, Fp8Info) and info.scaled:
         assert info.codes is not None and info.block is not None
         return f"{info.codes.dtype.short}/{info.block[0]}x{info.block[1]}"
-    return info.dtype.short
+    storage = getattr(info, "storage", "")  # a dequantized quantized weight (ckptdiff.io.views.quant): its format
+    return storage if isinstance(storage, str) and storage else info.dtype.short
 
 
 def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
@@ -141,8 +142,9 @@ def mismatch(infos: Sequence[TensorInfo | None], labels: Sequence[str]) -> str:
 
 
 def notes(infos: Iterable[TensorInfo | None]) -> str:
-    """The FP8 notes of one aligned tensor's sides, each once, joined with '; ' ('' when none)."""
-    found = [i.note for i in infos if isinstance(i, Fp8Info) and i.note]
+    """The FP8 (and quantized-storage) notes of one aligned tensor's sides, each once, joined with '; ' ('' when
+    none)."""
+    found = [note for i in infos if isinstance(note := getattr(i, "note", ""), str) and note]
     return "; ".join(dict.fromkeys(found))
 
 
