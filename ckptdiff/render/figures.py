@@ -67,8 +67,23 @@ def figures(report: FullReportResult) -> list[Figure]:
         return unique
 
     out: list[Figure] = []
+    if several:  # every fine-tune on one figure: the first thing the page shows after the comparison table
+        for base, together in (
+            ("compare_sparsity", _together_sparsity),
+            ("compare_principal", _together_principal),
+            ("compare_spectral", _together_spectral),
+        ):
+            drawn = together(report)
+            if drawn is not None:
+                name = stem(base, "")
+                out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "comparison", ""))
+    shared = _shared_range([r.grid() for r in report.sparsity.values()])  # one colour scale for every fine-tune
+
+    def heatmap(result: SparsityResult, run: str) -> _Drawn | None:
+        return _sparsity_heatmap(result, run, shared, several)
+
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
-        ("sparsity", report.sparsity, [("sparsity_heatmap", _sparsity_heatmap), ("sparsity_ulp", _ulp_hist)]),
+        ("sparsity", report.sparsity, [("sparsity_heatmap", heatmap), ("sparsity_ulp", _ulp_hist)]),
         ("principal", report.principal, [("principal_overlap", _principal_overlap)]),
         ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
     ]
@@ -205,14 +220,74 @@ def _module_order(modules: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# colour scales
+
+# A sequential scale spans at least this much (in the figure's own units, fractions here): cells that differ by
+# less are noise at this resolution and are painted in nearly the same colour, not from one end of the map to the
+# other (0.341 to 0.343 is not a purple-to-yellow difference).
+MIN_SPAN = 0.05
+MIN_SPAN_RATIO = 0.1  # a diverging scale of ratios around 1 spans at least 1 ± this
+
+
+def colour_scale(
+    span: tuple[float, float], kind: str = "sequential", bounds: tuple[float, float] | None = None
+) -> tuple[Any, Any]:
+    """(colormap, norm) for a heatmap whose values lie in ``span``.
+
+    ``sequential`` (a quantity from low to high: sparsity, Jaccard): viridis over the span, widened about its
+    middle to at least :data:`MIN_SPAN` and kept inside ``bounds``. ``diverging`` (a ratio to a control, where
+    1 means no effect): a blue-white-red map centred on 1, symmetric, at least 1 ± :data:`MIN_SPAN_RATIO`.
+    """
+    import matplotlib as mpl
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    lo, hi = span
+    if kind == "diverging":
+        reach = max(abs(lo - 1.0), abs(hi - 1.0), MIN_SPAN_RATIO)
+        cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#e6e6e6")
+        return cmap, TwoSlopeNorm(1.0, 1.0 - reach, 1.0 + reach)
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo, hi = mid - MIN_SPAN / 2, mid + MIN_SPAN / 2
+        if bounds is not None:  # slide the window back inside the bounds, keeping its width
+            if lo < bounds[0]:
+                lo, hi = bounds[0], min(bounds[1], bounds[0] + MIN_SPAN)
+            if hi > bounds[1]:
+                lo, hi = max(bounds[0], bounds[1] - MIN_SPAN), bounds[1]
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#e6e6e6")
+    return cmap, Normalize(lo, hi)
+
+
+def _shared_range(grids: Sequence[pd.DataFrame]) -> tuple[float, float] | None:
+    """The range of every finite cell of several heatmaps (None when there is none)."""
+    flat = [
+        v
+        for g in grids
+        if not g.empty
+        for v in _finite(g.to_numpy(dtype="float64", na_value=math.nan).ravel().tolist())
+    ]
+    return (min(flat), max(flat)) if flat else None
+
+
+def _scale_words(observed: tuple[float, float], scale: tuple[float, float], several: bool) -> str:
+    """The caption's sentence on the colour scale: shared across fine-tunes, widened to the minimum span."""
+    shown = f"the colour scale runs from {scale[0]:.4f} to {scale[1]:.4f}"
+    why = " (the same for every fine-tune's heatmap, so colours compare across them)" if several else ""
+    cells = f"; this fine-tune's cells lie in {observed[0]:.4f} to {observed[1]:.4f}"
+    if observed[1] - observed[0] < MIN_SPAN:
+        cells += f" (a scale spans at least {MIN_SPAN:g}, so differences smaller than that show as near-equal colours)"
+    return f"{shown}{why}{cells}."
+
+
+# ---------------------------------------------------------------------------------------------
 # sparsity
 
 
-def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
-    """Layer x module sparsity of the linear matrices: layers along x, module types down y."""
-    import matplotlib as mpl
-    from matplotlib.colors import Normalize
-
+def _sparsity_heatmap(
+    result: SparsityResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
+) -> _Drawn | None:
+    """Layer x module sparsity of the linear matrices: layers along x, module types down y; ``shared``: the
+    colour range of every fine-tune's heatmap together (so colours compare across fine-tunes)."""
     grid = result.grid()
     if grid.empty:
         return None
@@ -223,15 +298,13 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     flat = _finite([v for row in values for v in row])
     if not flat:
         return None
-    lo, hi = min(flat), max(flat)
-    if hi - lo < 1e-3:
-        lo, hi = max(0.0, lo - 5e-4), min(1.0, hi + 5e-4)
+    observed = min(flat), max(flat)
+    cmap, norm = colour_scale(shared or observed, "sequential", bounds=(0.0, 1.0))
+    lo, hi = norm.vmin, norm.vmax
     n_l, n_m = len(layers), len(modules)
     height = 1.3 + 0.32 * n_m
     fig = _new(height, width=min(WIDTH, max(4.8, 1.8 + 0.6 * n_l)))
     ax = fig.add_subplot()
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="#e6e6e6")
-    norm = Normalize(lo, hi)
     import numpy as np
 
     data = np.ma.masked_invalid(np.array(values, dtype=float))
@@ -267,8 +340,9 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
     missing = " Grey: no such matrix in that layer." if len(flat) < n_l * n_m else ""
     caption = (
         f"Fraction of entries left unchanged (update sparsity) in each linear matrix type (rows) of each of "
-        f"{n_l} transformer layers (columns), parameter-weighted within a cell; the colour scale spans the "
-        f"observed range {lo:.4f} to {hi:.4f}.{missing} For reference: {o['sparsity']:.4f} over every compared "
+        f"{n_l} transformer layers (columns), parameter-weighted within a cell; "
+        f"{_scale_words(observed, (lo, hi), several)}"
+        f"{missing} For reference: {o['sparsity']:.4f} over every compared "
         f"tensor, {lin['sparsity']:.4f} over the linear layers."
     )
     if "sparsity_bf16" in o:
@@ -415,14 +489,24 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
         top.set_yscale("log", nonpositive="mask")
     top.set_ylabel("NSS" + (" (log)" if log else ""), fontsize=8)
     top.legend(fontsize=8, frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
-    bottom.plot(x, ang_max, color=COLORS["observed"], marker=marker, ms=3.5, lw=1.6, label="max over matrices")
+    has_max = bool(_finite(ang_max))
+    if has_max:
+        bottom.plot(x, ang_max, color=COLORS["observed"], marker=marker, ms=3.5, lw=1.6, label="max (stable angles)")
     bottom.plot(x, ang_med, color=COLORS["median"], ls="--", marker=marker, ms=3, lw=1.2, label="median")
+    bottom.legend(fontsize=8, frameon=False, ncols=2, loc="best")
     bottom.set_ylim(bottom=0)
     bottom.set_ylabel("largest principal\nangle (degrees)", fontsize=8)
     bottom.set_xlabel("layer", fontsize=9)
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Spectral drift and rotation per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    angles = (
+        "the maximum over the layer's matrices whose angles are stable, and the median over those with k < min(m, n)."
+        if has_max
+        else f"only the median over the layer's matrices with k < min(m, n) is drawn, because no matrix has a stable "
+        f"angle at k = {k} (its singular-value gap is too narrow against the update; a smaller --k may give some), so "
+        "there is no maximum to show."
+    )
     null = (
         " The equal-norm random null's ratios are in the tables (columns ending _r)."
         if result.with_null
@@ -431,8 +515,8 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     caption = (
         f"Top: normalised spectral shift (NSS) of the singular values, the maximum and the median over each "
         f"layer's matrices{' (log scale)' if log else ''}. Bottom: the largest principal angle between the base's "
-        f"and the fine-tune's top-k (k = {k}) singular subspaces, the larger of left and right, maximum and median "
-        f"over the layer's matrices. Drift is not additive, so nothing is summed.{null}"
+        f"and the fine-tune's top-k (k = {k}) singular subspaces, the larger of left and right: {angles} "
+        f"Drift is not additive, so nothing is summed.{null}"
     )
     return _Drawn(fig, f"Spectral drift by layer{_for_run(run)}", caption)
 
@@ -443,13 +527,121 @@ def _nanmax(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# every fine-tune together
+
+RUN_COLORS = ("#1f4e79", "#d9730d", "#2e8b57", "#8e44ad", "#c0392b", "#7f8c8d", "#b7950b", "#16a085")
+RUN_STYLES = ("-", "--", "-.", ":")
+TOGETHER_WIDTH = 5.6  # inches: two of these figures side by side on a wide page
+
+
+def _run_style(i: int) -> dict[str, Any]:
+    """Colour and dash of the i-th fine-tune's line (dashes cycle too, so lines stay apart without colour)."""
+    return {"color": RUN_COLORS[i % len(RUN_COLORS)], "ls": RUN_STYLES[(i // len(RUN_COLORS)) % len(RUN_STYLES)]}
+
+
+def _per_layer_lines(frames: dict[str, pd.DataFrame], column: str) -> tuple[list[int], dict[str, list[float]]] | None:
+    """The layers of every fine-tune's per-layer frame, and each fine-tune's ``column`` on them (NaN where absent)."""
+    layers = sorted({int(i) for df in frames.values() if column in df.columns for i in df.index})
+    if not layers:
+        return None
+    lines = {}
+    for run, df in frames.items():
+        if column not in df.columns:
+            continue
+        by = {int(i): v for i, v in zip(df.index, _floats(df[column]), strict=True)}
+        lines[run] = [by.get(layer, math.nan) for layer in layers]
+    return (layers, lines) if any(_finite(v) for v in lines.values()) else None
+
+
+def _draw_lines(ax: Axes, layers: Sequence[int], lines: dict[str, list[float]]) -> None:
+    x = list(range(len(layers)))
+    marker = "o" if len(layers) <= 40 else None
+    for i, (run, ys) in enumerate(lines.items()):
+        ax.plot(x, ys, marker=marker, ms=3.5, lw=1.6, label=_t(_short(run)), **_run_style(i))
+    ax.legend(fontsize=8, frameon=False, ncols=min(4, len(lines)), loc="lower left", bbox_to_anchor=(0, 1.0))
+    _layer_axis(ax, layers)
+    ax.set_xlabel("layer", fontsize=9)
+
+
+def _together_sparsity(report: FullReportResult) -> _Drawn | None:
+    """Update sparsity per layer, one line per fine-tune."""
+    got = _per_layer_lines({run: r.by("layer") for run, r in report.sparsity.items()}, "sparsity")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    _draw_lines(ax, layers, lines)
+    ax.set_ylabel("update sparsity", fontsize=8)
+    ax.set_title("Update sparsity per layer, every fine-tune", fontsize=10, loc="left", pad=18)
+    overall = ", ".join(f"{run} {r.overall()['sparsity']:.4f}" for run, r in report.sparsity.items())
+    caption = (
+        "The fraction of each layer's entries left exactly as in the base (every tensor of the layer, "
+        f"parameter-weighted), one line per fine-tune on one axis. Over every compared tensor: {overall}."
+    )
+    return _Drawn(fig, "Sparsity per layer, side by side", caption)
+
+
+def _together_principal(report: FullReportResult) -> _Drawn | None:
+    """Principal overlap over its magnitude-matched baseline per layer, one line per fine-tune, the no-effect band."""
+    from ckptdiff.metrics.numeric import OVERLAP_BAND as BAND
+
+    frames = {run: r.by("layer") for run, r in report.principal.items()}
+    got = _per_layer_lines(frames, "ratio_principal_magnitude")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.axhspan(1 - BAND, 1 + BAND, color="#eeeeee", lw=0)
+    ax.axhline(1.0, color="#666666", lw=0.8)
+    _draw_lines(ax, layers, lines)
+    ax.set_ylabel("overlap ÷ magnitude-matched", fontsize=8)
+    ax.set_title("Principal overlap against its control, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "For each layer, the share of updated entries in the base's principal mask divided by what an update "
+        "picking entries by base-weight magnitude alone would reach (the magnitude-matched baseline), one line "
+        f"per fine-tune. The grey band (1 ± {BAND:.0%}) is no effect: below it a fine-tune avoids the principal "
+        "weights beyond what its update size explains, above it targets them. The ratios to the random baseline "
+        "are in each fine-tune's section."
+    )
+    return _Drawn(fig, "Principal overlap per layer, side by side", caption)
+
+
+def _together_spectral(report: FullReportResult) -> _Drawn | None:
+    """Median NSS per layer, one line per fine-tune (log scale when they span a decade or more)."""
+    got = _per_layer_lines({run: r.by("layer") for run, r in report.spectral.items()}, "nss_median")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    _draw_lines(ax, layers, lines)
+    positive = [v for ys in lines.values() for v in ys if math.isfinite(v) and v > 0]
+    log = bool(positive) and max(positive) / min(positive) >= 10
+    if log:
+        ax.set_yscale("log", nonpositive="mask")
+    ax.set_ylabel("median NSS" + (" (log)" if log else ""), fontsize=8)
+    ax.set_title("Spectral drift per layer, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "The median normalised spectral shift (NSS: how far the singular values moved, relative to their size) "
+        f"over each layer's matrices, one line per fine-tune{' on a log scale' if log else ''}. Whether a drift is "
+        "more than the update's size implies is read against the equal-norm random null (the comparison table, "
+        "with --null random)."
+    )
+    return _Drawn(fig, "Spectral drift per layer, side by side", caption)
+
+
+# ---------------------------------------------------------------------------------------------
 # consistency
 
 
 def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     """Runs x runs: Jaccard of the update masks, the magnitude-matched baseline in each cell's text."""
     import numpy as np
-    from matplotlib.colors import Normalize
 
     o = result.overall_counts()
     n = result.n_runs
@@ -464,16 +656,13 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
                 jac[a, b], mag[a, b] = p.jaccard, p.jaccard_magnitude
     if not np.isfinite(jac).any():
         return None
-    import matplotlib as mpl
-
     side = min(7.0, max(3.2, 1.0 + 0.9 * n))
     fig = _new(side, width=side + 1.4)
     ax = fig.add_subplot()
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
     off = [float(v) for v in jac[np.isfinite(jac)]]
     lo, hi = min(off), max(off)
-    spread = hi - lo >= 0.005  # several distinct values: the colour spans them; else a fixed 0-1 scale
-    norm = Normalize(max(0.0, lo - 0.1 * (hi - lo)), min(1.0, hi + 0.1 * (hi - lo))) if spread else Normalize(0, 1)
+    cmap, norm = colour_scale((lo, hi), "sequential", bounds=(0.0, 1.0))
+    cmap = cmap.with_extremes(bad="#f0f0f0")
     mesh = ax.pcolormesh(np.ma.masked_invalid(jac), cmap=cmap, norm=norm, edgecolors="white", linewidth=1.0)
     ax.set_xlim(0, n)
     ax.set_ylim(n, 0)
@@ -505,7 +694,9 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     bar.outline.set_visible(False)
     ax.set_title("Jaccard of the update masks", fontsize=10, loc="left")
     f = o.mean_jaccard, o.mean_jaccard_random, o.mean_jaccard_magnitude
-    scale = f", the scale spanning the pairs' range {lo:.3f} to {hi:.3f}" if spread else ", on a fixed 0–1 scale"
+    scale = f", the scale from {norm.vmin:.3f} to {norm.vmax:.3f} for the pairs' range {lo:.3f} to {hi:.3f}"
+    if hi - lo < MIN_SPAN:
+        scale += f", widened to at least {MIN_SPAN:g} so that smaller differences are not painted as signal"
     caption = (
         f"Jaccard index |A∩B| / |A∪B| of the update masks of each pair of fine-tunes, over every compared entry "
         f"(colour{scale}); in brackets the magnitude-matched baseline, the Jaccard two runs would "

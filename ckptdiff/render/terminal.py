@@ -227,6 +227,7 @@ def to_grid(table: Table) -> Grid:
 
 def _numeric(cells: Sequence[str]) -> bool:
     """Cells that all read as numbers (or the missing-value dash): never wrapped."""
+
     def number(c: str) -> bool:
         try:
             float(c.replace(",", ""))
@@ -270,6 +271,21 @@ def print_tables(report: Report, console: Console | None = None) -> None:
         limit = MAX_FINDINGS if table.title == "Structural findings" else None
         for rt in rich_tables(table, console.width, limit):
             console.print(rt)
+
+
+def print_verdict(sentences: Sequence[str], table: Table | None, console: Console | None = None) -> None:
+    """What happened first (``report``'s verdict sentences), then the fine-tunes side by side (the comparison
+    table, fitted to the console's width like every table)."""
+    from rich.text import Text
+
+    console = console or stdout_console()
+    for s in sentences:
+        console.print(Text(s))
+    if table is not None and not table.frame.empty:
+        console.print()
+        for rt in rich_tables(table, console.width):
+            console.print(rt)
+    console.print()
 
 
 def stdout_console() -> Console:
