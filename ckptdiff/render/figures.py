@@ -40,6 +40,7 @@ class Figure:
     svg: str  # a standalone SVG document
     analysis: str = ""  # sparsity | principal | spectral | consistency: the report section it belongs to
     run: str = ""  # the fine-tune's label for per-run figures, "" for cross-run ones
+    scale: tuple[float, float] | None = None  # a heatmap's colour range (lowest, highest value), shared by its kind
 
 
 # Module types in the order a transformer block runs them (ckptdiff.naming's names); others follow, sorted.
@@ -93,13 +94,15 @@ def figures(report: FullReportResult) -> list[Figure]:
                 drawn = make(result, run if several else "")
                 if drawn is not None:
                     name = stem(base, run)
-                    out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), analysis, run))
+                    svg = _svg(drawn.fig, name)
+                    out.append(Figure(name, drawn.title, drawn.caption, svg, analysis, run, drawn.scale))
     if report.consistency is not None:
         for base, cmake in (("consistency_jaccard", _jaccard_matrix), ("consistency_consensus", _consensus)):
             drawn = cmake(report.consistency)
             if drawn is not None:
                 name = stem(base, "")
-                out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "consistency", ""))
+                svg = _svg(drawn.fig, name)
+                out.append(Figure(name, drawn.title, drawn.caption, svg, "consistency", "", drawn.scale))
     return out
 
 
@@ -112,6 +115,7 @@ class _Drawn:
     fig: MplFigure
     title: str
     caption: str
+    scale: tuple[float, float] | None = None
 
 
 def _slug(text: str) -> str:
@@ -347,7 +351,7 @@ def _sparsity_heatmap(
     )
     if "sparsity_bf16" in o:
         caption += f" Rounded to bf16, as bf16 storage would keep them: {o['sparsity_bf16']:.4f} overall."
-    return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption)
+    return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption, (float(lo), float(hi)))
 
 
 _ULP_NAMES = {"ulp_1": "1", "ulp_2": "2", "ulp_3_4": "3–4", "ulp_5_16": "5–16", "ulp_gt16": ">16"}
@@ -704,7 +708,7 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
         f"magnitude. Mean off-diagonal: {f[0]:.4f}, against {f[1]:.4f} for random masks of the same densities and "
         f"{f[2]:.4f} magnitude-matched."
     )
-    return _Drawn(fig, "Pairwise agreement of the update masks", caption)
+    return _Drawn(fig, "Pairwise agreement of the update masks", caption, (float(norm.vmin), float(norm.vmax)))
 
 
 def _short(label: str, limit: int = 24) -> str:

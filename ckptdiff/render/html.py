@@ -162,7 +162,7 @@ def _verdict(report: FullReportResult, figs: Sequence[Figure]) -> str:
                 number = text[: len(text) - len(word)].strip() if word else text
                 quiet = word in QUIET_WORDS or word.startswith("no stable")
                 mark = f'<span class="word{" quiet" if quiet else ""}">{_e(word)}</span>' if word else ""
-                tds.append(f"<td>{_e(number)}{mark}</td>")
+                tds.append(f"<td>{_e(number)}{' ' + mark if mark else ''}</td>")
             rows.append(f'<tr><th scope="row">{name}</th>{"".join(tds)}</tr>\n')
         out.append(
             '<h3>Side by side</h3>\n<div class="table-wrap"><table class="side">\n'
@@ -251,6 +251,8 @@ def _figure(fig: Figure) -> str:
     svg = _inline_svg(fig.svg)
     size = _WIDTH.search(svg)
     style = f' style="width: {float(size.group(1)) * 4 / 3 + 10:.0f}px"' if size else ""  # pt -> CSS px + padding
+    if fig.scale is not None:  # the colour range, for a reader's tools: the same on every heatmap of one kind
+        style += f' data-scale="{fig.scale[0]:.6g} {fig.scale[1]:.6g}"'
     return (
         f'<figure id="fig-{_e(fig.name)}"{style}>\n<div class="svg" role="img" aria-label="{_e(fig.title)}">\n'
         f"{svg}\n</div>\n<figcaption><strong>{_e(fig.title)}.</strong> {_e(fig.caption)}</figcaption>\n</figure>\n"
