@@ -353,6 +353,8 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
     if with_null:
         text += " (" + ", ".join(f"{run}: {r.word}" for run, r in nss.items()) + f"; seed {_seed(report)})"
     else:
+        if stable:
+            text += "; largest stable principal angle " + ", ".join(f"{r} {a.value:.1f}°" for r, a in stable.items())
         text += "; no random null was computed, so whether that is more than the update sizes imply is untested"
     if angle and not stable:
         k = next(iter(report.spectral.values())).header.get("k", "?")
