@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
@@ -32,7 +32,29 @@ from ckptdiff.analyses.scopes import angles_ok
 from ckptdiff.metrics.numeric import AGREEMENT_BAND, OVERLAP_BAND, against_one, ratio
 
 if TYPE_CHECKING:
-    from ckptdiff.analyses.full import FullReportResult
+    from ckptdiff.analyses.consistency import ConsistencyResult
+    from ckptdiff.analyses.principal import PrincipalOverlapResult
+    from ckptdiff.analyses.sparsity import SparsityResult
+    from ckptdiff.analyses.spectral import SpectralDriftResult
+
+
+class FullReportResult(Protocol):
+    """What this module reads of a ``report`` run (:class:`ckptdiff.analyses.full.FullReportResult`, which imports
+    this module: named here by its shape, not imported)."""
+
+    @property
+    def header(self) -> dict[str, str]: ...
+    @property
+    def runs(self) -> tuple[str, ...]: ...
+    @property
+    def sparsity(self) -> dict[str, SparsityResult]: ...
+    @property
+    def principal(self) -> dict[str, PrincipalOverlapResult]: ...
+    @property
+    def spectral(self) -> dict[str, SpectralDriftResult]: ...
+    @property
+    def consistency(self) -> ConsistencyResult | None: ...
+
 
 NO_EFFECT = "no effect"
 
