@@ -37,7 +37,15 @@ from ckptdiff.analyses.full import FullReportResult, full_report
 from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.spectral import spectral
-from ckptdiff.render.figures import MIN_SPAN, MIN_SPAN_RATIO, Figure, _per_layer_lines, colour_scale, figures
+from ckptdiff.render.figures import (
+    MIN_SPAN,
+    MIN_SPAN_RATIO,
+    Figure,
+    _per_layer_lines,
+    _spectral_drift,
+    colour_scale,
+    figures,
+)
 from ckptdiff.render.html import to_html
 from ckptdiff.render.report_dir import to_markdown_dir
 
@@ -265,3 +273,15 @@ window.addEventListener('load', () => {
     scales = {h[0] for h in seen["heatmaps"]}
     assert len(seen["heatmaps"]) == len(RUNS) and len(scales) == 1, seen["heatmaps"]
     assert all(h[2] > 0 and h[3] > 0 for h in seen["heatmaps"])  # drawn with a size
+
+
+def test_spectral_figure_says_when_it_has_no_max_line(shipped: Shipped) -> None:
+    # k = 64 on the examples' 128-wide matrices: no matrix has a stable angle (every gap too narrow), so there is no
+    # maximum to draw, and the caption must not promise one.
+    wide = spectral(shipped.base, shipped.fts["sft"], k=64, progress=False)
+    assert not (wide.analysed()["angles"] == "ok").any()
+    drawn = _spectral_drift(wide, "")
+    assert drawn is not None
+    assert "only the median" in drawn.caption and "no matrix has a stable angle at k = 64" in drawn.caption
+    narrow = _spectral_drift(shipped.report.spectral["sft"], "")  # k = 4: some stable angles, the max line is there
+    assert narrow is not None and "the maximum over the layer's matrices whose angles are stable" in narrow.caption
