@@ -79,13 +79,17 @@ def figures(report: FullReportResult) -> list[Figure]:
                 name = stem(base, "")
                 out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "comparison", ""))
     shared = _shared_range([r.grid() for r in report.sparsity.values()])  # one colour scale for every fine-tune
+    shared_ratio = _shared_range([principal_grid(r) for r in report.principal.values()])
 
     def heatmap(result: SparsityResult, run: str) -> _Drawn | None:
         return _sparsity_heatmap(result, run, shared, several)
 
+    def ratio_map(result: PrincipalOverlapResult, run: str) -> _Drawn | None:
+        return _principal_heatmap(result, run, shared_ratio, several)
+
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
         ("sparsity", report.sparsity, [("sparsity_heatmap", heatmap), ("sparsity_ulp", _ulp_hist)]),
-        ("principal", report.principal, [("principal_overlap", _principal_overlap)]),
+        ("principal", report.principal, [("principal_overlap", _principal_overlap), ("principal_heatmap", ratio_map)]),
         ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
     ]
     for analysis, results, kinds in makers:
@@ -287,30 +291,23 @@ def _scale_words(observed: tuple[float, float], scale: tuple[float, float], seve
 # sparsity
 
 
-def _sparsity_heatmap(
-    result: SparsityResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
-) -> _Drawn | None:
-    """Layer x module sparsity of the linear matrices: layers along x, module types down y; ``shared``: the
-    colour range of every fine-tune's heatmap together (so colours compare across fine-tunes)."""
-    grid = result.grid()
-    if grid.empty:
-        return None
+def _grid_values(grid: pd.DataFrame) -> tuple[pd.DataFrame, list[list[float]]]:
+    """A layer x module grid in block order (modules as a block runs them) and its cells as (modules, layers)."""
     grid = grid[_module_order([str(c) for c in grid.columns])]
+    return grid, grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()
+
+
+def _draw_grid(grid: pd.DataFrame, values: list[list[float]], cmap: Any, norm: Any, label: str) -> tuple[Any, Axes]:
+    """A layer x module heatmap (layers along x, module types down y), values written in when few, with its
+    colour bar labelled ``label``."""
+    import numpy as np
+
     layers = [int(x) for x in grid.index]
     modules = [str(c) for c in grid.columns]
-    values = grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()  # (modules, layers)
-    flat = _finite([v for row in values for v in row])
-    if not flat:
-        return None
-    observed = min(flat), max(flat)
-    cmap, norm = colour_scale(shared or observed, "sequential", bounds=(0.0, 1.0))
-    lo, hi = norm.vmin, norm.vmax
     n_l, n_m = len(layers), len(modules)
     height = 1.3 + 0.32 * n_m
     fig = _new(height, width=min(WIDTH, max(4.8, 1.8 + 0.6 * n_l)))
     ax = fig.add_subplot()
-    import numpy as np
-
     data = np.ma.masked_invalid(np.array(values, dtype=float))
     if n_l * n_m <= RASTER_CELLS:  # vector cells, white gaps between them
         mesh = ax.pcolormesh(data, cmap=cmap, norm=norm, edgecolors="white", linewidth=0.5)
@@ -330,17 +327,40 @@ def _sparsity_heatmap(
         spine.set_visible(False)
     if n_l * n_m <= ANNOTATE_CELLS and n_l <= 16:
         size = 8 if n_l <= 8 else 7 if n_l <= 12 else 6
+        diverging = norm.vmin < 1.0 < norm.vmax and type(norm).__name__ == "TwoSlopeNorm"
         for j, row in enumerate(values):
             for i, v in enumerate(row):
                 if math.isfinite(v):
-                    color = "white" if norm(v) < 0.55 else "black"
+                    shade = float(norm(v))
+                    dark = abs(shade - 0.5) > 0.3 if diverging else shade < 0.55
+                    color = "white" if dark else "black"
                     ax.text(i + 0.5, j + 0.5, f"{v:.3f}", ha="center", va="center", fontsize=size, color=color)
     bar = fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.015, aspect=max(3.0, 3.0 * n_m))
     bar.ax.tick_params(labelsize=7)
-    bar.set_label("sparsity", fontsize=8)
+    bar.set_label(label, fontsize=8)
     bar.outline.set_visible(False)
+    return fig, ax
+
+
+def _sparsity_heatmap(
+    result: SparsityResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
+) -> _Drawn | None:
+    """Layer x module sparsity of the linear matrices: layers along x, module types down y; ``shared``: the
+    colour range of every fine-tune's heatmap together (so colours compare across fine-tunes)."""
+    grid = result.grid()
+    if grid.empty:
+        return None
+    grid, values = _grid_values(grid)
+    flat = _finite([v for row in values for v in row])
+    if not flat:
+        return None
+    observed = min(flat), max(flat)
+    cmap, norm = colour_scale(shared or observed, "sequential", bounds=(0.0, 1.0))
+    lo, hi = norm.vmin, norm.vmax
+    fig, ax = _draw_grid(grid, values, cmap, norm, "sparsity")
     ax.set_title(_t(f"Update sparsity per layer and module{_for_run(run)}"), fontsize=10, loc="left")
     o, lin = result.overall(), result.linear_only()
+    n_l, n_m = grid.shape
     missing = " Grey: no such matrix in that layer." if len(flat) < n_l * n_m else ""
     caption = (
         f"Fraction of entries left unchanged (update sparsity) in each linear matrix type (rows) of each of "
@@ -458,6 +478,52 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
         f"rounding."
     )
     return _Drawn(fig, f"Principal-weight overlap by layer{_for_run(run)}", caption)
+
+
+def principal_grid(result: PrincipalOverlapResult) -> pd.DataFrame:
+    """Layer x module: overlap with the principal mask over its magnitude-matched baseline, the linear matrices of
+    each cell rolled up as principal-overlap rolls up any scope (expected intersections summed, then divided)."""
+    import pandas as pd
+
+    from ckptdiff.analyses.principal import rollup
+
+    df = result.analysed()
+    df = df[df["linear"].astype(bool)].dropna(subset=["layer"])
+    if df.empty:
+        return pd.DataFrame()
+    cells = {}
+    for (layer, module), group in df.groupby(["layer", "module"], sort=True):
+        cells[(int(layer), str(module))] = rollup(group)["ratio_principal_magnitude"]  # type: ignore[call-overload]
+    return pd.Series(cells).unstack()
+
+
+def _principal_heatmap(
+    result: PrincipalOverlapResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
+) -> _Drawn | None:
+    """Layer x module principal overlap over its magnitude-matched control, on a diverging scale centred on 1."""
+    from ckptdiff.metrics.numeric import OVERLAP_BAND as BAND
+
+    grid = principal_grid(result)
+    if grid.empty:
+        return None
+    grid, values = _grid_values(grid)
+    flat = _finite([v for row in values for v in row])
+    if not flat:
+        return None
+    observed = min(flat), max(flat)
+    cmap, norm = colour_scale(shared or observed, "diverging")
+    fig, ax = _draw_grid(grid, values, cmap, norm, "overlap ÷ magnitude-matched")
+    ax.set_title(_t(f"Principal overlap ÷ magnitude-matched{_for_run(run)}"), fontsize=10, loc="left")
+    same = " the same for every fine-tune's heatmap, so colours compare across them;" if several else ""
+    caption = (
+        "For each linear matrix type (rows) of each layer (columns): the share of updated entries in the base's "
+        "principal mask divided by its magnitude-matched baseline. A ratio is read against 1, so the colour scale "
+        f"diverges from white at 1 (blue below: avoids the principal weights beyond what update size explains; red "
+        f"above: targets them); it runs from {norm.vmin:.3f} to {norm.vmax:.3f},{same} symmetric about 1 and at "
+        f"least 1 ± {MIN_SPAN_RATIO:g}, so that ratios inside the no-effect band (1 ± {BAND:.0%}) stay pale. "
+        f"This fine-tune's cells lie in {observed[0]:.3f} to {observed[1]:.3f}."
+    )
+    return _Drawn(fig, f"Principal overlap by layer and module{_for_run(run)}", caption, (norm.vmin, norm.vmax))
 
 
 # ---------------------------------------------------------------------------------------------

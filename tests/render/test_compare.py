@@ -45,6 +45,7 @@ from ckptdiff.render.figures import (
     _spectral_drift,
     colour_scale,
     figures,
+    principal_grid,
 )
 from ckptdiff.render.html import to_html
 from ckptdiff.render.report_dir import to_markdown_dir
@@ -204,6 +205,20 @@ def test_heatmaps_share_one_colour_scale_and_runs_are_drawn_together(shipped: Sh
     assert lo == pytest.approx(min(cells)) and hi == pytest.approx(max(cells))
     for f in heat:
         assert "the same for every fine-tune" in f.caption
+    # the principal-overlap ratio heatmaps: one diverging scale, centred on 1, shared by every fine-tune
+    ratios = [f for f in figs if f.name.startswith("principal_heatmap")]
+    assert [f.run for f in ratios] == list(RUNS)
+    assert len({f.scale for f in ratios}) == 1
+    rlo, rhi = ratios[0].scale or (math.nan, math.nan)
+    assert (rlo + rhi) / 2 == pytest.approx(1.0) and rhi - 1 >= MIN_SPAN_RATIO
+    for res in rep.principal.values():
+        grid = principal_grid(res)
+        rows = res.analysed()
+        for (layer, module), value in grid.stack().items():  # one matrix per cell here: its own row's ratio
+            row = rows[(rows["layer"] == layer) & (rows["module"] == module) & rows["linear"].astype(bool)]
+            assert len(row) == 1
+            assert value == pytest.approx(float(row["ratio_principal_magnitude"].iloc[0]))
+            assert rlo <= value <= rhi
     together = [f for f in figs if f.analysis == "comparison"]
     assert [f.name for f in together] == ["compare_sparsity", "compare_principal", "compare_spectral"]
     for f in together:
