@@ -84,6 +84,15 @@ GLOSSARY: dict[str, str] = {
     "drawn once per matrix from the report's seed: a figure no smaller than its null is no more structured than "
     "the update's size implies.",
     "Jaccard": "|A∩B| / |A∪B| of two fine-tunes' update masks: 1 when they changed exactly the same entries.",
+    "density": "The share of entries that changed (1 − update sparsity).",
+    "consensus": "How many of the fine-tunes changed an entry, against what independent fine-tunes changing their own "
+    "number of entries at random would give.",
+    "ULP": "Unit in the last place: one step between neighbouring values of the stored dtype, the smallest change a "
+    "stored value can make.",
+    "Wedin bound": "arcsin(‖ΔW‖₂ / gap), the largest rotation of the top-k subspace the update could cause given the "
+    "singular-value gap at k; at 45° or more the angle is not a measurement (directions can trade places).",
+    "PNT": "“The Path Not Taken” (arXiv 2511.08567), the paper whose predictions about RL and SFT updates these "
+    "analyses test; its precision gate is the observation that bf16 rounding hides small updates.",
     "no effect": f"A ratio to its control within 1 ± {OVERLAP_BAND:.0%} (Jaccard: ± {AGREEMENT_BAND:.0%}) is read "
     "as no effect; the numbers are always printed beside the words.",
 }
@@ -243,7 +252,7 @@ def _sparsity_rows(report: FullReportResult, rows: dict[str, dict[str, Row]], te
     terms |= {SPARSITY: "update sparsity", SPARSITY_BF16: "bf16-visible sparsity"}
     if len(dense) > 1:
         lo, hi = min(dense.values()), max(dense.values())
-        if against_one(ratio(hi, lo), OVERLAP_BAND) == "above":
+        if hi > 0 and (lo == 0 or against_one(ratio(hi, lo), OVERLAP_BAND) == "above"):
             for run, d in dense.items():
                 word = "sparsest" if d == lo else "densest" if d == hi else ""
                 rows[SPARSITY][run] = Row(rows[SPARSITY][run].value, word=word)
