@@ -271,6 +271,8 @@ def spectral_cells(result: Any) -> tuple[Row | None, Row | None]:
     if df.empty:
         return None, None
     o = result.overall()
+    if not (df["delta_rel_fro"].astype("float64") > 0).any():  # nothing moved: no drift, no rotation to judge
+        return Row(o["nss_median"], word="unchanged"), Row(math.nan, word="unchanged")
     with_null = bool(result.with_null)
     nss_null = float(df["nss_null"].median()) if with_null else math.nan
     nss_word = _side(ratio(o["nss_median"], nss_null), OVERLAP_BAND, NULL_WORDS) if with_null else "no null"
@@ -361,8 +363,11 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
     nss, angle = c.rows.get(NSS, {}), c.rows.get(ANGLE, {})
     if not nss:
         return ""
-    with_null = any(r.word != "no null" for r in nss.values())
+    with_null = any(r.word not in ("no null", "unchanged") for r in nss.values())
     stable = {run: r for run, r in angle.items() if not math.isnan(r.value)}
+    nss = {run: r for run, r in nss.items() if r.word != "unchanged"}
+    if not nss:
+        return ""
     if with_null and stable:
         rot = [run for run, r in stable.items() if r.word == "above null"]
         still = [run for run, r in stable.items() if r.word != "above null"]
@@ -375,19 +380,25 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
             )
         if still:
             nums = ", ".join(f"{stable[r].value:.1f}° vs null {stable[r].control:.1f}°" for r in still)
-            parts.append(f"{_names(still)} {'do' if len(still) > 1 else 'does'} not ({nums})")
+            if rot:
+                parts.append(f"{_names(still)} {'do' if len(still) > 1 else 'does'} not ({nums})")
+            else:
+                verb = "rotate" if len(still) > 1 else "rotates"
+                parts.append(
+                    f"{_names(still)} {verb} the top-k subspaces no more than an equal-norm random update ({nums})"
+                )
         text = "; ".join(parts)
         seed = _seed(report)
         return text + f", against one random draw per matrix (seed {seed}): a different --seed can move it."
     nums = ", ".join(f"{run} {r.value:.3g}" for run, r in nss.items())
-    text = f"Singular values shifted by NSS median {nums}"
+    text = f"Median spectral shift (NSS): {nums}"
     if with_null:
         text += " (" + ", ".join(f"{run}: {r.word}" for run, r in nss.items()) + f"; seed {_seed(report)})"
     else:
         if stable:
             text += "; largest stable principal angle " + ", ".join(f"{r} {a.value:.1f}°" for r, a in stable.items())
         text += "; no random null was computed, so whether that is more than the update sizes imply is untested"
-    if angle and not stable:
+    if not stable and any(r.word.startswith("no stable") for r in angle.values()):
         k = next(iter(report.spectral.values())).header.get("k", "?")
         text += f"; no matrix has stable principal angles at k = {k} (try a smaller --k)"
     return text + "."

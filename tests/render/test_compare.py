@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factory import llama_like, save_single
 
 pytest.importorskip("matplotlib")
 
@@ -300,3 +301,24 @@ def test_spectral_figure_says_when_it_has_no_max_line(shipped: Shipped) -> None:
     assert "only the median" in drawn.caption and "no matrix has a stable angle at k = 64" in drawn.caption
     narrow = _spectral_drift(shipped.report.spectral["sft"], "")  # k = 4: some stable angles, the max line is there
     assert narrow is not None and "the maximum over the layer's matrices whose angles are stable" in narrow.caption
+
+
+def test_a_fine_tune_that_changed_nothing_is_said_so_and_judged_on_nothing(tmp_path: Path) -> None:
+    base = {k: v.float() for k, v in llama_like(layers=2, d=16, ff=32, seed=3).items()}
+    g = torch.Generator().manual_seed(5)
+    moved = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in base.items()}
+    paths = [save_single(sd, tmp_path / f"{n}.safetensors") for n, sd in (("b", base), ("m", moved), ("s", base))]
+    rep = full_report(paths[0], paths[1:], labels=["moved", "same"], k=4, null="random", progress=False)
+    side = rep.comparison()
+    words, values = side.words(), side.values()
+    assert values.loc[SPARSITY, "same"] == 1.0 and words.loc[SPARSITY, "same"] == "sparsest"
+    assert words.loc[NSS, "same"] == "unchanged" and words.loc[ANGLE, "same"] == "unchanged"
+    assert math.isnan(values.loc[PRINCIPAL_RANDOM, "same"])  # no update: no overlap to judge
+    # fp32 checkpoints: the bf16 view is its own figure, no longer "as stored"
+    assert (
+        words.loc[SPARSITY_BF16, "moved"] == "" and values.loc[SPARSITY_BF16, "moved"] > values.loc[SPARSITY, "moved"]
+    )
+    sentences = rep.verdict()
+    assert sentences[0].startswith("moved left") and "same 100.0%" in sentences[0]
+    spectral_claim = next(s for s in sentences if "top-k subspaces" in s)
+    assert "same" not in spectral_claim and "seed 0" in spectral_claim
