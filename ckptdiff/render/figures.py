@@ -266,6 +266,16 @@ def colour_scale(
     return cmap, Normalize(lo, hi)
 
 
+def _ratio_limits(ax: Axes, values: Sequence[float]) -> None:
+    """A ratio axis spans at least 1 ± :data:`MIN_SPAN_RATIO`: ratios inside the no-effect band then lie near the
+    line at 1 instead of filling the plot (an axis zoomed onto 0.998-1.008 paints noise as signal)."""
+    seen = _finite(values)
+    lo = min([*seen, 1.0 - MIN_SPAN_RATIO])
+    hi = max([*seen, 1.0 + MIN_SPAN_RATIO])
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def _shared_range(grids: Sequence[pd.DataFrame]) -> tuple[float, float] | None:
     """The range of every finite cell of several heatmaps (None when there is none)."""
     flat = [
@@ -462,6 +472,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     bottom.axhline(1.0, color="#666666", lw=0.8)
     bottom.plot(x, r_random, color=COLORS["random"], marker=marker, ms=3, lw=1.2, label="vs random")
     bottom.plot(x, r_matched, color=COLORS["magnitude"], marker=marker, ms=3, lw=1.4, label="vs magnitude-matched")
+    _ratio_limits(bottom, r_random + r_matched)
     bottom.set_ylabel("observed / expected", fontsize=8)
     bottom.legend(fontsize=8, frameon=False, ncols=2, loc="best")
     bottom.set_xlabel("layer", fontsize=9)
@@ -475,7 +486,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
         f"chose entries only by the base weights' magnitude would hit). Bottom: observed / expected for each; the "
         f"grey band (1 ± {BAND:.0%}) counts as no effect. Below 1 the update avoids the principal weights, above "
         f"1 it targets them; only a departure from the magnitude-matched line is more than update size and "
-        f"rounding."
+        f"rounding. The ratio axis spans at least {1 - MIN_SPAN_RATIO:g} to {1 + MIN_SPAN_RATIO:g}."
     )
     return _Drawn(fig, f"Principal-weight overlap by layer{_for_run(run)}", caption)
 
@@ -601,7 +612,7 @@ def _nanmax(a: float, b: float) -> float:
 
 RUN_COLORS = ("#1f4e79", "#d9730d", "#2e8b57", "#8e44ad", "#c0392b", "#7f8c8d", "#b7950b", "#16a085")
 RUN_STYLES = ("-", "--", "-.", ":")
-TOGETHER_WIDTH = 5.6  # inches: two of these figures side by side on a wide page
+TOGETHER_WIDTH = 5.2  # inches: two of these figures side by side on a wide page
 
 
 def _run_style(i: int) -> dict[str, Any]:
@@ -668,14 +679,16 @@ def _together_principal(report: FullReportResult) -> _Drawn | None:
     ax.axhspan(1 - BAND, 1 + BAND, color="#eeeeee", lw=0)
     ax.axhline(1.0, color="#666666", lw=0.8)
     _draw_lines(ax, layers, lines)
+    _ratio_limits(ax, [v for ys in lines.values() for v in ys])
     ax.set_ylabel("overlap ÷ magnitude-matched", fontsize=8)
     ax.set_title("Principal overlap against its control, every fine-tune", fontsize=10, loc="left", pad=18)
     caption = (
         "For each layer, the share of updated entries in the base's principal mask divided by what an update "
         "picking entries by base-weight magnitude alone would reach (the magnitude-matched baseline), one line "
         f"per fine-tune. The grey band (1 ± {BAND:.0%}) is no effect: below it a fine-tune avoids the principal "
-        "weights beyond what its update size explains, above it targets them. The ratios to the random baseline "
-        "are in each fine-tune's section."
+        "weights beyond what its update size explains, above it targets them. The axis spans at least "
+        f"{1 - MIN_SPAN_RATIO:g} to {1 + MIN_SPAN_RATIO:g}, so ratios inside the band lie near the line at 1 rather "
+        "than filling the plot. The ratios to the random baseline are in each fine-tune's section."
     )
     return _Drawn(fig, "Principal overlap per layer, side by side", caption)
 
