@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
@@ -231,10 +231,30 @@ def comparison(report: FullReportResult) -> Comparison:
                 rows.setdefault(label, {})[run] = Row(j, jm, word)
     note = (
         "Each cell: the figure, its control in brackets where it has one, and the verdict word. Ratios within "
-        f"1 ± {OVERLAP_BAND:.0%} of their control (Jaccard: ± {AGREEMENT_BAND:.0%}) read as no effect; "
-        "sparsest / densest are said only when the fine-tunes differ by more than that."
+        f"1 ± {OVERLAP_BAND:.0%} of their control (Jaccard: ± {AGREEMENT_BAND:.0%}) read as no effect"
+    )
+    note += (
+        "; sparsest / densest are said only when the fine-tunes differ by more than that." if SPARSITY in rows else "."
     )
     return Comparison(runs, rows, terms, note)
+
+
+@dataclass(frozen=True)
+class _Across:
+    """A consistency result alone, shaped as a report run with no pairwise analysis."""
+
+    consistency: ConsistencyResult
+    header: dict[str, str]
+    runs: tuple[str, ...]
+    sparsity: dict[str, SparsityResult] = field(default_factory=dict)
+    principal: dict[str, PrincipalOverlapResult] = field(default_factory=dict)
+    spectral: dict[str, SpectralDriftResult] = field(default_factory=dict)
+
+
+def across_runs(result: ConsistencyResult) -> Comparison:
+    """The comparison table of ``consistency`` alone: each fine-tune's Jaccard with every other, beside its
+    magnitude-matched control, with the verdict words."""
+    return comparison(_Across(result, result.header, tuple(result.labels)))
 
 
 def _sparsity_rows(report: FullReportResult, rows: dict[str, dict[str, Row]], terms: dict[str, str]) -> None:
@@ -301,9 +321,10 @@ def _pct(v: float) -> str:
     return f"{v:.1%}"
 
 
-def verdict(report: FullReportResult) -> list[str]:
-    """What the fine-tunes did, in 2-4 sentences, each claim beside its control (see :func:`comparison`)."""
-    c = comparison(report)
+def verdict(report: FullReportResult, table: Comparison | None = None) -> list[str]:
+    """What the fine-tunes did, in 2-4 sentences, each claim beside its control, read from ``table`` (default: the
+    report's :func:`comparison`)."""
+    c = table if table is not None else comparison(report)
     out = [s for s in (_sparsity_sentence(c), _principal_sentence(c), _spectral_sentence(c, report)) if s]
     agreement = _agreement_sentence(c, report)
     if agreement:

@@ -151,7 +151,7 @@ class FullReportResult:
 
     @cached_property
     def _verdict(self) -> tuple[str, ...]:
-        return tuple(verdict(self))
+        return tuple(verdict(self, self._comparison))
 
     def section_keys(self) -> list[tuple[str, str]]:
         """(analysis, run) per section, in the order of :meth:`sections` (run is '' across fine-tunes)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factory import llama_like, save_single
+from factory import bump_ulps, llama_like, save_single
 
 pytest.importorskip("matplotlib")
 
@@ -322,3 +322,23 @@ def test_a_fine_tune_that_changed_nothing_is_said_so_and_judged_on_nothing(tmp_p
     assert sentences[0].startswith("moved left") and "same 100.0%" in sentences[0]
     spectral_claim = next(s for s in sentences if "top-k subspaces" in s)
     assert "same" not in spectral_claim and "seed 0" in spectral_claim
+
+
+def test_consistency_opens_with_the_fine_tunes_side_by_side(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ckptdiff.cli import app
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = llama_like(layers=1, d=16, ff=32, seed=3)
+    a, b = dict(base), dict(base)
+    a[name] = bump_ulps(base[name], torch.arange(0, 100))
+    b[name] = bump_ulps(base[name], torch.arange(0, 200, 2))
+    paths = [str(save_single(sd, tmp_path / f"{n}.safetensors")) for n, sd in (("base", base), ("a", a), ("b", b))]
+    res = CliRunner().invoke(app, ["consistency", *paths, "-q", "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert out.index("Side by side") < out.index("Overall (counts summed over tensors)")
+    side = json.loads((tmp_path / "c.json").read_text())["tables"]["Side by side"]
+    cell = next(r for r in side if r["figure"] == "Jaccard with b (magnitude-matched)")["a"]
+    assert cell.startswith(f"{50 / 150:.3f} (")  # |A∩B| = 50 even entries below 100, |A∪B| = 100 + 100 - 50
