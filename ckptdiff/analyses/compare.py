@@ -142,7 +142,7 @@ class Comparison:
             run: [cell_text(label, cells.get(run), sep) for label, cells in self.rows.items()] for run in self.runs
         }
         frame = pd.DataFrame(cells, index=pd.Index(list(self.rows), name="figure"))
-        return Table("Side by side", frame, self.note)
+        return Table("Side by side", frame, self.note, rollup=False)  # text cells: the figures are in the rollups
 
 
 def cell_text(label: str, row: Row | None, sep: str = " ") -> str:

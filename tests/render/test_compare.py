@@ -342,3 +342,8 @@ def test_consistency_opens_with_the_fine_tunes_side_by_side(tmp_path: Path) -> N
     side = json.loads((tmp_path / "c.json").read_text())["tables"]["Side by side"]
     cell = next(r for r in side if r["figure"] == "Jaccard with b (magnitude-matched)")["a"]
     assert cell.startswith(f"{50 / 150:.3f} (")  # |A∩B| = 50 even entries below 100, |A∪B| = 100 + 100 - 50
+    rollups = tmp_path / "r.csv"
+    res = CliRunner().invoke(app, ["consistency", *paths, "-q", "--rollups-csv", str(rollups)])
+    assert res.exit_code == 0, res.output
+    text = rollups.read_text()
+    assert "Side by side" not in text and "Pairs, overall" in text  # text cells stay out of the numbers' CSV
