@@ -71,6 +71,7 @@ def figures(report: FullReportResult) -> list[Figure]:
     if several:  # every fine-tune on one figure: the first thing the page shows after the comparison table
         for base, together in (
             ("compare_sparsity", _together_sparsity),
+            ("compare_ulp", _together_ulp),
             ("compare_principal", _together_principal),
             ("compare_spectral", _together_spectral),
         ):
@@ -662,6 +663,39 @@ def _together_sparsity(report: FullReportResult) -> _Drawn | None:
         f"parameter-weighted), one line per fine-tune on one axis. Over every compared tensor: {overall}."
     )
     return _Drawn(fig, "Sparsity per layer, side by side", caption)
+
+
+def _together_ulp(report: FullReportResult) -> _Drawn | None:
+    """How far changed entries moved, in ULPs: one bar per fine-tune in each distance bucket."""
+    shares: dict[str, list[float]] = {}
+    for run, result in report.sparsity.items():
+        o = result.overall()
+        changed = o.get("changed", 0.0)
+        if changed and math.isfinite(changed):
+            shares[run] = [100.0 * float(o.get(key, 0.0)) / changed for key in _ULP_NAMES]
+    if len(shares) < 2:
+        return None
+    n = len(shares)
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.grid(False, axis="x")
+    width = 0.8 / n
+    for i, (run, ys) in enumerate(shares.items()):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(_ULP_NAMES))]
+        ax.bar(xs, ys, width, color=RUN_COLORS[i % len(RUN_COLORS)], label=_t(_short(run)))
+    ax.set_xticks(range(len(_ULP_NAMES)), list(_ULP_NAMES.values()))
+    ax.set_xlabel("distance moved, in ULPs of the compared dtype", fontsize=9)
+    ax.set_ylabel("% of changed entries", fontsize=8)
+    ax.legend(fontsize=8, frameon=False, ncols=min(4, n), loc="lower left", bbox_to_anchor=(0, 1.0))
+    ax.set_title("How far changed entries moved, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "Each fine-tune's changed entries by their distance from the base value in representable steps (ULPs) of "
+        "the compared dtype, as shares of that fine-tune's changed entries, one bar per fine-tune in each bucket "
+        "(changes involving NaN or infinity are left out here; each fine-tune's own histogram counts them). A "
+        "large share at 1 ULP is what small updates rounded to the storage dtype look like."
+    )
+    return _Drawn(fig, "ULP distance of changed entries, side by side", caption)
 
 
 def _together_principal(report: FullReportResult) -> _Drawn | None:

@@ -221,7 +221,7 @@ def test_heatmaps_share_one_colour_scale_and_runs_are_drawn_together(shipped: Sh
             assert value == pytest.approx(float(row["ratio_principal_magnitude"].iloc[0]))
             assert rlo <= value <= rhi
     together = [f for f in figs if f.analysis == "comparison"]
-    assert [f.name for f in together] == ["compare_sparsity", "compare_principal", "compare_spectral"]
+    assert [f.name for f in together] == ["compare_sparsity", "compare_ulp", "compare_principal", "compare_spectral"]
     for f in together:
         assert "one line per fine-tune" in f.caption
     # the lines drawn: each fine-tune's per-layer figure, on the layers of all of them
