@@ -223,7 +223,7 @@ def test_heatmaps_share_one_colour_scale_and_runs_are_drawn_together(shipped: Sh
     together = [f for f in figs if f.analysis == "comparison"]
     assert [f.name for f in together] == ["compare_sparsity", "compare_ulp", "compare_principal", "compare_spectral"]
     for f in together:
-        assert "one line per fine-tune" in f.caption
+        assert ("one bar per fine-tune" if f.name == "compare_ulp" else "one line per fine-tune") in f.caption
     # the lines drawn: each fine-tune's per-layer figure, on the layers of all of them
     layers, lines = _per_layer_lines({r: res.by("layer") for r, res in rep.sparsity.items()}, "sparsity") or ([], {})
     assert list(lines) == list(RUNS) and layers == [0, 1, 2, 3]
