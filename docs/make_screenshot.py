@@ -5,9 +5,9 @@ Usage, from anywhere (needs the package installed, and Chromium: `apt-get instal
     python docs/make_screenshot.py
 
 It runs ``ckptdiff report examples/checkpoints/base examples/checkpoints/rl_seed1 examples/checkpoints/rl_seed2
---k 16`` into a temporary folder, hides the settings table (a page-long list of paths and versions) in a copy of
-``index.html``, takes a headless Chromium screenshot of the top of that page (title, contents, the first sparsity
-section with its figures) and stores it as a 256-colour PNG. Nothing else on the page is changed.
+examples/checkpoints/sft --k 4 --null random`` into a temporary folder, takes a headless Chromium screenshot of the
+top of ``index.html`` (the title, the verdict sentences, the comparison table of the three fine-tunes) and stores it
+as a 256-colour PNG. The page is shot as written (the settings are at its end since the verdict came first).
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "img" / "report.png"
-CHECKPOINTS = ("examples/checkpoints/base", "examples/checkpoints/rl_seed1", "examples/checkpoints/rl_seed2")
+CHECKPOINTS = (
+    "examples/checkpoints/base",
+    "examples/checkpoints/rl_seed1",
+    "examples/checkpoints/rl_seed2",
+    "examples/checkpoints/sft",
+)
+SETTINGS = ("--k", "4", "--null", "random")  # k = 4: the examples' 128-wide matrices have stable angles there
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-HIDE_SETTINGS = "<style>#inputs { display: none; }</style>\n</head>"
-WINDOW = "1280,1200"
+WINDOW = "1280,1000"
 
 
 def find_browser(given: str | None) -> str:
@@ -40,19 +45,9 @@ def find_browser(given: str | None) -> str:
 def write_report(folder: Path) -> Path:
     """Run `ckptdiff report` on the shipped checkpoints (paths relative to the repo, as the header shows them)."""
     out = folder / "report"
-    cmd = [sys.executable, "-m", "ckptdiff", "report", *CHECKPOINTS, "-o", str(out), "--k", "16", "--quiet"]
+    cmd = [sys.executable, "-m", "ckptdiff", "report", *CHECKPOINTS, "-o", str(out), *SETTINGS, "--quiet"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return out / "index.html"
-
-
-def page_to_shoot(index: Path) -> Path:
-    """A copy of the report page with the settings table hidden, beside it (so relative links still resolve)."""
-    html = index.read_text(encoding="utf-8")
-    if 'id="inputs"' not in html or "</head>" not in html:
-        sys.exit("make_screenshot: the report page has no settings section (id=inputs) to hide: update this script")
-    shot = index.with_name("screenshot.html")
-    shot.write_text(html.replace("</head>", HIDE_SETTINGS, 1), encoding="utf-8")
-    return shot
 
 
 def screenshot(browser: str, page: Path, png: Path) -> None:
@@ -82,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     browser = find_browser(args.browser)
     with tempfile.TemporaryDirectory(prefix="ckptdiff-shot-") as tmp:
-        page = page_to_shoot(write_report(Path(tmp)))
+        page = write_report(Path(tmp))
         raw = Path(tmp) / "raw.png"
         screenshot(browser, page, raw)
         args.output.parent.mkdir(parents=True, exist_ok=True)

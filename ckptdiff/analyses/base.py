@@ -88,7 +88,7 @@ class Table:
     leading tensor/run columns) and, when ``view`` is given, only the view's columns under the view's short
     headers, explained by ``legend`` (see :mod:`ckptdiff.render.terminal`); ``compact`` when the frame is too wide for
     one table (e.g. a run x run matrix with the runs numbered). ``terminal=False`` leaves the table out of the
-    terminal (another table there shows the same figures).
+    terminal (another table there shows the same figures); ``rollup=False`` leaves it out of ``--rollups-csv``.
     """
 
     title: str
@@ -98,6 +98,7 @@ class Table:
     legend: str = ""  # what the view's short headers mean
     terminal: bool = True
     compact: pd.DataFrame | None = None  # shown instead when the frame would need more than one terminal table
+    rollup: bool = True  # in ``--rollups-csv`` (False: a table of text cells, e.g. the fine-tunes side by side)
 
 
 @dataclass

@@ -438,7 +438,8 @@ class ConsistencyResult:
             Table(
                 "Pairwise Jaccard, overall",
                 matrix,
-                "Each cell: Jaccard (magnitude-matched baseline, docs/metrics.md §2b).",
+                "Each cell: Jaccard (in brackets the magnitude-matched baseline: the Jaccard two runs would reach by "
+                "changing, at their own densities, entries picked at random among base weights of the same magnitude).",
                 compact=numbered,  # columns by run number when the labels make the matrix too wide
             ),
             Table(

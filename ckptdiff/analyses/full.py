@@ -22,6 +22,7 @@ import torch
 
 from ckptdiff import choices
 from ckptdiff.analyses.base import Report
+from ckptdiff.analyses.compare import Comparison, comparison, verdict
 from ckptdiff.analyses.consistency import ConsistencyAnalysis, ConsistencyResult, run_labels
 from ckptdiff.analyses.principal import PrincipalAnalysis, PrincipalOverlapResult
 from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
@@ -147,6 +148,23 @@ class FullReportResult:
         """The analyses that ran, in report order."""
         return tuple(r.key for r in REPORTED if self.results.get(r.key))
 
+    def comparison(self) -> Comparison:
+        """The headline figures of every fine-tune side by side, each with its control and verdict word (made once;
+        see :mod:`ckptdiff.analyses.compare`)."""
+        return self._comparison
+
+    @cached_property
+    def _comparison(self) -> Comparison:
+        return comparison(self)
+
+    def verdict(self) -> list[str]:
+        """What the fine-tunes did, in 2-4 plain sentences, each claim beside its control."""
+        return list(self._verdict)
+
+    @cached_property
+    def _verdict(self) -> tuple[str, ...]:
+        return tuple(verdict(self, self._comparison))
+
     def section_keys(self) -> list[tuple[str, str]]:
         """(analysis, run) per section, in the order of :meth:`sections` (run is '' across fine-tunes)."""
         return [(key, run) for key in self.analyses for run in self.results[key]]
@@ -202,10 +220,17 @@ class FullReportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report, machine-readable: header, runs, and each analysis's full JSON report."""
-        from ckptdiff.analyses.base import to_json_dict
+        from ckptdiff.analyses.base import records, to_json_dict
 
         pairwise = {r.key for r in REPORTED if r.pairwise}
         out: dict[str, Any] = {"header": self.header, "runs": list(self.runs), "analyses": list(self.analyses)}
+        side = self.comparison()
+        out["verdict"] = self.verdict()
+        out["comparison"] = {
+            "values": records(side.values().reset_index()),
+            "controls": records(side.controls().reset_index()),
+            "words": records(side.words().reset_index()),
+        }
         for (name, run), (_, section) in zip(self.section_keys(), self._sections, strict=True):
             if name in pairwise:
                 out.setdefault(name, {})[run] = to_json_dict(section)

@@ -31,8 +31,7 @@ EPILOG = (
     "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
     "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -55,6 +54,7 @@ def consistency(
     quiet: QuietOpt = False,
 ) -> None:
     """Consistency across runs: do several fine-tunes of one base change the same entries?"""
+    from ckptdiff.analyses.compare import across_runs
     from ckptdiff.analyses.consistency import consistency as run
 
     check_summary(fmt, summary)
@@ -71,4 +71,8 @@ def consistency(
             merged_dtype=merged_dtype,
             progress=not quiet,
         )
-        emit(result.report(), fmt, outs, summary)
+        rep = result.report()
+        side = across_runs(result)
+        if side.rows:  # the fine-tunes side by side first, as report opens
+            rep.tables.insert(0, side.table("\n" if fmt == Fmt.table else " "))
+        emit(rep, fmt, outs, summary)

@@ -85,6 +85,7 @@ def report(
     """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
     from ckptdiff.analyses.full import full_report
     from ckptdiff.render.report_dir import check_directory, write_directory
+    from ckptdiff.render.terminal import print_verdict
 
     mode = compare_mode(rtol, atol, as_)
     check_directory(out, [base, *fts])
@@ -111,6 +112,8 @@ def report(
     )
     write_directory(result, out, [base, *fts])
     with stdout_may_close():
+        side = result.comparison()
+        print_verdict(result.verdict(), side.table("\n") if side.rows else None)
         for heading, section in result.sections():
             typer.echo(f"{heading}:")
             for sentence in section.summary:

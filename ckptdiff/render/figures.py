@@ -40,6 +40,7 @@ class Figure:
     svg: str  # a standalone SVG document
     analysis: str = ""  # sparsity | principal | spectral | consistency: the report section it belongs to
     run: str = ""  # the fine-tune's label for per-run figures, "" for cross-run ones
+    scale: tuple[float, float] | None = None  # a heatmap's colour range (lowest, highest value), shared by its kind
 
 
 # Module types in the order a transformer block runs them (ckptdiff.naming's names); others follow, sorted.
@@ -67,9 +68,29 @@ def figures(report: FullReportResult) -> list[Figure]:
         return unique
 
     out: list[Figure] = []
+    if several:  # every fine-tune on one figure: the first thing the page shows after the comparison table
+        for base, together in (
+            ("compare_sparsity", _together_sparsity),
+            ("compare_ulp", _together_ulp),
+            ("compare_principal", _together_principal),
+            ("compare_spectral", _together_spectral),
+        ):
+            drawn = together(report)
+            if drawn is not None:
+                name = stem(base, "")
+                out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "comparison", ""))
+    shared = _shared_range([r.grid() for r in report.sparsity.values()])  # one colour scale for every fine-tune
+    shared_ratio = _shared_range([principal_grid(r) for r in report.principal.values()])
+
+    def heatmap(result: SparsityResult, run: str) -> _Drawn | None:
+        return _sparsity_heatmap(result, run, shared, several)
+
+    def ratio_map(result: PrincipalOverlapResult, run: str) -> _Drawn | None:
+        return _principal_heatmap(result, run, shared_ratio, several)
+
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
-        ("sparsity", report.sparsity, [("sparsity_heatmap", _sparsity_heatmap), ("sparsity_ulp", _ulp_hist)]),
-        ("principal", report.principal, [("principal_overlap", _principal_overlap)]),
+        ("sparsity", report.sparsity, [("sparsity_heatmap", heatmap), ("sparsity_ulp", _ulp_hist)]),
+        ("principal", report.principal, [("principal_overlap", _principal_overlap), ("principal_heatmap", ratio_map)]),
         ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
     ]
     for analysis, results, kinds in makers:
@@ -78,13 +99,15 @@ def figures(report: FullReportResult) -> list[Figure]:
                 drawn = make(result, run if several else "")
                 if drawn is not None:
                     name = stem(base, run)
-                    out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), analysis, run))
+                    svg = _svg(drawn.fig, name)
+                    out.append(Figure(name, drawn.title, drawn.caption, svg, analysis, run, drawn.scale))
     if report.consistency is not None:
         for base, cmake in (("consistency_jaccard", _jaccard_matrix), ("consistency_consensus", _consensus)):
             drawn = cmake(report.consistency)
             if drawn is not None:
                 name = stem(base, "")
-                out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "consistency", ""))
+                svg = _svg(drawn.fig, name)
+                out.append(Figure(name, drawn.title, drawn.caption, svg, "consistency", "", drawn.scale))
     return out
 
 
@@ -97,6 +120,7 @@ class _Drawn:
     fig: MplFigure
     title: str
     caption: str
+    scale: tuple[float, float] | None = None
 
 
 def _slug(text: str) -> str:
@@ -211,35 +235,96 @@ def _module_order(modules: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# colour scales
+
+# A sequential scale spans at least this much (in the figure's own units, fractions here): cells that differ by
+# less are noise at this resolution and are painted in nearly the same colour, not from one end of the map to the
+# other (0.341 to 0.343 is not a purple-to-yellow difference).
+MIN_SPAN = 0.05
+MIN_SPAN_RATIO = 0.1  # a diverging scale of ratios around 1 spans at least 1 ± this
+
+
+def colour_scale(
+    span: tuple[float, float], kind: str = "sequential", bounds: tuple[float, float] | None = None
+) -> tuple[Any, Any]:
+    """(colormap, norm) for a heatmap whose values lie in ``span``.
+
+    ``sequential`` (a quantity from low to high: sparsity, Jaccard): viridis over the span, widened about its
+    middle to at least :data:`MIN_SPAN` and kept inside ``bounds``. ``diverging`` (a ratio to a control, where
+    1 means no effect): a blue-white-red map centred on 1, symmetric, at least 1 ± :data:`MIN_SPAN_RATIO`.
+    """
+    import matplotlib as mpl
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    lo, hi = span
+    if kind == "diverging":
+        reach = max(abs(lo - 1.0), abs(hi - 1.0), MIN_SPAN_RATIO)
+        cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#e6e6e6")
+        return cmap, TwoSlopeNorm(1.0, 1.0 - reach, 1.0 + reach)
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo, hi = mid - MIN_SPAN / 2, mid + MIN_SPAN / 2
+        if bounds is not None:  # slide the window back inside the bounds, keeping its width
+            if lo < bounds[0]:
+                lo, hi = bounds[0], min(bounds[1], bounds[0] + MIN_SPAN)
+            if hi > bounds[1]:
+                lo, hi = max(bounds[0], bounds[1] - MIN_SPAN), bounds[1]
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#e6e6e6")
+    return cmap, Normalize(lo, hi)
+
+
+def _ratio_limits(ax: Axes, values: Sequence[float]) -> None:
+    """A ratio axis spans at least 1 ± :data:`MIN_SPAN_RATIO`: ratios inside the no-effect band then lie near the
+    line at 1 instead of filling the plot (an axis zoomed onto 0.998-1.008 paints noise as signal)."""
+    seen = _finite(values)
+    lo = min([*seen, 1.0 - MIN_SPAN_RATIO])
+    hi = max([*seen, 1.0 + MIN_SPAN_RATIO])
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _shared_range(grids: Sequence[pd.DataFrame]) -> tuple[float, float] | None:
+    """The range of every finite cell of several heatmaps (None when there is none)."""
+    flat = [
+        v
+        for g in grids
+        if not g.empty
+        for v in _finite(g.to_numpy(dtype="float64", na_value=math.nan).ravel().tolist())
+    ]
+    return (min(flat), max(flat)) if flat else None
+
+
+def _scale_words(observed: tuple[float, float], scale: tuple[float, float], several: bool) -> str:
+    """The caption's sentence on the colour scale: shared across fine-tunes, widened to the minimum span."""
+    shown = f"the colour scale runs from {scale[0]:.4f} to {scale[1]:.4f}"
+    why = " (the same for every fine-tune's heatmap, so colours compare across them)" if several else ""
+    cells = f"; this fine-tune's cells lie in {observed[0]:.4f} to {observed[1]:.4f}"
+    if observed[1] - observed[0] < MIN_SPAN:
+        cells += f" (a scale spans at least {MIN_SPAN:g}, so differences smaller than that show as near-equal colours)"
+    return f"{shown}{why}{cells}."
+
+
+# ---------------------------------------------------------------------------------------------
 # sparsity
 
 
-def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
-    """Layer x module sparsity of the linear matrices: layers along x, module types down y."""
-    import matplotlib as mpl
-    from matplotlib.colors import Normalize
-
-    grid = result.grid()
-    if grid.empty:
-        return None
+def _grid_values(grid: pd.DataFrame) -> tuple[pd.DataFrame, list[list[float]]]:
+    """A layer x module grid in block order (modules as a block runs them) and its cells as (modules, layers)."""
     grid = grid[_module_order([str(c) for c in grid.columns])]
+    return grid, grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()
+
+
+def _draw_grid(grid: pd.DataFrame, values: list[list[float]], cmap: Any, norm: Any, label: str) -> tuple[Any, Axes]:
+    """A layer x module heatmap (layers along x, module types down y), values written in when few, with its
+    colour bar labelled ``label``."""
+    import numpy as np
+
     layers = _layer_names(grid.index)
     modules = [str(c) for c in grid.columns]
-    values = grid.to_numpy(dtype="float64", na_value=math.nan).T.tolist()  # (modules, layers)
-    flat = _finite([v for row in values for v in row])
-    if not flat:
-        return None
-    lo, hi = min(flat), max(flat)
-    if hi - lo < 1e-3:
-        lo, hi = max(0.0, lo - 5e-4), min(1.0, hi + 5e-4)
     n_l, n_m = len(layers), len(modules)
     height = 1.3 + 0.32 * n_m
     fig = _new(height, width=min(WIDTH, max(4.8, 1.8 + 0.6 * n_l)))
     ax = fig.add_subplot()
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="#e6e6e6")
-    norm = Normalize(lo, hi)
-    import numpy as np
-
     data = np.ma.masked_invalid(np.array(values, dtype=float))
     if n_l * n_m <= RASTER_CELLS:  # vector cells, white gaps between them
         mesh = ax.pcolormesh(data, cmap=cmap, norm=norm, edgecolors="white", linewidth=0.5)
@@ -259,22 +344,46 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
         spine.set_visible(False)
     if n_l * n_m <= ANNOTATE_CELLS and n_l <= 16:
         size = 8 if n_l <= 8 else 7 if n_l <= 12 else 6
+        diverging = norm.vmin < 1.0 < norm.vmax and type(norm).__name__ == "TwoSlopeNorm"
         for j, row in enumerate(values):
             for i, v in enumerate(row):
                 if math.isfinite(v):
-                    color = "white" if norm(v) < 0.55 else "black"
+                    shade = float(norm(v))
+                    dark = abs(shade - 0.5) > 0.3 if diverging else shade < 0.55
+                    color = "white" if dark else "black"
                     ax.text(i + 0.5, j + 0.5, f"{v:.3f}", ha="center", va="center", fontsize=size, color=color)
     bar = fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.015, aspect=max(3.0, 3.0 * n_m))
     bar.ax.tick_params(labelsize=7)
-    bar.set_label("sparsity", fontsize=8)
+    bar.set_label(label, fontsize=8)
     bar.outline.set_visible(False)
+    return fig, ax
+
+
+def _sparsity_heatmap(
+    result: SparsityResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
+) -> _Drawn | None:
+    """Layer x module sparsity of the linear matrices: layers along x, module types down y; ``shared``: the
+    colour range of every fine-tune's heatmap together (so colours compare across fine-tunes)."""
+    grid = result.grid()
+    if grid.empty:
+        return None
+    grid, values = _grid_values(grid)
+    flat = _finite([v for row in values for v in row])
+    if not flat:
+        return None
+    observed = min(flat), max(flat)
+    cmap, norm = colour_scale(shared or observed, "sequential", bounds=(0.0, 1.0))
+    lo, hi = norm.vmin, norm.vmax
+    fig, ax = _draw_grid(grid, values, cmap, norm, "sparsity")
     ax.set_title(_t(f"Update sparsity per layer and module{_for_run(run)}"), fontsize=10, loc="left")
     o, lin = result.overall(), result.linear_only()
+    n_l, n_m = grid.shape
     missing = " Grey: no such matrix in that layer." if len(flat) < n_l * n_m else ""
     caption = (
         f"Fraction of entries left unchanged (update sparsity) in each linear matrix type (rows) of each of "
-        f"{n_l} transformer layers (columns), parameter-weighted within a cell; the colour scale spans the "
-        f"observed range {lo:.4f} to {hi:.4f}.{missing} For reference: {o['sparsity']:.4f} over every compared "
+        f"{n_l} transformer layers (columns), parameter-weighted within a cell; "
+        f"{_scale_words(observed, (lo, hi), several)}"
+        f"{missing} For reference: {o['sparsity']:.4f} over every compared "
         f"tensor, {lin['sparsity']:.4f} over the linear layers."
     )
     if "sparsity_fp32" in o:
@@ -284,7 +393,7 @@ def _sparsity_heatmap(result: SparsityResult, run: str) -> _Drawn | None:
         )
     elif "sparsity_bf16" in o:
         caption += f" Rounded to bf16, as bf16 storage would keep them: {o['sparsity_bf16']:.4f} overall."
-    return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption)
+    return _Drawn(fig, f"Sparsity by layer and module{_for_run(run)}", caption, (float(lo), float(hi)))
 
 
 _ULP_NAMES = {"ulp_1": "1", "ulp_2": "2", "ulp_3_4": "3–4", "ulp_5_16": "5–16", "ulp_gt16": ">16"}
@@ -375,6 +484,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     bottom.axhline(1.0, color="#666666", lw=0.8)
     bottom.plot(x, r_random, color=COLORS["random"], marker=marker, ms=3, lw=1.2, label="vs random")
     bottom.plot(x, r_matched, color=COLORS["magnitude"], marker=marker, ms=3, lw=1.4, label="vs magnitude-matched")
+    _ratio_limits(bottom, r_random + r_matched)
     bottom.set_ylabel("observed / expected", fontsize=8)
     bottom.legend(fontsize=8, frameon=False, ncols=2, loc="best")
     bottom.set_xlabel("layer", fontsize=9)
@@ -388,9 +498,55 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
         f"chose entries only by the base weights' magnitude would hit). Bottom: observed / expected for each; the "
         f"grey band (1 ± {BAND:.0%}) counts as no effect. Below 1 the update avoids the principal weights, above "
         f"1 it targets them; only a departure from the magnitude-matched line is more than update size and "
-        f"rounding."
+        f"rounding. The ratio axis spans at least {1 - MIN_SPAN_RATIO:g} to {1 + MIN_SPAN_RATIO:g}."
     )
     return _Drawn(fig, f"Principal-weight overlap by layer{_for_run(run)}", caption)
+
+
+def principal_grid(result: PrincipalOverlapResult) -> pd.DataFrame:
+    """Layer x module: overlap with the principal mask over its magnitude-matched baseline, the linear matrices of
+    each cell rolled up as principal-overlap rolls up any scope (expected intersections summed, then divided)."""
+    import pandas as pd
+
+    from ckptdiff.analyses.principal import rollup
+
+    df = result.analysed()
+    df = df[df["linear"].astype(bool)].dropna(subset=["layer"])
+    if df.empty:
+        return pd.DataFrame()
+    cells = {}
+    for (layer, module), group in df.groupby(["layer", "module"], sort=True):
+        cells[(int(layer), str(module))] = rollup(group)["ratio_principal_magnitude"]  # type: ignore[call-overload]
+    return pd.Series(cells).unstack()
+
+
+def _principal_heatmap(
+    result: PrincipalOverlapResult, run: str, shared: tuple[float, float] | None = None, several: bool = False
+) -> _Drawn | None:
+    """Layer x module principal overlap over its magnitude-matched control, on a diverging scale centred on 1."""
+    from ckptdiff.metrics.numeric import OVERLAP_BAND as BAND
+
+    grid = principal_grid(result)
+    if grid.empty:
+        return None
+    grid, values = _grid_values(grid)
+    flat = _finite([v for row in values for v in row])
+    if not flat:
+        return None
+    observed = min(flat), max(flat)
+    cmap, norm = colour_scale(shared or observed, "diverging")
+    fig, ax = _draw_grid(grid, values, cmap, norm, "overlap ÷ magnitude-matched")
+    ax.set_title(_t(f"Principal overlap ÷ magnitude-matched{_for_run(run)}"), fontsize=10, loc="left")
+    same = " the same for every fine-tune's heatmap, so colours compare across them;" if several else ""
+    caption = (
+        "For each linear matrix type (rows) of each layer (columns): the share of updated entries in the base's "
+        "principal mask divided by its magnitude-matched baseline. A ratio is read against 1, so the colour scale "
+        f"diverges from white at 1 (blue below: avoids the principal weights beyond what update size explains; red "
+        f"above: targets them); it runs from {norm.vmin:.3f} to {norm.vmax:.3f},{same} symmetric about 1 and at "
+        f"least 1 ± {MIN_SPAN_RATIO:g}, so that ratios inside the no-effect band (1 ± {BAND:.0%}) stay pale. "
+        f"This fine-tune's cells lie in {observed[0]:.3f} to {observed[1]:.3f}."
+    )
+    return _Drawn(fig, f"Principal overlap by layer and module{_for_run(run)}", caption, (norm.vmin, norm.vmax))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,14 +582,24 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
         top.set_yscale("log", nonpositive="mask")
     top.set_ylabel("NSS" + (" (log)" if log else ""), fontsize=8)
     top.legend(fontsize=8, frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
-    bottom.plot(x, ang_max, color=COLORS["observed"], marker=marker, ms=3.5, lw=1.6, label="max over matrices")
+    has_max = bool(_finite(ang_max))
+    if has_max:
+        bottom.plot(x, ang_max, color=COLORS["observed"], marker=marker, ms=3.5, lw=1.6, label="max (stable angles)")
     bottom.plot(x, ang_med, color=COLORS["median"], ls="--", marker=marker, ms=3, lw=1.2, label="median")
+    bottom.legend(fontsize=8, frameon=False, ncols=2, loc="best")
     bottom.set_ylim(bottom=0)
     bottom.set_ylabel("largest principal\nangle (degrees)", fontsize=8)
     bottom.set_xlabel("layer", fontsize=9)
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Spectral drift and rotation per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    angles = (
+        "the maximum over the layer's matrices whose angles are stable, and the median over those with k < min(m, n)."
+        if has_max
+        else f"only the median over the layer's matrices with k < min(m, n) is drawn, because no matrix has a stable "
+        f"angle at k = {k} (its singular-value gap is too narrow against the update; a smaller --k may give some), so "
+        "there is no maximum to show."
+    )
     null = (
         " The equal-norm random null's ratios are in the tables (columns ending _r)."
         if result.with_null
@@ -442,8 +608,8 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     caption = (
         f"Top: normalised spectral shift (NSS) of the singular values, the maximum and the median over each "
         f"layer's matrices{' (log scale)' if log else ''}. Bottom: the largest principal angle between the base's "
-        f"and the fine-tune's top-k (k = {k}) singular subspaces, the larger of left and right, maximum and median "
-        f"over the layer's matrices. Drift is not additive, so nothing is summed.{null}"
+        f"and the fine-tune's top-k (k = {k}) singular subspaces, the larger of left and right: {angles} "
+        f"Drift is not additive, so nothing is summed.{null}"
     )
     return _Drawn(fig, f"Spectral drift by layer{_for_run(run)}", caption)
 
@@ -454,13 +620,156 @@ def _nanmax(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# every fine-tune together
+
+RUN_COLORS = ("#1f4e79", "#d9730d", "#2e8b57", "#8e44ad", "#c0392b", "#7f8c8d", "#b7950b", "#16a085")
+RUN_STYLES = ("-", "--", "-.", ":")
+TOGETHER_WIDTH = 5.2  # inches: two of these figures side by side on a wide page
+
+
+def _run_style(i: int) -> dict[str, Any]:
+    """Colour and dash of the i-th fine-tune's line (dashes cycle too, so lines stay apart without colour)."""
+    return {"color": RUN_COLORS[i % len(RUN_COLORS)], "ls": RUN_STYLES[(i // len(RUN_COLORS)) % len(RUN_STYLES)]}
+
+
+def _per_layer_lines(frames: dict[str, pd.DataFrame], column: str) -> tuple[list[int], dict[str, list[float]]] | None:
+    """The layers of every fine-tune's per-layer frame, and each fine-tune's ``column`` on them (NaN where absent)."""
+    layers = sorted({int(i) for df in frames.values() if column in df.columns for i in df.index})
+    if not layers:
+        return None
+    lines = {}
+    for run, df in frames.items():
+        if column not in df.columns:
+            continue
+        by = {int(i): v for i, v in zip(df.index, _floats(df[column]), strict=True)}
+        lines[run] = [by.get(layer, math.nan) for layer in layers]
+    return (layers, lines) if any(_finite(v) for v in lines.values()) else None
+
+
+def _draw_lines(ax: Axes, layers: Sequence[int], lines: dict[str, list[float]]) -> None:
+    x = list(range(len(layers)))
+    marker = "o" if len(layers) <= 40 else None
+    for i, (run, ys) in enumerate(lines.items()):
+        ax.plot(x, ys, marker=marker, ms=3.5, lw=1.6, label=_t(_short(run)), **_run_style(i))
+    ax.legend(fontsize=8, frameon=False, ncols=min(4, len(lines)), loc="lower left", bbox_to_anchor=(0, 1.0))
+    _layer_axis(ax, layers)
+    ax.set_xlabel("layer", fontsize=9)
+
+
+def _together_sparsity(report: FullReportResult) -> _Drawn | None:
+    """Update sparsity per layer, one line per fine-tune."""
+    got = _per_layer_lines({run: r.by("layer") for run, r in report.sparsity.items()}, "sparsity")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    _draw_lines(ax, layers, lines)
+    ax.set_ylabel("update sparsity", fontsize=8)
+    ax.set_title("Update sparsity per layer, every fine-tune", fontsize=10, loc="left", pad=18)
+    overall = ", ".join(f"{run} {r.overall()['sparsity']:.4f}" for run, r in report.sparsity.items())
+    caption = (
+        "The fraction of each layer's entries left exactly as in the base (every tensor of the layer, "
+        f"parameter-weighted), one line per fine-tune on one axis. Over every compared tensor: {overall}."
+    )
+    return _Drawn(fig, "Sparsity per layer, side by side", caption)
+
+
+def _together_ulp(report: FullReportResult) -> _Drawn | None:
+    """How far changed entries moved, in ULPs: one bar per fine-tune in each distance bucket."""
+    shares: dict[str, list[float]] = {}
+    for run, result in report.sparsity.items():
+        o = result.overall()
+        changed = o.get("changed", 0.0)
+        if changed and math.isfinite(changed):
+            shares[run] = [100.0 * float(o.get(key, 0.0)) / changed for key in _ULP_NAMES]
+    if len(shares) < 2:
+        return None
+    n = len(shares)
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.grid(False, axis="x")
+    width = 0.8 / n
+    for i, (run, ys) in enumerate(shares.items()):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(_ULP_NAMES))]
+        ax.bar(xs, ys, width, color=RUN_COLORS[i % len(RUN_COLORS)], label=_t(_short(run)))
+    ax.set_xticks(range(len(_ULP_NAMES)), list(_ULP_NAMES.values()))
+    ax.set_xlabel("distance moved, in ULPs of the compared dtype", fontsize=9)
+    ax.set_ylabel("% of changed entries", fontsize=8)
+    ax.legend(fontsize=8, frameon=False, ncols=min(4, n), loc="lower left", bbox_to_anchor=(0, 1.0))
+    ax.set_title("How far changed entries moved, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "Each fine-tune's changed entries by their distance from the base value in representable steps (ULPs) of "
+        "the compared dtype, as shares of that fine-tune's changed entries, one bar per fine-tune in each bucket "
+        "(changes involving NaN or infinity are left out here; each fine-tune's own histogram counts them). A "
+        "large share at 1 ULP is what small updates rounded to the storage dtype look like."
+    )
+    return _Drawn(fig, "ULP distance of changed entries, side by side", caption)
+
+
+def _together_principal(report: FullReportResult) -> _Drawn | None:
+    """Principal overlap over its magnitude-matched baseline per layer, one line per fine-tune, the no-effect band."""
+    from ckptdiff.metrics.numeric import OVERLAP_BAND as BAND
+
+    frames = {run: r.by("layer") for run, r in report.principal.items()}
+    got = _per_layer_lines(frames, "ratio_principal_magnitude")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.axhspan(1 - BAND, 1 + BAND, color="#eeeeee", lw=0)
+    ax.axhline(1.0, color="#666666", lw=0.8)
+    _draw_lines(ax, layers, lines)
+    _ratio_limits(ax, [v for ys in lines.values() for v in ys])
+    ax.set_ylabel("overlap ÷ magnitude-matched", fontsize=8)
+    ax.set_title("Principal overlap against its control, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "For each layer, the share of updated entries in the base's principal mask divided by what an update "
+        "picking entries by base-weight magnitude alone would reach (the magnitude-matched baseline), one line "
+        f"per fine-tune. The grey band (1 ± {BAND:.0%}) is no effect: below it a fine-tune avoids the principal "
+        "weights beyond what its update size explains, above it targets them. The axis spans at least "
+        f"{1 - MIN_SPAN_RATIO:g} to {1 + MIN_SPAN_RATIO:g}, so ratios inside the band lie near the line at 1 rather "
+        "than filling the plot. The ratios to the random baseline are in each fine-tune's section."
+    )
+    return _Drawn(fig, "Principal overlap per layer, side by side", caption)
+
+
+def _together_spectral(report: FullReportResult) -> _Drawn | None:
+    """Median NSS per layer, one line per fine-tune (log scale when they span a decade or more)."""
+    got = _per_layer_lines({run: r.by("layer") for run, r in report.spectral.items()}, "nss_median")
+    if got is None:
+        return None
+    layers, lines = got
+    fig = _new(3.0, width=TOGETHER_WIDTH)
+    ax = fig.add_subplot()
+    _style(ax)
+    _draw_lines(ax, layers, lines)
+    positive = [v for ys in lines.values() for v in ys if math.isfinite(v) and v > 0]
+    log = bool(positive) and max(positive) / min(positive) >= 10
+    if log:
+        ax.set_yscale("log", nonpositive="mask")
+    ax.set_ylabel("median NSS" + (" (log)" if log else ""), fontsize=8)
+    ax.set_title("Spectral drift per layer, every fine-tune", fontsize=10, loc="left", pad=18)
+    caption = (
+        "The median normalised spectral shift (NSS: how far the singular values moved, relative to their size) "
+        f"over each layer's matrices, one line per fine-tune{' on a log scale' if log else ''}. Whether a drift is "
+        "more than the update's size implies is read against the equal-norm random null (the comparison table, "
+        "with --null random)."
+    )
+    return _Drawn(fig, "Spectral drift per layer, side by side", caption)
+
+
+# ---------------------------------------------------------------------------------------------
 # consistency
 
 
 def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     """Runs x runs: Jaccard of the update masks, the magnitude-matched baseline in each cell's text."""
     import numpy as np
-    from matplotlib.colors import Normalize
 
     o = result.overall_counts()
     n = result.n_runs
@@ -475,16 +784,13 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
                 jac[a, b], mag[a, b] = p.jaccard, p.jaccard_magnitude
     if not np.isfinite(jac).any():
         return None
-    import matplotlib as mpl
-
     side = min(7.0, max(3.2, 1.0 + 0.9 * n))
     fig = _new(side, width=side + 1.4)
     ax = fig.add_subplot()
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
     off = [float(v) for v in jac[np.isfinite(jac)]]
     lo, hi = min(off), max(off)
-    spread = hi - lo >= 0.005  # several distinct values: the colour spans them; else a fixed 0-1 scale
-    norm = Normalize(max(0.0, lo - 0.1 * (hi - lo)), min(1.0, hi + 0.1 * (hi - lo))) if spread else Normalize(0, 1)
+    cmap, norm = colour_scale((lo, hi), "sequential", bounds=(0.0, 1.0))
+    cmap = cmap.with_extremes(bad="#f0f0f0")
     mesh = ax.pcolormesh(np.ma.masked_invalid(jac), cmap=cmap, norm=norm, edgecolors="white", linewidth=1.0)
     ax.set_xlim(0, n)
     ax.set_ylim(n, 0)
@@ -516,7 +822,9 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
     bar.outline.set_visible(False)
     ax.set_title("Jaccard of the update masks", fontsize=10, loc="left")
     f = o.mean_jaccard, o.mean_jaccard_random, o.mean_jaccard_magnitude
-    scale = f", the scale spanning the pairs' range {lo:.3f} to {hi:.3f}" if spread else ", on a fixed 0–1 scale"
+    scale = f", the scale from {norm.vmin:.3f} to {norm.vmax:.3f} for the pairs' range {lo:.3f} to {hi:.3f}"
+    if hi - lo < MIN_SPAN:
+        scale += f", widened to at least {MIN_SPAN:g} so that smaller differences are not painted as signal"
     caption = (
         f"Jaccard index |A∩B| / |A∪B| of the update masks of each pair of fine-tunes, over every compared entry "
         f"(colour{scale}); in brackets the magnitude-matched baseline, the Jaccard two runs would "
@@ -524,7 +832,7 @@ def _jaccard_matrix(result: ConsistencyResult) -> _Drawn | None:
         f"magnitude. Mean off-diagonal: {f[0]:.4f}, against {f[1]:.4f} for random masks of the same densities and "
         f"{f[2]:.4f} magnitude-matched."
     )
-    return _Drawn(fig, "Pairwise agreement of the update masks", caption)
+    return _Drawn(fig, "Pairwise agreement of the update masks", caption, (float(norm.vmin), float(norm.vmax)))
 
 
 def _short(label: str, limit: int = 24) -> str:

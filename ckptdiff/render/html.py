@@ -70,18 +70,34 @@ table.kv td { white-space: normal; overflow-wrap: anywhere; font-family: ui-mono
 details { margin: .6rem 0; }
 details > summary { cursor: pointer; color: var(--accent); font-weight: 500; }
 details[open] > summary { margin-bottom: .4rem; }
+section#verdict { margin: 1rem 0 1.5rem; }
+section#verdict h2 { border: 0; margin-top: .5rem; padding-top: 0; }
+p.verdict { font-size: 1.08rem; margin: .45rem 0; max-width: 56rem; }
+table.side td { white-space: nowrap; }
+table.side th[scope=row] { font-weight: 500; }
+table.side .word { font-weight: 600; margin-left: .35rem; }
+table.side .word.quiet { font-weight: 400; color: var(--muted); }
+abbr[title] { text-decoration: underline dotted; cursor: help; }
+dl.glossary dt { font-weight: 600; margin-top: .6rem; }
+dl.glossary dd { margin: .1rem 0 0 1.2rem; max-width: 48rem; }
 footer { margin-top: 3rem; font-size: .8rem; color: var(--muted); }
 @media print { details { display: block; } h2 { break-after: avoid; } figure { break-inside: avoid; } }
 """
 
 
 def to_html(report: FullReportResult, figures: Sequence[Figure]) -> str:
-    """The whole report as one self-contained HTML page (figures inline, nothing fetched, all input escaped)."""
+    """The whole report as one self-contained HTML page (figures inline, nothing fetched, all input escaped).
+
+    The first screen says what happened (the verdict sentences) and puts the fine-tunes side by side (the
+    comparison table, and the figures that draw every fine-tune together); each analysis follows in its own
+    section; the settings and a glossary of the terms the page uses close it.
+    """
     sections = report.sections()
     owners = report.section_keys()
-    placed: set[str] = set()
+    side = [f for f in figures if f.analysis == COMPARISON]
+    placed: set[str] = {f.name for f in side}
     body: list[str] = []
-    toc: list[tuple[str, str]] = [("inputs", "Inputs and settings")]
+    toc: list[tuple[str, str]] = [("verdict", "What happened, side by side")]
     for i, ((heading, rep), key) in enumerate(zip(sections, owners, strict=True), start=1):
         anchor = f"s{i}-{_slug(heading)}"
         toc.append((anchor, heading))
@@ -95,6 +111,7 @@ def to_html(report: FullReportResult, figures: Sequence[Figure]) -> str:
         body.append(
             f'<section id="other-figures">\n<h2>Other figures</h2>\n<div class="figures">\n{figs}</div>\n</section>\n'
         )
+    toc += [("inputs", "Inputs and settings"), ("glossary", "Glossary")]
     title = _title(report)
     parts = [
         "<!DOCTYPE html>\n",
@@ -103,17 +120,66 @@ def to_html(report: FullReportResult, figures: Sequence[Figure]) -> str:
         '<meta name="generator" content="ckptdiff">\n',
         f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n",
         f'<header>\n<h1>ckptdiff report</h1>\n<p class="lede">{_e(_lede(report))}</p>\n</header>\n',
+        _verdict(report, side),
         _toc(toc),
+        *body,
         '<section id="inputs">\n<h2>Inputs and settings</h2>\n',
         _kv(report.header),
         "</section>\n",
-        *body,
+        _glossary(),
         f"<footer>Written by ckptdiff {_e(report.header.get('ckptdiff', ''))}"
         f"{' on ' + _e(report.header['date']) if 'date' in report.header else ''}. "
         "Per-tensor rows are in tensors.csv and report.json next to this page.</footer>\n",
         "</main>\n</body>\n</html>\n",
     ]
     return "".join(parts)
+
+
+COMPARISON = "comparison"  # the analysis name of the figures that draw every fine-tune together
+QUIET_WORDS = ("no effect", "as chance", "as null", "as stored", "no null")
+
+
+def _verdict(report: FullReportResult, figs: Sequence[Figure]) -> str:
+    """The verdict sentences, the comparison table (row labels explained in tooltips, verdict words marked) and
+    the figures that draw every fine-tune together."""
+    from ckptdiff.analyses.compare import GLOSSARY, cell_text
+
+    out = ['<section id="verdict">\n<h2>What happened</h2>\n']
+    out += [f'<p class="verdict">{_e(s)}</p>\n' for s in report.verdict()]
+    side = report.comparison()
+    if side.rows:
+        head = "".join(f'<th scope="col">{_e(run)}</th>' for run in side.runs)
+        rows = []
+        for label, cells in side.rows.items():
+            term = side.terms.get(label, "")
+            tip = GLOSSARY.get(term, "")
+            name = f'<abbr title="{_e(tip)}">{_e(label)}</abbr>' if tip else _e(label)
+            tds = []
+            for run in side.runs:
+                row = cells.get(run)
+                text = cell_text(label, row)
+                word = row.word if row is not None else ""
+                number = text[: len(text) - len(word)].strip() if word else text
+                quiet = word in QUIET_WORDS or word.startswith("no stable")
+                mark = f'<span class="word{" quiet" if quiet else ""}">{_e(word)}</span>' if word else ""
+                tds.append(f"<td>{_e(number)}{' ' + mark if mark else ''}</td>")
+            rows.append(f'<tr><th scope="row">{name}</th>{"".join(tds)}</tr>\n')
+        out.append(
+            '<h3>Side by side</h3>\n<div class="table-wrap"><table class="side">\n'
+            f'<thead><tr><th scope="col">figure</th>{head}</tr></thead>\n<tbody>\n{"".join(rows)}</tbody>\n'
+            f'</table></div>\n<p class="note">{_e(side.note)} Terms: see the <a href="#glossary">glossary</a>.</p>\n'
+        )
+    if figs:
+        out.append('<div class="figures">\n' + "".join(_figure(f) for f in figs) + "</div>\n")
+    out.append("</section>\n")
+    return "".join(out)
+
+
+def _glossary() -> str:
+    from ckptdiff.analyses.compare import GLOSSARY
+
+    items = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>\n" for term, text in GLOSSARY.items())
+    return f'<section id="glossary">\n<h2>Glossary</h2>\n<dl class="glossary">\n{items}</dl>\n</section>\n'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +251,8 @@ def _figure(fig: Figure) -> str:
     svg = _inline_svg(fig.svg)
     size = _WIDTH.search(svg)
     style = f' style="width: {float(size.group(1)) * 4 / 3 + 10:.0f}px"' if size else ""  # pt -> CSS px + padding
+    if fig.scale is not None:  # the colour range, for a reader's tools: the same on every heatmap of one kind
+        style += f' data-scale="{fig.scale[0]:.6g} {fig.scale[1]:.6g}"'
     return (
         f'<figure id="fig-{_e(fig.name)}"{style}>\n<div class="svg" role="img" aria-label="{_e(fig.title)}">\n'
         f"{svg}\n</div>\n<figcaption><strong>{_e(fig.title)}.</strong> {_e(fig.caption)}</figcaption>\n</figure>\n"

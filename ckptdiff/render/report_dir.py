@@ -34,7 +34,7 @@ from ckptdiff.analyses.base import records
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import input_files, write_error, writes_files
-from ckptdiff.render.text import to_markdown
+from ckptdiff.render.text import _rows, to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
@@ -133,14 +133,28 @@ def _section_figures(figures: Sequence[Figure], key: str, run: str) -> list[Figu
 
 
 def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
-    """report.md: the header, then each analysis's Markdown report with its figures (linked under figures/)."""
-    lines = ["# ckptdiff report", ""]
-    lines += [f"- **{k}**: `{v}`" for k, v in report.header.items()]
-    lines.append("")
+    """report.md: what happened (the verdict) and the fine-tunes side by side, then each analysis's Markdown report
+    with its figures (linked under figures/), then the settings and a glossary of the terms used."""
+    from ckptdiff.analyses.compare import GLOSSARY
+
+    lines = ["# ckptdiff report", "", "## What happened", ""]
+    for sentence in report.verdict():
+        lines += [sentence, ""]
+    side = report.comparison()
+    if side.rows:
+        table = side.table()
+        cols, rows = _rows(table.frame)
+        lines += [f"### {table.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", table.note + " Terms: see the glossary at the end.", ""]
     placed: set[str] = set()
+    for fig in figures:
+        if fig.analysis == "comparison":
+            placed.add(fig.name)
+            lines += [f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*", ""]
     for (key, run), (heading, section) in zip(report.section_keys(), report.sections(), strict=True):
         body = to_markdown(section).splitlines()
-        body = [line for line in body if not line.startswith("- **")]  # the header is given once, above
+        body = [line for line in body if not line.startswith("- **")]  # the header is given once, below
         body[0] = f"## {heading}"
         lines += body
         for fig in _section_figures(figures, key, run):
@@ -154,6 +168,10 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
         lines += ["## Other figures", ""]
         for fig in rest:
             lines += [f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*", ""]
+    lines += ["## Inputs and settings", ""]
+    lines += [f"- **{k}**: `{v}`" for k, v in report.header.items()]
+    lines += ["", "## Glossary", ""]
+    lines += [f"- **{term}**: {text}" for term, text in GLOSSARY.items()]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

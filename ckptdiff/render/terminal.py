@@ -273,6 +273,21 @@ def print_tables(report: Report, console: Console | None = None) -> None:
             console.print(rt)
 
 
+def print_verdict(sentences: Sequence[str], table: Table | None, console: Console | None = None) -> None:
+    """What happened first (``report``'s verdict sentences), then the fine-tunes side by side (the comparison
+    table, fitted to the console's width like every table)."""
+    from rich.text import Text
+
+    console = console or stdout_console()
+    for s in sentences:
+        console.print(Text(s))
+    if table is not None and not table.frame.empty:
+        console.print()
+        for rt in rich_tables(table, console.width):
+            console.print(rt)
+    console.print()
+
+
 def stdout_console() -> Console:
     """A rich console on stdout that raises BrokenPipeError when the reader has gone (``| head``).
 

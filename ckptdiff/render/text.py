@@ -38,11 +38,11 @@ def to_csv(report: Report) -> str:
 
 
 def rollup_frame(report: Report) -> pd.DataFrame:
-    """Every table of the report, one under the other, with a leading ``table`` column naming each (the union of
-    their columns; a cell a table does not have is empty)."""
+    """Every rollup table of the report (``Table.rollup``), one under the other, with a leading ``table`` column
+    naming each (the union of their columns; a cell a table does not have is empty)."""
     frames = []
     for t in report.tables:
-        if t.frame.empty:
+        if t.frame.empty or not t.rollup:
             continue
         named = t.frame.index.name is not None or any(n is not None for n in t.frame.index.names)
         flat = t.frame.reset_index() if named else t.frame.copy()

@@ -113,6 +113,17 @@ def test_report_directory_is_written_whole_and_replaces_an_earlier_one(
     assert names == {"index.html", "report.md", "tensors.csv", "report.json", "figures", ".ckptdiff-report"}
     doc = json.loads((out / "report.json").read_text())
     assert doc["analyses"] == ["sparsity", "principal", "spectral", "consistency"] and doc["runs"] == ["a", "b"]
+    # What happened comes first, in the terminal and in the JSON: a changed 100 entries, b 105 (by construction).
+    numel = sum(i.numel for i in open_stored(base).infos.values())
+    first = f"a left {1 - 100 / numel:.1%} of entries"
+    assert res.output.startswith(first) and f"b {1 - 105 / numel:.1%}" in res.output.splitlines()[0]
+    assert doc["verdict"][0].startswith(first)
+    assert res.output.index("Side by side") < res.output.index("Sparsity: a:")
+    values = {r["figure"]: r for r in doc["comparison"]["values"]}
+    assert values["update sparsity"]["a"] == pytest.approx(1 - 100 / numel)
+    assert values["Jaccard with b (magnitude-matched)"]["a"] == pytest.approx(
+        50 / 155
+    )  # |A∩B| = 50, |A∪B| = 100 + 105 - 50
     csv = pd.read_csv(out / "tensors.csv")
     assert len(csv) == 2 * len(open_stored(base).infos)
     md = (out / "report.md").read_text()

@@ -173,7 +173,9 @@ def test_html_is_self_contained_and_has_every_section(full: Built) -> None:
         mine = [f for f in figs if (f.analysis, f.run) == key]
         assert mine, key
         assert all(f'id="fig-{f.name}"' in chunk for f in mine), key
-    assert {f.analysis for f in figs} == {"sparsity", "principal", "spectral", "consistency"}
+    assert {f.analysis for f in figs} == {"comparison", "sparsity", "principal", "spectral", "consistency"}
+    # the figures that draw every fine-tune together sit with the comparison table, before the first section
+    assert all(page.index(f'id="fig-{f.name}"') < starts[0] for f in figs if f.analysis == "comparison")
     assert 'id="fig-consistency_jaccard"' in page[starts[-2] :]
     # numbers formatted as the Markdown tables format them
     assert "0.5000" in page and "<details>" in page
@@ -203,7 +205,7 @@ def test_only_what_ran_is_drawn_and_output_is_deterministic(ckpts: tuple[Path, l
     assert "dc:date" not in figs[0].svg
     page = to_html(report, figs)
     parsed = _parse(page)
-    assert parsed.h2 == ["Contents", "Inputs and settings", "Sparsity"]
+    assert parsed.h2 == ["What happened", "Contents", "Sparsity", "Inputs and settings", "Glossary"]
 
 
 def test_layerless_and_unchanged_checkpoints_omit_figures(tmp_path: Path) -> None:
