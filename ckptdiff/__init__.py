@@ -25,6 +25,7 @@ _LAZY = {
     "consistency": ("ckptdiff.analyses.consistency", "consistency"),
     "check": ("ckptdiff.gate.check", "check"),
     "full_report": ("ckptdiff.analyses.full", "full_report"),
+    "trajectory": ("ckptdiff.analyses.trajectory", "trajectory"),
     "open": ("ckptdiff.io.resolve", "open"),
     "resolve": ("ckptdiff.io.resolve", "open"),  # the same front door under its earlier name
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),

@@ -123,6 +123,12 @@ def test_column_table_is_what_the_command_writes(command: str, pair: tuple[str, 
     assert want == got, f"docs/outputs.md, {command} table: list the columns in the CSV's order, {got}"
 
 
+def test_trajectory_column_tables_are_what_it_writes(pair: tuple[str, str, str]) -> None:
+    result = ckptdiff.trajectory(list(pair), progress=False)
+    assert list(result.to_frame().columns) == documented("trajectory"), "docs/outputs.md, trajectory table"
+    assert list(result.steps_frame().columns) == documented("trajectory-steps"), "docs/outputs.md, steps.csv"
+
+
 def test_spectral_without_null_drops_only_the_null_columns(pair: tuple[str, str, str]) -> None:
     base, ft, _ = pair
     got = list(ckptdiff.spectral(base, ft, k=2, progress=False).to_frame().columns)
