@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from factory import CountingSource, as_two_ranks, bump_ulps, llama_like, save_single
+from hub_server import serve
 
 from ckptdiff.analyses.sparsity import sparsity
 from ckptdiff.analyses.trajectory import TrajectoryAnalysis, trajectory
@@ -157,3 +158,22 @@ def test_two_ranks_give_the_one_process_result(run_dir: tuple[Path, list[dict[st
     (split,) = as_two_ranks(run, lambda: [TrajectoryAnalysis(STEPS)])
     pd.testing.assert_frame_equal(whole.to_frame(), split.to_frame())
     assert int(whole.overall()["changed_step"].sum()) == sum(sum(v.values()) for v in STEP_CHANGED.values())
+
+
+def test_hub_revisions_are_a_run_read_once_each(
+    run_dir: tuple[Path, list[dict[str, torch.Tensor]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """org/name@step-N revisions of one Hub repo (the fake Hub, streamed by byte range) give the local result."""
+    root, _ = run_dir
+    local = trajectory([str(root / f"checkpoint-{s}") for s in STEPS[:3]], progress=False)
+    with serve(tmp_path, monkeypatch) as hub:
+        monkeypatch.setenv("CKPTDIFF_HUB_STREAM", "1")
+        hub.add("acme/run", root / f"checkpoint-{STEPS[0]}", "0" * 40, branches=(f"step-{STEPS[0]}",))
+        for i, step in enumerate(STEPS[1:3], start=1):
+            hub.add_revision("acme/run", root / f"checkpoint-{step}", str(i) * 40, (f"step-{step}",))
+        streamed = trajectory([f"acme/run@step-{s}" for s in STEPS[:3]], progress=False)
+        weights = sum((root / f"checkpoint-{s}" / "model.safetensors").stat().st_size for s in STEPS[:3])
+        assert hub.bytes_served(".safetensors") == weights  # each revision's bytes crossed once
+    assert streamed.steps == tuple(STEPS[:3])
+    cols = ["step", "tensor", "changed_step", "changed_cumulative", "patch_bytes", "ulp_1", "ulp_2"]
+    pd.testing.assert_frame_equal(streamed.to_frame()[cols], local.to_frame()[cols])
