@@ -16,14 +16,19 @@ shrinks as checkpoints are added (:func:`trajectory`), so the bytes in flight st
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
 
+from ckptdiff import choices
 from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, row_basics
+from ckptdiff.analyses.principal import PrincipalAnalysis
 from ckptdiff.analyses.scopes import FLOAT_COMPARED, TRAJECTORY, figures, grouped, pick
+from ckptdiff.analyses.spectral import SpectralAnalysis
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.header import header
 from ckptdiff.engine.pipeline import Analysis, Form, Run, execute, open_run
@@ -80,6 +85,12 @@ STEP_COLUMNS = [
     *ULP_LABELS,
     "patch_bytes",
 ]
+# With ``with_=("principal", ...)`` / ``("spectral", ...)``: first -> k figures per step and scope, appended.
+WITH_COLUMNS = {
+    "principal": ["ratio_principal", "ratio_principal_magnitude"],
+    "spectral": ["nss_median", "nss_max"],
+}
+WITH = tuple(WITH_COLUMNS)
 _COUNTS = [
     "step",
     "layer",
@@ -105,6 +116,9 @@ class TrajectoryResult:
     steps: tuple[int, ...]  # one per checkpoint; the first is the reference of the cumulative figures
     checkpoints: tuple[str, ...]  # the inputs, in run order
     rows: list[dict[str, object]] = field(default_factory=list)
+    # with_: step -> the first -> k result of principal-overlap / spectral (``PrincipalOverlapResult``, ...)
+    principal: dict[int, Any] = field(default_factory=dict)
+    spectral: dict[int, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         s = self.steps_frame()
@@ -148,7 +162,13 @@ class TrajectoryResult:
                 rows.append({"step": step, "scope": str(module), **self._scope(group)})
         out = pd.DataFrame(rows, columns=STEP_COLUMNS)
         ints = ["step", "tensors", "numel", "changed_step", "changed_cumulative", *ULP_LABELS, "patch_bytes"]
-        return out.astype({c: "int64" for c in ints})
+        out = out.astype({c: "int64" for c in ints})
+        for key, results in (("principal", self.principal), ("spectral", self.spectral)):
+            if results:
+                for col in WITH_COLUMNS[key]:
+                    pairs = zip(out["step"], out["scope"], strict=True)
+                    out[col] = [_with_figure(results.get(int(st)), str(sc), col) for st, sc in pairs]
+        return out
 
     def overall(self) -> pd.DataFrame:
         """The overall row of every step, indexed by step."""
@@ -198,6 +218,19 @@ class TrajectoryResult:
                 f"Sparse patches for every step would take {_size(total)} in all "
                 f"(largest: {_size(int(o['patch_bytes'].max()))} at step {o['patch_bytes'].idxmax()})."
             )
+        if self.principal:
+            last_p = self.principal[last].overall()
+            summary.append(
+                f"From step {first} to step {last}, the update's overlap with the principal weights is "
+                f"{last_p['ratio_principal']:.3f}x its random baseline and {last_p['ratio_principal_magnitude']:.3f}x "
+                "its magnitude-matched baseline (principal-overlap, per step in steps.csv)."
+            )
+        if self.spectral:
+            last_s = self.spectral[last].overall()
+            summary.append(
+                f"NSS from step {first} to step {last}: median {last_s['nss_median']:.3g} over the matrices, "
+                f"largest {last_s['nss_max']:.3g} (spectral, per step in steps.csv)."
+            )
         findings, notes = self._findings()
         summary += notes
         tables = [
@@ -235,6 +268,16 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def _with_figure(result: Any, scope: str, column: str) -> float:
+    """One first -> k figure of principal-overlap or spectral for a scope (``overall`` or a module type)."""
+    if result is None:
+        return math.nan
+    if scope == "overall":
+        return float(result.overall().get(column, math.nan))
+    by = result.by("module")
+    return float(by.loc[scope, column]) if scope in by.index and column in by.columns else math.nan
 
 
 class TrajectoryAnalysis(Analysis):
@@ -349,7 +392,12 @@ def trajectory(
     as_dtype: torch.dtype | str | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    with_: Sequence[str] = (),
+    k: int = choices.DEFAULT_K,
+    alpha: float = 0.5,
+    svd: str = "auto",
     device: str = "auto",
+    batch_budget: float | None = None,
     progress: bool = True,
 ) -> TrajectoryResult:
     """A run's checkpoints over time: step-over-step and cumulative update sparsity, one read of each checkpoint.
@@ -357,6 +405,10 @@ def trajectory(
     ``checkpoints`` are paths, Hub ids or open sources in run order; a single path or glob may also be a folder of
     step-numbered checkpoints (``checkpoint-N``, ``global_step_N/actor/huggingface``, ...), expanded and sorted
     numerically. ``steps`` (one per checkpoint) defaults to the numbers in the names (else the positions).
+
+    ``with_`` adds, per step, first -> k figures of ``principal`` (principal-overlap with ``k``, ``alpha``, ``svd``)
+    and ``spectral`` (NSS): those read every matrix whole, on every checkpoint at once, so memory is no longer flat
+    in the number of checkpoints.
     """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     specs = list(checkpoints) if not isinstance(checkpoints, (str, bytes)) else [checkpoints]
@@ -368,10 +420,28 @@ def trajectory(
         steps = list(range(len(specs)))
     if len(steps) != len(specs):
         raise InputError(f"trajectory: {len(steps)} step numbers for {len(specs)} checkpoints; give one per checkpoint")
+    unknown = [w for w in with_ if w not in WITH]
+    if unknown:
+        raise InputError(f"--with: unknown analysis {unknown[0]!r}; choose from {', '.join(WITH)}")
     plugin = TrajectoryAnalysis(steps, mode)
+    extras: list[tuple[str, int, Analysis]] = []
+    for r in range(1, len(steps)):
+        if "principal" in with_:
+            extras.append(("principal", r, PrincipalAnalysis(k=k, alpha=alpha, svd=svd, mode=mode, sides=(0, r))))
+        if "spectral" in with_:
+            extras.append(("spectral", r, SpectralAnalysis(k=k, as_dtype=mode.as_dtype, sides=(0, r))))
     labels = [f"step {s}" for s in steps]
-    with open_run(specs, labels=labels, include=include, exclude=exclude, device=device, progress=progress) as run:
+    opts: dict[str, Any] = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
+    with open_run(specs, labels=labels, progress=progress, **opts) as run:
         # Every checkpoint's chunk is in memory at once: their total stays about 2 x CHUNK_BYTES, whatever their number.
         run = dataclasses.replace(run, chunk_bytes=max(MIN_CHUNK_BYTES, 2 * CHUNK_BYTES // len(specs)))
-        (result,) = execute(run, [plugin], progress, "trajectory")
+        result, *more = execute(run, [plugin, *(a for _, _, a in extras)], progress, "trajectory")
+    if extras:
+        found: dict[str, dict[int, Any]] = {"principal": {}, "spectral": {}}
+        for (key, r, _), res in zip(extras, more, strict=True):
+            found[key][steps[r]] = res
+        head = dict(result.header)
+        head["with"] = ", ".join(w for w in WITH if w in with_)
+        head["k"], head["alpha"], head["svd"] = str(k), str(alpha), svd
+        result = dataclasses.replace(result, header=head, principal=found["principal"], spectral=found["spectral"])
     return result  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ import typer
 
 from ckptdiff.cli.options import (
     VERBOSITY,
+    AlphaOpt,
     AsOpt,
     AtolOpt,
     CsvOpt,
@@ -18,10 +19,12 @@ from ckptdiff.cli.options import (
     FormatOpt,
     IncludeOpt,
     JsonOpt,
+    KOpt,
     QuietOpt,
     RollupsCsvOpt,
     RtolOpt,
     SummaryOpt,
+    SvdOpt,
     check_summary,
     compare_mode,
     emit,
@@ -46,6 +49,14 @@ OutOpt = Annotated[
         "new, empty, or an earlier report's, which is replaced whole.",
     ),
 ]
+WithOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--with",
+        help="Also measure, per step from the first checkpoint: principal (overlap ratio vs random and "
+        "magnitude-matched baselines), spectral (NSS); comma-separated or repeated. Reads matrices whole.",
+    ),
+]
 StepsCsvOpt = Annotated[
     Path | None, typer.Option("--steps-csv", help="Write the per-step rows (overall, then per module type) as CSV.")
 ]
@@ -67,6 +78,10 @@ def trajectory(
     as_: AsOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    with_: WithOpt = None,
+    k: KOpt = 64,
+    alpha: AlphaOpt = 0.5,
+    svd: SvdOpt = "auto",
     device: DeviceOpt = "auto",
     csv: CsvOpt = None,
     steps_csv: StepsCsvOpt = None,
@@ -83,6 +98,12 @@ def trajectory(
 
     check_summary(fmt, summary)
     mode = compare_mode(rtol, atol, as_)
+    chosen = [w.strip() for given in with_ for w in given.split(",") if w.strip()] if with_ else []
+    unknown = [w for w in chosen if w not in ("principal", "spectral")]
+    if unknown:
+        from ckptdiff.errors import InputError
+
+        raise InputError(f"--with: unknown analysis {unknown[0]!r}; choose from principal, spectral")
     expanded = run_checkpoints(checkpoints)
     if len(expanded) < 2:
         from ckptdiff.errors import InputError
@@ -102,6 +123,10 @@ def trajectory(
             mode=mode,
             include=include or [],
             exclude=exclude or [],
+            with_=chosen,
+            k=k,
+            alpha=alpha,
+            svd=svd,
             device=device,
             progress=not quiet,
         )

@@ -12,7 +12,9 @@ import torch
 from factory import CountingSource, as_two_ranks, bump_ulps, llama_like, save_single
 from hub_server import serve
 
+from ckptdiff.analyses.principal import principal_overlap
 from ckptdiff.analyses.sparsity import sparsity
+from ckptdiff.analyses.spectral import spectral
 from ckptdiff.analyses.trajectory import TrajectoryAnalysis, trajectory
 from ckptdiff.engine.alignment import align
 from ckptdiff.engine.pipeline import Run
@@ -177,3 +179,24 @@ def test_hub_revisions_are_a_run_read_once_each(
     assert streamed.steps == tuple(STEPS[:3])
     cols = ["step", "tensor", "changed_step", "changed_cumulative", "patch_bytes", "ulp_1", "ulp_2"]
     pd.testing.assert_frame_equal(streamed.to_frame()[cols], local.to_frame()[cols])
+
+
+def test_with_principal_and_spectral_gives_the_single_commands_first_to_k(
+    run_dir: tuple[Path, list[dict[str, torch.Tensor]]],
+) -> None:
+    root, _ = run_dir
+    paths = [str(root / f"checkpoint-{s}") for s in STEPS[:4]]
+    result = trajectory(paths, with_=["principal", "spectral"], k=4, svd="exact", progress=False)
+    steps = result.steps_frame()
+    for k in range(1, 4):
+        p = principal_overlap(paths[0], paths[k], k=4, svd="exact", progress=False)
+        s = spectral(paths[0], paths[k], k=4, progress=False)
+        o = steps[(steps["step"] == STEPS[k]) & (steps["scope"] == "overall")].iloc[0]
+        assert o["ratio_principal"] == p.overall()["ratio_principal"]
+        assert o["ratio_principal_magnitude"] == p.overall()["ratio_principal_magnitude"]
+        assert o["nss_median"] == s.overall()["nss_median"] and o["nss_max"] == s.overall()["nss_max"]
+        q = steps[(steps["step"] == STEPS[k]) & (steps["scope"] == "q")].iloc[0]
+        assert q["nss_max"] == s.by("module").loc["q", "nss_max"]
+    # Step 3 undid step 1 on q: from the first checkpoint, q's spectrum is back where it was (NSS 0).
+    q3 = steps[(steps["step"] == STEPS[3]) & (steps["scope"] == "q")].iloc[0]
+    assert q3["nss_max"] == 0.0
