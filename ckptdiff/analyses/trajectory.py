@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from ckptdiff.engine.reader import CHUNK_BYTES
 from ckptdiff.errors import InputError
 from ckptdiff.io import layout
 from ckptdiff.io.resolve import SourceLike
+from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode, comparison_dtype, dtype_name
 from ckptdiff.metrics.patch import patch_cost
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
@@ -411,8 +413,9 @@ def trajectory(
     in the number of checkpoints.
     """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
-    specs = list(checkpoints) if not isinstance(checkpoints, (str, bytes)) else [checkpoints]
-    if steps is None and all(isinstance(s, str) for s in specs):
+    single = isinstance(checkpoints, (str, os.PathLike, Source))
+    specs: list[SourceLike] = [checkpoints] if single else list(checkpoints)  # type: ignore[list-item]
+    if steps is None and all(isinstance(s, (str, os.PathLike)) for s in specs):
         expanded = layout.run_checkpoints([str(s) for s in specs])
         specs = [p for p, _ in expanded]
         steps = [n for _, n in expanded]

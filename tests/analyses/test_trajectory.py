@@ -84,7 +84,7 @@ def test_a_planted_run_is_counted_exactly_step_by_step_and_cumulatively(
     run_dir: tuple[Path, list[dict[str, torch.Tensor]]],
 ) -> None:
     root, states = run_dir
-    result = trajectory([str(root)], progress=False)
+    result = trajectory(root, progress=False)  # one folder of step folders, as a Path
     assert result.steps == tuple(STEPS)  # sorted numerically, from the folder names
     assert [Path(c).name for c in result.checkpoints] == [f"checkpoint-{s}" for s in STEPS]
     df = result.to_frame()
