@@ -385,7 +385,7 @@ class TrajectoryAnalysis(Analysis):
 
 
 def trajectory(
-    checkpoints: Sequence[SourceLike],
+    checkpoints: SourceLike | Sequence[SourceLike],
     *,
     steps: Sequence[int] | None = None,
     mode: CompareMode | None = None,
@@ -414,7 +414,7 @@ def trajectory(
     """
     mode = compare_mode(mode, rtol=rtol, atol=atol, as_dtype=as_dtype)
     single = isinstance(checkpoints, (str, os.PathLike, Source))
-    specs: list[SourceLike] = [checkpoints] if single else list(checkpoints)  # type: ignore[list-item]
+    specs: list[SourceLike] = [checkpoints] if single else list(checkpoints)  # type: ignore[list-item,arg-type]
     if steps is None and all(isinstance(s, (str, os.PathLike)) for s in specs):
         expanded = layout.run_checkpoints([str(s) for s in specs])
         specs = [p for p, _ in expanded]

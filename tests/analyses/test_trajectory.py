@@ -124,7 +124,7 @@ def test_a_planted_run_is_counted_exactly_step_by_step_and_cumulatively(
     q_numel = sum(t.numel() for n, t in states[0].items() if n.endswith("q_proj.weight"))
     assert int(q4["changed_step"]) == 8
     assert q4["sparsity_step"] == pytest.approx(1 - 8 / q_numel, rel=1e-12)
-    assert list(steps[steps["step"] == STEPS[1]]["scope"])[0] == "overall"
+    assert steps[steps["step"] == STEPS[1]]["scope"].iloc[0] == "overall"
 
 
 def test_each_checkpoint_is_read_once_and_counts_equal_pairwise_sparsity(

@@ -92,7 +92,8 @@ def test_report_directory_and_steps_csv_hold_the_planted_counts(tmp_path: Path) 
     assert res.exit_code == 0, res.output
     assert "step sparsity" in res.output  # the compact per-step table
     names = {p.name for p in out.iterdir()}
-    assert {"index.html", "report.md", "tensors.csv", "steps.csv", "report.json", "figures", ".ckptdiff-report"} <= names
+    expected = {"index.html", "report.md", "tensors.csv", "steps.csv", "report.json", "figures", ".ckptdiff-report"}
+    assert expected <= names
     manifest = json.loads((out / ".ckptdiff-report").read_text())
     assert "steps.csv" in manifest["files"] and "figures/trajectory_layers.svg" in manifest["files"]
     steps = pd.read_csv(out / "steps.csv")
