@@ -16,6 +16,7 @@ shrinks as checkpoints are added (:func:`trajectory`), so the bytes in flight st
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -75,6 +76,7 @@ COLUMNS = [
 # steps.csv: one row per step and scope (overall, then each module type).
 STEP_COLUMNS = [
     "step",
+    "from_step",
     "scope",
     "tensors",
     "numel",
@@ -157,13 +159,22 @@ class TrajectoryResult:
         """steps.csv: per step, the overall figures then one row per module type (columns :data:`STEP_COLUMNS`)."""
         df = self.compared()
         rows = []
-        for step in self.steps[1:]:
+        for before, step in itertools.pairwise(self.steps):
             at = df[df["step"] == step]
-            rows.append({"step": step, "scope": "overall", **self._scope(at)})
+            rows.append({"step": step, "from_step": before, "scope": "overall", **self._scope(at)})
             for module, group in sorted(at.groupby("module"), key=lambda g: str(g[0])):
-                rows.append({"step": step, "scope": str(module), **self._scope(group)})
+                rows.append({"step": step, "from_step": before, "scope": str(module), **self._scope(group)})
         out = pd.DataFrame(rows, columns=STEP_COLUMNS)
-        ints = ["step", "tensors", "numel", "changed_step", "changed_cumulative", *ULP_LABELS, "patch_bytes"]
+        ints = [
+            "step",
+            "from_step",
+            "tensors",
+            "numel",
+            "changed_step",
+            "changed_cumulative",
+            *ULP_LABELS,
+            "patch_bytes",
+        ]
         out = out.astype({c: "int64" for c in ints})
         for key, results in (("principal", self.principal), ("spectral", self.spectral)):
             if results:
@@ -235,18 +246,26 @@ class TrajectoryResult:
             )
         findings, notes = self._findings()
         summary += notes
+        view = {
+            "from_step": "from",
+            "changed_step": "changed",
+            "sparsity_step": "step sparsity",
+            "sparsity_cumulative": "cumulative",
+            "sparsity_step_bf16": "step (bf16)",
+            "patch_bytes": "patch bytes",
+        }
+        legend = f"from: the checkpoint before; cumulative: from step {first}"
+        if len(o) and o["sparsity_step_bf16"].notna().any():
+            legend += "; bf16: the fp32 tensors as bf16 would store them."
+        else:
+            del view["sparsity_step_bf16"]
+            legend += "."
         tables = [
             Table(
                 "Per step (overall)",
                 o,
-                view={
-                    "changed_step": "changed",
-                    "sparsity_step": "step sparsity",
-                    "sparsity_cumulative": "cumulative",
-                    "sparsity_step_bf16": "step (bf16)",
-                    "patch_bytes": "patch bytes",
-                },
-                legend=f"step: k-1 -> k; cumulative: step {first} -> k; bf16: fp32 tensors as bf16 would store them.",
+                view=view,
+                legend=legend,
             ),
             Table("Step-over-step sparsity per module type", self.by("module"), terminal=False),
             Table("Cumulative sparsity per module type", self.by("module", "sparsity_cumulative"), terminal=False),

@@ -12,6 +12,7 @@ A figure whose data is missing (analysis not run, no transformer layers, nothing
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -637,7 +638,20 @@ def _over_steps(result: TrajectoryResult, figure: str) -> _Drawn | None:
             " Dashed grey: the fp32 weights as bf16 would store them, the precision control (what a bf16 copy, "
             "as synchronised to inference engines, would see change)."
         )
+    if figure == "sparsity_step":
+        caption += _gaps(result.steps)
     return _Drawn(fig, title, caption)
+
+
+def _gaps(steps: Sequence[int]) -> str:
+    """What a step-over-step point spans: the same number of steps everywhere, or not (then say so)."""
+    gaps = sorted({b - a for a, b in itertools.pairwise(steps)})
+    if len(gaps) == 1:
+        return f" Consecutive checkpoints are {gaps[0]} step{'s' if gaps[0] != 1 else ''} apart."
+    return (
+        f" The checkpoints are {gaps[0]} to {gaps[-1]} steps apart: a point counts every change since the checkpoint "
+        "before it, so only points with equal gaps compare."
+    )
 
 
 def _layer_steps(result: TrajectoryResult) -> _Drawn | None:
@@ -699,5 +713,5 @@ def _layer_steps(result: TrajectoryResult) -> _Drawn | None:
         f"Fraction of entries left unchanged between each checkpoint and the one before it, per transformer layer "
         f"(rows, every tensor of the layer) and step (columns); the colour scale spans the observed range "
         f"{lo:.4f} to {hi:.4f} (at least 0.001 wide, so that noise is not painted as signal)."
-    )
+    ) + _gaps(result.steps)
     return _Drawn(fig, "Step-over-step sparsity per layer", caption)
