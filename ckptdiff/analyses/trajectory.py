@@ -92,7 +92,7 @@ STEP_COLUMNS = [
 # With ``with_=("principal", ...)`` / ``("spectral", ...)``: first -> k figures per step and scope, appended.
 WITH_COLUMNS = {
     "principal": ["ratio_principal", "ratio_principal_magnitude"],
-    "spectral": ["nss_median", "nss_max"],
+    "spectral": ["nss_median", "nss_max", "nss_per_update"],
 }
 WITH = tuple(WITH_COLUMNS)
 _COUNTS = [

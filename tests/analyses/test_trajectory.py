@@ -195,6 +195,7 @@ def test_with_principal_and_spectral_gives_the_single_commands_first_to_k(
         assert o["ratio_principal"] == p.overall()["ratio_principal"]
         assert o["ratio_principal_magnitude"] == p.overall()["ratio_principal_magnitude"]
         assert o["nss_median"] == s.overall()["nss_median"] and o["nss_max"] == s.overall()["nss_max"]
+        assert o["nss_per_update"] == s.overall()["nss_per_update"]
         q = steps[(steps["step"] == STEPS[k]) & (steps["scope"] == "q")].iloc[0]
         assert q["nss_max"] == s.by("module").loc["q", "nss_max"]
     # Step 3 undid step 1 on q: from the first checkpoint, q's spectrum is back where it was (NSS 0).
