@@ -126,6 +126,7 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path: Path) -> None:
     one = str(tmp_path / "one")
     csv = ["--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json")]
     assert_refused(["trajectory", one, *csv], tmp_path, [one], "at least 2 checkpoints")
+    assert_refused(["trajectory", one, one, "--with", "principal,nss", *csv], tmp_path, ["nss"], "choose from")
     glob = str(tmp_path / "nothing_*")
     assert_refused(["trajectory", glob, *csv], tmp_path, [glob], "matches nothing")
     (tmp_path / "user").mkdir()
