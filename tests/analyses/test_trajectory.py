@@ -186,7 +186,10 @@ def test_with_principal_and_spectral_gives_the_single_commands_first_to_k(
 ) -> None:
     root, _ = run_dir
     paths = [str(root / f"checkpoint-{s}") for s in STEPS[:4]]
-    result = trajectory(paths, with_=["principal", "spectral"], k=4, svd="exact", progress=False)
+    srcs = [CountingSource(open_stored(p)) for p in paths]
+    result = trajectory(srcs, steps=STEPS[:4], with_=["principal", "spectral"], k=4, svd="exact", progress=False)
+    for src in srcs:  # matrices now read whole, for every analysis of the pass at once: still once
+        assert all(src.bytes[name] == info.nbytes for name, info in src.infos.items()), src.spec
     steps = result.steps_frame()
     for k in range(1, 4):
         p = principal_overlap(paths[0], paths[k], k=4, svd="exact", progress=False)
