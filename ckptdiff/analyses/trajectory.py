@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from ckptdiff import choices
-from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, row_basics
+from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, once_per_key, row_basics
 from ckptdiff.analyses.principal import PrincipalAnalysis
 from ckptdiff.analyses.scopes import FLOAT_COMPARED, TRAJECTORY, figures, grouped, pick
 from ckptdiff.analyses.spectral import SpectralAnalysis
@@ -138,6 +138,7 @@ class TrajectoryResult:
             ".to_frame() .steps_frame() .by() .report()>"
         )
 
+    @once_per_key
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor and step after the first (compared or not), columns as in :data:`COLUMNS`."""
         df = pd.DataFrame(self.rows, columns=COLUMNS)
@@ -155,6 +156,7 @@ class TrajectoryResult:
         out.update(figures(df, _TAIL))
         return out
 
+    @once_per_key
     def steps_frame(self) -> pd.DataFrame:
         """steps.csv: per step, the overall figures then one row per module type (columns :data:`STEP_COLUMNS`)."""
         df = self.compared()
@@ -188,6 +190,7 @@ class TrajectoryResult:
         s = self.steps_frame()
         return s[s["scope"] == "overall"].drop(columns="scope").set_index("step")
 
+    @once_per_key
     def by(self, key: str, figure: str = "sparsity_step") -> pd.DataFrame:
         """``figure`` (a trajectory metric) per ``key`` (``module`` or ``layer``) and step: keys down, steps across."""
         df = self.compared()
