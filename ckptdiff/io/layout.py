@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+from ckptdiff.log import log
 
 SAFETENSORS = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -190,6 +191,7 @@ def _steps_in(folder: Path) -> list[tuple[int, Path]]:
         step = step_number(child.name)
         inner = step_checkpoint(child) if step is not None and child.is_dir() else None
         if step is not None and inner is not None:
+            contained(folder, child)  # a step folder linked from elsewhere is not the run's to read
             out.append((step, inner))
     return out
 
@@ -216,15 +218,19 @@ def run_checkpoints(specs: list[str]) -> list[tuple[str, int]]:
     paths: list[str] = []
     for spec in specs:
         p = Path(spec).expanduser()
-        if p.is_dir() and not holds_weights(p) and step_checkpoint(p) is None:
-            found = sorted(_steps_in(p))
-            if not found:
-                raise InputError(
-                    f"{spec} holds no checkpoint and no step-numbered checkpoint folders (checkpoint-N, "
-                    "global_step_N/actor/huggingface, step_N); check the path"
-                )
+        found = sorted(_steps_in(p)) if p.is_dir() else []
+        if found:  # a run folder: its step folders, in step order
             _refuse_repeats(found, spec)
+            if holds_weights(p):
+                log.info(
+                    f"{spec}: the checkpoint in the folder itself is not a step; pass it after the folder to add it"
+                )
             paths += [str(c) for _, c in found]
+        elif p.is_dir() and not holds_weights(p) and step_checkpoint(p) is None:
+            raise InputError(
+                f"{spec} holds no checkpoint and no step-numbered checkpoint folders (checkpoint-N, "
+                "global_step_N/actor/huggingface, step_N); check the path"
+            )
         elif not p.exists() and _GLOB_CHARS.search(spec):
             matches: list[tuple[int, Path]] = []
             for m in sorted(p.parent.glob(p.name)) if not _GLOB_CHARS.search(str(p.parent)) else []:

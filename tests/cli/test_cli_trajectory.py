@@ -70,6 +70,22 @@ def test_folders_globs_and_orders(tmp_path: Path) -> None:
     assert [s for _, s in run_checkpoints(["org/m@step-5", "org/m@step-50"])] == [5, 50]
 
 
+def test_a_trainer_output_folder_is_its_step_folders_and_links_out_are_refused(tmp_path: Path) -> None:
+    sd = llama_like(layers=1, d=8, ff=8)
+    out = tmp_path / "out"
+    for step in (500, 1000):
+        save_single(sd, out / f"checkpoint-{step}" / "model.safetensors")
+    save_single(sd, out / "model.safetensors")  # the final model, saved beside the step folders
+    assert [(Path(p).name, s) for p, s in run_checkpoints([str(out)])] == [
+        ("checkpoint-500", 500),
+        ("checkpoint-1000", 1000),
+    ]
+    save_single(sd, tmp_path / "elsewhere" / "model.safetensors")
+    (out / "checkpoint-1500").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        run_checkpoints([str(out)])
+
+
 def test_ambiguous_run_folders_are_refused(tmp_path: Path) -> None:
     sd = llama_like(layers=1, d=8, ff=8)
     save_single(sd, tmp_path / "run" / "checkpoint-100" / "model.safetensors")
