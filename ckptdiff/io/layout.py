@@ -231,6 +231,11 @@ def run_checkpoints(specs: list[str]) -> list[tuple[str, int]]:
                 f"{spec} holds no checkpoint and no step-numbered checkpoint folders (checkpoint-N, "
                 "global_step_N/actor/huggingface, step_N); check the path"
             )
+        elif not p.exists() and _GLOB_CHARS.search(spec.partition("@")[2]) and is_hub_id(spec.partition("@")[0]):
+            raise InputError(
+                f"{spec}: Hub revisions cannot be matched by a glob (ckptdiff does not list a repo's branches); "
+                "name each one, e.g. org/name@step-100 org/name@step-200"
+            )
         elif not p.exists() and _GLOB_CHARS.search(spec):
             matches: list[tuple[int, Path]] = []
             for m in sorted(p.parent.glob(p.name)) if not _GLOB_CHARS.search(str(p.parent)) else []:

@@ -97,6 +97,8 @@ def test_ambiguous_run_folders_are_refused(tmp_path: Path) -> None:
         run_checkpoints([str(tmp_path / "empty")])
     with pytest.raises(InputError, match="matches nothing"):
         run_checkpoints([str(tmp_path / "run" / "step_*")])
+    with pytest.raises(InputError, match="Hub revisions cannot be matched by a glob"):
+        run_checkpoints(["org/model@step-*"])
 
 
 def test_report_directory_and_steps_csv_hold_the_planted_counts(tmp_path: Path) -> None:
