@@ -29,6 +29,7 @@ _LAZY = {
     "patch_apply": ("ckptdiff.analyses.patch", "patch_apply"),
     "patch_verify": ("ckptdiff.analyses.patch", "patch_verify"),
     "patch_size": ("ckptdiff.analyses.patch", "patch_size"),
+    "trajectory": ("ckptdiff.analyses.trajectory", "trajectory"),
     "open": ("ckptdiff.io.resolve", "open"),
     "resolve": ("ckptdiff.io.resolve", "open"),  # the same front door under its earlier name
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),

@@ -66,6 +66,7 @@ class Served:
 @dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
+    revisions: dict[str, list[Repo]] = field(default_factory=dict)  # further commits of a repo, by their branches
     log: list[Served] = field(default_factory=list)
     ignore_range: bool = False  # answer range requests with the whole file (200), as a broken proxy would
     redirect: bool = False  # send file requests on to /cdn/... with a 302
@@ -85,6 +86,10 @@ class FakeHub:
 
     def add(self, repo: str, folder: Path, sha: str, **kw: Any) -> None:
         self.repos[repo] = Repo(folder, sha, **kw)
+
+    def add_revision(self, repo: str, folder: Path, sha: str, branches: tuple[str, ...]) -> None:
+        """Another commit of ``repo`` (added first with :meth:`add`), reachable by its sha and ``branches``."""
+        self.revisions.setdefault(repo, []).append(Repo(folder, sha, branches))
 
     @property
     def endpoint(self) -> str:
@@ -219,10 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             self._send(404, b"Repository not found", body, {"X-Error-Code": "RepoNotFound"})
             return None
-        if rev != repo.sha and rev not in repo.branches:
-            self._send(404, b"Revision not found", body, {"X-Error-Code": "RevisionNotFound"})
-            return None
-        return repo
+        for candidate in (repo, *self.fake.revisions.get(repo_id, [])):
+            if rev == candidate.sha or rev in candidate.branches:
+                return candidate
+        self._send(404, b"Revision not found", body, {"X-Error-Code": "RevisionNotFound"})
+        return None
 
     def _info(self, repo_id: str, repo: Repo) -> Any:
         """The model-info document, as rewritten by ``FakeHub.info``."""

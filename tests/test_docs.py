@@ -124,6 +124,16 @@ def test_column_table_is_what_the_command_writes(command: str, pair: tuple[str, 
     assert want == got, f"docs/outputs.md, {command} table: list the columns in the CSV's order, {got}"
 
 
+def test_trajectory_column_tables_are_what_it_writes(pair: tuple[str, str, str]) -> None:
+    result = ckptdiff.trajectory(list(pair), progress=False)
+    assert list(result.to_frame().columns) == documented("trajectory"), "docs/outputs.md, trajectory table"
+    rows = table_after((DOCS / "outputs.md").read_text(encoding="utf-8"), "columns: trajectory-steps")
+    plain = [n for row in rows if "only with `--with" not in row[1] for n in names_in(row[0])]
+    assert list(result.steps_frame().columns) == plain, "docs/outputs.md, steps.csv table"
+    both = ckptdiff.trajectory(list(pair), with_=["principal", "spectral"], k=2, progress=False)
+    assert list(both.steps_frame().columns) == documented("trajectory-steps"), "mark --with columns 'only with `--with'"
+
+
 def test_spectral_without_null_drops_only_the_null_columns(pair: tuple[str, str, str]) -> None:
     base, ft, _ = pair
     got = list(ckptdiff.spectral(base, ft, k=2, progress=False).to_frame().columns)

@@ -30,7 +30,7 @@ from ckptdiff.engine.alignment import FLOAT_COMPARED as _FLOAT_COMPARED
 from ckptdiff.metrics.numeric import ratio
 from ckptdiff.naming import stack_rank
 
-AnalysisName = Literal["sparsity", "principal", "spectral"]
+AnalysisName = Literal["sparsity", "principal", "spectral", "trajectory"]
 COMPARABLE = frozenset(s.value for s in _COMPARABLE)
 FLOAT_COMPARED = frozenset(s.value for s in _FLOAT_COMPARED)
 
@@ -421,6 +421,34 @@ def by_name(metrics: Sequence[Metric]) -> dict[str, Metric]:
     """Metrics keyed by name."""
     return {m.name: m for m in metrics}
 
+
+# ---------------------------------------------------------------------------------------------
+# trajectory (docs/trajectory.md): a run's checkpoints, step over step (k-1 -> k) and cumulative (first -> k)
+
+
+def _trajectory_sparsity(changed: str, over: str) -> Metric:
+    return Metric(
+        changed.replace("changed", "sparsity"),
+        "trajectory",
+        f"1 − Σ{changed} / Σnumel over {over} (parameter-weighted)",
+        (changed, "numel"),
+        FLOAT_COMPARED,
+        lambda f: 1.0 - ratios(f[changed], f["numel"]),
+        _sparsity_of(changed),
+    )
+
+
+TRAJECTORY: tuple[Metric, ...] = (
+    _count("numel", "trajectory"),
+    _count("changed_step", "trajectory"),
+    _count("changed_cumulative", "trajectory"),
+    _trajectory_sparsity("changed_step", "the float tensors"),
+    _trajectory_sparsity("changed_cumulative", "the float tensors"),
+    _trajectory_sparsity("changed_step_bf16", "the fp32/fp64 tensors (as bf16 would store them)"),
+    _trajectory_sparsity("changed_cumulative_bf16", "the fp32/fp64 tensors (as bf16 would store them)"),
+    *(_count(label, "trajectory") for label in ("ulp_1", "ulp_2", "ulp_3_4", "ulp_5_16", "ulp_gt16")),
+    _count("patch_bytes", "trajectory"),
+)
 
 # What a ``check`` rule can name: every declared metric, each from the analysis that declares it.
 GATES: dict[str, Metric] = {

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ckptdiff import __version__
-from ckptdiff.cli import check, consistency, patch, principal, report, sparsity, spectral
+from ckptdiff.cli import check, consistency, patch, principal, report, sparsity, spectral, trajectory
 from ckptdiff.cli.guard import RANK, handle_errors
 from ckptdiff.cli.options import with_as_stored
 from ckptdiff.errors import printable
@@ -29,6 +29,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
     ("spectral", spectral.spectral, spectral.EPILOG),
     ("consistency", consistency.consistency, consistency.EPILOG),
     ("report", report.report, report.EPILOG),
+    ("trajectory", trajectory.trajectory, trajectory.EPILOG),
     ("check", check.check, check.EPILOG),
     ("patch", patch.app, patch.EPILOG),  # a group: its subcommands are guarded where they are declared
 )

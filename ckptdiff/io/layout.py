@@ -21,12 +21,14 @@ named. (A file the user names directly is theirs to name, link or not.)
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
+from ckptdiff.log import log
 
 SAFETENSORS = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -158,3 +160,128 @@ def read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
             raise InputError(f"index {index} names shard {shard}, which is missing; download the missing shard")
         shards.append(p)
     return shards, weight_map
+
+
+# A training run's checkpoints (``ckptdiff trajectory``) --------------------------------------------------------
+#
+# A run is given as checkpoints in order, a folder of step-numbered checkpoints, a glob, or Hub revisions. The step
+# of a checkpoint is the one integer in its nearest name that holds any: ``checkpoint-500`` (Trainer),
+# ``global_step_100/actor/huggingface`` (verl: the folders below the step hold no number), ``step_000200``,
+# ``org/name@step-100`` (a Hub revision; the repo name is not looked at). A name with several integers
+# (``run2-step300``) has no step.
+
+_INTEGER = re.compile(r"\d+")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Where a step folder keeps the weights it holds: in itself (Trainer's checkpoint-N), or verl's actor/huggingface.
+STEP_WEIGHTS = ("", "actor/huggingface")
+_WEIGHT_GLOBS = (f"*{SAFETENSORS}", f"*{INDEX_SUFFIX}", "pytorch_model*.bin")
+
+
+def step_number(spec: str) -> int | None:
+    """The step a checkpoint's name says (see above), or None when its nearest name with digits holds several."""
+    if is_hub_id(spec) and not Path(spec).exists():
+        _, _, rev = spec.partition("@")
+        found = _INTEGER.findall(rev)
+        return int(found[0]) if len(found) == 1 else None
+    for part in reversed(Path(spec).parts):
+        stem = part[: -len(SAFETENSORS)] if part.endswith(SAFETENSORS) else part
+        found = _INTEGER.findall(stem)
+        if found:
+            return int(found[0]) if len(found) == 1 else None
+    return None
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether ``folder`` itself holds a checkpoint's weight files (safetensors, an index, pytorch_model*.bin)."""
+    return folder.is_dir() and any(any(folder.glob(g)) for g in _WEIGHT_GLOBS)
+
+
+def step_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint inside a step folder (the folder itself, or verl's ``actor/huggingface``), or None."""
+    for sub in STEP_WEIGHTS:
+        inner = folder / sub if sub else folder
+        if holds_weights(inner):
+            return inner
+    return None
+
+
+def _steps_in(folder: Path) -> list[tuple[int, Path]]:
+    """The step-numbered checkpoints directly below ``folder``, as (step, checkpoint path)."""
+    out = []
+    for child in sorted(folder.iterdir()):
+        step = step_number(child.name)
+        inner = step_checkpoint(child) if step is not None and child.is_dir() else None
+        if step is not None and inner is not None:
+            contained(folder, child)  # a step folder linked from elsewhere is not the run's to read
+            out.append((step, inner))
+    return out
+
+
+def _refuse_repeats(found: list[tuple[int, Path]], what: str) -> None:
+    seen: dict[int, Path] = {}
+    for step, path in found:
+        if step in seen:
+            raise InputError(
+                f"{what} holds two checkpoints of step {step} ({seen[step]} and {path}); pass the checkpoints "
+                "you mean in order instead"
+            )
+        seen[step] = path
+
+
+def run_checkpoints(specs: list[str]) -> list[tuple[str, int]]:
+    """A run's checkpoints in order, each with its step: every input expanded and numbered (module notes above).
+
+    An input is a folder of step-numbered checkpoints (its step folders, sorted numerically), a glob that is not a
+    path (its matches, sorted numerically; quote it so the shell leaves it alone), or one checkpoint. Steps are the
+    numbers in the names when every checkpoint has one and they rise in the order given (a first checkpoint with
+    no number, such as the base model, is step 0 when the rest are above 0); otherwise each checkpoint's position.
+    """
+    paths: list[str] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        found = sorted(_steps_in(p)) if p.is_dir() else []
+        if found:  # a run folder: its step folders, in step order
+            _refuse_repeats(found, spec)
+            if holds_weights(p):
+                log.info(
+                    f"{spec}: the checkpoint in the folder itself is not a step; pass it after the folder to add it"
+                )
+            paths += [str(c) for _, c in found]
+        elif p.is_dir() and not holds_weights(p) and step_checkpoint(p) is None:
+            raise InputError(
+                f"{spec} holds no checkpoint and no step-numbered checkpoint folders (checkpoint-N, "
+                "global_step_N/actor/huggingface, step_N); check the path"
+            )
+        elif not p.exists() and _GLOB_CHARS.search(spec.partition("@")[2]) and is_hub_id(spec.partition("@")[0]):
+            raise InputError(
+                f"{spec}: Hub revisions cannot be matched by a glob (ckptdiff does not list a repo's branches); "
+                "name each one, e.g. org/name@step-100 org/name@step-200"
+            )
+        elif not p.exists() and _GLOB_CHARS.search(spec):
+            matches: list[tuple[int, Path]] = []
+            for m in sorted(p.parent.glob(p.name)) if not _GLOB_CHARS.search(str(p.parent)) else []:
+                step = step_number(m.name)
+                if step is None:
+                    raise InputError(
+                        f"glob {spec!r} matches {m}, whose name holds no single step number; narrow the glob or "
+                        "pass the checkpoints in order"
+                    )
+                matches.append((step, (step_checkpoint(m) or m) if m.is_dir() else m))
+            if not matches:
+                raise InputError(
+                    f"glob {spec!r} matches nothing (only the last part of a path may hold * ? [ ]); check it"
+                )
+            matches.sort()
+            _refuse_repeats(matches, f"glob {spec!r}")
+            paths += [str(m) for _, m in matches]
+        elif p.is_dir() and not holds_weights(p):
+            paths.append(str(step_checkpoint(p)))  # a verl step folder given as itself
+        else:
+            paths.append(spec)
+    steps = [step_number(s) for s in paths]
+    if steps and steps[0] is None and len(steps) > 1 and all(s is not None and s > 0 for s in steps[1:]):
+        steps[0] = 0
+    known = [s for s in steps if s is not None]
+    rising = len(known) == len(steps) and all(a < b for a, b in itertools.pairwise(known))
+    numbers = known if rising else list(range(len(paths)))
+    return list(zip(paths, numbers, strict=True))

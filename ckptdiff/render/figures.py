@@ -12,6 +12,7 @@ A figure whose data is missing (analysis not run, no transformer layers, nothing
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ckptdiff.analyses.principal import PrincipalOverlapResult
     from ckptdiff.analyses.sparsity import SparsityResult
     from ckptdiff.analyses.spectral import SpectralDriftResult
+    from ckptdiff.analyses.trajectory import TrajectoryResult
 
 
 @dataclass(frozen=True)
@@ -880,3 +882,155 @@ def _consensus(result: ConsistencyResult) -> _Drawn | None:
         f"means the runs change the same entries."
     )
     return _Drawn(fig, "Consensus histogram", caption)
+
+
+# ---------------------------------------------------------------------------------------------
+# trajectory (a run's checkpoints over time)
+
+
+def trajectory_figures(result: TrajectoryResult) -> list[Figure]:
+    """The figures of ``ckptdiff trajectory``: sparsity over steps per module type (step over step, cumulative),
+    and a layer x step heatmap of step-over-step sparsity."""
+    out: list[Figure] = []
+    makers: list[tuple[str, Callable[[TrajectoryResult], _Drawn | None]]] = [
+        ("trajectory_step", lambda r: _over_steps(r, "sparsity_step")),
+        ("trajectory_cumulative", lambda r: _over_steps(r, "sparsity_cumulative")),
+        ("trajectory_layers", _layer_steps),
+    ]
+    for name, make in makers:
+        drawn = make(result)
+        if drawn is not None:
+            out.append(Figure(name, drawn.title, drawn.caption, _svg(drawn.fig, name), "trajectory", ""))
+    return out
+
+
+_SERIES = (
+    "#1f4e79", "#d9730d", "#2e8540", "#c0392b", "#7d3c98", "#8c564b",
+    "#e377c2", "#17becf", "#bcbd22", "#5b9bd5", "#9e480e", "#636363",
+)  # fmt: skip
+
+
+def _over_steps(result: TrajectoryResult, figure: str) -> _Drawn | None:
+    """One line per module type (and the overall figure, black) of ``figure`` against the step."""
+    steps = result.steps_frame()
+    if steps.empty:
+        return None
+    overall = steps[steps["scope"] == "overall"]
+    modules = _module_order([str(m) for m in steps["scope"].unique() if m != "overall"])
+    fig = _new(3.6)
+    ax = fig.add_subplot()
+    _style(ax)
+    xs = [int(x) for x in overall["step"]]
+    for i, module in enumerate(modules):
+        rows = steps[steps["scope"] == module]
+        ax.plot(
+            [int(x) for x in rows["step"]],
+            _floats(rows[figure]),
+            marker="o",
+            markersize=3,
+            linewidth=1.0,
+            color=_SERIES[i % len(_SERIES)],
+            label=_t(module),
+        )
+    ax.plot(xs, _floats(overall[figure]), marker="o", markersize=4, linewidth=2.2, color="black", label="overall")
+    bf16 = _floats(overall[f"{figure}_bf16"])
+    if _finite(bf16):
+        ax.plot(xs, bf16, linestyle="--", linewidth=1.4, color="#8c8c8c", label="overall, as bf16")
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel("update sparsity (fraction unchanged)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    first = result.steps[0]
+    if figure == "sparsity_step":
+        title = "Step-over-step update sparsity"
+        what = "each checkpoint against the one before it"
+    else:
+        title = f"Cumulative update sparsity (since step {first})"
+        what = f"each checkpoint against the first (step {first})"
+    ax.set_title(_t(title), fontsize=10, loc="left")
+    o = _floats(overall[figure])
+    caption = (
+        f"Fraction of entries left unchanged, {what}, per module type (coloured) and over every compared float "
+        f"tensor (black, {min(o):.4f} to {max(o):.4f}), parameter-weighted."
+    )
+    if _finite(bf16):
+        caption += (
+            " Dashed grey: the fp32 weights as bf16 would store them, the precision control (what a bf16 copy, "
+            "as synchronised to inference engines, would see change)."
+        )
+    if figure == "sparsity_step":
+        caption += _gaps(result.steps)
+    return _Drawn(fig, title, caption)
+
+
+def _gaps(steps: Sequence[int]) -> str:
+    """What a step-over-step point spans: the same number of steps everywhere, or not (then say so)."""
+    gaps = sorted({b - a for a, b in itertools.pairwise(steps)})
+    if len(gaps) == 1:
+        return f" Consecutive checkpoints are {gaps[0]} step{'s' if gaps[0] != 1 else ''} apart."
+    return (
+        f" The checkpoints are {gaps[0]} to {gaps[-1]} steps apart: a point counts every change since the checkpoint "
+        "before it, so only points with equal gaps compare."
+    )
+
+
+def _layer_steps(result: TrajectoryResult) -> _Drawn | None:
+    """Step-over-step sparsity per transformer layer (rows) and step (columns)."""
+    import matplotlib as mpl
+    import numpy as np
+    from matplotlib.colors import Normalize
+
+    grid = result.by("layer")
+    if grid.empty:
+        return None
+    layers = [int(x) for x in grid.index]
+    steps = [int(c) for c in grid.columns]
+    values = grid.to_numpy(dtype="float64", na_value=math.nan).tolist()  # (layers, steps)
+    flat = _finite([v for row in values for v in row])
+    if not flat:
+        return None
+    lo, hi = min(flat), max(flat)
+    if hi - lo < 1e-3:  # a minimum span: noise in the fourth decimal is not painted as signal
+        lo, hi = max(0.0, lo - 5e-4), min(1.0, hi + 5e-4)
+    n_l, n_s = len(layers), len(steps)
+    fig = _new(1.4 + 0.28 * min(n_l, 40), width=min(WIDTH, max(4.8, 2.2 + 0.5 * n_s)))
+    ax = fig.add_subplot()
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#e6e6e6")
+    norm = Normalize(lo, hi)
+    data = np.ma.masked_invalid(np.array(values, dtype=float))
+    raster = n_l * n_s > RASTER_CELLS
+    mesh = ax.pcolormesh(
+        data,
+        cmap=cmap,
+        norm=norm,
+        edgecolors="face" if raster else "white",
+        linewidth=0.2 if raster else 0.5,
+        rasterized=raster,
+    )
+    ax.set_xlim(0, n_s)
+    ax.set_ylim(n_l, 0)
+    every = 1 if n_s <= 16 else math.ceil(n_s / 16)
+    ax.set_xticks([i + 0.5 for i in range(0, n_s, every)], [str(steps[i]) for i in range(0, n_s, every)])
+    every = 1 if n_l <= 24 else math.ceil(n_l / 16)
+    ax.set_yticks([j + 0.5 for j in range(0, n_l, every)], [str(layers[j]) for j in range(0, n_l, every)])
+    ax.tick_params(labelsize=8, length=2)
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel("layer", fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if n_l * n_s <= ANNOTATE_CELLS and n_s <= 12:
+        for j, row in enumerate(values):
+            for i, v in enumerate(row):
+                if math.isfinite(v):
+                    color = "white" if norm(v) < 0.55 else "black"
+                    ax.text(i + 0.5, j + 0.5, f"{v:.3f}", ha="center", va="center", fontsize=7, color=color)
+    bar = fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.015)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("step-over-step sparsity", fontsize=8)
+    bar.outline.set_visible(False)
+    ax.set_title("Step-over-step sparsity per layer", fontsize=10, loc="left")
+    caption = (
+        f"Fraction of entries left unchanged between each checkpoint and the one before it, per transformer layer "
+        f"(rows, every tensor of the layer) and step (columns); the colour scale spans the observed range "
+        f"{lo:.4f} to {hi:.4f} (at least 0.001 wide, so that noise is not painted as signal)."
+    ) + _gaps(result.steps)
+    return _Drawn(fig, "Step-over-step sparsity per layer", caption)

@@ -180,6 +180,39 @@ def _glossary() -> str:
 
     items = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>\n" for term, text in GLOSSARY.items())
     return f'<section id="glossary">\n<h2>Glossary</h2>\n<dl class="glossary">\n{items}</dl>\n</section>\n'
+def to_html_page(
+    title: str,
+    lede: str,
+    header: dict[str, str],
+    sections: Sequence[tuple[str, Report, Sequence[Figure]]],
+    files: str,
+) -> str:
+    """A page of the same layout for any command's report (``trajectory``): the header, then each section's summary,
+    figures and tables; ``files`` names the data files beside the page, for the footer."""
+    toc: list[tuple[str, str]] = [("inputs", "Inputs and settings")]
+    body: list[str] = []
+    for i, (heading, rep, figs) in enumerate(sections, start=1):
+        anchor = f"s{i}-{_slug(heading)}"
+        toc.append((anchor, heading))
+        body.append(_section(anchor, heading, rep, figs, header))
+    return "".join(
+        [
+            "<!DOCTYPE html>\n",
+            '<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+            '<meta name="generator" content="ckptdiff">\n',
+            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n",
+            f'<header>\n<h1>{_e(title)}</h1>\n<p class="lede">{_e(lede)}</p>\n</header>\n',
+            _toc(toc),
+            '<section id="inputs">\n<h2>Inputs and settings</h2>\n',
+            _kv(header),
+            "</section>\n",
+            *body,
+            f"<footer>Written by ckptdiff {_e(header.get('ckptdiff', ''))}"
+            f"{' on ' + _e(header['date']) if 'date' in header else ''}. {_e(files)}</footer>\n",
+            "</main>\n</body>\n</html>\n",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

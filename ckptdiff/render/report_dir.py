@@ -7,6 +7,7 @@ Layout::
     DIR/figures/*.svg
     DIR/tensors.csv       one row per tensor (and fine-tune): every per-tensor column of the analyses
     DIR/report.json       the whole report, machine-readable
+    DIR/steps.csv         ``trajectory`` only: one row per step and scope
 
     DIR/.ckptdiff-report  the manifest: every file above, as written by ckptdiff
 
@@ -39,6 +40,7 @@ from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
     from ckptdiff.analyses.full import FullReportResult
+    from ckptdiff.analyses.trajectory import TrajectoryResult
     from ckptdiff.render.figures import Figure
 
 FILES = ("index.html", "report.md", "tensors.csv", "report.json")
@@ -193,21 +195,68 @@ def write_directory(report: FullReportResult, directory: str | Path, inputs: Ite
     if not writes_files():  # under torchrun ranks only rank 0 writes; the others hold identical results
         return []
     figs = make_figures(report)
+    files = {
+        "index.html": to_html(report, figs),
+        "report.md": to_markdown_dir(report, figs),
+        "tensors.csv": report.tensors().to_csv(index=False),
+        "report.json": _json(report),
+    }
+    return write_files(target, files, figs)
+
+
+def write_trajectory(result: TrajectoryResult, directory: str | Path, inputs: Iterable[object] = ()) -> list[Path]:
+    """``ckptdiff trajectory -o DIR``: the same layout as ``report`` (index.html, report.md, figures/, tensors.csv
+    in long form with a step column, report.json), plus steps.csv; written as one unit."""
+    from ckptdiff.analyses.base import to_json_dict
+    from ckptdiff.render.figures import trajectory_figures
+    from ckptdiff.render.html import to_html_page
+
+    target = check_directory(directory, inputs)
+    if not writes_files():
+        return []
+    figs = trajectory_figures(result)
+    rep = result.report()
+    first, last = result.steps[0], result.steps[-1]
+    lede = f"{len(result.checkpoints)} checkpoints of one run, steps {first} to {last}."
+    html = to_html_page(
+        "ckptdiff trajectory",
+        lede,
+        rep.header,
+        [("Update sparsity over the run", rep, figs)],
+        "Per-step rows are in steps.csv, per-tensor rows in tensors.csv, next to this page.",
+    )
+    md = to_markdown(rep).splitlines()
+    md[0] = "# ckptdiff trajectory"
+    for fig in figs:
+        md += ["", f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*"]
+    doc = to_json_dict(rep)
+    doc["steps"] = records(result.steps_frame())
+    files = {
+        "index.html": html,
+        "report.md": "\n".join(md).rstrip("\n") + "\n",
+        "tensors.csv": rep.tensors.to_csv(index=False),
+        "steps.csv": result.steps_frame().to_csv(index=False),
+        "report.json": json.dumps(doc, indent=2, allow_nan=False) + "\n",
+    }
+    return write_files(target, files, figs)
+
+
+def write_files(target: Path, files: dict[str, str], figs: Sequence[Figure] = ()) -> list[Path]:
+    """Write ``files`` (name -> text) and ``figs`` (under figures/) with the manifest into ``target`` (already
+    checked by :func:`check_directory`) as one unit: into a temporary folder beside it, then renamed into place."""
     parent = target.parent if str(target.parent) else Path(".")
     with signals_held():  # a signal between making the folder and the try below would leave it behind
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
         except OSError as e:
             raise write_error("--out", target, e) from None
-    written = [*FILES, *(f"figures/{f.name}.svg" for f in figs)]
+    written = [*files, *(f"figures/{f.name}.svg" for f in figs)]
     try:
         (tmp / "figures").mkdir()
         for fig in figs:
             (tmp / "figures" / f"{fig.name}.svg").write_text(fig.svg, encoding="utf-8")
-        (tmp / "index.html").write_text(to_html(report, figs), encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown_dir(report, figs), encoding="utf-8")
-        (tmp / "tensors.csv").write_text(report.tensors().to_csv(index=False), encoding="utf-8")
-        (tmp / "report.json").write_text(_json(report), encoding="utf-8")
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         manifest = {"ckptdiff_report": 1, "files": written}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         mode = 0o777 & ~_umask()

@@ -293,14 +293,39 @@ def rl_step(
 
 
 def rl(
-    base: Path, cfg: RLConfig, out: Path, command: str = "", reward_fn: RewardFn = rollout.exact_match
+    base: Path,
+    cfg: RLConfig,
+    out: Path,
+    command: str = "",
+    reward_fn: RewardFn = rollout.exact_match,
+    save_steps: tuple[int, ...] = (),
+    lr_decay: str = "constant",
 ) -> dict[str, Any]:
-    """GRPO from the base, with the base (frozen) as KL reference."""
+    """GRPO from the base, with the base (frozen) as KL reference.
+
+    ``save_steps``: also save the policy after each of these optimizer steps (0: before the first) as
+    ``OUT/steps/step_NNN/model.safetensors``, for ``ckptdiff trajectory``. Saving reads the weights only: the run and
+    its final checkpoint are the same bytes with or without it. ``lr_decay="linear"`` decays the learning rate
+    linearly to 0 over the run (the shipped runs keep it constant; no scheduler is made then).
+    """
     with reproducible(cfg.seed):
-        return _rl(base, cfg, out, command, reward_fn)
+        return _rl(base, cfg, out, command, reward_fn, save_steps, lr_decay)
 
 
-def _rl(base: Path, cfg: RLConfig, out: Path, command: str, reward_fn: RewardFn) -> dict[str, Any]:
+def save_step(model: TinyLM, out: Path, step: int, digits: int) -> Path:
+    """An intermediate checkpoint of a run, where ``ckptdiff trajectory OUT/steps`` finds it (step-numbered)."""
+    return ckpt_io.save_bf16(model, out / "steps" / f"step_{step:03d}", digits)
+
+
+def _rl(
+    base: Path,
+    cfg: RLConfig,
+    out: Path,
+    command: str,
+    reward_fn: RewardFn,
+    save_steps: tuple[int, ...] = (),
+    lr_decay: str = "constant",
+) -> dict[str, Any]:
     t0 = time.time()
     policy, digits = ckpt_io.load_model(base)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -309,8 +334,19 @@ def _rl(base: Path, cfg: RLConfig, out: Path, command: str, reward_fn: RewardFn)
     stream = task.ProblemStream(digits, 2000 + cfg.seed, heldout)
     gen = torch.Generator().manual_seed(3000 + cfg.seed)
     opt = _adamw(policy, cfg.lr, cfg.weight_decay)
+    sched = None
+    if lr_decay == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg.steps)
+    elif lr_decay != "constant":
+        raise ValueError(f"lr_decay must be constant or linear, got {lr_decay!r}")
+    if 0 in save_steps:
+        save_step(policy, out, 0, digits)
     for step in range(1, cfg.steps + 1):
         stats = rl_step(policy, ref, opt, stream, cfg, digits, gen, reward_fn)
+        if sched is not None:
+            sched.step()
+        if step in save_steps:
+            save_step(policy, out, step, digits)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = rollout.greedy_accuracy(policy, *heldout, digits)
             log(
@@ -328,6 +364,8 @@ def _rl(base: Path, cfg: RLConfig, out: Path, command: str, reward_fn: RewardFn)
         "hparams": asdict(cfg),
         "command": command,
     }
+    if lr_decay != "constant":  # recorded only when used: the shipped runs' records stay as they were
+        entry["lr_decay"] = lr_decay
     entry["wall_s"] = time.time() - t0
     return _finish(policy, out, digits, entry, heldout)
 
@@ -336,8 +374,11 @@ def _cmd(*parts: object) -> str:
     return "python -m examples.tinylm.train " + " ".join(str(p) for p in parts)
 
 
-def run_all(out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig) -> list[dict[str, Any]]:
-    """The whole experiment: base, sft, rl_seed1, rl_seed2 and the two learning-rate controls."""
+def run_all(
+    out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig, save_steps: tuple[int, ...] = ()
+) -> list[dict[str, Any]]:
+    """The whole experiment: base, sft, rl_seed1, rl_seed2 and the two learning-rate controls; ``save_steps``:
+    intermediate checkpoints of rl_seed1 (see :func:`rl`)."""
     base = out / "base"
     results = [pretrain(pre, base, _cmd("pretrain", "--out", base, "--steps", pre.steps, "--seed", pre.seed))]
     stages: list[tuple[str, str, SFTConfig | RLConfig]] = [
@@ -351,9 +392,17 @@ def run_all(out: Path, pre: PretrainConfig, sft_cfg: SFTConfig, rl_cfg: RLConfig
         cmd = _cmd(
             method, "--base", base, "--out", out / name, "--lr", cfg.lr, "--steps", cfg.steps, "--seed", cfg.seed
         )
-        fn = sft if method == "sft" else rl
-        results.append(fn(base, cfg, out / name, cmd))  # type: ignore[arg-type]
+        if method == "sft":
+            results.append(sft(base, cfg, out / name, cmd))  # type: ignore[arg-type]
+        else:
+            saves = save_steps if name == "rl_seed1" else ()
+            results.append(rl(base, cfg, out / name, cmd, save_steps=saves))  # type: ignore[arg-type]
     return results
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    """--save-steps: comma-separated step numbers."""
+    return tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p_all.add_argument(
         "--pretrain-seed", type=int, default=PretrainConfig.seed, help="seed of the base's init and data stream"
     )
+    p_all.add_argument("--save-steps", type=_steps, default=(), help="rl_seed1's intermediate checkpoints: 0,1,100")
     p_pre = sub.add_parser("pretrain", help="train the base from scratch")
     p_pre.add_argument("--out", type=Path, required=True)
     p_pre.add_argument("--steps", type=int, default=PretrainConfig.steps)
@@ -379,17 +429,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--lr", type=float, default=cls.lr)
         p.add_argument("--steps", type=int, default=cls.steps)
         p.add_argument("--seed", type=int, default=cls.seed)
+        if name == "rl":
+            p.add_argument("--save-steps", type=_steps, default=(), help="also save after these steps: 0,1,100")
+            p.add_argument("--lr-decay", choices=("constant", "linear"), default="constant")
     args = parser.parse_args(argv)
     cmd = _cmd(*(argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
     if args.stage == "all":
-        run_all(args.out, PretrainConfig(seed=args.pretrain_seed), SFTConfig(), RLConfig())
+        run_all(args.out, PretrainConfig(seed=args.pretrain_seed), SFTConfig(), RLConfig(), args.save_steps)
     elif args.stage == "pretrain":
         pretrain(PretrainConfig(steps=args.steps, seed=args.seed), args.out, cmd)
     elif args.stage == "sft":
         sft(args.base, SFTConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
     else:
-        rl(args.base, RLConfig(lr=args.lr, steps=args.steps, seed=args.seed), args.out, cmd)
+        cfg = RLConfig(lr=args.lr, steps=args.steps, seed=args.seed)
+        rl(args.base, cfg, args.out, cmd, save_steps=args.save_steps, lr_decay=args.lr_decay)
     log(f"{args.stage} done in {time.time() - t0:.0f} s")
     return 0
 

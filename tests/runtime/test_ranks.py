@@ -143,3 +143,16 @@ def test_a_signal_on_one_rank_stops_every_rank_at_once(pair: tuple[str, str], tm
 )
 def test_balance_gives_longest_first_to_the_least_loaded(costs: list[float], ranks: int, owners: list[int]) -> None:
     assert balance(costs, ranks) == owners
+
+
+def test_trajectory_under_two_ranks_writes_the_one_process_files_once(pair: tuple[str, str], tmp_path: Path) -> None:
+    """The trajectory plug-in's accumulators are its state fields: ranks split the tensors, rank 0 writes."""
+    base, ft = pair
+    run = [base, ft, base]  # out and back: step 2 undoes step 1
+    single = _single("trajectory", *run, "-o", str(tmp_path / "one"), "-q")
+    ranks = _torchrun("trajectory", *run, "-o", str(tmp_path / "two"), "-q")
+    assert single.returncode == 0 and ranks.returncode == 0, ranks.stderr[-2000:]
+    for name in ("steps.csv", "tensors.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert ranks.stdout.count("Report written to") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
