@@ -67,9 +67,23 @@ def row_basics(item: Aligned) -> dict[str, object]:
     }
 
 
+# A name present on one side only has no detail of its own in alignment: these words say which side, in every
+# command's CSV, structural findings and check offenders alike.
+ONE_SIDE = {"only_base": "only in base", "only_ft": "only in fine-tune"}
+NON_FINITE = "non-finite values (NaN or inf)"  # how every analysis's detail starts for such a tensor
+
+
 def item_detail(item: Aligned) -> str:
-    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.io.views.fp8)."""
-    return "; ".join(d for d in (item.detail, fp8.notes(item.infos)) if d)
+    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.io.views.fp8),
+    led by the side a one-sided name is on (``only in fine-tune``): one wording across commands."""
+    side = ONE_SIDE.get(item.status.value, "")
+    return "; ".join(d for d in (side, item.detail, fp8.notes(item.infos)) if d)
+
+
+def non_finite_detail(where: str = "", consequence: str = "") -> str:
+    """The detail of a tensor holding NaN or inf, in every analysis: :data:`NON_FINITE`, then ``in <where>`` and
+    what it means for that analysis, e.g. ``non-finite values (NaN or inf) in the base: SVD undefined``."""
+    return NON_FINITE + (f" in {where}" if where else "") + (f": {consequence}" if consequence else "")
 
 
 def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -163,15 +177,29 @@ def expected_skips(frame: pd.DataFrame) -> pd.Series:
     return kind.where(skipped, "")
 
 
-def digest(frame: pd.DataFrame, listed: pd.Series, skipped: pd.Series) -> tuple[pd.DataFrame, list[str]]:
+def findings(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of a per-tensor frame are structural findings, the same rule in every command: a structural
+    status other than ``ok`` (integer tensors aside: they are compared exactly, or skipped as expected), non-finite
+    values (an ``outcome`` of ``non_finite``, or sparsity's ``changed_nonfinite``), or a note in ``detail``."""
+    listed = ~frame["status"].isin(["ok", "non_float"]) | (frame["detail"].astype(str) != "")
+    listed &= frame["status"] != "non_float"
+    if "outcome" in frame:
+        listed |= frame["outcome"] == "non_finite"
+    return listed
+
+
+def digest(frame: pd.DataFrame, listed: pd.Series | None, skipped: pd.Series) -> tuple[pd.DataFrame, list[str]]:
     """The structural findings worth a row, and one summary line per kind of expected difference.
 
     ``frame`` has one row per tensor (``tensor``, ``status``, ``detail``, ...), ``listed`` marks the rows the
-    analysis reports as structural, ``skipped`` says why a row was skipped as expected (a key of the skip kinds:
-    not a matrix, integer, empty; '' for none). A dtype change shared by at least half of the tensors is one
-    line, not a row per tensor; expected skips are one line, counted by kind. What is left (missing tensors,
-    shape or kind mismatches, non-finite values, a dtype change of a few tensors) are the rows.
+    analysis reports as structural (None: :func:`findings`, the rule every pairwise analysis shares), ``skipped``
+    says why a row was skipped as expected (a key of the skip kinds: not a matrix, integer, empty; '' for none). A
+    dtype change shared by at least half of the tensors is one line, not a row per tensor; expected skips are one
+    line, counted by kind. What is left (missing tensors, shape or kind mismatches, non-finite values, a dtype
+    change of a few tensors) are the rows.
     """
+    if listed is None:
+        listed = findings(frame)
     lines = []
     changed = frame["status"] == "dtype_changed"
     patterns = frame.loc[changed, "detail"].astype(str).value_counts()

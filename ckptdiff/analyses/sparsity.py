@@ -9,7 +9,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, pair_target, row_basics
+from ckptdiff.analyses.base import (
+    Report,
+    Table,
+    count,
+    digest,
+    item_detail,
+    non_finite_detail,
+    pair_target,
+    row_basics,
+)
 from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, pick
 from ckptdiff.engine.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
@@ -204,9 +213,8 @@ class SparsityResult:
     def _findings(self) -> tuple[pd.DataFrame, list[str]]:
         """The structural rows worth listing, and one line each for integer tensors and a model-wide dtype change."""
         df = self.to_frame()
-        listed = (df["status"] != Status.OK.value) | (df["detail"] != "")  # as structural() lists them
         is_int = df["status"] == Status.NON_FLOAT.value
-        found, lines = digest(df, listed & ~is_int, pd.Series("", index=df.index))
+        found, lines = digest(df, None, pd.Series("", index=df.index))  # the rule every command shares
         ints = df[is_int]
         if len(ints):
             moved = ints[ints["changed"].fillna(0) > 0]["tensor"].astype(str).tolist()
@@ -303,6 +311,13 @@ class SparsityAnalysis(Analysis):
             if it.comparable and counts is None:  # zero-size tensor
                 counts = ChangeCounts()
             row = _row(basics, counts, self.totals_bf16.get(it.name), as_)
+            if counts is not None and counts.changed_nonfinite:  # a NaN is a finding, as in every command
+                n = counts.changed_nonfinite
+                why = "a NaN" + " or overflow the --as dtype" * bool(counts.overflow_as)
+                note = non_finite_detail(
+                    consequence=f"{n:,} changed {'entry involves' if n == 1 else 'entries involve'} {why}"
+                )
+                row["detail"] = "; ".join(d for d in (row["detail"], note) if d)
             if counts is not None:
                 fp8 = self.fp8.columns(it) if self.fp8 is not None else dict.fromkeys(FP8_COLUMNS, float("nan"))
                 row.update(fp8)

@@ -179,7 +179,10 @@ def print_table(report: GateResult) -> None:
     table.add_column("result", no_wrap=True)
     for r in results:
         verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(r.rule), format_value(r.value), f"{r.op} {exact_number(r.threshold)}", verdict)
+        rule = Text(r.rule)
+        if r.counts:  # a structural rule's value is a count: of what
+            rule.append(f": {r.counts}", style="dim")
+        table.add_row(rule, format_value(r.value), f"{r.op} {exact_number(r.threshold)}", verdict)
         if r.passed:
             continue
         for o in r.offenders:

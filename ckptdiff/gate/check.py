@@ -23,6 +23,7 @@ from ckptdiff.engine.alignment import Aligned, Status, align
 from ckptdiff.engine.header import runtime
 from ckptdiff.engine.pipeline import Analysis, execute, open_run
 from ckptdiff.errors import InputError
+from ckptdiff.gate.evaluate import COUNTS as STRUCTURAL_COUNTS
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.io.views import ties
@@ -163,6 +164,7 @@ def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
     return R.RuleResult(
         rule="same_param_count",
         kind="structural",
+        counts=STRUCTURAL_COUNTS["same_param_count"],
         op="==",
         threshold=0.0,
         value=gap,

@@ -78,6 +78,7 @@ class RuleResult:
     offenders: tuple[Offender, ...] = ()  # at most max_offenders, worst first
     n_offenders: int = 0  # all violating tensors (structural) or offenders listed (metric)
     note: str = ""
+    counts: str = ""  # structural rules: what the value counts, e.g. "tensors on one side only"
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,20 @@ def _flag(flag: str) -> str:
     return {"trivial_k": "k = min(m, n)", "unstable_gap": "unstable: small gap"}.get(flag, flag)
 
 
+# What each structural rule's value counts (the rule's name up to its '@'), said beside the value.
+COUNTS = {
+    "same_keys": "tensors on one side only",
+    "same_shapes": "tensors whose shape changed",
+    "same_dtypes": "tensors whose dtype changed",
+    "same_param_count": "difference in parameter count",
+    "unchanged": "changed tensors",
+    "only_changed": "changed tensors outside the globs",
+}
+
+
 def _structural_result(name: str, n_tensors: int, violations: Sequence[Offender], max_offenders: int) -> RuleResult:
     return RuleResult(
+        counts=COUNTS[name.split("@")[0]],
         rule=name,
         kind="structural",
         op="==",
@@ -240,11 +253,8 @@ def _details(rows: pd.DataFrame) -> list[Offender]:
 
 
 def _described(status: str, detail: object) -> str:
-    """A row's status in words, or its detail, or both for a name on one side only (its detail is a hint)."""
-    text = _STATUS_TEXT.get(status, status)
-    if not (isinstance(detail, str) and detail):
-        return text
-    return f"{text}; {detail}" if status in (ONLY_BASE, ONLY_FT) else detail
+    """A row's detail (analyses.base.item_detail: the side of a one-sided name leads it), else its status in words."""
+    return detail if isinstance(detail, str) and detail else _STATUS_TEXT.get(status, status)
 
 
 def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:

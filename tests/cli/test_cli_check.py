@@ -444,3 +444,19 @@ def test_check_as_applies_to_spectral_rules(tmp_path: Path) -> None:
     shared = Shared(device="cpu", progress=False, k=4, mode=CompareMode(as_dtype=torch.bfloat16))
     rep = check(base, ft, cfg, shared=shared)
     assert rep.outcome.results[0].value == pytest.approx(expected, rel=1e-9)
+
+
+def test_structural_rows_say_what_their_value_counts(restructured: tuple[Path, Path], no_reads: None) -> None:
+    """`same_keys 0 == 0` alone does not say what the 0 counts: table, Markdown and JSON say it (issue 23 item 4)."""
+    counts = {
+        "same_keys": "tensors on one side only",
+        "same_dtypes": "tensors whose dtype changed",
+        "same_param_count": "difference in parameter count",
+    }
+    flags = ("--header-only", "--same-keys", "--same-dtypes", "--same-param-count")
+    doc = as_json(invoke(*restructured, *flags, "-f", "json"))
+    assert {r["rule"]: r["counts"] for r in doc["rules"]} == counts
+    md = invoke(*restructured, *flags, "-f", "md").output
+    assert "| `same_keys` | 2 (tensors on one side only) |" in md
+    table = invoke(*restructured, *flags).output
+    assert all(f"{rule}: {what}" in table for rule, what in counts.items())
