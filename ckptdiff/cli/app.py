@@ -40,14 +40,33 @@ def _flags_without_metavar(params: list[Any]) -> list[Any]:
     return params
 
 
+def _help_may_close(format_help: Callable[[Any, Any], None], ctx: Any, formatter: Any) -> None:
+    """``ckptdiff --help | head -1``: a reader that stops reading the help is not an error (exit 0, as for a
+    command's output), where click would exit 1."""
+    from ckptdiff.cli.options import stdout_may_close
+
+    try:
+        with stdout_may_close():
+            format_help(ctx, formatter)
+    except SystemExit as e:  # rich's Console.on_broken_pipe: stdout already points at os.devnull, then exit 1
+        if e.code != 1:
+            raise
+
+
 class _Command(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_may_close(super().format_help, ctx, formatter)
 
 
 class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_may_close(super().format_help, ctx, formatter)
 
     def main(  # type: ignore[override]  # windows_expand_args (newer typer) passes through **extra
         self,
