@@ -50,8 +50,11 @@ _ADVICE = {
 
 
 def write_error(flag: str, path: Path, error: OSError) -> InputError:
-    advice = _ADVICE.get(error.errno or 0, "pick another path")
-    return InputError(f"cannot write {flag} {path}: {error.strerror or error}; {advice}")
+    """``cannot write --csv x.csv: permission denied: check ...``: the advice says the cause once, in its own words;
+    a cause without advice is the system's words, then ``pick another path``."""
+    advice = _ADVICE.get(error.errno or 0)
+    cause = advice or f"{error.strerror or error}; pick another path"
+    return InputError(f"cannot write {flag} {path}: {cause}")
 
 
 def _kind(mode: int) -> str:

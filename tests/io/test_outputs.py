@@ -297,8 +297,29 @@ def test_full_disk_is_one_line_and_leaves_nothing(
     out.parent.mkdir()
     _failing_fsync(monkeypatch, 1)
     res = runner.invoke(app, ["sparsity", str(ckpts["B"]), str(ckpts["F"]), "--csv", str(out), "-q"])
-    _refused(res, str(out), os.strerror(errno.ENOSPC))
+    _refused(res, str(out), "the disk is full")
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [(errno.EACCES, "permission denied"), (errno.EPERM, "permission denied"), (errno.EROFS, "read-only")],
+)
+def test_a_write_error_says_its_cause_once(code: int, said: str) -> None:
+    """Not "Permission denied; permission denied: check ..." (issue 23 item 18)."""
+    from ckptdiff.io.outputs import write_error
+
+    message = str(write_error("--csv", Path("h2/ro/x.csv"), OSError(code, os.strerror(code))))
+    assert message.startswith("cannot write --csv h2/ro/x.csv: ")
+    assert message.lower().count(said) == 1, message
+    assert os.strerror(code).lower() not in message.lower() or os.strerror(code).lower() == said, message
+
+
+def test_a_write_error_without_advice_keeps_the_systems_words() -> None:
+    from ckptdiff.io.outputs import write_error
+
+    message = str(write_error("--json", Path("x.json"), OSError(errno.EIO, os.strerror(errno.EIO))))
+    assert message == f"cannot write --json x.json: {os.strerror(errno.EIO)}; pick another path"
 
 
 def test_outputs_land_together_or_not_at_all(
