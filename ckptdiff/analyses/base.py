@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ckptdiff.engine.alignment import Aligned
+from ckptdiff.errors import InputError
 from ckptdiff.io.views import fp8
 from ckptdiff.metrics.mask import comparison_dtype
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
@@ -219,6 +220,13 @@ def digest(frame: pd.DataFrame, listed: pd.Series | None, skipped: pd.Series) ->
         parts = [count(int(n), *_SKIPS[str(kind)]) for kind, n in kinds.items()]
         lines.append("Not analysed, as expected: " + "; ".join(parts) + ".")
     return frame[listed & ~skip & ~overall], lines
+
+
+def rollup_key(key: object, keys: Sequence[str]) -> str:
+    """``key`` if a result's ``by(key)`` knows it; else an :class:`InputError` listing the keys it knows."""
+    if not isinstance(key, str) or key not in keys:
+        raise InputError(f"by({key!r}): no such rollup; choose from {', '.join(repr(k) for k in keys)}")
+    return key
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

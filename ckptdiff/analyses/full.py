@@ -28,7 +28,7 @@ from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
 from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralDriftResult
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
@@ -224,10 +224,11 @@ def _analyses_for(chosen: Sequence[str], n_fts: int) -> tuple[str, ...]:
     known = _reported()
     unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise InputError(f"--analyses: unknown analysis {unknown[0]!r}; choose from {', '.join(known)}")
+        raise InputError(f"{option('--analyses')}: unknown analysis {unknown[0]!r}; choose from {', '.join(known)}")
     across = [a for a in chosen if not known[a].pairwise]
     if across and n_fts < 2:
-        raise InputError(f"--analyses {across[0]} needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
+        what = f"{option('--analyses')} {across[0]}"
+        raise InputError(f"{what} needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
     return tuple(r.key for r in REPORTED if r.key in chosen)
 
 

@@ -36,6 +36,7 @@ from ckptdiff.analyses.base import (
     non_finite_detail,
     once_per_key,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import PRINCIPAL, figures
@@ -196,7 +197,7 @@ class PrincipalOverlapResult:
     def by(self, key: str) -> pd.DataFrame:
         """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`)."""
         df = self.analysed()
-        if key == "layer":
+        if rollup_key(key, ("module", "layer")) == "layer":
             df = df.dropna(subset=["layer"])
         if df.empty:
             return pd.DataFrame()

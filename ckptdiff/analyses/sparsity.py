@@ -17,6 +17,7 @@ from ckptdiff.analyses.base import (
     item_detail,
     non_finite_detail,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, pick
@@ -24,6 +25,7 @@ from ckptdiff.engine.alignment import COMPARABLE, Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.views.fp8 import FP8_COLUMNS, CodeStats
+from ckptdiff.log import log
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
@@ -113,11 +115,12 @@ class SparsityResult:
         (``shared``), in natural order; tensors outside the experts are left out.
         """
         df = self.compared()
-        if key == "layer":
+        if rollup_key(key, ("layer", "module", "expert")) == "layer":
             df = df.dropna(subset=["layer"])
         if key == "expert":
             df = df[df["expert"] != ""]
             if df.empty:
+                log.warning("by('expert'): no tensor belongs to an expert (a dense model): the rollup is empty")
                 return pd.DataFrame(columns=["numel", "changed", "sparsity"]).rename_axis("expert")
         out = grouped(df, key, pick(SPARSITY, "numel", "changed", "sparsity"))
         if key == "expert":
@@ -202,7 +205,7 @@ class SparsityResult:
                 "all: every tensor of the layer (norms included); the modules: its linear matrices.",
             ),
         ]
-        if not self.by("expert").empty:
+        if (self.compared()["expert"] != "").any():
             tables += [
                 Table("Sparsity, expert x module (every layer)", self.expert_grid()),
                 Table("Experts that moved most (layer, expert; highest density first)", self.top_experts()),

@@ -30,6 +30,7 @@ from ckptdiff.analyses.base import (
     non_finite_detail,
     once_per_key,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
@@ -136,7 +137,7 @@ class SpectralDriftResult:
     def by(self, key: str) -> pd.DataFrame:
         """Rollup per ``layer`` or ``module``: max and median of NSS and angles, weighted nss_per_update."""
         df = self.analysed()
-        if key == "layer":
+        if rollup_key(key, ("layer", "module")) == "layer":
             df = df.dropna(subset=["layer"])
         groups = {name: self._stats(sub) for name, sub in df.groupby(key, sort=True)}
         out = pd.DataFrame.from_dict(groups, orient="index")

@@ -23,7 +23,7 @@ from typing import Literal
 import pandas as pd
 
 from ckptdiff.engine.alignment import Outcome, Status
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.gate.rules import METRICS, Op, Rule, StructuralRules, unknown_metric
 
 # Statuses as the frames hold them (plain strings).
@@ -295,14 +295,16 @@ def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_o
     for glob in structural.expect_unchanged:
         rows = frame[_matching(frame["tensor"], glob)]
         if rows.empty:
-            raise InputError(f"--expect-unchanged {glob!r} matches no tensor: check the glob against the tensor names")
+            flag = option("--expect-unchanged")
+            raise InputError(f"{flag} {glob!r} matches no tensor: check the glob against the tensor names")
         results.append(_structural_result(f"unchanged@{glob}", len(rows), _changed_offenders(rows), max_offenders))
     if structural.allow_changed:
         allowed = pd.Series(False, index=frame.index)
         for glob in structural.allow_changed:
             hit = _matching(frame["tensor"], glob)
             if not hit.any():
-                raise InputError(f"--allow-changed {glob!r} matches no tensor: check the glob against the tensor names")
+                flag = option("--allow-changed")
+                raise InputError(f"{flag} {glob!r} matches no tensor: check the glob against the tensor names")
             allowed |= hit
         rows = frame[~allowed]
         name = "only_changed@" + ",".join(structural.allow_changed)
@@ -337,8 +339,8 @@ def check_scopes(
     name_list = list(names)
     globs = [(f"rule '{r}'", r.scope) for r in rules if r.scope is not None]
     if structural is not None:
-        globs += [("--expect-unchanged", g) for g in structural.expect_unchanged]
-        globs += [("--allow-changed", g) for g in structural.allow_changed]
+        globs += [(option("--expect-unchanged"), g) for g in structural.expect_unchanged]
+        globs += [(option("--allow-changed"), g) for g in structural.allow_changed]
     for where, glob in globs:
         if any(fnmatch.fnmatchcase(n, glob) for n in name_list):
             continue
