@@ -93,6 +93,19 @@ def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dty
     return comparison_dtype(a, b, as_dtype)
 
 
+def figures_table(scopes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """An overall table: one row per figure, one column per scope (``{"overall": result.overall(), ...}``), the
+    index named ``figure``. Counts stay integers (a column of floats would write ``857984.0``)."""
+    frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in scopes.items()})
+    frame.index.name = "figure"
+    return frame
+
+
+# Machine keys of the usual tables (--rollups-csv's ``key`` column, JSON's ``table_keys``), by title up to its first
+# parenthesis; any other title's key is its words joined by underscores.
+_KEYS = {"overall": "overall", "per module type": "by_module", "per layer": "by_layer"}
+
+
 @dataclass
 class Table:
     """A titled table for the terminal, Markdown and JSON.
@@ -111,6 +124,15 @@ class Table:
     legend: str = ""  # what the view's short headers mean
     terminal: bool = True
     compact: pd.DataFrame | None = None  # shown instead when the frame would need more than one terminal table
+    key: str = ""  # machine key in --rollups-csv and JSON; empty: derived from the title (see :meth:`machine_key`)
+
+    def machine_key(self) -> str:
+        """``by_module``, ``by_layer``, ``layer_x_module``, ...: ``key``, else derived from the title."""
+        if self.key:
+            return self.key
+        words = self.title.split("(")[0].split(":")[0].strip().lower()
+        words = words.removeprefix("sparsity, ")
+        return _KEYS.get(words) or "_".join("".join(c if c.isalnum() else " " for c in words).split())
 
 
 @dataclass
@@ -153,6 +175,7 @@ def to_json_dict(report: Report, summary_only: bool = False) -> dict[str, Any]:
         "header": report.header,
         "summary": report.summary,
         "tables": {t.title: records(t.frame.reset_index()) for t in report.tables},
+        "table_keys": {t.machine_key(): t.title for t in report.tables},
         "tensors": records(report.tensors),
         "structural": records(report.structural),
         **_clean(report.extra),

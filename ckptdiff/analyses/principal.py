@@ -32,6 +32,7 @@ from ckptdiff.analyses.base import (
     count,
     digest,
     expected_skips,
+    figures_table,
     item_detail,
     non_finite_detail,
     once_per_key,
@@ -244,8 +245,7 @@ class PrincipalOverlapResult:
 
     def report(self) -> Report:
         """The report the CLI renders."""
-        overall = pd.DataFrame({"overall": self.overall(), "linear layers": self.linear_only()})
-        overall.index.name = "figure"
+        overall = figures_table({"overall": self.overall(), "linear layers": self.linear_only()})
         note = (
             "Overlaps weighted by updated entries; ratios = observed / expected intersection; "
             "energies weighted by ‖ΔW‖_F²."

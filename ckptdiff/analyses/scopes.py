@@ -362,7 +362,8 @@ def grouped(frame: pd.DataFrame, key: str | list[str], metrics: Sequence[Metric]
     rows = {name: figures(group, metrics) for name, group in frame.groupby(key, sort=True)}
     out = pd.DataFrame.from_dict(rows, orient="index", columns=[m.name for m in metrics])
     out.index.names = [key] if isinstance(key, str) else key
-    return out
+    counts = [m.name for m in metrics if rows and all(isinstance(r[m.name], int) for r in rows.values())]
+    return out.astype(dict.fromkeys(counts, "int64"))  # counts stay integers (from_dict makes them floats)
 
 
 def pick(metrics: Sequence[Metric], *names: str) -> tuple[Metric, ...]:

@@ -14,6 +14,7 @@ from ckptdiff.analyses.base import (
     Table,
     count,
     digest,
+    figures_table,
     item_detail,
     non_finite_detail,
     pair_target,
@@ -189,8 +190,7 @@ class SparsityResult:
             )
         findings, notes = self._findings()
         summary += notes
-        overall = pd.DataFrame({"overall": o, "linear layers": lin})
-        overall.index.name = "figure"
+        overall = figures_table({"overall": o, "linear layers": lin})
         grid = self.grid()
         per_layer = self.by("layer")
         if not grid.empty:  # every layer on one line: the layer's sparsity over all its tensors, then per module

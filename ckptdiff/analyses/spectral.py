@@ -26,6 +26,7 @@ from ckptdiff.analyses.base import (
     count,
     digest,
     expected_skips,
+    figures_table,
     item_detail,
     non_finite_detail,
     once_per_key,
@@ -277,8 +278,7 @@ class SpectralDriftResult:
 
     def report(self) -> Report:
         """The report the CLI renders."""
-        overall = pd.DataFrame({"all matrices": self.overall(), "linear layers": self.linear_only()})
-        overall.index.name = "figure"
+        overall = figures_table({"all matrices": self.overall(), "linear layers": self.linear_only()})
         note = (
             "max / median over matrices of NSS and of each matrix's largest principal angle (degrees); drift is not "
             "additive, so no sums. Largest angles over the matrices whose angles are stable (angles column: ok), "
