@@ -91,6 +91,10 @@ REPORTED: tuple[Reported, ...] = (
 )
 
 
+# A command whose name is not its analysis's key: `report -a principal-overlap` is `-a principal`.
+COMMAND_NAMES = {"principal-overlap": "principal", "principal_overlap": "principal"}
+
+
 def _reported() -> dict[str, Reported]:
     return {r.key: r for r in REPORTED}
 
@@ -222,9 +226,13 @@ def split_columns(tensors: pd.DataFrame, analysis: str, columns: Sequence[str]) 
 
 def _analyses_for(chosen: Sequence[str], n_fts: int) -> tuple[str, ...]:
     known = _reported()
+    chosen = [COMMAND_NAMES.get(a.strip().lower(), a.strip().lower()) for a in chosen]
     unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise InputError(f"{option('--analyses')}: unknown analysis {unknown[0]!r}; choose from {', '.join(known)}")
+        names = ", ".join(
+            k + "".join(f" ({c})" for c, v in COMMAND_NAMES.items() if v == k and "-" in c) for k in known
+        )
+        raise InputError(f"{option('--analyses')}: unknown analysis {unknown[0]!r}; choose from {names}")
     across = [a for a in chosen if not known[a].pairwise]
     if across and n_fts < 2:
         what = f"{option('--analyses')} {across[0]}"

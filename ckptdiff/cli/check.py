@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ckptdiff.cli.options import (
+    AlphaOpt,
     AsOpt,
     AtolOpt,
     BaseArg,
@@ -17,8 +18,13 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
+    NullOpt,
+    PrincipalPrecisionOpt,
     QuietOpt,
     RtolOpt,
+    SeedOpt,
+    SpectralPrecisionOpt,
+    SvdOpt,
     compare_mode,
     outputs,
     stdout_may_close,
@@ -77,9 +83,7 @@ HeaderOnlyOpt = Annotated[
         help="Check structure from safetensors headers alone (a Hub id fetches only its headers); no tensor data.",
     ),
 ]
-KOpt = Annotated[
-    int | None, typer.Option("--k", min=1, help="Top-k singular directions for principal/spectral metrics.")
-]
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Top-k singular directions for principal/spectral metrics.")]
 CheckFormatOpt = Annotated[CheckFmt, typer.Option("--format", "-f", help="Stdout format: table, md or json.")]
 
 
@@ -102,7 +106,13 @@ def check(
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     as_: AsOpt = None,
-    k: KOpt = None,
+    k: KOpt = 64,  # choices.DEFAULT_K (cli imports no torch at module level)
+    alpha: AlphaOpt = 0.5,
+    svd: SvdOpt = "auto",
+    precision: PrincipalPrecisionOpt = "fp32",
+    spectral_precision: SpectralPrecisionOpt = "fp64",
+    null: NullOpt = "none",
+    seed: SeedOpt = 0,
     json: JsonOpt = None,
     fmt: CheckFormatOpt = CheckFmt.table,
     quiet: QuietOpt = False,
@@ -132,6 +142,12 @@ def check(
             mode=compare_mode(rtol, atol, as_),
             k=k,
             progress=not quiet,
+            alpha=alpha,
+            svd=svd,
+            principal_precision=precision,
+            spectral_precision=spectral_precision,
+            null=null,
+            seed=seed,
         )
         report = run(
             base,

@@ -66,8 +66,9 @@ FormatOpt = Annotated[Fmt, typer.Option("--format", "-f", help="Stdout format: t
 QuietOpt = Annotated[
     bool,
     typer.Option(
-        "--quiet", "-q", help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout "
-        "is unchanged."
+        "--quiet",
+        "-q",
+        help="No progress on stderr (a bar on a terminal, else a line every few seconds); stdout is unchanged.",
     ),
 ]
 SummaryOpt = Annotated[
@@ -100,6 +101,13 @@ NullOpt = Annotated[
     typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
+# report and check run both SVD analyses: --precision is principal-overlap's, --spectral-precision spectral's.
+PrincipalPrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).")
+]
+SpectralPrecisionOpt = Annotated[
+    str, typer.Option("--spectral-precision", help="spectral SVD dtype: fp64 or fp32 (as in spectral).")
+]
 BudgetOpt = Annotated[
     float | None,
     typer.Option(

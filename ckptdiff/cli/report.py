@@ -20,9 +20,11 @@ from ckptdiff.cli.options import (
     KOpt,
     LabelOpt,
     NullOpt,
+    PrincipalPrecisionOpt,
     QuietOpt,
     RtolOpt,
     SeedOpt,
+    SpectralPrecisionOpt,
     SvdOpt,
     compare_mode,
     stdout_may_close,
@@ -39,15 +41,9 @@ AnalysesOpt = Annotated[
     typer.Option(
         "--analyses",
         "-a",
-        help="Subset of sparsity, principal, spectral, consistency, comma-separated or repeated (default: all that "
-        "apply).",
+        help="Subset of sparsity, principal (or principal-overlap), spectral, consistency, comma-separated or repeated "
+        "(default: all that apply).",
     ),
-]
-PrincipalPrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).")
-]
-SpectralPrecisionOpt = Annotated[
-    str, typer.Option("--spectral-precision", help="spectral SVD dtype: fp64 (default) or fp32 (as in spectral).")
 ]
 
 EPILOG = (

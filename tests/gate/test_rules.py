@@ -482,6 +482,17 @@ def test_pyproject_flat_tool_ckptdiff_table(tmp_path: Path) -> None:
     assert cfg is not None and [str(r) for r in cfg.rules] == ["sparsity >= 0.5"] and cfg.structural.same_keys
 
 
+@pytest.mark.parametrize("table", ["[tool.ckptdiff]", "[tool.ckptdiff.check]"])
+def test_the_origin_names_the_table_it_read(tmp_path: Path, table: str) -> None:
+    """Both spellings are read; the header's rules_from says which one was (issue 23 item 12)."""
+    from ckptdiff.gate.check import gather_config
+
+    (tmp_path / "pyproject.toml").write_text(f'{table}\nrules = ["sparsity >= 0.5"]\n')
+    gathered = gather_config(None, CheckConfig(), cwd=tmp_path)
+    assert gathered.origin == f"{tmp_path / 'pyproject.toml'} {table}"
+    assert [str(r) for r in gathered.config.rules] == ["sparsity >= 0.5"]
+
+
 @pytest.mark.parametrize(
     ("content", "found"),
     [
