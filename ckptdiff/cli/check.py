@@ -118,12 +118,12 @@ def check(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate a fine-tune on rules: each metric or structural rule must hold, or the exit code is 1."""
-    from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
-    from ckptdiff.gate.check import Shared, gather_config
-    from ckptdiff.gate.check import check as run
-
     rules_files = [config if config is not None else Path("pyproject.toml")]  # inputs too: never overwritten
-    with outputs([base, ft, *rules_files], {"--json": json}) as outs:
+    with outputs([base, ft], {"--json": json}, side_files=rules_files) as outs:
+        from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule  # pandas: after the paths are checked
+        from ckptdiff.gate.check import Shared, gather_config
+        from ckptdiff.gate.check import check as run
+
         cli = CheckConfig(
             rules=tuple(parse_rule(text) for text in rule or []),
             structural=StructuralRules(

@@ -136,12 +136,26 @@ def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> Com
     return build(rtol=rtol, atol=atol, as_dtype=as_)
 
 
-def outputs(inputs: Sequence[str | Path | None], files: dict[str, Path | None]) -> OutputSet:
+def inputs_exist(specs: Sequence[str | Path]) -> None:
+    """Each checkpoint given is a usable path or a Hub id (:func:`ckptdiff.io.layout.check_spec`), checked before
+    torch or pandas load: a mistyped path fails about as fast as ``--help``, with the nearest name."""
+    from ckptdiff.io.layout import check_spec
+
+    for spec in specs:
+        check_spec(str(spec))
+
+
+def outputs(
+    inputs: Sequence[str | Path | None], files: dict[str, Path | None], *, side_files: Sequence[Path] = ()
+) -> OutputSet:
     """The run's output files by option (``{"--csv": path, ...}``), checked against the inputs and each other
-    before any checkpoint is read (see :mod:`ckptdiff.io.outputs`). Use the result as a context manager."""
+    before any checkpoint is read (see :mod:`ckptdiff.io.outputs`), after the checkpoints ``inputs`` are checked
+    (:func:`inputs_exist`). ``side_files`` (a rules file) are inputs no output may replace. Nothing heavy is
+    imported here: call it before the analyses load. Use the result as a context manager."""
     from ckptdiff.io.outputs import OutputSet
 
-    outs = OutputSet([i for i in inputs if i is not None])
+    inputs_exist([i for i in inputs if i is not None])
+    outs = OutputSet([*(i for i in inputs if i is not None), *side_files])
     for flag, path in files.items():
         outs.add(flag, path)
     return outs

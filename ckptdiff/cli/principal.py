@@ -49,8 +49,7 @@ EPILOG = (
     "[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
     "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -77,12 +76,12 @@ def principal_overlap(
     quiet: QuietOpt = False,
 ) -> None:
     """Principal-weight overlap: does the update avoid the base's principal weights, beyond what its size explains?"""
-    from ckptdiff.analyses.principal import principal_overlap as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(rtol, atol, as_)
     files = {"--save-masks": save_masks, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
     with outputs([base, ft], files) as outs:
+        from ckptdiff.analyses.principal import principal_overlap as run  # torch: after the paths are checked
+
+        mode = compare_mode(rtol, atol, as_)
         result = run(
             base,
             ft,

@@ -77,11 +77,14 @@ def report(
     quiet: QuietOpt = False,
 ) -> None:
     """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
-    from ckptdiff.analyses.full import full_report
+    from ckptdiff.cli.options import inputs_exist
     from ckptdiff.render.report_dir import check_directory, write_directory
 
-    mode = compare_mode(rtol, atol, as_)
+    inputs_exist([base, *fts])
     check_directory(out, [base, *fts])
+    from ckptdiff.analyses.full import full_report  # torch and pandas: after the paths are checked
+
+    mode = compare_mode(rtol, atol, as_)
     chosen = [a.strip() for given in analyses for a in given.split(",") if a.strip()] if analyses else None
     result = full_report(
         base,

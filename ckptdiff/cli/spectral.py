@@ -38,8 +38,7 @@ EPILOG = (
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -74,13 +73,13 @@ def spectral(
     quiet: QuietOpt = False,
 ) -> None:
     """Spectral drift and principal-subspace rotation of every weight matrix, with equal-norm random controls."""
-    from ckptdiff.analyses.spectral import FP32_WARNING
-    from ckptdiff.analyses.spectral import spectral as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(None, None, as_)
     files = {"--save-spectra": save_spectra, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
     with outputs([base, ft], files) as outs:
+        from ckptdiff.analyses.spectral import FP32_WARNING  # torch: after the paths are checked
+        from ckptdiff.analyses.spectral import spectral as run
+
+        mode = compare_mode(None, None, as_)
         if precision == "fp32":
             typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
         result = run(

@@ -30,11 +30,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptdiff.analyses.base import records
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import input_files, write_error, writes_files
-from ckptdiff.render.text import to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
@@ -139,6 +137,8 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
     lines.append("")
     placed: set[str] = set()
     for (key, run), (heading, section) in zip(report.section_keys(), report.sections(), strict=True):
+        from ckptdiff.render.text import to_markdown  # pandas: not needed to check the directory
+
         body = to_markdown(section).splitlines()
         body = [line for line in body if not line.startswith("- **")]  # the header is given once, above
         body[0] = f"## {heading}"
@@ -159,6 +159,8 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
 
 def _json(report: FullReportResult) -> str:
     doc = report.to_dict()
+    from ckptdiff.analyses.base import records  # pandas: not needed to check the directory
+
     doc["tensors"] = records(report.tensors())
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
