@@ -36,10 +36,11 @@ BaseArg = Annotated[
 ]
 FtArg = Annotated[str, typer.Argument(metavar="FT", help="Fine-tuned checkpoint, same forms as BASE.")]
 IncludeOpt = Annotated[
-    list[str] | None, typer.Option("--include", "-i", help="Glob of tensor names to keep (repeatable).")
+    list[str] | None,
+    typer.Option("--include", "-i", help="Glob of full tensor names to keep, e.g. '*mlp*' (repeatable, or a,b)."),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None, typer.Option("--exclude", "-x", help="Glob of tensor names to drop (repeatable).")
+    list[str] | None, typer.Option("--exclude", "-x", help="Glob of full tensor names to drop (repeatable, or a,b).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where the arithmetic runs: auto, cpu, cuda or cuda:N.")]
 RtolOpt = Annotated[

@@ -71,3 +71,44 @@ def test_import_ckptdiff_stays_lazy() -> None:
     probe = f"import sys, ckptdiff; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), timeout=60)
     assert done.stdout.strip() == "", done.stdout
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[str, str]:
+    from factory import llama_like, save_single
+
+    sd = llama_like(layers=1)
+    ft = {k: v.clone() for k, v in sd.items()}
+    ft["model.layers.0.mlp.up_proj.weight"][0, 0] += 1
+    return str(save_single(sd, tmp_path / "b.safetensors")), str(save_single(ft, tmp_path / "f.safetensors"))
+
+
+def _cli(*args: str) -> object:
+    from typer.testing import CliRunner
+
+    from ckptdiff.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_a_bare_word_glob_gets_its_wildcards_suggested(tiny: tuple[str, str]) -> None:
+    res = _cli("sparsity", *tiny, "-i", "mlp", "-q")
+    assert res.exit_code == 2  # type: ignore[attr-defined]
+    assert "did you mean '*mlp*'?" in res.stderr  # type: ignore[attr-defined]
+
+
+def test_include_takes_comma_lists_as_analyses_does(tiny: tuple[str, str]) -> None:
+    import ckptdiff
+
+    listed = ckptdiff.sparsity(*tiny, include=["*mlp*,*q_proj*"], progress=False).to_frame()["tensor"].tolist()
+    repeated = ckptdiff.sparsity(*tiny, include=["*mlp*", "*q_proj*"], progress=False).to_frame()["tensor"].tolist()
+    assert listed == repeated and len(listed) == 4  # gate, up, down and q of the one layer
+    excluded = ckptdiff.sparsity(*tiny, exclude=["*mlp*, *proj*"], progress=False).to_frame()["tensor"].tolist()
+    assert not any("proj" in t for t in excluded) and "model.norm.weight" in excluded
+
+
+def test_a_misspelt_metric_gets_the_nearest_names(tiny: tuple[str, str]) -> None:
+    res = _cli("check", *tiny, "-r", "sparsty >= 0.1", "-q")
+    assert res.exit_code == 2  # type: ignore[attr-defined]
+    assert "unknown metric 'sparsty' in rule 'sparsty >= 0.1': did you mean sparsity" in res.stderr  # type: ignore[attr-defined]
+    assert "ratio_principal" not in res.stderr  # type: ignore[attr-defined]  # not the whole list of metrics
