@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -179,15 +180,16 @@ def print_table(report: GateResult) -> None:
     from rich.text import Text
 
     from ckptdiff.gate import exact_number, format_value
-    from ckptdiff.render.terminal import stdout_console
+    from ckptdiff.render.terminal import folded, stdout_console
 
     console = stdout_console()
-    if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line
-        console.width = max(console.width, 200)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):  # pipes: tensor names on one line; a set
+        console.width = max(console.width, 200)  # COLUMNS (a CI log's width) wins, and long cells fold to it
     results = report.outcome.results
     for key in ("base", "ft", "tied", "rules_from", "mode", "fp8_findings"):
         if key in report.header:
-            console.print(Text(f"{key}: {report.header[key]}", style="dim"))
+            for line in folded(f"{key}: ", report.header[key], console.width):
+                console.print(Text(line, style="dim"))
     table = Table(title_justify="left")
     table.add_column("rule", overflow="fold")
     table.add_column("value", justify="right", overflow="fold")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -107,8 +109,9 @@ def report(
     )
     write_directory(result, out, [base, *fts])
     with stdout_may_close():
+        width = shutil.get_terminal_size().columns  # COLUMNS when set, else the terminal's, else 80
         for heading, section in result.sections():
             typer.echo(f"{heading}:")
-            for sentence in section.summary:
-                typer.echo(f"  {sentence}")
-        typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
+            for sentence in section.summary:  # wrapped between words, never mid-word
+                typer.echo(textwrap.fill(sentence, width, initial_indent="  ", subsequent_indent="    "))
+        typer.echo(textwrap.fill(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)", width))

@@ -15,6 +15,7 @@ Numbers are never wrapped or shortened.
 from __future__ import annotations
 
 import errno
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -190,8 +191,8 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
         for r in part.rows:
             rt.add_row(*r)
         pieces: list[RenderableType] = [Text(part.title, style="italic"), rt]
-        if part.caption:
-            pieces.append(Text(part.caption, style="dim"))
+        if part.caption:  # wrapped between words here: rich's own wrap leaves a space at each line's end
+            pieces.append(Text(textwrap.fill(part.caption, width, break_on_hyphens=False), style="dim"))
         out.append(Group(*pieces))
     return out
 
@@ -227,6 +228,7 @@ def to_grid(table: Table) -> Grid:
 
 def _numeric(cells: Sequence[str]) -> bool:
     """Cells that all read as numbers (or the missing-value dash): never wrapped."""
+
     def number(c: str) -> bool:
         try:
             float(c.replace(",", ""))
@@ -239,18 +241,16 @@ def _numeric(cells: Sequence[str]) -> bool:
 
 def print_summary(report: Report, console: Console | None = None) -> None:
     """The header and the summary sentences (``--summary``), with rich on stdout."""
-    from rich.table import Table as RichTable
     from rich.text import Text
 
     console = console or stdout_console()
-    head = RichTable(title=report.title, show_header=False, title_justify="left", box=None)
-    head.add_column(style="dim", no_wrap=True)
-    head.add_column(overflow="fold")  # long paths wrap; nothing is cut
-    for k, v in report.header.items():
-        head.add_row(k, v)
-    console.print(head)
-    for s in report.summary:
-        console.print(Text(s, style="bold"))
+    console.print(Text(report.title, style="italic"))
+    keys = max((len(k) for k in report.header), default=0)
+    for k, v in report.header.items():  # no table: its padding left trailing spaces on every line
+        for n, piece in enumerate(folded(f" {k.ljust(keys)}  ", v, console.width)):
+            console.print(Text(piece[: keys + 3], style="dim" if n == 0 else "") + Text(piece[keys + 3 :]))
+    for s in report.summary:  # wrapped between words here: rich's own wrap leaves a space at each line's end
+        console.print(Text(textwrap.fill(s, console.width, break_on_hyphens=False), style="bold"), overflow="fold")
 
 
 def print_tables(report: Report, console: Console | None = None) -> None:
@@ -270,6 +270,16 @@ def print_tables(report: Report, console: Console | None = None) -> None:
         limit = MAX_FINDINGS if table.title == "Structural findings" else None
         for rt in rich_tables(table, console.width, limit):
             console.print(rt)
+
+
+def folded(lead: str, value: str, width: int) -> list[str]:
+    """``lead + value`` in lines of at most ``width`` characters, the value cut anywhere (a path has no spaces to
+    wrap at) and continued under itself: nothing is lost, and no line ends in a space."""
+    room = width - len(lead)
+    if room < 20:  # a lead that leaves no room: the value on lines of its own
+        return [lead.rstrip(), *(value[i : i + width] for i in range(0, len(value), width))]
+    pieces = [value[i : i + room] for i in range(0, len(value), room)] or [""]
+    return [(lead if n == 0 else " " * len(lead)) + p for n, p in enumerate(pieces)]
 
 
 def stdout_console() -> Console:

@@ -112,3 +112,26 @@ def test_a_misspelt_metric_gets_the_nearest_names(tiny: tuple[str, str]) -> None
     assert res.exit_code == 2  # type: ignore[attr-defined]
     assert "unknown metric 'sparsty' in rule 'sparsty >= 0.1': did you mean sparsity" in res.stderr  # type: ignore[attr-defined]
     assert "ratio_principal" not in res.stderr  # type: ignore[attr-defined]  # not the whole list of metrics
+
+
+@pytest.mark.parametrize("command", ["sparsity", "check", "report"])
+def test_redirected_output_fits_columns_without_trailing_spaces(
+    command: str, tiny: tuple[str, str], tmp_path: Path
+) -> None:
+    """A CI log is redirected stdout with COLUMNS set: every line fits it, no line ends in spaces (issue 23 item 5)."""
+    from typer.testing import CliRunner
+
+    from ckptdiff.cli import app
+
+    long_glob = "model.layers.*.mlp.up_proj.weight"
+    extra = {
+        "sparsity": [],
+        "check": ["-r", f"sparsity@{long_glob} >= 0.999999", "-r", f"changed@{long_glob} == 0", "--same-structure"],
+        "report": ["-a", "sparsity", "-o", str(tmp_path / "rep")],
+    }[command]
+    res = CliRunner().invoke(app, [command, *tiny, "-q", *extra], env={"COLUMNS": "60"})
+    assert res.exit_code in (0, 1), res.output
+    lines = res.stdout.splitlines()
+    assert len(lines) > 3
+    assert max(len(line) for line in lines) <= 60, [line for line in lines if len(line) > 60]
+    assert not [line for line in lines if line.endswith(" ")]
