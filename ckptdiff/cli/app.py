@@ -57,6 +57,11 @@ class _Command(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
 
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """``BASE FT...``, where typer writes ``{BASE} {FT}...``: braces mark nothing a user types."""
+        pieces = super().collect_usage_pieces(ctx)
+        return [p.replace("{", "").replace("}", "").replace("......", "...") for p in pieces]
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _help_may_close(super().format_help, ctx, formatter)
 

@@ -35,9 +35,12 @@ if TYPE_CHECKING:
     from ckptdiff.gate.check import GateResult
 
 EPILOG = (
-    "Example: [bold]ckptdiff check Qwen/Qwen3-4B my-org/my-ft --rule 'sparsity >= 0.5' "
-    "--rule 'changed@model.embed_tokens.weight == 0' --same-keys --same-shapes[/bold]\n\n"
-    "Example: [bold]ckptdiff check BASE FT --config rules.toml --format md >> $GITHUB_STEP_SUMMARY[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff check examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--rule 'sparsity >= 0.1' --rule 'changed@*norm* == 0' --same-structure[/bold]\n\n"
+    "Example: [bold]ckptdiff check examples/checkpoints/base examples/checkpoints/rl_seed1 --config "
+    "examples/ci/rules.toml --format md "
+    ">> $GITHUB_STEP_SUMMARY[/bold]\n\n"
     "A rule is METRIC\\[@GLOB] OP VALUE; the glob matches full tensor names. Without --config, a "
     "\\[tool.ckptdiff] table in ./pyproject.toml is read when present. "
     "Exit codes: 0 every rule passes, 1 a rule fails, 2 bad input or usage."

@@ -42,7 +42,10 @@ IncludeOpt = Annotated[
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option("--exclude", "-x", help="Glob of full tensor names to drop (repeatable, or a,b).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where the arithmetic runs: auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", help="Where the arithmetic runs (auto: a GPU if any)."),
+]
 RtolOpt = Annotated[
     float | None,
     typer.Option("--rtol", help="Relative test |d| <= rtol*max(|w0|,|w1|) (PNT uses 1e-3) instead of bitwise."),
@@ -51,7 +54,13 @@ AtolOpt = Annotated[
     float | None, typer.Option("--atol", help="Absolute test |d| <= atol (MUK uses 1e-5) instead of bitwise.")
 ]
 AsOpt = Annotated[
-    str | None, typer.Option("--as", help="Round both sides to this storage dtype first: bf16, fp16 or fp32.")
+    str | None,
+    typer.Option(
+        "--as",
+        metavar="<bf16|fp16|fp32>",
+        show_default="native: no rounding",
+        help="Round both sides to this storage dtype first: bf16, fp16 or fp32.",
+    ),
 ]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write per-tensor rows as CSV to this file.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")]
@@ -95,19 +104,36 @@ AlphaOpt = Annotated[
     float, typer.Option("--alpha", help="Mask density in (0, 1): principal = top α, low = bottom α of the entries.")
 ]
 SvdOpt = Annotated[
-    str, typer.Option("--svd", help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).")
+    str,
+    typer.Option(
+        "--svd",
+        metavar="<exact|randomized|auto>",
+        help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).",
+    ),
 ]
 NullOpt = Annotated[
     str,
-    typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
+    typer.Option(
+        "--null",
+        metavar="<none|random>",
+        help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
 # report and check run both SVD analyses: --precision is principal-overlap's, --spectral-precision spectral's.
 PrincipalPrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).")
+    str,
+    typer.Option(
+        "--precision",
+        metavar="<fp32|fp64>",
+        help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).",
+    ),
 ]
 SpectralPrecisionOpt = Annotated[
-    str, typer.Option("--spectral-precision", help="spectral SVD dtype: fp64 or fp32 (as in spectral).")
+    str,
+    typer.Option(
+        "--spectral-precision", metavar="<fp64|fp32>", help="spectral SVD dtype: fp64 or fp32 (as in spectral)."
+    ),
 ]
 BudgetOpt = Annotated[
     float | None,
@@ -118,7 +144,7 @@ BudgetOpt = Annotated[
 ]
 FtsArg = Annotated[
     list[str],
-    typer.Argument(metavar="FT...", help="Fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
+    typer.Argument(metavar="FT", help="Fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
 ]
 LabelOpt = Annotated[
     list[str] | None,

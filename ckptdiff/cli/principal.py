@@ -34,7 +34,9 @@ from ckptdiff.cli.options import (
     outputs,
 )
 
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="SVD computation dtype: fp32 or fp64 (never bf16).")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", metavar="<fp32|fp64>", help="SVD computation dtype: fp32 or fp64 (never bf16).")
+]
 SaveMasksOpt = Annotated[
     Path | None,
     typer.Option(
@@ -45,10 +47,13 @@ SaveMasksOpt = Annotated[
 ]
 
 EPILOG = (
-    "Example: [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64 --csv principal.csv"
-    "[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff principal-overlap examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 --k 16 --csv principal.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --svd "
+    "exact[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
-    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
+    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (Metrics §2, §2b in the "
+    "docs)."
     "\n\n" + VERBOSITY
 )
 

@@ -49,7 +49,10 @@ AnalysesOpt = Annotated[
 ]
 
 EPILOG = (
-    "Example: [bold]ckptdiff report Qwen/Qwen3-4B runs/grpo-seed1 runs/grpo-seed2 -o report/[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff report examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "examples/checkpoints/rl_seed2 -o report/ --k 16[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff report Qwen/Qwen3-4B runs/grpo-seed1 -a sparsity,spectral -o report/[/bold]\n\n"
     "Runs sparsity, principal-overlap and spectral for every fine-tune (and consistency across them when there are "
     "two or more) in one pass over the checkpoints, and writes index.html (self-contained), report.md with "
     "figures/, tensors.csv (one row per tensor and fine-tune, the single commands' columns) and report.json."

@@ -26,7 +26,10 @@ from ckptdiff.cli.options import (
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --csv sparsity.csv[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff sparsity examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--csv sparsity.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --rtol 1e-3[/bold]\n\n"
     "Sparsity is the fraction of entries whose stored value did not change, weighted by parameter count."
     "\n\n" + VERBOSITY
 )

@@ -33,8 +33,10 @@ from ckptdiff.cli.options import (
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff spectral Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --null random --csv spectral.csv"
-    "[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff spectral examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--k 16 --null random --csv spectral.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff spectral Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64[/bold]\n\n"
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
@@ -44,7 +46,12 @@ EPILOG = (
 
 # Values are checked by the library, which answers a bad one with a one-line error (exit 2).
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
+    str,
+    typer.Option(
+        "--precision",
+        metavar="<fp64|fp32>",
+        help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.",
+    ),
 ]
 SpectraOpt = Annotated[
     Path | None,

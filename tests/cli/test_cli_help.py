@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,42 @@ def test_redirected_output_fits_columns_without_trailing_spaces(
     assert len(lines) > 3
     assert max(len(line) for line in lines) <= 60, [line for line in lines if len(line) > 60]
     assert not [line for line in lines if line.endswith(" ")]
+
+
+def test_every_command_has_an_example_on_the_shipped_checkpoints() -> None:
+    """Each command's --help shows an example that runs offline, from a clone: its paths exist and its arguments
+    parse (issue 23 item 7; running them all is the examples' own tests' job)."""
+    import shlex
+
+    import typer.main
+
+    from ckptdiff.cli.app import COMMANDS, app
+
+    group = typer.main.get_command(app)
+    for name, _, epilog in COMMANDS:
+        shipped = [m for m in re.findall(r"\[bold\](ckptdiff [^\[]*?)\[/bold\]", epilog) if "examples/" in m]
+        assert shipped, f"{name}: no example on the shipped checkpoints"
+        for example in shipped:
+            args = shlex.split(example.split(">>")[0])[1:]
+            assert args[0] == name
+            for path in [a for a in args if a.startswith("examples/")]:
+                assert (ROOT / path).exists(), (name, path)
+            command = group.get_command(None, name)  # type: ignore[attr-defined, arg-type]
+            command.make_context(name, args[1:])  # raises on an unknown flag or a bad value
+
+
+def test_options_show_their_choices_and_defaults() -> None:
+    from typer.testing import CliRunner
+
+    from ckptdiff.cli import app
+
+    text = CliRunner().invoke(app, ["principal-overlap", "--help"], env={"COLUMNS": "200"}).stdout
+    for shown in ("<exact|randomized|auto>", "<fp32|fp64>", "<bf16|fp16|fp32>", "<auto|cpu|cuda|cuda:N>"):
+        assert shown in text, shown
+    options = [line for line in text.splitlines() if line.lstrip("│ ").startswith("--")]
+    assert options and not [line for line in options if "<str>" in line]  # every string option shows its choices
+    assert "Usage: ckptdiff principal-overlap [OPTIONS] BASE FT" in text
+    usage = CliRunner().invoke(app, ["consistency", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "[OPTIONS] BASE FT..." in usage and "{" not in usage
+    check = CliRunner().invoke(app, ["check", "--help"], env={"COLUMNS": "200"}).stdout
+    assert re.search(r"--k .*\[default: 64\]", check) and "<none|random>" in check
