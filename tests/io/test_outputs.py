@@ -510,3 +510,43 @@ def test_a_signal_during_one_long_call_is_acknowledged_before_the_call_returns()
     assert proc.returncode == 130, err
     assert out == f"interrupted {int(signal.SIGINT)}\n"  # the handler still raised, once the call returned
     assert err == ""  # one line in all
+
+
+def test_temporary_names_say_whose_they_are(tmp_path: Path) -> None:
+    from ckptdiff.io import outputs as O
+
+    fd, tmp = O._create_temp(tmp_path / "x.csv")
+    os.close(fd)
+    assert tmp.name.startswith(".x.csv.ckptdiff-") and tmp.name.endswith(".tmp")
+    match = O._TEMP.match(tmp.name)
+    assert match is not None and int(match["pid"]) == os.getpid()
+    tmp.unlink()
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL or the OOM killer leave `.o.csv.ckptdiff-...tmp` behind; the next run to o.csv removes those whose
+    process is gone, and nothing it cannot prove is its own (issue 23 item 15)."""
+    import subprocess
+    import sys
+
+    from ckptdiff.io import outputs as O
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    folder = tmp_path / "out"
+    folder.mkdir()
+    stale = folder / f".o.csv.ckptdiff-{O._HOST}-{dead.pid}-0badc0de.tmp"
+    other = "0" * 8 if O._HOST != "0" * 8 else "1" * 8
+    kept = [
+        folder / f".o.csv.ckptdiff-{O._HOST}-{os.getpid()}-0badc0de.tmp",  # a live process: maybe a run in progress
+        folder / f".o.csv.ckptdiff-{other}-{dead.pid}-0badc0de.tmp",  # another host's run
+        folder / f".other.csv.ckptdiff-{O._HOST}-{dead.pid}-0badc0de.tmp",  # another destination
+        folder / ".o.csv.0badc0de.tmp",  # not named by ckptdiff
+    ]
+    for path in [stale, *kept]:
+        path.write_bytes(b"x" * 1000)
+    res = runner.invoke(app, ["sparsity", str(ckpts["B"]), str(ckpts["F"]), "--csv", str(folder / "o.csv"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists()
+    assert all(p.exists() for p in kept)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["o.csv", *(p.name for p in kept)])
