@@ -125,10 +125,18 @@ def _root(
         help="Read Hub ids (org/name) by byte range straight from the Hub: nothing is written to disk; each byte "
         "still crosses the network once. Same as CKPTDIFF_HUB_STREAM=1. Put it before the command.",
     ),
+    host: bool = typer.Option(
+        False,
+        "--host",
+        help="Record this machine's host name in every report header (left out by default: reports are pasted into "
+        "model cards and pull requests). Same as CKPTDIFF_HOST=1. Put it before the command.",
+    ),
 ) -> None:
     """Checkpoint forensics: what did this fine-tune actually do to the weights?"""
     if hub_stream:
         os.environ["CKPTDIFF_HUB_STREAM"] = "1"  # read by io.resolve for every Hub id of this run
+    if host:
+        os.environ["CKPTDIFF_HOST"] = "1"  # read by engine.header for every header of this run
 
 
 def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS) -> typer.Typer:

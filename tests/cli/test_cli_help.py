@@ -175,3 +175,15 @@ def test_options_show_their_choices_and_defaults() -> None:
     assert "[OPTIONS] BASE FT..." in usage and "{" not in usage
     check = CliRunner().invoke(app, ["check", "--help"], env={"COLUMNS": "200"}).stdout
     assert re.search(r"--k .*\[default: 64\]", check) and "<none|random>" in check
+
+
+def test_the_host_name_is_opt_in(tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reports are pasted into model cards: no host name unless `ckptdiff --host` asks (issue 23 item 16)."""
+    import json
+    import platform
+
+    monkeypatch.setenv("CKPTDIFF_HOST", "0")  # restored after the test: --host sets it for the process
+    plain = json.loads(_cli("sparsity", *tiny, "-q", "-f", "json").stdout)["header"]  # type: ignore[attr-defined]
+    assert "host" not in plain and "date" in plain
+    asked = json.loads(_cli("--host", "sparsity", *tiny, "-q", "-f", "json").stdout)["header"]  # type: ignore[attr-defined]
+    assert asked["host"] == platform.node()
