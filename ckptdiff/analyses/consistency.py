@@ -155,8 +155,7 @@ def _check_labels(labels: Sequence[str], n_fts: int) -> list[str]:
     labels = [str(x).strip() for x in labels]
     if len(labels) != n_fts:
         raise InputError(
-            f"got {len(labels)} {option('--label')} value(s) for {n_fts} fine-tuned checkpoints; pass one per "
-            "fine-tune"
+            f"got {len(labels)} {option('--label')} value(s) for {n_fts} fine-tuned checkpoints; pass one per fine-tune"
         )
     if any(not x for x in labels):
         raise InputError(f"a {option('--label')} value is empty; give every fine-tune a non-empty name")
