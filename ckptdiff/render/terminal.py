@@ -175,7 +175,8 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
     from rich.text import Text
 
     grid = to_grid(table)
-    if table.compact is not None and len(layout(grid, width)) > 1:
+    inner = width - 2  # the outer cells keep their padding: a squeezed table splits or shortens names instead
+    if table.compact is not None and len(layout(grid, inner)) > 1:
         grid = to_grid(replace(table, frame=table.compact, view=None))
     more = 0
     if max_rows is not None and len(grid.rows) > max_rows:
@@ -183,9 +184,9 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
         grid.rows = grid.rows[:max_rows]
         grid.caption = f"{grid.caption} ({more} more rows in --json and --csv.)".strip()
     out: list[RenderableType] = []
-    for part, widths in layout(grid, width):
+    for part, widths in layout(grid, inner):
         lines = any("\n" in c for r in part.rows for c in r)
-        rt = RichTable(show_lines=lines, pad_edge=_total(widths) + 2 <= width)  # edge padding when it fits
+        rt = RichTable(show_lines=lines)
         for h, w, text in zip(part.headers, widths, part.text, strict=True):
             rt.add_column(h, width=w, no_wrap=True, justify="left" if text else "right", overflow="crop")
         for r in part.rows:

@@ -136,6 +136,8 @@ def test_redirected_output_fits_columns_without_trailing_spaces(
     assert len(lines) > 3
     assert max(len(line) for line in lines) <= 60, [line for line in lines if len(line) > 60]
     assert not [line for line in lines if line.endswith(" ")]
+    touching = [line for line in lines if re.search(r"[│┃][^ ─━]|[^ ─━][│┃]", line)]
+    assert not touching, touching  # every cell keeps its padding, the outer ones too
 
 
 def test_every_command_has_an_example_on_the_shipped_checkpoints() -> None:
@@ -187,3 +189,26 @@ def test_the_host_name_is_opt_in(tiny: tuple[str, str], monkeypatch: pytest.Monk
     assert "host" not in plain and "date" in plain
     asked = json.loads(_cli("--host", "sparsity", *tiny, "-q", "-f", "json").stdout)["header"]  # type: ignore[attr-defined]
     assert asked["host"] == platform.node()
+
+
+def test_a_squeezed_grid_keeps_its_cell_padding(tiny: tuple[str, str]) -> None:
+    """At every width the layer x module grid either fits with its padding or splits; cells never touch a border
+    (issue 23 item 5)."""
+    import io
+
+    from rich.console import Console
+
+    import ckptdiff
+    from ckptdiff.render.terminal import rich_tables
+
+    report = ckptdiff.sparsity(*tiny, progress=False).report()
+    grid = next(t for t in report.tables if "layer x module" in t.title)
+    for width in range(50, 100):
+        out = io.StringIO()
+        console = Console(file=out, width=width, color_system=None)
+        for piece in rich_tables(grid, width):
+            console.print(piece)
+        lines = out.getvalue().splitlines()
+        assert max(len(line) for line in lines) <= width
+        touching = [line for line in lines if re.search(r"[│┃][^ ─━]|[^ ─━][│┃]", line)]
+        assert not touching, (width, touching)
