@@ -49,6 +49,7 @@ print("heavy", ",".join(m for m in {heavy!r} if m in sys.modules))
         ["principal-overlap", "{typo}", "{ok}"],
         ["consistency", "{base}", "{ok}", "{typo}"],
         ["report", "{base}", "{typo}", "-o", "{tmp}/rep"],
+        ["report", "{base}", "{ok}", "-o", "/proc/ckptdiff-rep"],
         ["check", "{base}", "{typo}", "--same-keys"],
     ],
 )
