@@ -34,6 +34,7 @@ _LAZY = {
     "resolve": ("ckptdiff.io.resolve", "open"),  # the same front door under its earlier name
     "CompareMode": ("ckptdiff.metrics.mask", "CompareMode"),
     "CkptdiffError": ("ckptdiff.errors", "CkptdiffError"),
+    "InputError": ("ckptdiff.errors", "InputError"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,7 +1,8 @@
 """The options every analysis shares, typed and checked in one place with one wording.
 
 The CLI passes what the user typed; the library functions call these, so a notebook user and a shell user
-get the same one-line :class:`~ckptdiff.errors.InputError` for the same bad value.
+get the same one-line :class:`~ckptdiff.errors.InputError` for the same bad value, naming the flag on the command
+line and the keyword argument in a library call (:func:`ckptdiff.errors.option`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 
 SvdMethod = Literal["exact", "randomized", "auto"]
 Precision = Literal["fp32", "fp64"]
@@ -27,20 +28,20 @@ AS_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float
 def _one_of(flag: str, value: object, allowed: tuple[str, ...], why: str = "") -> str:
     if isinstance(value, str) and value.lower() in allowed:
         return value.lower()
-    raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}{why}")
+    raise InputError(f"{option(flag)} must be one of {', '.join(allowed)}, got {value!r}{why}")
 
 
 def k_value(k: object) -> int:
     """--k: a positive integer (capped at min(m, n) per matrix by the analyses)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"--k must be a positive integer, got {k!r}; it is capped at min(m, n) per matrix")
+        raise InputError(f"{option('--k')} must be a positive integer, got {k!r}; it is capped at min(m, n) per matrix")
     return k
 
 
 def alpha_value(alpha: object) -> float:
     """--alpha: a mask density strictly between 0 and 1."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise InputError(f"--alpha must lie strictly between 0 and 1, got {alpha!r}; PNT uses 0.5")
+        raise InputError(f"{option('--alpha')} must lie strictly between 0 and 1, got {alpha!r}; PNT uses 0.5")
     return float(alpha)
 
 
@@ -69,7 +70,7 @@ def as_dtype(value: object) -> torch.dtype | None:
     if isinstance(value, torch.dtype):
         if value in AS_DTYPES.values():
             return value
-        raise InputError(f"--as must be one of {', '.join(AS_DTYPES)}, got {value}")
+        raise InputError(f"{option('--as')} must be one of {', '.join(AS_DTYPES)}, got {value}")
     return AS_DTYPES[_one_of("--as", value, tuple(AS_DTYPES))]
 
 
@@ -87,7 +88,7 @@ def merged_dtype(value: object) -> torch.dtype | None:
 def tolerance(flag: str, value: object) -> float:
     """--rtol / --atol: a finite, non-negative number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
-        raise InputError(f"{flag} must be a finite non-negative number, got {value!r}")
+        raise InputError(f"{option(flag)} must be a finite non-negative number, got {value!r}")
     return float(value)
 
 
@@ -95,6 +96,7 @@ def batch_budget_bytes(gib: object) -> int:
     """--batch-budget: GiB one batch of matrices may use, more than 0 and at most ``MAX_BUDGET_GIB``; as bytes."""
     if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib <= MAX_BUDGET_GIB:
         raise InputError(
-            f"--batch-budget must be a number of GiB above 0 and at most {MAX_BUDGET_GIB:,} (1 PiB), got {gib!r}"
+            f"{option('--batch-budget')} must be a number of GiB above 0 and at most {MAX_BUDGET_GIB:,} (1 PiB), "
+            f"got {gib!r}"
         )
     return int(gib * 1024**3)

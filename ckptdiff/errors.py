@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CkptdiffError(Exception):
     """A failure the user can fix; the message says what was wrong and what to do."""
@@ -30,3 +33,27 @@ def _escape(c: str) -> str:
         return named[c]
     code = ord(c)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# Flags whose library keyword is not the flag's own name with dashes as underscores.
+_KEYWORDS = {"--as": "as_dtype", "--label": "labels", "--rule": "rules"}
+_COMMAND_LINE = [False]  # True while a CLI command runs (cli.guard.handle_errors)
+
+
+def option(flag: str) -> str:
+    """How a message names an option: the flag (``--alpha``) on the command line, the keyword argument (``alpha``)
+    in a library call, so ``principal_overlap(alpha=2)`` is told about ``alpha``, not a flag it never typed."""
+    if _COMMAND_LINE[0]:
+        return flag
+    return _KEYWORDS.get(flag, flag.lstrip("-").replace("-", "_"))
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """Within this block, :func:`option` names flags (the CLI runs each command in it)."""
+    before = _COMMAND_LINE[0]
+    _COMMAND_LINE[0] = True
+    try:
+        yield
+    finally:
+        _COMMAND_LINE[0] = before

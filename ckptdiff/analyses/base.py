@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ckptdiff.engine.alignment import Aligned
+from ckptdiff.errors import InputError
 from ckptdiff.io.views import fp8
 from ckptdiff.metrics.mask import comparison_dtype
 from ckptdiff.naming import expert_of, is_linear, layer_of, module_of
@@ -69,15 +70,34 @@ def row_basics(item: Aligned) -> dict[str, object]:
     }
 
 
+# A name present on one side only has no detail of its own in alignment: these words say which side, in every
+# command's CSV, structural findings and check offenders alike.
+ONE_SIDE = {"only_base": "only in base", "only_ft": "only in fine-tune"}
+NON_FINITE = "non-finite values (NaN or inf)"  # how every analysis's detail starts for such a tensor
+
+
 def item_detail(item: Aligned) -> str:
-    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.io.views.fp8)."""
-    return "; ".join(d for d in (item.detail, fp8.notes(item.infos)) if d)
+    """The structural note of a tensor: alignment's detail and any FP8 note of its sides (see ckptdiff.io.views.fp8),
+    led by the side a one-sided name is on (``only in fine-tune``): one wording across commands."""
+    side = ONE_SIDE.get(item.status.value, "")
+    return "; ".join(d for d in (side, item.detail, fp8.notes(item.infos)) if d)
+
+
+def non_finite_detail(where: str = "", consequence: str = "") -> str:
+    """The detail of a tensor holding NaN or inf, in every analysis: :data:`NON_FINITE`, then ``in <where>`` and
+    what it means for that analysis, e.g. ``non-finite values (NaN or inf) in the base: SVD undefined``."""
+    return NON_FINITE + (f" in {where}" if where else "") + (f": {consequence}" if consequence else "")
 
 
 def pair_target(item: Aligned, as_dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype a base/fine-tune float pair is compared in (``--as`` wins; see ``comparison_dtype``)."""
     a, b = (i.dtype.torch for i in item.infos if i is not None)
     return comparison_dtype(a, b, as_dtype)
+
+
+# Machine keys of the usual tables (--rollups-csv's ``key`` column, JSON's ``table_keys``), by title up to its first
+# parenthesis; any other title's key is its words joined by underscores.
+_KEYS = {"overall": "overall", "per module type": "by_module", "per layer": "by_layer"}
 
 
 @dataclass
@@ -99,6 +119,15 @@ class Table:
     terminal: bool = True
     compact: pd.DataFrame | None = None  # shown instead when the frame would need more than one terminal table
     rollup: bool = True  # in ``--rollups-csv`` (False: a table of text cells, e.g. the fine-tunes side by side)
+    key: str = ""  # machine key in --rollups-csv and JSON; empty: derived from the title (see :meth:`machine_key`)
+
+    def machine_key(self) -> str:
+        """``by_module``, ``by_layer``, ``layer_x_module``, ...: ``key``, else derived from the title."""
+        if self.key:
+            return self.key
+        words = self.title.split("(")[0].split(":")[0].strip().lower()
+        words = words.removeprefix("sparsity, ")
+        return _KEYS.get(words) or "_".join("".join(c if c.isalnum() else " " for c in words).split())
 
 
 @dataclass
@@ -155,6 +184,7 @@ def to_json_dict(report: Report, summary_only: bool = False) -> dict[str, Any]:
         "header": report.header,
         "summary": report.summary,
         "tables": {t.title: records(t.frame.reset_index()) for t in report.tables},
+        "table_keys": {t.machine_key(): t.title for t in report.tables},
         "tensors": records(report.tensors),
         "structural": records(report.structural),
         **_clean(report.extra),
@@ -180,15 +210,29 @@ def expected_skips(frame: pd.DataFrame) -> pd.Series:
     return kind.where(skipped, "")
 
 
-def digest(frame: pd.DataFrame, listed: pd.Series, skipped: pd.Series) -> tuple[pd.DataFrame, list[str]]:
+def findings(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of a per-tensor frame are structural findings, the same rule in every command: a structural
+    status other than ``ok`` (integer tensors aside: they are compared exactly, or skipped as expected), non-finite
+    values (an ``outcome`` of ``non_finite``, or sparsity's ``changed_nonfinite``), or a note in ``detail``."""
+    listed = ~frame["status"].isin(["ok", "non_float"]) | (frame["detail"].astype(str) != "")
+    listed &= frame["status"] != "non_float"
+    if "outcome" in frame:
+        listed |= frame["outcome"] == "non_finite"
+    return listed
+
+
+def digest(frame: pd.DataFrame, listed: pd.Series | None, skipped: pd.Series) -> tuple[pd.DataFrame, list[str]]:
     """The structural findings worth a row, and one summary line per kind of expected difference.
 
     ``frame`` has one row per tensor (``tensor``, ``status``, ``detail``, ...), ``listed`` marks the rows the
-    analysis reports as structural, ``skipped`` says why a row was skipped as expected (a key of the skip kinds:
-    not a matrix, integer, empty; '' for none). A dtype change shared by at least half of the tensors is one
-    line, not a row per tensor; expected skips are one line, counted by kind. What is left (missing tensors,
-    shape or kind mismatches, non-finite values, a dtype change of a few tensors) are the rows.
+    analysis reports as structural (None: :func:`findings`, the rule every pairwise analysis shares), ``skipped``
+    says why a row was skipped as expected (a key of the skip kinds: not a matrix, integer, empty; '' for none). A
+    dtype change shared by at least half of the tensors is one line, not a row per tensor; expected skips are one
+    line, counted by kind. What is left (missing tensors, shape or kind mismatches, non-finite values, a dtype
+    change of a few tensors) are the rows.
     """
+    if listed is None:
+        listed = findings(frame)
     lines = []
     changed = frame["status"] == "dtype_changed"
     patterns = frame.loc[changed, "detail"].astype(str).value_counts()
@@ -208,6 +252,13 @@ def digest(frame: pd.DataFrame, listed: pd.Series, skipped: pd.Series) -> tuple[
         parts = [count(int(n), *_SKIPS[str(kind)]) for kind, n in kinds.items()]
         lines.append("Not analysed, as expected: " + "; ".join(parts) + ".")
     return frame[listed & ~skip & ~overall], lines
+
+
+def rollup_key(key: object, keys: Sequence[str]) -> str:
+    """``key`` if a result's ``by(key)`` knows it; else an :class:`InputError` listing the keys it knows."""
+    if not isinstance(key, str) or key not in keys:
+        raise InputError(f"by({key!r}): no such rollup; choose from {', '.join(repr(k) for k in keys)}")
+    return key
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckptdiff.analyses.base import Report, Table, count, digest, figures_table, item_detail
+from ckptdiff.analyses.base import Report, Table, count, digest, figures_table, item_detail, rollup_key
 from ckptdiff.engine.alignment import Aligned, Status
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.io import layout
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
@@ -156,13 +156,13 @@ def _check_labels(labels: Sequence[str], n_fts: int) -> list[str]:
     labels = [str(x).strip() for x in labels]
     if len(labels) != n_fts:
         raise InputError(
-            f"got {len(labels)} --label value(s) for {n_fts} fine-tuned checkpoints; pass one --label per fine-tune"
+            f"got {len(labels)} {option('--label')} value(s) for {n_fts} fine-tuned checkpoints; pass one per fine-tune"
         )
     if any(not x for x in labels):
-        raise InputError("a --label is empty; give every fine-tune a non-empty name")
+        raise InputError(f"a {option('--label')} value is empty; give every fine-tune a non-empty name")
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise InputError(f"--label {dup[0]!r} is given more than once; labels must be unique")
+        raise InputError(f"{option('--label')} {dup[0]!r} is given more than once; labels must be unique")
     return labels
 
 
@@ -295,7 +295,7 @@ class ConsistencyResult:
     def by(self, key: str) -> pd.DataFrame:
         """Per ``module`` or ``layer`` (per (stack, key) with several stacks): mean off-diagonal Jaccard against
         both baselines, same sign, consensus."""
-        data = {k: _figures(c) for k, c in self.groups(key).items()}
+        data = {k: _figures(c) for k, c in self.groups(rollup_key(key, ("module", "layer"))).items()}
         df = pd.DataFrame.from_dict(data, orient="index").drop(columns="vs_random", errors="ignore")
         if self._stacked() and len(df):
             df.index = pd.MultiIndex.from_tuples(list(df.index), names=["stack", key])

@@ -29,7 +29,7 @@ from ckptdiff.analyses.sparsity import SparsityAnalysis, SparsityResult
 from ckptdiff.analyses.spectral import SpectralAnalysis, SpectralDriftResult
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_analyses
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode
@@ -102,6 +102,10 @@ REPORTED: tuple[Reported, ...] = (
         lambda s, sides: ConsistencyAnalysis(s.runs, s.mode, sides=sides),
     ),
 )
+
+
+# A command whose name is not its analysis's key: `report -a principal-overlap` is `-a principal`.
+COMMAND_NAMES = {"principal-overlap": "principal", "principal_overlap": "principal"}
 
 
 def _reported() -> dict[str, Reported]:
@@ -259,12 +263,17 @@ def split_columns(tensors: pd.DataFrame, analysis: str, columns: Sequence[str]) 
 
 def _analyses_for(chosen: Sequence[str], n_fts: int) -> tuple[str, ...]:
     known = _reported()
+    chosen = [COMMAND_NAMES.get(a.strip().lower(), a.strip().lower()) for a in chosen]
     unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise InputError(f"--analyses: unknown analysis {unknown[0]!r}; choose from {', '.join(known)}")
+        names = ", ".join(
+            k + "".join(f" ({c})" for c, v in COMMAND_NAMES.items() if v == k and "-" in c) for k in known
+        )
+        raise InputError(f"{option('--analyses')}: unknown analysis {unknown[0]!r}; choose from {names}")
     across = [a for a in chosen if not known[a].pairwise]
     if across and n_fts < 2:
-        raise InputError(f"--analyses {across[0]} needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
+        what = f"{option('--analyses')} {across[0]}"
+        raise InputError(f"{what} needs at least 2 fine-tuned checkpoints; pass two or more after BASE")
     return tuple(r.key for r in REPORTED if r.key in chosen)
 
 

@@ -35,8 +35,10 @@ from ckptdiff.analyses.base import (
     expected_skips,
     figures_table,
     item_detail,
+    non_finite_detail,
     once_per_key,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import PRINCIPAL, figures, rollup_by, scope_key
@@ -199,7 +201,7 @@ class PrincipalOverlapResult:
         """Rollup per ``module`` or ``layer``, one row per group (see :func:`rollup`); per (stack, module) and
         (stack, layer) when the checkpoint has several stacks."""
         df = self.analysed()
-        if key == "layer":
+        if rollup_key(key, ("module", "layer")) == "layer":
             df = df.dropna(subset=["layer"])
         if df.empty:
             return pd.DataFrame()
@@ -255,8 +257,7 @@ class PrincipalOverlapResult:
             g = self.by(key)
             tables.append(Table(title, g[_SHOWN] if not g.empty else g, view=_VIEW, legend=_LEGEND))
         df = self.to_frame()
-        listed = ~df["analysed"].astype(bool) | (df["detail"] != "")  # as structural() lists them
-        findings, notes = digest(df, listed, expected_skips(df))
+        findings, notes = digest(df, None, expected_skips(df))  # the rule every command shares
         findings = findings[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
         return Report("ckptdiff principal-overlap", self.header, self._summary() + notes, tables, df, findings)
 
@@ -354,9 +355,8 @@ class _MaskFile:
 
 def _reason(it: Aligned) -> str:
     """Why a tensor is not analysed ('' when it is)."""
-    if not it.comparable:
-        what = {"only_base": "only in base", "only_ft": "only in fine-tune"}.get(it.status, it.status.replace("_", " "))
-        return f"not analysed: {what}" + (f" ({it.detail})" if it.detail else "")
+    if not it.comparable:  # the structural note, worded as in every command (analyses.base.item_detail)
+        return item_detail(it) or it.status.replace("_", " ")
     if not it.is_float:
         return "not analysed: not a float tensor"
     dims = len(it.base.shape)
@@ -549,9 +549,9 @@ def _row(
         reason = "not analysed: the base matrix is all zeros, so its principal weights are undefined"
     if nonfinite:
         reason = reason or (
-            "non-finite values in the fine-tune: update energy undefined"
+            non_finite_detail("the fine-tune", "update energy undefined")
             if result is not None
-            else "not analysed: base has non-finite values (SVD undefined)"
+            else non_finite_detail("the base", "SVD undefined, not analysed")
         )
     row["analysed"] = result is not None
     row["detail"] = reason or item_detail(it)

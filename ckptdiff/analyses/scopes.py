@@ -385,6 +385,12 @@ def rollup_by(
     out = pd.DataFrame.from_dict(rows, orient="index")
     if columns is not None:
         out = out.reindex(columns=list(columns))
+    counts = [
+        c
+        for c in out.columns
+        if rows and all(isinstance(r.get(c), int) and not isinstance(r.get(c), bool) for r in rows.values())
+    ]
+    out = out.astype(dict.fromkeys(counts, "int64"))  # counts stay integers (from_dict makes them floats)
     names = [key] if isinstance(key, str) else list(key)
     if len(names) > 1:
         tuples = list(out.index)

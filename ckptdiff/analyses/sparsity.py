@@ -16,7 +16,9 @@ from ckptdiff.analyses.base import (
     digest,
     figures_table,
     item_detail,
+    non_finite_detail,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import SPARSITY, by_name, figures, grouped, in_stack_order, pick, scope_key
@@ -25,6 +27,7 @@ from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.views.fp8 import FP8_COLUMNS
 from ckptdiff.io.views.quant import Stats
+from ckptdiff.log import log
 from ckptdiff.metrics.mask import CompareMode, compare_mode, dtype_name
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
 from ckptdiff.naming import natural_key
@@ -122,11 +125,12 @@ class SparsityResult:
         (``shared``), in natural order; tensors outside the experts are left out.
         """
         df = self.compared()
-        if key == "layer":
+        if rollup_key(key, ("layer", "module", "expert")) == "layer":
             df = df.dropna(subset=["layer"])
         if key == "expert":
             df = df[df["expert"] != ""]
             if df.empty:
+                log.warning("by('expert'): no tensor belongs to an expert (a dense model): the rollup is empty")
                 return pd.DataFrame(columns=["numel", "changed", "sparsity"]).rename_axis("expert")
         out = grouped(
             df, key if key == "expert" else scope_key(df, key), pick(SPARSITY, "numel", "changed", "sparsity")
@@ -230,7 +234,7 @@ class SparsityResult:
                 "all: every tensor of the layer (norms included); the modules: its linear matrices.",
             ),
         ]
-        if not self.by("expert").empty:
+        if (self.compared()["expert"] != "").any():
             tables += [
                 Table("Sparsity, expert x module (every layer)", self.expert_grid()),
                 Table("Experts that moved most (layer, expert; highest density first)", self.top_experts()),
@@ -241,9 +245,8 @@ class SparsityResult:
     def _findings(self) -> tuple[pd.DataFrame, list[str]]:
         """The structural rows worth listing, and one line each for integer tensors and a model-wide dtype change."""
         df = self.to_frame()
-        listed = (df["status"] != Status.OK.value) | (df["detail"] != "")  # as structural() lists them
         is_int = df["status"] == Status.NON_FLOAT.value
-        found, lines = digest(df, listed & ~is_int, pd.Series("", index=df.index))
+        found, lines = digest(df, None, pd.Series("", index=df.index))  # the rule every command shares
         ints = df[is_int]
         if len(ints):
             moved = ints[ints["changed"].fillna(0) > 0]["tensor"].astype(str).tolist()
@@ -340,6 +343,13 @@ class SparsityAnalysis(Analysis):
             if it.comparable and counts is None:  # zero-size tensor
                 counts = ChangeCounts()
             row = _row(basics, counts, self.totals_bf16.get(it.name), as_)
+            if counts is not None and counts.changed_nonfinite:  # a NaN is a finding, as in every command
+                n = counts.changed_nonfinite
+                why = "a NaN" + " or overflow the --as dtype" * bool(counts.overflow_as)
+                note = non_finite_detail(
+                    consequence=f"{n:,} changed {'entry involves' if n == 1 else 'entries involve'} {why}"
+                )
+                row["detail"] = "; ".join(d for d in (row["detail"], note) if d)
             if counts is not None:
                 fp8 = self.fp8.columns(it) if self.fp8 is not None else dict.fromkeys(FP8_COLUMNS, float("nan"))
                 row.update(fp8)

@@ -29,8 +29,10 @@ from ckptdiff.analyses.base import (
     expected_skips,
     figures_table,
     item_detail,
+    non_finite_detail,
     once_per_key,
     pair_target,
+    rollup_key,
     row_basics,
 )
 from ckptdiff.analyses.scopes import (
@@ -81,6 +83,9 @@ LEAD_COLUMNS = [
 ]
 LEAD_COLUMNS.append("linear")
 TAIL_COLUMNS = ["analysed", "status", "outcome", "detail"]
+# An unchanged matrix (ΔW = 0) has these at exactly 0; two SVDs of the same matrix give ~1e-13° of noise instead.
+_ZERO_WHEN_UNCHANGED = ["nss", "sv_topk_max_rel_change", "angle_u_max_deg", "angle_v_max_deg"]
+_ZERO_WHEN_UNCHANGED += ["angle_u_mean_deg", "angle_v_mean_deg"]
 TOP_MATRICES = 10
 TOP_LAYERS = 3
 
@@ -154,7 +159,7 @@ class SpectralDriftResult:
     def by(self, key: str) -> pd.DataFrame:
         """Rollup per ``layer`` or ``module``: max and median of NSS and angles, weighted nss_per_update."""
         df = self.analysed()
-        if key == "layer":
+        if rollup_key(key, ("layer", "module")) == "layer":
             df = df.dropna(subset=["layer"])
         out = rollup_by(df, scope_key(df, key), self._stats)
         return out.astype({"matrices": "int64", "params": "int64"}) if len(out) else out
@@ -182,6 +187,9 @@ class SpectralDriftResult:
         h = self.header
         if df.empty:
             return ["No 2-D floating-point matrix was comparable: nothing to decompose."]
+        if (df["delta_rel_fro"] == 0).all():  # angles of two SVDs of one matrix are rounding noise: say so instead
+            n = count(len(df), "analysed matrix", "analysed matrices")
+            return [f"No matrix changed (ΔW = 0 for all {n}): spectral drift and principal angles are 0."]
         nss = df["nss"].to_numpy(dtype=float)
         worst_nss = str(df["tensor"].iloc[int(np.nanargmax(nss))]) if np.isfinite(nss).any() else "—"
         lines = [
@@ -223,6 +231,7 @@ class SpectralDriftResult:
             layers = self.by("layer")
             if len(layers):
                 rot = layers[["angle_u_deg_max", "angle_v_deg_max"]].max(axis=1).dropna()
+                rot = rot[rot > 0]  # a layer whose matrices did not change does not rotate
                 rot = rot.sort_values(ascending=False, kind="stable").head(TOP_LAYERS)
                 if len(rot):
                     named = ", ".join(f"{layer_label(i)} ({v:.4g}°)" for i, v in rot.items())
@@ -325,7 +334,7 @@ class SpectralDriftResult:
             Table("Most rotated matrices", rotated, short, rotated_view),
         ]
         df = self.to_frame()
-        findings, notes = digest(df, ~df["analysed"].astype(bool), expected_skips(df))
+        findings, notes = digest(df, None, expected_skips(df))  # the rule every command shares
         findings = findings[["tensor", "status", "detail", "dtype_base", "dtype_ft", "shape"]]
         return Report("ckptdiff spectral", self.header, self._summary() + notes, tables, df, findings)
 
@@ -336,8 +345,8 @@ class SpectralDriftResult:
 
 def _not_analysed(item: Aligned) -> str:
     """Why a tensor has no spectral row: the structural detail, or what kind of tensor it is."""
-    if not item.comparable:
-        return item.detail or item.status.replace("_", " ")
+    if not item.comparable:  # the structural note, worded as in every command (analyses.base.item_detail)
+        return item_detail(item) or item.status.replace("_", " ")
     if not item.is_float:
         return "integer/bool: no spectrum"
     ndim = len(item.base.shape)
@@ -515,11 +524,13 @@ def _row(
     row["analysed"] = result is not None
     if result is not None:
         values = asdict(result)
+        if result.delta_rel_fro == 0:  # W1 = W0: no drift and no rotation, whatever rounding the two SVDs made
+            values |= dict.fromkeys(_ZERO_WHEN_UNCHANGED, 0.0)
         row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
         row["detail"] = item_detail(item)
         row["outcome"] = Outcome.ANALYSED.value
         return row
     row.update({c: math.nan for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
-    row["detail"] = "non-finite entries: not analysed" if nonfinite else _not_analysed(item)
+    row["detail"] = non_finite_detail(consequence="not analysed") if nonfinite else _not_analysed(item)
     row["outcome"] = (Outcome.NON_FINITE if nonfinite else Outcome.NOT_ANALYSED).value
     return row

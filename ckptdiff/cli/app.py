@@ -43,14 +43,38 @@ def _flags_without_metavar(params: list[Any]) -> list[Any]:
     return params
 
 
+def _help_may_close(format_help: Callable[[Any, Any], None], ctx: Any, formatter: Any) -> None:
+    """``ckptdiff --help | head -1``: a reader that stops reading the help is not an error (exit 0, as for a
+    command's output), where click would exit 1."""
+    from ckptdiff.cli.options import stdout_may_close
+
+    try:
+        with stdout_may_close():
+            format_help(ctx, formatter)
+    except SystemExit as e:  # rich's Console.on_broken_pipe: stdout already points at os.devnull, then exit 1
+        if e.code != 1:
+            raise
+
+
 class _Command(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """``BASE FT...``, where typer writes ``{BASE} {FT}...``: braces mark nothing a user types."""
+        pieces = super().collect_usage_pieces(ctx)
+        return [p.replace("{", "").replace("}", "").replace("......", "...") for p in pieces]
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_may_close(super().format_help, ctx, formatter)
 
 
 class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_may_close(super().format_help, ctx, formatter)
 
     def main(  # type: ignore[override]  # windows_expand_args (newer typer) passes through **extra
         self,
@@ -104,10 +128,18 @@ def _root(
         help="Read Hub ids (org/name) by byte range straight from the Hub: nothing is written to disk; each byte "
         "still crosses the network once. Same as CKPTDIFF_HUB_STREAM=1. Put it before the command.",
     ),
+    host: bool = typer.Option(
+        False,
+        "--host",
+        help="Record this machine's host name in every report header (left out by default: reports are pasted into "
+        "model cards and pull requests). Same as CKPTDIFF_HOST=1. Put it before the command.",
+    ),
 ) -> None:
     """Checkpoint forensics: what did this fine-tune actually do to the weights?"""
     if hub_stream:
         os.environ["CKPTDIFF_HUB_STREAM"] = "1"  # read by io.resolve for every Hub id of this run
+    if host:
+        os.environ["CKPTDIFF_HOST"] = "1"  # read by engine.header for every header of this run
 
 
 def make_app(commands: Sequence[tuple[str, Callable[..., None], str]] = COMMANDS) -> typer.Typer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ckptdiff.cli.options import (
+    AlphaOpt,
     AsOpt,
     AtolOpt,
     BaseArg,
@@ -18,8 +20,13 @@ from ckptdiff.cli.options import (
     IncludeOpt,
     JsonOpt,
     MergedDtypeOpt,
+    NullOpt,
+    PrincipalPrecisionOpt,
     QuietOpt,
     RtolOpt,
+    SeedOpt,
+    SpectralPrecisionOpt,
+    SvdOpt,
     compare_mode,
     outputs,
     stdout_may_close,
@@ -29,9 +36,12 @@ if TYPE_CHECKING:
     from ckptdiff.gate.check import GateResult
 
 EPILOG = (
-    "Example: [bold]ckptdiff check Qwen/Qwen3-4B my-org/my-ft --rule 'sparsity >= 0.5' "
-    "--rule 'changed@model.embed_tokens.weight == 0' --same-keys --same-shapes[/bold]\n\n"
-    "Example: [bold]ckptdiff check BASE FT --config rules.toml --format md >> $GITHUB_STEP_SUMMARY[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff check examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--rule 'sparsity >= 0.1' --rule 'changed@*norm* == 0' --same-structure[/bold]\n\n"
+    "Example: [bold]ckptdiff check examples/checkpoints/base examples/checkpoints/rl_seed1 --config "
+    "examples/ci/rules.toml --format md "
+    ">> $GITHUB_STEP_SUMMARY[/bold]\n\n"
     "A rule is METRIC\\[@GLOB] OP VALUE; the glob matches full tensor names. Without --config, a "
     "\\[tool.ckptdiff] table in ./pyproject.toml is read when present. "
     "Exit codes: 0 every rule passes, 1 a rule fails, 2 bad input or usage."
@@ -78,9 +88,7 @@ HeaderOnlyOpt = Annotated[
         help="Check structure from safetensors headers alone (a Hub id fetches only its headers); no tensor data.",
     ),
 ]
-KOpt = Annotated[
-    int | None, typer.Option("--k", min=1, help="Top-k singular directions for principal/spectral metrics.")
-]
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Top-k singular directions for principal/spectral metrics.")]
 CheckFormatOpt = Annotated[CheckFmt, typer.Option("--format", "-f", help="Stdout format: table, md or json.")]
 
 
@@ -104,18 +112,24 @@ def check(
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     as_: AsOpt = None,
-    k: KOpt = None,
+    k: KOpt = 64,  # choices.DEFAULT_K (cli imports no torch at module level)
+    alpha: AlphaOpt = 0.5,
+    svd: SvdOpt = "auto",
+    precision: PrincipalPrecisionOpt = "fp32",
+    spectral_precision: SpectralPrecisionOpt = "fp64",
+    null: NullOpt = "none",
+    seed: SeedOpt = 0,
     json: JsonOpt = None,
     fmt: CheckFormatOpt = CheckFmt.table,
     quiet: QuietOpt = False,
 ) -> None:
     """Gate a fine-tune on rules: each metric or structural rule must hold, or the exit code is 1."""
-    from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule
-    from ckptdiff.gate.check import Shared, gather_config
-    from ckptdiff.gate.check import check as run
-
     rules_files = [config if config is not None else Path("pyproject.toml")]  # inputs too: never overwritten
-    with outputs([base, ft, *rules_files], {"--json": json}) as outs:
+    with outputs([base, ft], {"--json": json}, side_files=rules_files) as outs:
+        from ckptdiff.gate import CheckConfig, StructuralRules, parse_rule  # pandas: after the paths are checked
+        from ckptdiff.gate.check import Shared, gather_config
+        from ckptdiff.gate.check import check as run
+
         cli = CheckConfig(
             rules=tuple(parse_rule(text) for text in rule or []),
             structural=StructuralRules(
@@ -135,6 +149,12 @@ def check(
             k=k,
             progress=not quiet,
             merged_dtype=merged_dtype,
+            alpha=alpha,
+            svd=svd,
+            principal_precision=precision,
+            spectral_precision=spectral_precision,
+            null=null,
+            seed=seed,
         )
         report = run(
             base,
@@ -166,15 +186,16 @@ def print_table(report: GateResult) -> None:
     from rich.text import Text
 
     from ckptdiff.gate import exact_number, format_value
-    from ckptdiff.render.terminal import stdout_console
+    from ckptdiff.render.terminal import folded, stdout_console
 
     console = stdout_console()
-    if not console.is_terminal:  # CI logs and pipes: keep tensor names on one line
-        console.width = max(console.width, 200)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):  # pipes: tensor names on one line; a set
+        console.width = max(console.width, 200)  # COLUMNS (a CI log's width) wins, and long cells fold to it
     results = report.outcome.results
     for key in ("base", "ft", "tied", "rules_from", "mode", "fp8_findings"):
         if key in report.header:
-            console.print(Text(f"{key}: {report.header[key]}", style="dim"))
+            for line in folded(f"{key}: ", report.header[key], console.width):
+                console.print(Text(line, style="dim"))
     table = Table(title_justify="left")
     table.add_column("rule", overflow="fold")
     table.add_column("value", justify="right", overflow="fold")
@@ -182,7 +203,10 @@ def print_table(report: GateResult) -> None:
     table.add_column("result", no_wrap=True)
     for r in results:
         verdict = Text("PASS", style="bold green") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(r.rule), format_value(r.value), f"{r.op} {exact_number(r.threshold)}", verdict)
+        rule = Text(r.rule)
+        if r.counts:  # a structural rule's value is a count: of what
+            rule.append(f": {r.counts}", style="dim")
+        table.add_row(rule, format_value(r.value), f"{r.op} {exact_number(r.threshold)}", verdict)
         if r.passed:
             continue
         for o in r.offenders:

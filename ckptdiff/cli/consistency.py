@@ -28,9 +28,11 @@ from ckptdiff.cli.options import (
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff consistency base/ runs/seed1 runs/seed2 runs/seed3 --csv pairs.csv[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff consistency examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "examples/checkpoints/rl_seed2 examples/checkpoints/sft -l rl1 -l rl2 -l sft --csv pairs.csv[/bold]\n\n"
     "Jaccard of every pair of update masks, against the random baseline pq/(p+q-pq) and the magnitude-matched "
-    "baseline (docs/metrics.md §2b); the CSV has one row per tensor and pair of runs."
+    "baseline (Metrics §2b in the docs); the CSV has one row per tensor and pair of runs."
     "\n\n" + VERBOSITY
 )
 
@@ -54,12 +56,12 @@ def consistency(
     quiet: QuietOpt = False,
 ) -> None:
     """Consistency across runs: do several fine-tunes of one base change the same entries?"""
-    from ckptdiff.analyses.compare import across_runs
-    from ckptdiff.analyses.consistency import consistency as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(rtol, atol, as_)
     with outputs([base, *fts], {"--csv": csv, "--json": json, "--rollups-csv": rollups_csv}) as outs:
+        from ckptdiff.analyses.compare import across_runs
+        from ckptdiff.analyses.consistency import consistency as run  # torch: after the paths are checked
+
+        mode = compare_mode(rtol, atol, as_)
         result = run(
             base,
             fts,

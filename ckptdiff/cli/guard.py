@@ -36,7 +36,7 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from ckptdiff.errors import CkptdiffError
+        from ckptdiff.errors import CkptdiffError, command_line
         from ckptdiff.log import to_stderr
         from ckptdiff.runtime.signals import signals_as_interrupts
 
@@ -44,7 +44,7 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
         debug = os.environ.get("CKPTDIFF_DEBUG", "") not in ("", "0")
         try:
-            with signals_as_interrupts(speak=RANK[0] == 0):
+            with signals_as_interrupts(speak=RANK[0] == 0), command_line():  # messages name flags, not keywords
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

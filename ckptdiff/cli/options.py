@@ -36,12 +36,16 @@ BaseArg = Annotated[
 ]
 FtArg = Annotated[str, typer.Argument(metavar="FT", help="Fine-tuned checkpoint, same forms as BASE.")]
 IncludeOpt = Annotated[
-    list[str] | None, typer.Option("--include", "-i", help="Glob of tensor names to keep (repeatable).")
+    list[str] | None,
+    typer.Option("--include", "-i", help="Glob of full tensor names to keep, e.g. '*mlp*' (repeatable, or a,b)."),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None, typer.Option("--exclude", "-x", help="Glob of tensor names to drop (repeatable).")
+    list[str] | None, typer.Option("--exclude", "-x", help="Glob of full tensor names to drop (repeatable, or a,b).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where the arithmetic runs: auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", help="Where the arithmetic runs (auto: a GPU if any)."),
+]
 RtolOpt = Annotated[
     float | None,
     typer.Option("--rtol", help="Relative test |d| <= rtol*max(|w0|,|w1|) (PNT uses 1e-3) instead of bitwise."),
@@ -50,7 +54,13 @@ AtolOpt = Annotated[
     float | None, typer.Option("--atol", help="Absolute test |d| <= atol (MUK uses 1e-5) instead of bitwise.")
 ]
 AsOpt = Annotated[
-    str | None, typer.Option("--as", help="Round both sides to this storage dtype first: bf16, fp16 or fp32.")
+    str | None,
+    typer.Option(
+        "--as",
+        metavar="<bf16|fp16|fp32>",
+        show_default="native: no rounding",
+        help="Round both sides to this storage dtype first: bf16, fp16 or fp32.",
+    ),
 ]
 MergedDtypeOpt = Annotated[
     str | None,
@@ -102,13 +112,37 @@ AlphaOpt = Annotated[
     float, typer.Option("--alpha", help="Mask density in (0, 1): principal = top α, low = bottom α of the entries.")
 ]
 SvdOpt = Annotated[
-    str, typer.Option("--svd", help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).")
+    str,
+    typer.Option(
+        "--svd",
+        metavar="<exact|randomized|auto>",
+        help="exact (torch.linalg.svd), randomized (svd_lowrank) or auto (by shape).",
+    ),
 ]
 NullOpt = Annotated[
     str,
-    typer.Option("--null", help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm."),
+    typer.Option(
+        "--null",
+        metavar="<none|random>",
+        help="none, or random: also score W0 + a Gaussian update of the same Frobenius norm.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
+# report and check run both SVD analyses: --precision is principal-overlap's, --spectral-precision spectral's.
+PrincipalPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        metavar="<fp32|fp64>",
+        help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).",
+    ),
+]
+SpectralPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--spectral-precision", metavar="<fp64|fp32>", help="spectral SVD dtype: fp64 or fp32 (as in spectral)."
+    ),
+]
 BudgetOpt = Annotated[
     float | None,
     typer.Option(
@@ -118,7 +152,7 @@ BudgetOpt = Annotated[
 ]
 FtsArg = Annotated[
     list[str],
-    typer.Argument(metavar="FT...", help="Fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
+    typer.Argument(metavar="FT", help="Fine-tuned checkpoints of BASE (same forms as BASE).", show_default=False),
 ]
 LabelOpt = Annotated[
     list[str] | None,
@@ -137,12 +171,26 @@ def compare_mode(rtol: float | None, atol: float | None, as_: str | None) -> Com
     return build(rtol=rtol, atol=atol, as_dtype=as_)
 
 
-def outputs(inputs: Sequence[str | Path | None], files: dict[str, Path | None]) -> OutputSet:
+def inputs_exist(specs: Sequence[str | Path]) -> None:
+    """Each checkpoint given is a usable path or a Hub id (:func:`ckptdiff.io.layout.check_spec`), checked before
+    torch or pandas load: a mistyped path fails about as fast as ``--help``, with the nearest name."""
+    from ckptdiff.io.layout import check_spec
+
+    for spec in specs:
+        check_spec(str(spec))
+
+
+def outputs(
+    inputs: Sequence[str | Path | None], files: dict[str, Path | None], *, side_files: Sequence[Path] = ()
+) -> OutputSet:
     """The run's output files by option (``{"--csv": path, ...}``), checked against the inputs and each other
-    before any checkpoint is read (see :mod:`ckptdiff.io.outputs`). Use the result as a context manager."""
+    before any checkpoint is read (see :mod:`ckptdiff.io.outputs`), after the checkpoints ``inputs`` are checked
+    (:func:`inputs_exist`). ``side_files`` (a rules file) are inputs no output may replace. Nothing heavy is
+    imported here: call it before the analyses load. Use the result as a context manager."""
     from ckptdiff.io.outputs import OutputSet
 
-    outs = OutputSet([i for i in inputs if i is not None])
+    inputs_exist([i for i in inputs if i is not None])
+    outs = OutputSet([*(i for i in inputs if i is not None), *side_files])
     for flag, path in files.items():
         outs.add(flag, path)
     return outs

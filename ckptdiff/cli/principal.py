@@ -35,7 +35,9 @@ from ckptdiff.cli.options import (
     outputs,
 )
 
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="SVD computation dtype: fp32 or fp64 (never bf16).")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", metavar="<fp32|fp64>", help="SVD computation dtype: fp32 or fp64 (never bf16).")
+]
 SaveMasksOpt = Annotated[
     Path | None,
     typer.Option(
@@ -46,12 +48,14 @@ SaveMasksOpt = Annotated[
 ]
 
 EPILOG = (
-    "Example: [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64 --csv principal.csv"
-    "[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff principal-overlap examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 --k 16 --csv principal.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff principal-overlap Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --svd "
+    "exact[/bold]\n\n"
     "Overlap of the update mask with the principal weights (top α of |rank-k W0|) and the low-magnitude weights "
-    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (docs/metrics.md §2, §2b)."
-    "\n\n"
-    + VERBOSITY
+    "(bottom α of |W0|), against the random baseline α and the magnitude-matched baseline (Metrics §2, §2b in the "
+    "docs)."
+    "\n\n" + VERBOSITY
 )
 
 
@@ -79,12 +83,12 @@ def principal_overlap(
     quiet: QuietOpt = False,
 ) -> None:
     """Principal-weight overlap: does the update avoid the base's principal weights, beyond what its size explains?"""
-    from ckptdiff.analyses.principal import principal_overlap as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(rtol, atol, as_)
     files = {"--save-masks": save_masks, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
     with outputs([base, ft], files) as outs:
+        from ckptdiff.analyses.principal import principal_overlap as run  # torch: after the paths are checked
+
+        mode = compare_mode(rtol, atol, as_)
         result = run(
             base,
             ft,

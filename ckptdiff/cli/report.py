@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -21,9 +23,11 @@ from ckptdiff.cli.options import (
     LabelOpt,
     MergedDtypeOpt,
     NullOpt,
+    PrincipalPrecisionOpt,
     QuietOpt,
     RtolOpt,
     SeedOpt,
+    SpectralPrecisionOpt,
     SvdOpt,
     compare_mode,
     stdout_may_close,
@@ -40,19 +44,16 @@ AnalysesOpt = Annotated[
     typer.Option(
         "--analyses",
         "-a",
-        help="Subset of sparsity, principal, spectral, consistency, comma-separated or repeated (default: all that "
-        "apply).",
+        help="Subset of sparsity, principal (or principal-overlap), spectral, consistency, comma-separated or repeated "
+        "(default: all that apply).",
     ),
-]
-PrincipalPrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="principal-overlap SVD dtype: fp32 or fp64 (as in principal-overlap).")
-]
-SpectralPrecisionOpt = Annotated[
-    str, typer.Option("--spectral-precision", help="spectral SVD dtype: fp64 (default) or fp32 (as in spectral).")
 ]
 
 EPILOG = (
-    "Example: [bold]ckptdiff report Qwen/Qwen3-4B runs/grpo-seed1 runs/grpo-seed2 -o report/[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff report examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "examples/checkpoints/rl_seed2 -o report/ --k 16[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff report Qwen/Qwen3-4B runs/grpo-seed1 -a sparsity,spectral -o report/[/bold]\n\n"
     "Runs sparsity, principal-overlap and spectral for every fine-tune (and consistency across them when there are "
     "two or more) in one pass over the checkpoints, and writes index.html (self-contained), report.md with "
     "figures/, tensors.csv (one row per tensor and fine-tune, the single commands' columns) and report.json."
@@ -83,12 +84,15 @@ def report(
     quiet: QuietOpt = False,
 ) -> None:
     """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
-    from ckptdiff.analyses.full import full_report
+    from ckptdiff.cli.options import inputs_exist
     from ckptdiff.render.report_dir import check_directory, write_directory
     from ckptdiff.render.terminal import print_verdict
 
-    mode = compare_mode(rtol, atol, as_)
+    inputs_exist([base, *fts])
     check_directory(out, [base, *fts])
+    from ckptdiff.analyses.full import full_report  # torch and pandas: after the paths are checked
+
+    mode = compare_mode(rtol, atol, as_)
     chosen = [a.strip() for given in analyses for a in given.split(",") if a.strip()] if analyses else None
     result = full_report(
         base,
@@ -112,10 +116,11 @@ def report(
     )
     write_directory(result, out, [base, *fts])
     with stdout_may_close():
+        width = shutil.get_terminal_size().columns  # COLUMNS when set, else the terminal's, else 80
         side = result.comparison()
         print_verdict(result.verdict(), side.table("\n") if side.rows else None)
         for heading, section in result.sections():
             typer.echo(f"{heading}:")
-            for sentence in section.summary:
-                typer.echo(f"  {sentence}")
-        typer.echo(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)")
+            for sentence in section.summary:  # wrapped between words, never mid-word
+                typer.echo(textwrap.fill(sentence, width, initial_indent="  ", subsequent_indent="    "))
+        typer.echo(textwrap.fill(f"Report written to {out}/ (index.html, report.md, tensors.csv, report.json)", width))

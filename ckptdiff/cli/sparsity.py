@@ -27,10 +27,12 @@ from ckptdiff.cli.options import (
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --csv sparsity.csv[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff sparsity examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--csv sparsity.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff sparsity Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --rtol 1e-3[/bold]\n\n"
     "Sparsity is the fraction of entries whose stored value did not change, weighted by parameter count."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
@@ -52,11 +54,11 @@ def sparsity(
     quiet: QuietOpt = False,
 ) -> None:
     """Update sparsity: which entries did the fine-tune change? Bitwise by default, bf16-aware."""
-    from ckptdiff.analyses.sparsity import sparsity as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(rtol, atol, as_)
     with outputs([base, ft], {"--csv": csv, "--json": json, "--rollups-csv": rollups_csv}) as outs:
+        from ckptdiff.analyses.sparsity import sparsity as run  # torch and pandas: after the paths are checked
+
+        mode = compare_mode(rtol, atol, as_)
         result = run(
             base,
             ft,

@@ -34,19 +34,25 @@ from ckptdiff.cli.options import (
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff spectral Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --null random --csv spectral.csv"
-    "[/bold]\n\n"
+    "Example (the checkpoints shipped in the repository): [bold]ckptdiff spectral examples/checkpoints/base "
+    "examples/checkpoints/rl_seed1 "
+    "--k 16 --null random --csv spectral.csv[/bold]\n\n"
+    "Example (Hub ids): [bold]ckptdiff spectral Qwen/Qwen3-4B Polaris/Polaris-4B-Preview --k 64[/bold]\n\n"
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
 # Values are checked by the library, which answers a bad one with a one-line error (exit 2).
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
+    str,
+    typer.Option(
+        "--precision",
+        metavar="<fp64|fp32>",
+        help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.",
+    ),
 ]
 SpectraOpt = Annotated[
     Path | None,
@@ -76,13 +82,13 @@ def spectral(
     quiet: QuietOpt = False,
 ) -> None:
     """Spectral drift and principal-subspace rotation of every weight matrix, with equal-norm random controls."""
-    from ckptdiff.analyses.spectral import FP32_WARNING
-    from ckptdiff.analyses.spectral import spectral as run
-
     check_summary(fmt, summary)
-    mode = compare_mode(None, None, as_)
     files = {"--save-spectra": save_spectra, "--csv": csv, "--json": json, "--rollups-csv": rollups_csv}
     with outputs([base, ft], files) as outs:
+        from ckptdiff.analyses.spectral import FP32_WARNING  # torch: after the paths are checked
+        from ckptdiff.analyses.spectral import spectral as run
+
+        mode = compare_mode(None, None, as_)
         if precision == "fp32":
             typer.echo(f"ckptdiff: warning: {FP32_WARNING}", err=True)
         result = run(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from fnmatch import fnmatchcase
 
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.io.source import Source, TensorInfo, Tie
 from ckptdiff.io.views import fp8
 from ckptdiff.io.views.ties import HINT, describe, has_input_embedding
@@ -189,13 +189,29 @@ def _alias_hint(glob: str, aliases: dict[str, str]) -> str:
     return f"matches only {', '.join(hit)}, tied to {names} (one tensor, compared under that name): include {names}"
 
 
+def _glob_hint(glob: str, names: Sequence[str]) -> str:
+    """For a glob that matches no name: the glob with wildcards around it when that matches (``mlp`` ->
+    ``*mlp*``: a glob matches full names), else ''."""
+    wide = f"*{glob.strip('*')}*"
+    if wide != glob and any(fnmatchcase(n, wide) for n in names):
+        return f"; did you mean {wide!r}?"
+    return ""
+
+
+def split_globs(globs: Sequence[str]) -> list[str]:
+    """``-i 'a,b' -i c`` -> ``['a', 'b', 'c']``: comma lists as ``--analyses`` takes them (no tensor name has a
+    comma)."""
+    return [g.strip() for given in globs for g in given.split(",") if g.strip()]
+
+
 def align(
     sources: Sequence[Source],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     labels: Sequence[str] | None = None,
 ) -> list[Aligned]:
-    """Pair tensors by name across checkpoints, filtered by globs, in natural name order."""
+    """Pair tensors by name across checkpoints, filtered by globs (comma lists too), in natural name order."""
+    include, exclude = split_globs(include), split_globs(exclude)
     labels = list(labels) if labels is not None else [s.spec for s in sources]
     names: dict[str, None] = {}
     for s in sources:
@@ -222,14 +238,18 @@ def align(
             if hint:
                 log.warning(f"--include {glob!r} {hint}")
             elif not any(fnmatchcase(n, glob) for n in aliases):  # excluding a tied name excludes nothing
-                log.warning(f"{flag} {glob!r} matches no tensor name; check the glob (it matches full names)")
+                log.warning(
+                    f"{option(flag)} {glob!r} matches no tensor name; check the glob (it matches full names)"
+                    + _glob_hint(glob, list(names))
+                )
     if not out and (include or exclude):
-        hints = [f"--include {g!r} {h}" for g in include if (h := _alias_hint(g, aliases))]
+        hints = [f"{option('--include')} {g!r} {h}" for g in include if (h := _alias_hint(g, aliases))]
+        wider = "".join(_glob_hint(g, list(names)) for g in include[:1] if not any(fnmatchcase(n, g) for n in names))
         raise InputError(
             "; ".join(hints)
             if hints
-            else "the --include/--exclude filters match no tensor; check the globs (they match full names, "
-            "e.g. 'model.layers.*.mlp.*')"
+            else f"the {option('--include')}/{option('--exclude')} filters match no tensor; check the globs (they "
+            f"match full names, e.g. 'model.layers.*.mlp.*'){wider}"
         )
     tied = describe(sources, labels)
     if tied:

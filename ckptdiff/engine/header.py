@@ -4,6 +4,7 @@ the parameters, and where and when the run was made."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import re
 from collections.abc import Sequence
@@ -48,13 +49,14 @@ def header(
 
 
 def runtime(device: str) -> dict[str, str]:
-    """Where and when a report was made, the closing keys of every header: device, torch, host, date."""
-    return {
-        "device": device,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    """Where and when a report was made, the closing keys of every header: device, torch, date; the host name only
+    when asked for (``ckptdiff --host``, or ``CKPTDIFF_HOST=1`` for the library): a report.md is pasted into model
+    cards and pull requests, where a machine's name has no business."""
+    out = {"device": device, "torch": torch.__version__}
+    if os.environ.get("CKPTDIFF_HOST", "") not in ("", "0"):
+        out["host"] = platform.node()
+    out["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
 
 
 def header_key(name: str) -> str:

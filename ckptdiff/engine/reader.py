@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ckptdiff.engine.alignment import Aligned
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.io.source import Source
 
 CHUNK_BYTES = 16 * 1024 * 1024  # per side, for element-wise analyses
@@ -30,21 +30,22 @@ CHUNK_BYTES = 16 * 1024 * 1024  # per side, for element-wise analyses
 def resolve_device(spec: str = "auto") -> torch.device:
     """'auto' -> the first GPU when there is one, else the CPU; 'cpu'; 'cuda' or 'cuda:N'."""
     spec = spec.strip().lower()
+    flag = option("--device")
     if spec == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {spec} was asked for but no CUDA GPU is available; use --device cpu or auto")
+            raise InputError(f"{flag} {spec} was asked for but no CUDA GPU is available; use {flag} cpu or auto")
         try:
             dev = torch.device(spec)
         except RuntimeError:
-            raise InputError(f"--device {spec} is not a valid device; use auto, cpu, cuda or cuda:N") from None
+            raise InputError(f"{flag} {spec} is not a valid device; use auto, cpu, cuda or cuda:N") from None
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible; pick another index")
+            raise InputError(f"{flag} {spec}: only {torch.cuda.device_count()} GPU(s) visible; pick another index")
         return dev
-    raise InputError(f"--device {spec} is not a valid device; use auto, cpu, cuda or cuda:N")
+    raise InputError(f"{flag} {spec} is not a valid device; use auto, cpu, cuda or cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ckptdiff import choices
 from ckptdiff import gate as R
 from ckptdiff.analyses.base import item_detail, row_basics
 from ckptdiff.choices import DEFAULT_K, merged_dtype
@@ -23,6 +24,8 @@ from ckptdiff.engine.alignment import Aligned, Status, align
 from ckptdiff.engine.header import runtime
 from ckptdiff.engine.pipeline import Analysis, execute, open_run
 from ckptdiff.errors import InputError
+from ckptdiff.gate.config import pyproject_table
+from ckptdiff.gate.evaluate import COUNTS as STRUCTURAL_COUNTS
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
 from ckptdiff.io.views import ties
@@ -57,9 +60,10 @@ def gather_config(config_file: Path | None, cli: R.CheckConfig, cwd: Path | None
         origins.append(str(config_file))
     else:
         where = cwd if cwd is not None else Path.cwd()
-        found = R.load_pyproject(where)
-        if found is not None:
-            origins.append(f"{where / 'pyproject.toml'} [tool.ckptdiff]")
+        table = pyproject_table(where)
+        if table is not None:
+            found, read = table
+            origins.append(read)  # names the table it read: [tool.ckptdiff] or [tool.ckptdiff.check]
     if cli.rules or cli.structural.active:
         origins.append("command line")
     return GatheredConfig((found or R.CheckConfig()).merged(cli), " + ".join(origins))
@@ -122,6 +126,13 @@ class Shared:
     k: int | None = None  # top-k for the principal and spectral analyses; None keeps their defaults
     progress: bool = True
     merged_dtype: str | None = None  # a PEFT adapter FT: what its merged weights are stored as (base's dtype)
+    # What principal-overlap and spectral values depend on, with the single commands' defaults.
+    alpha: float = 0.5
+    svd: str = "auto"
+    principal_precision: str = "fp32"
+    spectral_precision: str = "fp64"
+    null: str | bool = "none"  # a rule on a *_null_* metric runs the random null whatever this says
+    seed: int = 0
 
 
 def _k(shared: Shared) -> dict[str, Any]:
@@ -138,11 +149,19 @@ def plugins(needed: set[str], shared: Shared, metrics: set[str]) -> dict[str, An
     if "sparsity" in needed:
         out["sparsity"] = SparsityAnalysis(shared.mode)
     if "principal" in needed:
-        out["principal"] = PrincipalAnalysis(mode=shared.mode, **_k(shared))
+        out["principal"] = PrincipalAnalysis(
+            mode=shared.mode, alpha=shared.alpha, svd=shared.svd, precision=shared.principal_precision, **_k(shared)
+        )
     if "spectral" in needed:
         # the *_null_ratio metrics compare against a random update of the same size
-        null = bool(metrics & NULL_METRICS)
-        out["spectral"] = SpectralAnalysis(as_dtype=shared.mode.as_dtype, null=null, **_k(shared))
+        null = choices.null_kind(shared.null) or bool(metrics & NULL_METRICS)
+        out["spectral"] = SpectralAnalysis(
+            as_dtype=shared.mode.as_dtype,
+            null=null,
+            precision=shared.spectral_precision,
+            seed=shared.seed,
+            **_k(shared),
+        )
     return out
 
 
@@ -167,6 +186,7 @@ def param_count_result(items: Sequence[Aligned]) -> R.RuleResult:
     return R.RuleResult(
         rule="same_param_count",
         kind="structural",
+        counts=STRUCTURAL_COUNTS["same_param_count"],
         op="==",
         threshold=0.0,
         value=gap,
@@ -233,8 +253,9 @@ def check(
 
     From Python: ``ckptdiff.check(base, ft, rules=["sparsity >= 0.5", "nss@*.mlp.* < 1e-3"])``; rules are
     ``METRIC[@GLOB] OP VALUE`` (README, check). ``config`` (a :class:`~ckptdiff.gate.CheckConfig`) adds structural
-    rules; ``shared`` or keywords (``include``, ``exclude``, ``device``, ``mode``, ``k``, ``progress``) set the
-    options every analysis gets. ``.passed``, ``.exit_code`` and ``.to_dict()`` give the outcome.
+    rules; ``shared`` or keywords (``include``, ``exclude``, ``device``, ``mode``, ``k``, ``progress``, ``alpha``,
+    ``svd``, ``principal_precision``, ``spectral_precision``, ``null``, ``seed``) set the options every analysis
+    gets. ``.passed``, ``.exit_code`` and ``.to_dict()`` give the outcome.
     """
     parsed = tuple(R.parse_rule(text, "rules=") for text in rules)
     config = R.CheckConfig(rules=parsed).merged(config) if config is not None else R.CheckConfig(rules=parsed)
@@ -243,9 +264,8 @@ def check(
     try:
         shared = shared or Shared(**options)
     except TypeError as e:
-        raise InputError(
-            f"check(): {e}; options are include, exclude, device, mode, k, progress and merged_dtype"
-        ) from None
+        known = ", ".join(f.name for f in fields(Shared))
+        raise InputError(f"check(): {e}; options are {known}") from None
     if not config.rules and not config.structural.active and not same_param_count:
         raise InputError(
             "no rules to check: pass --rule 'METRIC[@GLOB] OP VALUE', a structural flag such as --same-keys, "
@@ -331,4 +351,8 @@ def _header(
         out["exclude"] = ", ".join(shared.exclude)
     if needed & {"principal", "spectral"}:
         out["k"] = str(shared.k if shared.k is not None else DEFAULT_K)
+    if "principal" in needed:
+        out |= {"alpha": str(shared.alpha), "svd": str(shared.svd), "precision": str(shared.principal_precision)}
+    if "spectral" in needed:
+        out["spectral_precision"] = str(shared.spectral_precision)
     return {**out, **runtime(device)}

@@ -72,29 +72,42 @@ def config_from_table(table: dict[str, Any], where: str) -> CheckConfig:
     return CheckConfig(rules=rules, structural=structural)
 
 
-def _check_table(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The rules of a parsed pyproject.toml: [tool.ckptdiff.check] if present, else [tool.ckptdiff] itself."""
+def check_table(data: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The rules of a parsed pyproject.toml and the table's name: ``[tool.ckptdiff]`` (the documented name), or
+    ``[tool.ckptdiff.check]`` when that sub-table is present (an older spelling, still read)."""
     tool = data.get("tool")
     tool = tool.get("ckptdiff") if isinstance(tool, dict) else None
     if not isinstance(tool, dict):
         return None
-    table = tool.get("check", tool)
-    return table if isinstance(table, dict) else None
+    if "check" in tool:
+        table = tool["check"]
+        return (table, "[tool.ckptdiff.check]") if isinstance(table, dict) else None
+    return tool, "[tool.ckptdiff]"
 
 
 def load_config(path: Path) -> CheckConfig:
     """Load a rules file (top-level keys), or a pyproject.toml's [tool.ckptdiff] (or .check) table."""
     data = _read_toml(path)
-    table = _check_table(data)
-    if table is not None:
-        return config_from_table(table, f"{path} [tool.ckptdiff]")
+    found = check_table(data)
+    if found is not None:
+        return config_from_table(found[0], f"{path} {found[1]}")
     return config_from_table(data, str(path))
+
+
+def pyproject_table(directory: Path) -> tuple[CheckConfig, str] | None:
+    """The [tool.ckptdiff] (or .check) table of directory/pyproject.toml and where it was read (``PATH [TABLE]``);
+    None when absent."""
+    path = directory / "pyproject.toml"
+    if not os.path.exists(path):  # not is_file(): a pipe or a device is refused when read, not skipped
+        return None
+    found = check_table(_read_toml(path))
+    if found is None:
+        return None
+    where = f"{path} {found[1]}"
+    return config_from_table(found[0], where), where
 
 
 def load_pyproject(directory: Path) -> CheckConfig | None:
     """The [tool.ckptdiff] (or .check) table of directory/pyproject.toml; None when absent."""
-    path = directory / "pyproject.toml"
-    if not os.path.exists(path):  # not is_file(): a pipe or a device is refused when read, not skipped
-        return None
-    table = _check_table(_read_toml(path))
-    return None if table is None else config_from_table(table, f"{path} [tool.ckptdiff]")
+    found = pyproject_table(directory)
+    return None if found is None else found[0]

@@ -23,7 +23,7 @@ from typing import Literal
 import pandas as pd
 
 from ckptdiff.engine.alignment import Outcome, Status
-from ckptdiff.errors import InputError
+from ckptdiff.errors import InputError, option
 from ckptdiff.gate.rules import METRICS, Op, Rule, StructuralRules, unknown_metric
 
 # Statuses as the frames hold them (plain strings).
@@ -78,6 +78,7 @@ class RuleResult:
     offenders: tuple[Offender, ...] = ()  # at most max_offenders, worst first
     n_offenders: int = 0  # all violating tensors (structural) or offenders listed (metric)
     note: str = ""
+    counts: str = ""  # structural rules: what the value counts, e.g. "tensors on one side only"
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,20 @@ def _flag(flag: str) -> str:
     return {"trivial_k": "k = min(m, n)", "unstable_gap": "unstable: small gap"}.get(flag, flag)
 
 
+# What each structural rule's value counts (the rule's name up to its '@'), said beside the value.
+COUNTS = {
+    "same_keys": "tensors on one side only",
+    "same_shapes": "tensors whose shape changed",
+    "same_dtypes": "tensors whose dtype changed",
+    "same_param_count": "difference in parameter count",
+    "unchanged": "changed tensors",
+    "only_changed": "changed tensors outside the globs",
+}
+
+
 def _structural_result(name: str, n_tensors: int, violations: Sequence[Offender], max_offenders: int) -> RuleResult:
     return RuleResult(
+        counts=COUNTS[name.split("@")[0]],
         rule=name,
         kind="structural",
         op="==",
@@ -240,11 +253,8 @@ def _details(rows: pd.DataFrame) -> list[Offender]:
 
 
 def _described(status: str, detail: object) -> str:
-    """A row's status in words, or its detail, or both for a name on one side only (its detail is a hint)."""
-    text = _STATUS_TEXT.get(status, status)
-    if not (isinstance(detail, str) and detail):
-        return text
-    return f"{text}; {detail}" if status in (ONLY_BASE, ONLY_FT) else detail
+    """A row's detail (analyses.base.item_detail: the side of a one-sided name leads it), else its status in words."""
+    return detail if isinstance(detail, str) and detail else _STATUS_TEXT.get(status, status)
 
 
 def _changed_offenders(rows: pd.DataFrame) -> list[Offender]:
@@ -285,14 +295,16 @@ def _evaluate_structural(structural: StructuralRules, frame: pd.DataFrame, max_o
     for glob in structural.expect_unchanged:
         rows = frame[_matching(frame["tensor"], glob)]
         if rows.empty:
-            raise InputError(f"--expect-unchanged {glob!r} matches no tensor: check the glob against the tensor names")
+            flag = option("--expect-unchanged")
+            raise InputError(f"{flag} {glob!r} matches no tensor: check the glob against the tensor names")
         results.append(_structural_result(f"unchanged@{glob}", len(rows), _changed_offenders(rows), max_offenders))
     if structural.allow_changed:
         allowed = pd.Series(False, index=frame.index)
         for glob in structural.allow_changed:
             hit = _matching(frame["tensor"], glob)
             if not hit.any():
-                raise InputError(f"--allow-changed {glob!r} matches no tensor: check the glob against the tensor names")
+                flag = option("--allow-changed")
+                raise InputError(f"{flag} {glob!r} matches no tensor: check the glob against the tensor names")
             allowed |= hit
         rows = frame[~allowed]
         name = "only_changed@" + ",".join(structural.allow_changed)
@@ -327,8 +339,8 @@ def check_scopes(
     name_list = list(names)
     globs = [(f"rule '{r}'", r.scope) for r in rules if r.scope is not None]
     if structural is not None:
-        globs += [("--expect-unchanged", g) for g in structural.expect_unchanged]
-        globs += [("--allow-changed", g) for g in structural.allow_changed]
+        globs += [(option("--expect-unchanged"), g) for g in structural.expect_unchanged]
+        globs += [(option("--allow-changed"), g) for g in structural.allow_changed]
     for where, glob in globs:
         if any(fnmatch.fnmatchcase(n, glob) for n in name_list):
             continue

@@ -31,6 +31,7 @@ def to_dict(result: CheckResult) -> dict[str, Any]:
             {
                 "rule": r.rule,
                 "kind": r.kind,
+                "counts": r.counts,
                 "op": r.op,
                 "threshold": r.threshold,
                 "value": _finite_or_none(r.value),
@@ -64,7 +65,8 @@ def to_markdown(result: CheckResult) -> str:
     ]
     for r in result.results:
         outcome = "PASS" if r.passed else "FAIL"
-        lines.append(f"| {_md(r.rule)} | {format_value(r.value)} | {r.op} {exact_number(r.threshold)} | {outcome} |")
+        value = format_value(r.value) + (f" ({r.counts})" if r.counts else "")
+        lines.append(f"| {_md(r.rule)} | {value} | {r.op} {exact_number(r.threshold)} | {outcome} |")
     for r in result.results:
         if r.passed or not r.offenders:
             continue

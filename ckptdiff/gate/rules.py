@@ -22,8 +22,16 @@ METRICS: dict[str, Metric] = GATES
 
 
 def unknown_metric(metric: str, text: str) -> str:
-    """The one-line message for a rule naming a metric nobody declares."""
+    """The one-line message for a rule naming a metric nobody declares: the nearest names when one is close
+    (``sparsty`` -> ``sparsity``), else every metric."""
+    import difflib
+
+    near = difflib.get_close_matches(metric, list(METRICS), n=3, cutoff=0.7)
+    if near:
+        guess = " or ".join(near)
+        return f"unknown metric {metric!r} in rule {text!r}: did you mean {guess}? (docs/check.md lists all)"
     return f"unknown metric {metric!r} in rule {text!r}: use one of {', '.join(sorted(METRICS))}"
+
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _RULE_RE = re.compile(

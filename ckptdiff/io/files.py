@@ -21,12 +21,13 @@ import re
 import stat
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptdiff.errors import InputError
+
+if TYPE_CHECKING:  # numpy and torch load only where tensors are read: a bad path fails before either loads
+    import numpy as np
+    import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +67,34 @@ def os_error(doing: str, e: OSError) -> InputError:
     if e.errno == errno.ENOENT:
         return InputError(f"{doing}: it does not exist; check the path")
     return InputError(f"{doing}: {e.strerror}; check the path and permissions")
+
+
+def stat_input(spec: str) -> os.stat_result | None:
+    """What the local path ``spec`` names, or None if nothing; :class:`InputError` if it cannot be a checkpoint.
+
+    Checked before anything is opened: a symbolic-link loop, a dangling link, a path that cannot be accessed,
+    and anything but a regular file or a folder (a named pipe would block ``open`` forever, a device never end).
+    """
+    path = Path(spec).expanduser()
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if path.is_symlink():
+            raise InputError(f"{spec} is a symbolic link to a path that does not exist; fix the link") from None
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(
+                f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
+            ) from None
+        raise os_error(f"cannot access {spec}", e) from None
+    except ValueError:  # an embedded NUL byte
+        raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise InputError(
+            f"{spec} is {kind(st.st_mode)}, not a checkpoint file or folder; pass a regular file, a folder or a Hub id"
+        )
+    return st
 
 
 def refuse_too_long(path: Path | str, doing: str) -> None:
@@ -143,6 +172,8 @@ def read_tensor_bytes(fd: int, buf: np.ndarray, pos: int, what: str, name: str) 
 
 def as_dtype(buf: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """``buf``'s bytes viewed as a flat tensor of ``dtype`` (no copy)."""
+    import torch
+
     if buf.size == 0:  # an empty numpy buffer has a zero stride, which torch cannot view as another dtype
         return torch.empty(0, dtype=dtype)
     return torch.from_numpy(buf).view(dtype)

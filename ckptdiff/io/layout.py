@@ -85,6 +85,41 @@ def adapter_weights(folder: Path) -> Path | None:
     )
 
 
+def missing(spec: str) -> InputError:
+    """The error for an input that is neither a local path nor a Hub id, with the nearest name in its folder
+    (``examples/checkpoints/rl_sed1``: did you mean ``examples/checkpoints/rl_seed1``?)."""
+    near = _nearest(spec)
+    hint = f"did you mean {near}? Otherwise pass" if near else "pass"
+    forms = "a checkpoint file, a directory, or a Hub id like org/name[@revision]"
+    return InputError(f"{spec} does not exist; {hint} {forms}")
+
+
+def _nearest(spec: str) -> str:
+    """The closest existing name beside a missing path ('' when none is close, or its folder is unreadable)."""
+    import difflib
+
+    path = Path(spec).expanduser()
+    folder = path.parent
+    try:
+        names = [e.name for e in os.scandir(folder)][:10_000]  # a folder of a million files is not worth the wait
+    except (OSError, ValueError):
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    if not close:
+        return ""
+    typed = spec.rstrip("/")
+    return typed[: len(typed) - len(path.name)] + close[0]  # the folder as the user typed it, the name found
+
+
+def check_spec(spec: str) -> None:
+    """:class:`InputError` now for an input that cannot be opened: a path that is a link loop, a pipe or a
+    device, or nothing at all and no Hub id (with the nearest name). Light (no torch): the CLI calls it before the
+    analyses load, so a mistyped path fails about as fast as ``--help``; :func:`ckptdiff.io.resolve.open` says the
+    same for what reaches it."""
+    if fileio.stat_input(spec) is None and not is_hub_id(spec):
+        raise missing(spec)
+
+
 def is_pickle(name: str) -> bool:
     """Whether a file name is a PyTorch pickle (``.bin``, ``.pt``, ``.pth``)."""
     return name.lower().endswith(PICKLE_SUFFIXES)

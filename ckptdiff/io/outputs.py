@@ -15,7 +15,9 @@ checks it at once, before any checkpoint is read:
 
 A destination that is a symlink is written through: the bytes replace the link's final target and the link
 stays. Each output's bytes go to a temporary file beside that target (same file system, so the rename is
-atomic), created with mode ``0666 & ~umask`` like any other tool's output. :meth:`OutputSet.commit` renames
+atomic), created with mode ``0666 & ~umask`` like any other tool's output, and named so a person recognises it
+(``.x.csv.ckptdiff-<host hash>-<pid>-<random>.tmp``); one left by a run killed outright (SIGKILL, out of memory) is
+removed by the next run to the same destination once its process is gone. :meth:`OutputSet.commit` renames
 every temporary into place, back to back, once all of them are complete; any failure before that, Ctrl-C,
 SIGTERM or SIGHUP removes them all (see :func:`signals_as_interrupts`), so a run leaves all its files or none.
 Write errors (read-only file system, full disk, quota, permissions) become one-line :class:`InputError` s that
@@ -26,8 +28,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
+import socket
 import stat
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -50,8 +55,11 @@ _ADVICE = {
 
 
 def write_error(flag: str, path: Path, error: OSError) -> InputError:
-    advice = _ADVICE.get(error.errno or 0, "pick another path")
-    return InputError(f"cannot write {flag} {path}: {error.strerror or error}; {advice}")
+    """``cannot write --csv x.csv: permission denied: check ...``: the advice says the cause once, in its own words;
+    a cause without advice is the system's words, then ``pick another path``."""
+    advice = _ADVICE.get(error.errno or 0)
+    cause = advice or f"{error.strerror or error}; pick another path"
+    return InputError(f"cannot write {flag} {path}: {cause}")
 
 
 def _kind(mode: int) -> str:
@@ -61,10 +69,52 @@ def _kind(mode: int) -> str:
     return "socket" if stat.S_ISSOCK(mode) else "special file"
 
 
+# A temporary file's name says whose it is: `.x.csv.ckptdiff-<host>-<pid>-<random>.tmp`, <host> a short hash of
+# the host name (a shared file system can hold other hosts' runs; the name itself is not written).
+_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.ckptdiff-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts: it may be that run)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the temporary files an earlier run to ``target`` left behind when it was killed (SIGKILL, the OOM
+    killer), those it can prove were ckptdiff's: named for ``target`` by ckptdiff on this host, by a process that
+    no longer exists, a regular file of this user. Anything else stays. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or m["name"] != target.name or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
 def _create_temp(target: Path) -> tuple[int, Path]:
-    """A new empty file beside ``target``, mode 0666 & ~umask (the kernel applies the umask), open for writing."""
+    """A new empty file beside ``target``, mode 0666 & ~umask (the kernel applies the umask), open for writing;
+    stale temporaries of earlier killed runs to ``target`` go first (:func:`remove_stale`)."""
+    remove_stale(target)
     for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        tmp = target.parent / f".{target.name}.ckptdiff-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:

@@ -10,15 +10,14 @@ set with ``model.safetensors.index.json``; a PyTorch ``.bin``/``.pt`` state dict
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
-from ckptdiff.io import files as fileio
 from ckptdiff.io import layout
+from ckptdiff.io.files import stat_input
 from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.torch_file import TorchFileSource
 from ckptdiff.io.layout import contained, read_index
@@ -62,35 +61,6 @@ def _from_directory(spec: str, d: Path, resolved_prefix: str = "") -> Source:
     raise InputError(f"directory {d} holds no checkpoint (.safetensors, index.json, .bin or .pt); check the path")
 
 
-def stat_input(spec: str) -> os.stat_result | None:
-    """What the local path ``spec`` names, or None if nothing; :class:`InputError` if it cannot be a checkpoint.
-
-    Checked before anything is opened: a symbolic-link loop, a dangling link, a path that cannot be accessed,
-    and anything but a regular file or a folder (a named pipe would block ``open`` forever, a device never end).
-    """
-    path = Path(spec).expanduser()
-    try:
-        st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        if path.is_symlink():
-            raise InputError(f"{spec} is a symbolic link to a path that does not exist; fix the link") from None
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(
-                f"{spec} is a symbolic link loop (following it never reaches a file); fix or remove the link"
-            ) from None
-        raise fileio.os_error(f"cannot access {spec}", e) from None
-    except ValueError:  # an embedded NUL byte
-        raise InputError(f"{spec!r} is not a valid path (it contains a NUL byte)") from None
-    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise InputError(
-            f"{spec} is {fileio.kind(st.st_mode)}, not a checkpoint file or folder; pass a regular file, a folder "
-            "or a Hub id"
-        )
-    return st
-
-
 def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None) -> Source:
     """A path or Hub id as a lazy :class:`Source` of its tensors as stored; :class:`InputError` on anything unusable.
 
@@ -128,9 +98,7 @@ def open_stored(spec: str, *, progress: bool = True, stream: bool | None = None)
                 pass
         folder, resolved = hub.download(spec, progress=progress)
         return _from_directory(spec, folder, resolved)
-    raise InputError(
-        f"{spec} does not exist; pass a checkpoint file, a directory, or a Hub id like org/name[@revision]"
-    )
+    raise layout.missing(spec)
 
 
 SourceLike = str | os.PathLike[str] | Source

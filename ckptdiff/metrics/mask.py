@@ -57,14 +57,16 @@ def compare_mode(
     ``rtol`` and ``atol`` are alternatives; ``as_dtype`` is bf16, fp16 or fp32 (a name or a torch dtype).
     """
     from ckptdiff import choices
-    from ckptdiff.errors import InputError
+    from ckptdiff.errors import InputError, option
 
     if mode is not None:
         if rtol is not None or atol is not None or as_dtype is not None:
             raise InputError("pass either mode= or rtol=/atol=/as_dtype=, not both")
         return mode
     if rtol is not None and atol is not None:
-        raise InputError("--rtol and --atol are alternatives; pass one of them (or neither for bitwise)")
+        raise InputError(
+            f"{option('--rtol')} and {option('--atol')} are alternatives; pass one of them (or neither for bitwise)"
+        )
     as_t = choices.as_dtype(as_dtype)
     if rtol is not None:
         return CompareMode("rtol", choices.tolerance("--rtol", rtol), as_t)

@@ -57,7 +57,7 @@ figcaption strong { color: var(--fg); }
 table { border-collapse: collapse; font-size: .84rem; font-variant-numeric: tabular-nums; }
 th, td { padding: .28rem .6rem; text-align: left; vertical-align: top; border-bottom: 1px solid var(--line);
   white-space: nowrap; }
-thead th { background: var(--soft); font-weight: 600; position: sticky; top: 0; }
+thead th { background: var(--soft); font-weight: 600; position: sticky; top: 0; white-space: normal; }
 td.num, th.num { text-align: right; }
 tbody tr:nth-child(even) td { background: #fafbfc; }
 td.text { white-space: normal; overflow-wrap: anywhere; min-width: 12rem; }
@@ -311,7 +311,7 @@ def _table_block(table: Table, bare: bool = False) -> str:
         h not in _TEXT_COLUMNS and all(_NUMBER.match(r[j]) for r in rows) and any(r[j] != "—" for r in rows)
         for j, h in enumerate(heads)
     ]
-    th = "".join(f'<th scope="col"{_cls(num)}>{_e(h)}</th>' for h, num in zip(heads, numeric, strict=True))
+    th = "".join(f'<th scope="col"{_cls(num)}{_head(h)}</th>' for h, num in zip(heads, numeric, strict=True))
     body = "".join(
         "<tr>"
         + "".join(f"<td{_cls(num, cell)}>{_e(cell)}</td>" for cell, num in zip(r, numeric, strict=True))
@@ -325,6 +325,12 @@ def _table_block(table: Table, bare: bool = False) -> str:
     if len(rows) > COLLAPSE_ROWS:
         return f"<details>\n<summary>{_e(table.title)} ({len(rows)} rows)</summary>\n{note}{grid}</details>\n"
     return f"<h3>{_e(table.title)}</h3>\n{note}{grid}"
+
+
+def _head(name: str) -> str:
+    """A column header that may break after each underscore (``ratio_|principal_|magnitude``), its whole name in
+    a tooltip: wide tables fit the page instead of scrolling."""
+    return f' title="{_e(name)}">' + _e(name).replace("_", "_<wbr>")
 
 
 def _cls(numeric: bool, cell: str = "") -> str:

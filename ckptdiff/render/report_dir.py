@@ -31,11 +31,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptdiff.analyses.base import records
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import input_files, write_error, writes_files
-from ckptdiff.render.text import _rows, to_markdown
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
@@ -138,6 +136,7 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
     """report.md: what happened (the verdict) and the fine-tunes side by side, then each analysis's Markdown report
     with its figures (linked under figures/), then the settings and a glossary of the terms used."""
     from ckptdiff.analyses.compare import GLOSSARY
+    from ckptdiff.render.text import _rows
 
     lines = ["# ckptdiff report", "", "## What happened", ""]
     for sentence in report.verdict():
@@ -155,6 +154,8 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
             placed.add(fig.name)
             lines += [f"![{fig.title}](figures/{fig.name}.svg)", "", f"*{fig.caption}*", ""]
     for (key, run), (heading, section) in zip(report.section_keys(), report.sections(), strict=True):
+        from ckptdiff.render.text import to_markdown  # pandas: not needed to check the directory
+
         body = to_markdown(section).splitlines()
         body = [line for line in body if not line.startswith("- **")]  # the header is given once, below
         body[0] = f"## {heading}"
@@ -179,6 +180,8 @@ def to_markdown_dir(report: FullReportResult, figures: Sequence[Figure]) -> str:
 
 def _json(report: FullReportResult) -> str:
     doc = report.to_dict()
+    from ckptdiff.analyses.base import records  # pandas: not needed to check the directory
+
     doc["tensors"] = records(report.tensors())
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
@@ -207,9 +210,10 @@ def write_directory(report: FullReportResult, directory: str | Path, inputs: Ite
 def write_trajectory(result: TrajectoryResult, directory: str | Path, inputs: Iterable[object] = ()) -> list[Path]:
     """``ckptdiff trajectory -o DIR``: the same layout as ``report`` (index.html, report.md, figures/, tensors.csv
     in long form with a step column, report.json), plus steps.csv; written as one unit."""
-    from ckptdiff.analyses.base import to_json_dict
+    from ckptdiff.analyses.base import records, to_json_dict
     from ckptdiff.render.figures import trajectory_figures
     from ckptdiff.render.html import to_html_page
+    from ckptdiff.render.text import to_markdown
 
     target = check_directory(directory, inputs)
     if not writes_files():

@@ -15,6 +15,7 @@ Numbers are never wrapped or shortened.
 from __future__ import annotations
 
 import errno
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -174,7 +175,8 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
     from rich.text import Text
 
     grid = to_grid(table)
-    if table.compact is not None and len(layout(grid, width)) > 1:
+    inner = width - 2  # the outer cells keep their padding: a squeezed table splits or shortens names instead
+    if table.compact is not None and len(layout(grid, inner)) > 1:
         grid = to_grid(replace(table, frame=table.compact, view=None))
     more = 0
     if max_rows is not None and len(grid.rows) > max_rows:
@@ -182,16 +184,16 @@ def rich_tables(table: Table, width: int, max_rows: int | None = None) -> list[R
         grid.rows = grid.rows[:max_rows]
         grid.caption = f"{grid.caption} ({more} more rows in --json and --csv.)".strip()
     out: list[RenderableType] = []
-    for part, widths in layout(grid, width):
+    for part, widths in layout(grid, inner):
         lines = any("\n" in c for r in part.rows for c in r)
-        rt = RichTable(show_lines=lines, pad_edge=_total(widths) + 2 <= width)  # edge padding when it fits
+        rt = RichTable(show_lines=lines)
         for h, w, text in zip(part.headers, widths, part.text, strict=True):
             rt.add_column(Text(h), width=w, no_wrap=True, justify="left" if text else "right", overflow="crop")
         for r in part.rows:  # cells as Text: a tensor name or a detail may hold brackets rich would read as markup
             rt.add_row(*(Text(c) for c in r))
         pieces: list[RenderableType] = [Text(part.title, style="italic"), rt]
-        if part.caption:
-            pieces.append(Text(part.caption, style="dim"))
+        if part.caption:  # wrapped between words here: rich's own wrap leaves a space at each line's end
+            pieces.append(Text(textwrap.fill(part.caption, width, break_on_hyphens=False), style="dim"))
         out.append(Group(*pieces))
     return out
 
@@ -240,18 +242,16 @@ def _numeric(cells: Sequence[str]) -> bool:
 
 def print_summary(report: Report, console: Console | None = None) -> None:
     """The header and the summary sentences (``--summary``), with rich on stdout."""
-    from rich.table import Table as RichTable
     from rich.text import Text
 
     console = console or stdout_console()
-    head = RichTable(title=report.title, show_header=False, title_justify="left", box=None)
-    head.add_column(style="dim", no_wrap=True)
-    head.add_column(overflow="fold")  # long paths wrap; nothing is cut
-    for k, v in report.header.items():  # Text, not markup: a header value may hold "[fp8: ...]" or "[moe: ...]"
-        head.add_row(Text(k), Text(v))
-    console.print(head)
-    for s in report.summary:
-        console.print(Text(s, style="bold"))
+    console.print(Text(report.title, style="italic"))
+    keys = max((len(k) for k in report.header), default=0)
+    for k, v in report.header.items():  # no table: its padding left trailing spaces on every line
+        for n, piece in enumerate(folded(f" {k.ljust(keys)}  ", v, console.width)):
+            console.print(Text(piece[: keys + 3], style="dim" if n == 0 else "") + Text(piece[keys + 3 :]))
+    for s in report.summary:  # wrapped between words here: rich's own wrap leaves a space at each line's end
+        console.print(Text(textwrap.fill(s, console.width, break_on_hyphens=False), style="bold"), overflow="fold")
 
 
 def print_tables(report: Report, console: Console | None = None) -> None:
@@ -279,13 +279,23 @@ def print_verdict(sentences: Sequence[str], table: Table | None, console: Consol
     from rich.text import Text
 
     console = console or stdout_console()
-    for s in sentences:
-        console.print(Text(s))
+    for s in sentences:  # wrapped between words: rich's own wrap leaves a space at each line's end
+        console.print(Text(textwrap.fill(s, console.width, break_on_hyphens=False)), overflow="fold")
     if table is not None and not table.frame.empty:
         console.print()
         for rt in rich_tables(table, console.width):
             console.print(rt)
     console.print()
+
+
+def folded(lead: str, value: str, width: int) -> list[str]:
+    """``lead + value`` in lines of at most ``width`` characters, the value cut anywhere (a path has no spaces to
+    wrap at) and continued under itself: nothing is lost, and no line ends in a space."""
+    room = width - len(lead)
+    if room < 20:  # a lead that leaves no room: the value on lines of its own
+        return [lead.rstrip(), *(value[i : i + width] for i in range(0, len(value), width))]
+    pieces = [value[i : i + room] for i in range(0, len(value), room)] or [""]
+    return [(lead if n == 0 else " " * len(lead)) + p for n, p in enumerate(pieces)]
 
 
 def stdout_console() -> Console:

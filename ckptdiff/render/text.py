@@ -38,8 +38,9 @@ def to_csv(report: Report) -> str:
 
 
 def rollup_frame(report: Report) -> pd.DataFrame:
-    """Every rollup table of the report (``Table.rollup``), one under the other, with a leading ``table`` column
-    naming each (the union of their columns; a cell a table does not have is empty)."""
+    """Every rollup table of the report (``Table.rollup``), one under the other, with leading ``table`` (its title)
+    and ``key`` (its machine key, e.g. ``by_module``) columns (the union of their columns; a cell a table does not
+    have is empty; integer columns stay integers)."""
     frames = []
     for t in report.tables:
         if t.frame.empty or not t.rollup:
@@ -47,7 +48,11 @@ def rollup_frame(report: Report) -> pd.DataFrame:
         named = t.frame.index.name is not None or any(n is not None for n in t.frame.index.names)
         flat = t.frame.reset_index() if named else t.frame.copy()
         flat.columns = [str(c) for c in flat.columns]
+        types = pd.api.types
+        ints = [c for c in flat.columns if types.is_integer_dtype(flat[c]) and not types.is_bool_dtype(flat[c])]
+        flat = flat.astype({c: "Int64" for c in ints})  # a cell another table lacks is <NA>, not a float NaN
         flat.insert(0, "table", t.title)
+        flat.insert(1, "key", t.machine_key())
         frames.append(flat)
     return pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame(columns=["table"])
 

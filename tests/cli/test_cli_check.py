@@ -444,3 +444,46 @@ def test_check_as_applies_to_spectral_rules(tmp_path: Path) -> None:
     shared = Shared(device="cpu", progress=False, k=4, mode=CompareMode(as_dtype=torch.bfloat16))
     rep = check(base, ft, cfg, shared=shared)
     assert rep.outcome.results[0].value == pytest.approx(expected, rel=1e-9)
+
+
+def test_structural_rows_say_what_their_value_counts(restructured: tuple[Path, Path], no_reads: None) -> None:
+    """`same_keys 0 == 0` alone does not say what the 0 counts: table, Markdown and JSON say it (issue 23 item 4)."""
+    counts = {
+        "same_keys": "tensors on one side only",
+        "same_dtypes": "tensors whose dtype changed",
+        "same_param_count": "difference in parameter count",
+    }
+    flags = ("--header-only", "--same-keys", "--same-dtypes", "--same-param-count")
+    doc = as_json(invoke(*restructured, *flags, "-f", "json"))
+    assert {r["rule"]: r["counts"] for r in doc["rules"]} == counts
+    md = invoke(*restructured, *flags, "-f", "md").output
+    assert "| `same_keys` | 2 (tensors on one side only) |" in md
+    table = invoke(*restructured, *flags).output
+    assert all(f"{rule}: {what}" in table for rule, what in counts.items())
+
+
+def test_check_takes_every_option_its_rules_depend_on(pair: tuple[Path, Path]) -> None:
+    """--alpha, --svd, --precision, --spectral-precision, --null and --seed, with the commands' defaults, so a rule's
+    value is the single command's under the same options (issue 23 item 11)."""
+    from ckptdiff.analyses.principal import principal_overlap
+
+    base, ft = (str(p) for p in pair)
+    rules = ["--rule", f"ratio_principal@{UP0} <= 100", "--rule", f"nss@{UP0} <= 100"]
+    opts = ["--k", "4", "--alpha", "0.25", "--svd", "exact", "--precision", "fp64", "--spectral-precision", "fp32"]
+    doc = as_json(invoke(base, ft, *rules, *opts, "-f", "json"))
+    values = {r["rule"].split("@")[0]: r["value"] for r in doc["rules"]}
+    expect = principal_overlap(base, ft, k=4, alpha=0.25, svd="exact", precision="fp64", progress=False)
+    assert values["ratio_principal"] == expect.to_frame().set_index("tensor").loc[UP0, "ratio_principal"]
+    nss = spectral(base, ft, k=4, precision="fp32", progress=False).to_frame().set_index("tensor").loc[UP0, "nss"]
+    assert values["nss"] == nss
+    assert (doc["header"]["alpha"], doc["header"]["svd"], doc["header"]["precision"]) == ("0.25", "exact", "fp64")
+    assert doc["header"]["spectral_precision"] == "fp32"
+    default = as_json(invoke(base, ft, *rules, "--k", "4", "-f", "json"))["header"]
+    assert (default["alpha"], default["svd"], default["precision"], default["spectral_precision"]) == (
+        "0.5",
+        "auto",
+        "fp32",
+        "fp64",
+    )
+    refused = invoke(base, ft, *rules, "--alpha", "1.5")
+    assert refused.exit_code == 2 and "--alpha must lie strictly between 0 and 1" in refused.stderr

@@ -70,10 +70,20 @@ def test_one_fine_tune_has_no_run_column_and_no_consistency(trio: tuple[str, str
     assert rep.header["analysis"] == "report" and rep.header["ft"].endswith("a.safetensors")
 
 
+def test_analyses_take_the_command_names_too(trio: tuple[str, str, str]) -> None:
+    """`report -a principal-overlap` is the principal analysis, as the command is named (issue 23 item 10)."""
+    base, a, _ = trio
+    rep = full_report(base, [a], k=4, analyses=["principal-overlap", "Sparsity"], progress=False)
+    assert rep.analyses == ("sparsity", "principal")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--analyses", "sparsity,bogus"], "unknown analysis 'bogus'"),
+        (
+            ["--analyses", "sparsity,bogus"],
+            "unknown analysis 'bogus'; choose from sparsity, principal (principal-overlap)",
+        ),
         (["--analyses", "consistency"], "needs at least 2 fine-tuned"),
         (["--k", "0"], "--k must be"),
         (["--label", "x", "--label", "y"], "--label"),
@@ -161,7 +171,7 @@ def test_an_unwritable_place_is_found_before_the_work(
     base, a, _ = trio
     out = tmp_path / "rep"
     res = runner.invoke(app, ["report", base, a, "-o", str(out), "-q"])
-    assert res.exit_code == 2 and "Read-only file system" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "the file system is read-only" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
 

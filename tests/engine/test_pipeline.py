@@ -271,7 +271,7 @@ def test_a_glob_that_matches_nothing_is_named_in_a_warning(tmp_path: Path, caplo
         result = sparsity(str(path), str(path), include=["m.a.*", "m.typo.*"], progress=False)
     assert list(result.to_frame()["tensor"]) == ["m.a.weight"]
     assert [r.getMessage() for r in caplog.records] == [
-        "--include 'm.typo.*' matches no tensor name; check the glob (it matches full names)"
+        "include 'm.typo.*' matches no tensor name; check the glob (it matches full names)"
     ]
 
 

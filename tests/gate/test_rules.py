@@ -338,9 +338,9 @@ def test_allow_changed() -> None:
 
 
 def test_structural_glob_matching_nothing_is_an_input_error() -> None:
-    with pytest.raises(InputError, match=re.escape("--expect-unchanged 'z.*' matches no tensor")):
+    with pytest.raises(InputError, match=re.escape("expect_unchanged 'z.*' matches no tensor")):
         _structural(expect_unchanged=("z.*",))
-    with pytest.raises(InputError, match=re.escape("--allow-changed 'z.*' matches no tensor")):
+    with pytest.raises(InputError, match=re.escape("allow_changed 'z.*' matches no tensor")):
         _structural(allow_changed=("a.*", "z.*"))
 
 
@@ -349,7 +349,7 @@ def test_check_scopes_fails_early_on_an_unmatched_glob() -> None:
     check_scopes([parse_rule("sparsity@*.mlp.* > 0")], StructuralRules(expect_unchanged=(UP,)), names)
     with pytest.raises(InputError, match="matches no tensor"):
         check_scopes([parse_rule("sparsity@*.attn.* > 0")], None, names)
-    with pytest.raises(InputError, match="--allow-changed"):
+    with pytest.raises(InputError, match="allow_changed"):  # called from Python: the keyword's name
         check_scopes([], StructuralRules(allow_changed=("x",)), names)
 
 
@@ -437,7 +437,7 @@ def test_markdown_summary() -> None:
 | `sparsity >= 0.75` | 0.780952 | >= 0.75 | PASS |
 | `sparsity@*.mlp.* >= 0.6` | 0.5 | >= 0.6 | FAIL |
 | `ratio_principal@model.layers.0.self_attn.q_proj.weight <= 1` | n/a | <= 1 | FAIL |
-| `same_keys` | 2 | == 0 | FAIL |
+| `same_keys` | 2 (tensors on one side only) | == 0 | FAIL |
 
 **`sparsity@*.mlp.* >= 0.6`** worst tensors:
 
@@ -480,6 +480,17 @@ def test_pyproject_flat_tool_ckptdiff_table(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[tool.ckptdiff]\nrules = ["sparsity >= 0.5"]\nsame_keys = true\n')
     cfg = load_pyproject(tmp_path)
     assert cfg is not None and [str(r) for r in cfg.rules] == ["sparsity >= 0.5"] and cfg.structural.same_keys
+
+
+@pytest.mark.parametrize("table", ["[tool.ckptdiff]", "[tool.ckptdiff.check]"])
+def test_the_origin_names_the_table_it_read(tmp_path: Path, table: str) -> None:
+    """Both spellings are read; the header's rules_from says which one was (issue 23 item 12)."""
+    from ckptdiff.gate.check import gather_config
+
+    (tmp_path / "pyproject.toml").write_text(f'{table}\nrules = ["sparsity >= 0.5"]\n')
+    gathered = gather_config(None, CheckConfig(), cwd=tmp_path)
+    assert gathered.origin == f"{tmp_path / 'pyproject.toml'} {table}"
+    assert [str(r) for r in gathered.config.rules] == ["sparsity >= 0.5"]
 
 
 @pytest.mark.parametrize(

@@ -297,8 +297,29 @@ def test_full_disk_is_one_line_and_leaves_nothing(
     out.parent.mkdir()
     _failing_fsync(monkeypatch, 1)
     res = runner.invoke(app, ["sparsity", str(ckpts["B"]), str(ckpts["F"]), "--csv", str(out), "-q"])
-    _refused(res, str(out), os.strerror(errno.ENOSPC))
+    _refused(res, str(out), "the disk is full")
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [(errno.EACCES, "permission denied"), (errno.EPERM, "permission denied"), (errno.EROFS, "read-only")],
+)
+def test_a_write_error_says_its_cause_once(code: int, said: str) -> None:
+    """Not "Permission denied; permission denied: check ..." (issue 23 item 18)."""
+    from ckptdiff.io.outputs import write_error
+
+    message = str(write_error("--csv", Path("h2/ro/x.csv"), OSError(code, os.strerror(code))))
+    assert message.startswith("cannot write --csv h2/ro/x.csv: ")
+    assert message.lower().count(said) == 1, message
+    assert os.strerror(code).lower() not in message.lower() or os.strerror(code).lower() == said, message
+
+
+def test_a_write_error_without_advice_keeps_the_systems_words() -> None:
+    from ckptdiff.io.outputs import write_error
+
+    message = str(write_error("--json", Path("x.json"), OSError(errno.EIO, os.strerror(errno.EIO))))
+    assert message == f"cannot write --json x.json: {os.strerror(errno.EIO)}; pick another path"
 
 
 def test_outputs_land_together_or_not_at_all(
@@ -489,3 +510,43 @@ def test_a_signal_during_one_long_call_is_acknowledged_before_the_call_returns()
     assert proc.returncode == 130, err
     assert out == f"interrupted {int(signal.SIGINT)}\n"  # the handler still raised, once the call returned
     assert err == ""  # one line in all
+
+
+def test_temporary_names_say_whose_they_are(tmp_path: Path) -> None:
+    from ckptdiff.io import outputs as O
+
+    fd, tmp = O._create_temp(tmp_path / "x.csv")
+    os.close(fd)
+    assert tmp.name.startswith(".x.csv.ckptdiff-") and tmp.name.endswith(".tmp")
+    match = O._TEMP.match(tmp.name)
+    assert match is not None and int(match["pid"]) == os.getpid()
+    tmp.unlink()
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL or the OOM killer leave `.o.csv.ckptdiff-...tmp` behind; the next run to o.csv removes those whose
+    process is gone, and nothing it cannot prove is its own (issue 23 item 15)."""
+    import subprocess
+    import sys
+
+    from ckptdiff.io import outputs as O
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    folder = tmp_path / "out"
+    folder.mkdir()
+    stale = folder / f".o.csv.ckptdiff-{O._HOST}-{dead.pid}-0badc0de.tmp"
+    other = "0" * 8 if O._HOST != "0" * 8 else "1" * 8
+    kept = [
+        folder / f".o.csv.ckptdiff-{O._HOST}-{os.getpid()}-0badc0de.tmp",  # a live process: maybe a run in progress
+        folder / f".o.csv.ckptdiff-{other}-{dead.pid}-0badc0de.tmp",  # another host's run
+        folder / f".other.csv.ckptdiff-{O._HOST}-{dead.pid}-0badc0de.tmp",  # another destination
+        folder / ".o.csv.0badc0de.tmp",  # not named by ckptdiff
+    ]
+    for path in [stale, *kept]:
+        path.write_bytes(b"x" * 1000)
+    res = runner.invoke(app, ["sparsity", str(ckpts["B"]), str(ckpts["F"]), "--csv", str(folder / "o.csv"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists()
+    assert all(p.exists() for p in kept)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["o.csv", *(p.name for p in kept)])

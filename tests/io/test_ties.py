@@ -166,7 +166,7 @@ def test_a_dropped_lm_head_without_a_declared_tie_gets_a_hint(tmp_path: Path, co
     base = save_single(sd, tmp_path / "base" / "model.safetensors").parent
     ft = save_tied_hf(_changed(sd), tmp_path / "ft", config)
     row = _rows(ckptdiff.sparsity(base, ft, progress=False)).loc[HEAD]
-    assert row["status"] == Status.ONLY_BASE.value and row["detail"] == HINT
+    assert row["status"] == Status.ONLY_BASE.value and row["detail"] == f"only in base; {HINT}"  # one wording
     assert "--exclude lm_head.weight" in HINT and "tie_word_embeddings" in HINT
     res = _check(base, ft, "--same-keys")
     assert res.exit_code == 1, res.output
@@ -203,7 +203,7 @@ def test_a_tie_with_no_single_input_embedding_is_a_warning(tmp_path: Path) -> No
     doc = json.loads(res.stdout)
     assert "tied" not in doc["header"]
     (row,) = [t for t in doc["tensors"] if t["tensor"] == HEAD]
-    assert row["status"] == Status.ONLY_BASE.value and row["detail"] == HINT
+    assert row["status"] == Status.ONLY_BASE.value and row["detail"] == f"only in base; {HINT}"
 
 
 @pytest.mark.parametrize("tied_side", ["base", "ft"])
@@ -217,7 +217,8 @@ def test_a_tie_on_one_side_and_nothing_on_the_other_is_a_missing_key(tmp_path: P
     row = _rows(ckptdiff.sparsity(base, ft, progress=False)).loc[HEAD]
     expected = Status.ONLY_BASE if tied_side == "base" else Status.ONLY_FT
     assert row["status"] == expected.value
-    assert row["detail"] == f"tied to {EMBED} in {tied_side} (shared storage); {HINT}"
+    side = "only in base" if tied_side == "base" else "only in fine-tune"  # the side leads, in every command
+    assert row["detail"] == f"{side}; tied to {EMBED} in {tied_side} (shared storage); {HINT}"
     assert _check(base, ft, "--same-keys").exit_code == 1
 
 

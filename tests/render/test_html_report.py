@@ -250,3 +250,14 @@ def test_page_renders_in_a_headless_browser(full: Built, tmp_path: Path) -> None
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000  # a blank 1280x2000 page compresses to a few KB
+
+
+def test_wide_tables_break_headers_at_underscores_with_the_name_in_a_tooltip(full: Built) -> None:
+    """Principal-overlap's and spectral's per-module tables fit the 70 rem page instead of scrolling: long column
+    names break after each underscore, and the whole name is the header's tooltip (issue 23 item 19)."""
+    page = full.page
+    heads = re.findall(r'<th scope="col"[^>]*>.*?</th>', page)
+    assert heads and all(' title="' in h for h in heads)
+    wanted = '<th scope="col" class="num" title="ratio_principal_magnitude">ratio_<wbr>principal_<wbr>magnitude</th>'
+    assert wanted in heads or wanted.replace(' class="num"', "") in heads
+    assert re.search(r"thead th \{[^}]*white-space: normal", page)
