@@ -66,6 +66,7 @@ MergedDtypeOpt = Annotated[
     str | None,
     typer.Option(
         "--merged-dtype",
+        metavar="<bf16|fp16|fp32>",
         help="A PEFT adapter fine-tune: the dtype its merged weights W + BA would be stored in (bf16, fp16 or "
         "fp32; default: each base weight's dtype). Sparsity of a merged adapter depends on it.",
     ),
@@ -248,7 +249,7 @@ AsStoredOpt = Annotated[
         "--as-stored",
         help="Compare quantized checkpoints (MXFP4, GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8) as stored: "
         "raw codes and scales, nothing dequantized; every such row and the header say so. By default their "
-        "weights are compared as dequantized values (see docs/formats.md).",
+        "weights are compared as dequantized values (see 'Quantized formats' in the docs).",
     ),
 ]
 

@@ -19,15 +19,18 @@ from ckptdiff.cli.options import (
     SummaryOpt,
     check_summary,
     emit,
+    inputs_exist,
     outputs,
     stdout_may_close,
 )
 
 EPILOG = (
-    "Example: [bold]ckptdiff patch create Qwen/Qwen3-4B Polaris/Polaris-4B-Preview -o step.patch.safetensors[/bold]"
+    "Example: [bold]ckptdiff patch size examples/checkpoints/base examples/checkpoints/rl_seed1[/bold] (what a patch "
+    "would cost)\n\n"
+    "[bold]ckptdiff patch create Qwen/Qwen3-4B Polaris/Polaris-4B-Preview -o step.patch.safetensors[/bold]"
     "\n\nA patch holds, for every tensor whose stored bytes changed, the changed entries (flat indices or a bitmask, "
     "and the fine-tune's values as stored) or the whole tensor, whichever is smallest; applying it to the base "
-    "rebuilds the fine-tune bit for bit. Layout: docs/patches.md."
+    "rebuilds the fine-tune bit for bit. Its layout: the Patches page of the docs."
 )
 
 PatchOut = Annotated[
@@ -94,13 +97,14 @@ def create(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the patch that rebuilds FT from BASE bit for bit, in one streamed pass over the stored tensors."""
-    from ckptdiff.analyses.patch import patch_create
     from ckptdiff.io.outputs import Output, OutputFolder
 
     check_summary(fmt, summary)
     most = shard_bytes(max_shard_size)
     files = {"--csv": csv, "--json": json} | ({} if most else {"--out": out})
     with outputs([base, ft], files) as outs:
+        from ckptdiff.analyses.patch import patch_create  # torch: after the paths are checked
+
         target: Output | OutputFolder | None = OutputFolder("--out", out, [base, ft]) if most else outs.get("--out")
         assert target is not None
         try:
@@ -124,10 +128,10 @@ def size(
     quiet: QuietOpt = False,
 ) -> None:
     """The bytes a patch of FT against BASE would take, per tensor, per module type and overall; nothing written."""
-    from ckptdiff.analyses.patch import patch_size
-
     check_summary(fmt, summary)
     with outputs([base, ft], {"--csv": csv, "--json": json}) as outs:
+        from ckptdiff.analyses.patch import patch_size  # torch: after the paths are checked
+
         result = patch_size(base, ft, progress=not quiet)
         emit(result.report(), fmt, outs, summary)
 
@@ -139,7 +143,8 @@ def apply(
     quiet: QuietOpt = False,
 ) -> None:
     """Rebuild the fine-tune from BASE and PATCH (or a chain PATCH1 PATCH2 ...), every tensor's sha256 checked."""
-    from ckptdiff.analyses.patch import patch_apply
+    inputs_exist([base, *patches])
+    from ckptdiff.analyses.patch import patch_apply  # torch: after the paths are checked
 
     result = patch_apply(base, patches, out, progress=not quiet)
     with stdout_may_close():
@@ -157,12 +162,14 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Exit 0 if applying PATCH to BASE gives FT bit for bit, 1 if not; nothing is written."""
-    from ckptdiff.analyses.patch import patch_verify
     from ckptdiff.errors import InputError
 
     if len(args) < 3:
         raise InputError("patch verify needs BASE, at least one PATCH and FT; see 'ckptdiff patch verify --help'")
     base, patches, ft = args[0], args[1:-1], args[-1]
+    inputs_exist(args)
+    from ckptdiff.analyses.patch import patch_verify  # torch: after the paths are checked
+
     result = patch_verify(base, patches, ft, progress=not quiet)
     with stdout_may_close():
         if result.same:

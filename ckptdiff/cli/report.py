@@ -86,11 +86,11 @@ def report(
     """Everything at once: every analysis in one pass, written as an HTML page, Markdown, CSV and JSON."""
     from ckptdiff.cli.options import inputs_exist
     from ckptdiff.render.report_dir import check_directory, write_directory
-    from ckptdiff.render.terminal import print_verdict
 
     inputs_exist([base, *fts])
     check_directory(out, [base, *fts])
     from ckptdiff.analyses.full import full_report  # torch and pandas: after the paths are checked
+    from ckptdiff.render.terminal import print_verdict
 
     mode = compare_mode(rtol, atol, as_)
     chosen = [a.strip() for given in analyses for a in given.split(",") if a.strip()] if analyses else None

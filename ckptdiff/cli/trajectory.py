@@ -62,7 +62,9 @@ StepsCsvOpt = Annotated[
 ]
 
 EPILOG = (
-    "Example: [bold]ckptdiff trajectory runs/grpo/ -o trajectory/[/bold] (every checkpoint-N inside, in step order)"
+    "Example: [bold]ckptdiff trajectory examples/checkpoints/rl_seed1/steps[/bold] (the shipped run's saved steps, "
+    "in step order)\n\n"
+    "[bold]ckptdiff trajectory runs/grpo/ -o trajectory/[/bold] (every checkpoint-N inside, in step order)"
     "\n\n"
     "For each step k: update sparsity from checkpoint k-1 to k (step over step) and from the first checkpoint to k "
     "(cumulative), their bf16 view for fp32 weights, the ULP histogram, and the bytes of a sparse patch from k-1 "
@@ -92,12 +94,10 @@ def trajectory(
     quiet: QuietOpt = False,
 ) -> None:
     """A training run over time: which weights changed at each step, and since the first checkpoint?"""
-    from ckptdiff.analyses.trajectory import trajectory as run
     from ckptdiff.io.layout import run_checkpoints
     from ckptdiff.render.report_dir import check_directory, write_trajectory
 
     check_summary(fmt, summary)
-    mode = compare_mode(rtol, atol, as_)
     chosen = [w.strip() for given in with_ for w in given.split(",") if w.strip()] if with_ else []
     unknown = [w for w in chosen if w not in ("principal", "spectral")]
     if unknown:
@@ -117,6 +117,10 @@ def trajectory(
         check_directory(out, specs)
     files = {"--csv": csv, "--steps-csv": steps_csv, "--json": json, "--rollups-csv": rollups_csv}
     with outputs(specs, files) as outs:
+        from ckptdiff.analyses.trajectory import trajectory as run  # torch: after the paths are checked
+
+        mode = compare_mode(rtol, atol, as_)
+
         result = run(
             specs,
             steps=[s for _, s in expanded],

@@ -51,6 +51,11 @@ print("heavy", ",".join(m for m in {heavy!r} if m in sys.modules))
         ["report", "{base}", "{typo}", "-o", "{tmp}/rep"],
         ["report", "{base}", "{ok}", "-o", "/proc/ckptdiff-rep"],
         ["check", "{base}", "{typo}", "--same-keys"],
+        ["trajectory", "{base}", "{typo}"],
+        ["patch", "create", "{base}", "{typo}", "-o", "{tmp}/p.safetensors"],
+        ["patch", "size", "{typo}", "{ok}"],
+        ["patch", "apply", "{typo}", "{ok}", "-o", "{tmp}/rebuilt"],
+        ["patch", "verify", "{base}", "{typo}", "{ok}"],
     ],
 )
 def test_bad_paths_fail_before_anything_heavy_loads(args: list[str], tmp_path: Path) -> None:
