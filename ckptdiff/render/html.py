@@ -148,7 +148,7 @@ def _verdict(report: FullReportResult, figs: Sequence[Figure]) -> str:
     out += [f'<p class="verdict">{_e(s)}</p>\n' for s in report.verdict()]
     side = report.comparison()
     if side.rows:
-        head = "".join(f'<th scope="col">{_e(run)}</th>' for run in side.runs)
+        head = "".join(f'<th scope="col" title="{_e(run)}">{_e(run)}</th>' for run in side.runs)
         rows = []
         for label, cells in side.rows.items():
             term = side.terms.get(label, "")
@@ -166,7 +166,7 @@ def _verdict(report: FullReportResult, figs: Sequence[Figure]) -> str:
             rows.append(f'<tr><th scope="row">{name}</th>{"".join(tds)}</tr>\n')
         out.append(
             '<h3>Side by side</h3>\n<div class="table-wrap"><table class="side">\n'
-            f'<thead><tr><th scope="col">figure</th>{head}</tr></thead>\n<tbody>\n{"".join(rows)}</tbody>\n'
+            f'<thead><tr><th scope="col" title="figure">figure</th>{head}</tr></thead>\n<tbody>\n{"".join(rows)}</tbody>\n'
             f'</table></div>\n<p class="note">{_e(side.note)} Terms: see the <a href="#glossary">glossary</a>.</p>\n'
         )
     if figs:
