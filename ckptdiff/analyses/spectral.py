@@ -34,6 +34,7 @@ from ckptdiff.analyses.base import (
 from ckptdiff.analyses.scopes import SPECTRAL, WEDIN_UNSTABLE_DEG, angle_status, angles_ok, by_name
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
+from ckptdiff.engine.shared import SvdRequest
 from ckptdiff.io.outputs import Output, standalone
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
@@ -406,6 +407,14 @@ class SpectralAnalysis(Analysis):
         self.items = list(items)
         self.device_type = run.device.type
 
+    def need(self) -> linalg.Need:
+        """Every singular value and the top-k vectors of both sides, exactly, in --precision."""
+        return linalg.Need(values=True, left=self.k, right=self.k, dtype=self.dt, method="exact")
+
+    def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
+        rounding = pair_target(item, self.as_t)  # both sides are rounded to the comparison dtype first
+        return [SvdRequest(k, self.need(), rounding) for k in self.sides]
+
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         s0, s1 = stacks
         targets = [pair_target(it, self.as_t) for it in items]
@@ -421,7 +430,17 @@ class SpectralAnalysis(Analysis):
             a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
         kept = [items[i] for i in keep]
         seeds = [null_seed(self.seed, it.name) for it in kept] if self.with_null else None
-        res, sig0, sig1 = spectral_metrics_with_spectra(a0, a1, self.k, dtype=self.dt, null_seeds=seeds)
+        assert self.svds is not None, "the pipeline hands every matrix analysis the batch's shared SVDs"
+        need = self.need()
+        svds = tuple(self.svds.get(k, need, keep, targets[0])[:3] for k in self.sides)
+        res, sig0, sig1 = spectral_metrics_with_spectra(
+            a0,
+            a1,
+            self.k,
+            dtype=self.dt,
+            null_seeds=seeds,
+            svds=svds,  # type: ignore[arg-type]
+        )
         del a0, a1
         for i, (it, r) in enumerate(zip(kept, res, strict=True)):
             self.results[it.name] = r

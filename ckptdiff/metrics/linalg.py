@@ -115,32 +115,35 @@ QR_FIRST_RATIO = 4 / 3
 
 
 def spectrum_topk(
-    stack: torch.Tensor, k: int, dtype: torch.dtype = torch.float64
+    stack: torch.Tensor, k: int, dtype: torch.dtype = torch.float64, k_left: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every singular value and the top-k singular vectors of a (b, m, n) stack, exactly, in ``dtype``.
 
-    Returns s (b, p) descending, u (b, m, k), v (b, n, k), p = min(m, n). A square-ish stack goes through
-    ``torch.linalg.svd``. On CPU a rectangular one (aspect >= QR_FIRST_RATIO) is first factored A = Q R along its long
-    side (``torch.geqrf``, Householder), then R (p, p) gets the SVD and only the k long-side vectors are mapped back
-    through Q (``torch.ormqr``): LAPACK's own SVD forms all of Q and multiplies all p vectors back, which measured
-    1.4-2.5x slower on 7B aspect ratios (see QR_FIRST_RATIO). Both are backward-stable exact SVDs; vectors may
-    differ in sign (which subspace angles ignore).
+    Returns s (b, p) descending, u (b, m, k_left), v (b, n, k), p = min(m, n); ``k_left`` (default k) asks for
+    more (or fewer) left vectors than right ones, e.g. the whole left basis for intruder dimensions. A square-ish
+    stack goes through ``torch.linalg.svd``. On CPU a rectangular one (aspect >= QR_FIRST_RATIO) is first factored
+    A = Q R along its long side (``torch.geqrf``, Householder), then R (p, p) gets the SVD and only the wanted
+    long-side vectors are mapped back through Q (``torch.ormqr``): LAPACK's own SVD forms all of Q and multiplies
+    all p vectors back, which measured 1.4-2.5x slower on 7B aspect ratios (see QR_FIRST_RATIO). Both are
+    backward-stable exact SVDs; vectors may differ in sign (which subspace angles ignore).
     """
     a = upcast(as_stack(stack), dtype)
     b, m, n = a.shape
     p = min(m, n)
     k = _check_k(k, p)
+    kl = k if k_left is None else _check_k(k_left, p)
     if a.device.type != "cpu" or max(m, n) < QR_FIRST_RATIO * p:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return s, u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()
+        return s, u[..., :kl].contiguous(), vh[..., :k, :].mT.contiguous()
     tall = m >= n
     x = a if tall else a.mT  # (b, M, p), M > p
+    k_long, k_short = (kl, k) if tall else (k, kl)
     qr, tau = torch.geqrf(x)  # x = Q R, Householder vectors below the diagonal
     ur, s, vh = torch.linalg.svd(qr[..., :p, :].triu(), full_matrices=False)  # R = Ur S Vh, (b, p, p) each
-    lead = x.new_zeros(b, x.shape[-2], k)  # (b, M, k): [Ur_k; 0]
-    lead[..., :p, :] = ur[..., :k]
-    long_side = torch.ormqr(qr, tau, lead)  # Q [Ur_k; 0] = the top-k vectors of x's long side (b, M, k)
-    short_side = vh[..., :k, :].mT.contiguous()  # (b, p, k)
+    lead = x.new_zeros(b, x.shape[-2], k_long)  # (b, M, k_long): [Ur_k; 0]
+    lead[..., :p, :] = ur[..., :k_long]
+    long_side = torch.ormqr(qr, tau, lead)  # Q [Ur_k; 0] = the top vectors of x's long side (b, M, k_long)
+    short_side = vh[..., :k_short, :].mT.contiguous()  # (b, p, k_short)
     return (s, long_side, short_side) if tall else (s, short_side, long_side)
 
 
@@ -304,6 +307,84 @@ def topk(
     if chosen == "randomized":
         return randomized_topk(a, k, dtype=dtype, oversample=oversample, niter=niter, seed=seed)
     return exact_topk(a, k, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# One decomposition for every consumer (the engine's shared SVD, docs/architecture.md)
+
+_EXACTNESS = {"randomized": 0, "auto": 1, "exact": 2}
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one consumer needs of a matrix's SVD: every singular value (``values``), the top ``left`` left and
+    ``right`` right singular vectors, at least ``dtype`` precision, by ``method`` where only top vectors are needed.
+
+    Needs merge (:meth:`merge`): the union of what was asked, the widest dtype, the most exact method; one
+    :func:`decompose` of the merged need serves every consumer (:meth:`Decomposition.view`).
+    """
+
+    values: bool = False
+    left: int = 0
+    right: int = 0
+    dtype: torch.dtype = torch.float32
+    method: SvdMethod = "exact"
+
+    def merge(self, other: Need) -> Need:
+        """The least need that covers both."""
+        return Need(
+            self.values or other.values,
+            max(self.left, other.left),
+            max(self.right, other.right),
+            max(self.dtype, other.dtype, key=lambda d: torch.empty((), dtype=d).element_size()),
+            max(self.method, other.method, key=_EXACTNESS.__getitem__),
+        )
+
+    def covers(self, other: Need) -> bool:
+        """Whether a decomposition made for this need serves ``other``."""
+        return self.merge(other) == self
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A (b, m, n) stack's SVD as one :func:`decompose` made it: ``s`` (b, p) every value when ``values`` was
+    asked, else (b, t) the top t; ``u`` (b, m, left), ``v`` (b, n, right); ``method`` the CSV label."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    method: str
+    need: Need
+
+    def view(self, need: Need) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s, u, v) as ``need`` asked: its counts of vectors, every value or the top ones, in its dtype."""
+        if not self.need.covers(need):
+            raise ValueError(f"a decomposition made for {self.need} cannot serve {need}")
+        t = max(need.left, need.right, 1)
+        s = self.s if need.values else self.s[..., :t]
+        out = (s, self.u[..., : need.left], self.v[..., : need.right])
+        return tuple(x.to(need.dtype) for x in out)  # type: ignore[return-value]
+
+
+def decompose(stack: torch.Tensor, need: Need) -> Decomposition:
+    """The one SVD of a (b, m, n) stack that ``need`` (merged over every consumer) asks for.
+
+    Every value asked: exact, ``svdvals`` when no vector is, else :func:`spectrum_topk` (one full SVD, top vectors
+    kept). Only top vectors: :func:`topk` by ``need.method`` (``auto``: see :func:`choose_method`).
+    """
+    a = as_stack(stack)
+    p = min(a.shape[-2:])
+    left, right = min(need.left, p), min(need.right, p)
+    if need.values and left == right == 0:
+        s = svdvals(a, need.dtype)
+        empty = s.new_zeros(0)
+        return Decomposition(s, empty.expand(*a.shape[:-1], 0), empty.expand(a.shape[0], a.shape[-1], 0), "exact", need)
+    if need.values:
+        s, u, v = spectrum_topk(a, max(right, 1), need.dtype, k_left=max(left, 1))
+        return Decomposition(s, u, v, "exact", need)
+    t = max(left, right, 1)
+    top = topk(a, t, method=need.method, dtype=need.dtype)
+    return Decomposition(top.s, top.u, top.v, top.describe(), need)
 
 
 def _check_k(k: int, p: int) -> int:

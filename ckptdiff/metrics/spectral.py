@@ -44,6 +44,9 @@ class SpectralResult:
     angle_v_max_null_ratio: float
 
 
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # s (b, p), u (b, m, k), v (b, n, k)
+
+
 @dataclass(frozen=True)
 class _Side:
     """What one SVD contributes: full spectrum (b, p), top-k left (b, m, k) and right (b, n, k) bases."""
@@ -114,8 +117,13 @@ def spectral_metrics_with_spectra(
     *,
     dtype: torch.dtype = torch.float64,
     null_seeds: Sequence[int] | None = None,
+    svds: tuple[Triplets, Triplets] | None = None,
 ) -> tuple[list[SpectralResult], torch.Tensor, torch.Tensor]:
-    """As :func:`spectral_metrics`, plus the full spectra σ(W0), σ(W1) (b, p) from the same SVDs (no extra one)."""
+    """As :func:`spectral_metrics`, plus the full spectra σ(W0), σ(W1) (b, p) from the same SVDs (no extra one).
+
+    ``svds``: the (s (b, p), u (b, m, k), v (b, n, k)) of W0 and of W1 in ``dtype`` when they were already computed
+    (the engine's shared decompositions); otherwise each side is decomposed here.
+    """
     dt = compute_dtype(dtype)
     a0 = as_stack(w0).to(dt)  # (b, m, n)
     a1 = as_stack(w1).to(dt)  # (b, m, n)
@@ -133,11 +141,11 @@ def spectral_metrics_with_spectra(
     delta_fro = torch.linalg.matrix_norm(delta)  # (b,)
     delta_2 = top_singular_value(delta, dt)  # (b,) ‖ΔW‖₂: only σ_max of ΔW is used
 
-    side0 = _side(a0, k, dt)
+    side0 = _Side(*svds[0]) if svds is not None else _side(a0, k, dt)
     w0_fro = side0.s.norm(dim=-1)  # ‖W0‖_F = ‖σ(W0)‖₂
     gap = side0.s[:, k - 1] - side0.s[:, k] if k < p else torch.full_like(w0_fro, math.nan)
 
-    side1 = _side(a1, k, dt)
+    side1 = _Side(*svds[1]) if svds is not None else _side(a1, k, dt)
     nss, rel, ang_u, ang_v = _drift(side0, side1, w0_fro)
     sigma0, sigma1 = side0.s, side1.s  # (b, p) each
     del side1
