@@ -79,7 +79,13 @@ REPORTED: tuple[Reported, ...] = (
         "Spectral drift",
         True,
         lambda s, sides: SpectralAnalysis(
-            k=s.k, precision=s.spectral_precision, null=s.null, seed=s.seed, as_dtype=s.mode.as_dtype, sides=sides
+            k=s.k,
+            precision=s.spectral_precision,
+            null=s.null,
+            seed=s.seed,
+            as_dtype=s.mode.as_dtype,
+            svd=s.svd,
+            sides=sides,
         ),
     ),
     Reported(

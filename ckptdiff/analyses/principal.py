@@ -389,9 +389,9 @@ def _batch_rows(
     ]
     if not keep:
         return out
-    s, u, v, label = shared.get(side, need, keep)
+    s, u, v, labels = shared.get(side, need, keep)
     for j, i in enumerate(keep):
-        result, masks = principal_metrics_with_masks(w0s[i], upd[i], u[j], s[j], v[j], alpha, w1=w1s[i], svd=label)
+        result, masks = principal_metrics_with_masks(w0s[i], upd[i], u[j], s[j], v[j], alpha, w1=w1s[i], svd=labels[j])
         out[i] = (items[i], result, masks, upd[i])
     return out
 

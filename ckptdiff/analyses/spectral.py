@@ -40,7 +40,13 @@ from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
 from ckptdiff.metrics.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
-from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
+from ckptdiff.metrics.spectral import (
+    INTRUDER_EPS,
+    INTRUDER_K,
+    SpectralResult,
+    null_seed,
+    spectral_metrics_with_spectra,
+)
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
@@ -55,7 +61,9 @@ NULL_COLUMNS = [
     "nss_null_ratio",
     "angle_u_max_null_ratio",
     "angle_v_max_null_ratio",
+    "intruders_null",
 ]
+INT_COLUMNS = ["k", "intruders", "intruders_null"]
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
 LEAD_COLUMNS = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "compared_as", "numel"]
 LEAD_COLUMNS.append("linear")
@@ -87,8 +95,10 @@ class SpectralDriftResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (analysed or not), columns as in :func:`columns`."""
         df = pd.DataFrame(self.rows, columns=columns(self.with_null))
-        df = df.astype({"layer": "Int64", "numel": "Int64", "k": "Int64"})
-        df = df.astype({c: "float64" for c in METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else []) if c != "k"})
+        df = df.astype({"layer": "Int64", "numel": "Int64"})
+        metric = METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else [])
+        df = df.astype({c: "float64" for c in metric if c not in INT_COLUMNS})
+        df = df.astype({c: "Int64" for c in metric if c in INT_COLUMNS})
         analysed = df["analysed"].astype(bool)
         cols = [df[c].tolist() for c in ("k", "shape", "wedin_bound_deg", "delta_spectral_norm")]
         df["angles"] = [  # whether the row's principal angles are a measurement (declarations.angle_status)
@@ -114,7 +124,9 @@ class SpectralDriftResult:
             sub = df if col == "nss" else nontrivial
             out[f"{label}_median"] = float(sub[col].median()) if len(sub) else math.nan
         out["nss_per_update"] = metrics["nss_per_update"].over(df)
+        out["intruders"] = metrics["intruders"].over(df)
         if self.with_null:
+            out["intruders_null"] = metrics["intruders_null"].over(df)
             for col in ("nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"):
                 sub = df if col == "nss_null_ratio" else nontrivial
                 out[f"{col}_median"] = float(sub[col].median()) if len(sub) else math.nan
@@ -177,9 +189,19 @@ class SpectralDriftResult:
                 f"Drift per unit of update, NSS / (‖ΔW‖_F/‖W0‖_F), parameter-weighted: {o['nss_per_update']:.4g} "
                 "(at most 1; 1 means the whole update went into the singular values, e.g. a rescaling)."
             )
+        lines.append(self._intruder_sentence(df, o))
         if self.with_null:
             lines.append(self._null_sentence(df[df["angles"] != "trivial_k"]))
         return lines
+
+    def _intruder_sentence(self, df: pd.DataFrame, o: dict[str, float]) -> str:
+        """Intruder dimensions over the run, beside the equal-norm null's count when there is one."""
+        n = int(o["intruders"]) if not math.isnan(o["intruders"]) else 0
+        hit = int((df["intruders"].fillna(0) > 0).sum())
+        what = f"Intruder dimensions ({self.header.get('intruders', '')}): {n:,} in {count(hit, 'matrix', 'matrices')}"
+        if self.with_null:
+            return f"{what}; an equal-norm random update gives {int(o['intruders_null']):,}."
+        return f"{what} (--null random adds the count an equal-norm random update gives)."
 
     def _angle_sentences(self, df: pd.DataFrame, o: dict[str, float]) -> list[str]:
         """Largest stable angles, medians, which layers rotate most, and which angles are left out and why."""
@@ -349,6 +371,20 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
     return workspace_bytes((m, n), in_dtype, dt, work="svd", device_type=device) + extra
 
 
+def svd_routes(routes: dict[str, str]) -> str:
+    """The header's account of how the top-k vectors were found: counts per route, fallbacks said."""
+    counts: dict[str, int] = {}
+    for label in routes.values():
+        kind = "checked" if label.startswith("checked") else label
+        counts[kind] = counts.get(kind, 0) + 1
+    words = {
+        "exact": "exact SVD",
+        "checked": "randomized top-k + fp64 Rayleigh-Ritz, passed the Wedin residual check",
+        "exact (fallback)": "exact SVD after the fast path failed its check",
+    }
+    return "; ".join(f"{n} {words.get(kind, kind)}" for kind, n in sorted(counts.items()))
+
+
 def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save singular values as safetensors atomically (see :mod:`ckptdiff.io.outputs`): a path is renamed into place
     at once, an :class:`~ckptdiff.io.outputs.Output` of a caller's set when the set commits."""
@@ -367,7 +403,7 @@ class SpectralAnalysis(Analysis):
     """Spectral drift and top-k rotation per 2-D matrix of one base/fine-tune pair, in batched SVDs."""
 
     name = "spectral"
-    state_fields = ("results", "nonfinite", "spectra")
+    state_fields = ("results", "nonfinite", "spectra", "routes")
 
     def __init__(
         self,
@@ -378,10 +414,20 @@ class SpectralAnalysis(Analysis):
         seed: int = 0,
         as_dtype: torch.dtype | str | None = None,
         save_spectra: str | Path | Output | None = None,
+        svd: str = "auto",
+        intruder_k: int = INTRUDER_K,
+        intruder_eps: float = INTRUDER_EPS,
+        intruder_base_k: int | None = None,
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
+        self.intruder_k = choices.positive_int(intruder_k, "--intruder-k")
+        self.intruder_eps = choices.unit_interval(intruder_eps, "--intruder-eps")
+        base_k = intruder_base_k
+        self.intruder_base_k = None if base_k is None else choices.positive_int(base_k, "--intruder-base-k")
         self.dt, self.k = choices.precision_dtype(precision), choices.k_value(k)
+        self.svd = choices.svd_method(svd)
+        self.routes: dict[str, str] = {}  # tensor -> how its top-k vectors were found (both sides: the less exact)
         self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
         self.precision, self.seed = precision, seed
         self.save_spectra = standalone(save_spectra, "save_spectra")  # the caller checks a path against its inputs
@@ -407,13 +453,17 @@ class SpectralAnalysis(Analysis):
         self.items = list(items)
         self.device_type = run.device.type
 
-    def need(self) -> linalg.Need:
-        """Every singular value and the top-k vectors of both sides, exactly, in --precision."""
-        return linalg.Need(values=True, left=self.k, right=self.k, dtype=self.dt, method="exact")
+    def need(self, side: int, item: Aligned) -> linalg.Need:
+        """Every singular value and the top-k vectors of a side, in --precision, by --svd; the left vectors the
+        intruder count needs too (the base: its --intruder-base-k, default all; the fine-tune: --intruder-k)."""
+        p = min(item.base.shape)
+        more = (self.intruder_base_k or p) if side == 0 else self.intruder_k
+        left = min(p, max(self.k, more))
+        return linalg.Need(values=True, left=left, right=self.k, dtype=self.dt, method=self.svd)
 
     def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
         rounding = pair_target(item, self.as_t)  # both sides are rounded to the comparison dtype first
-        return [SvdRequest(k, self.need(), rounding) for k in self.sides]
+        return [SvdRequest(k, self.need(i, item), rounding) for i, k in enumerate(self.sides)]
 
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         s0, s1 = stacks
@@ -431,8 +481,11 @@ class SpectralAnalysis(Analysis):
         kept = [items[i] for i in keep]
         seeds = [null_seed(self.seed, it.name) for it in kept] if self.with_null else None
         assert self.svds is not None, "the pipeline hands every matrix analysis the batch's shared SVDs"
-        need = self.need()
-        svds = tuple(self.svds.get(k, need, keep, targets[0])[:3] for k in self.sides)
+        got = [self.svds.get(k, self.need(i, items[0]), keep, targets[0]) for i, k in enumerate(self.sides)]
+        svds = tuple(g[:3] for g in got)
+        for j, it in enumerate(kept):
+            labels = {g[3][j] for g in got}
+            self.routes[it.name] = next((x for x in labels if x.startswith("exact (")), min(labels))
         res, sig0, sig1 = spectral_metrics_with_spectra(
             a0,
             a1,
@@ -440,6 +493,9 @@ class SpectralAnalysis(Analysis):
             dtype=self.dt,
             null_seeds=seeds,
             svds=svds,  # type: ignore[arg-type]
+            intruder_k=self.intruder_k,
+            intruder_eps=self.intruder_eps,
+            intruder_base_k=self.intruder_base_k,
         )
         del a0, a1
         for i, (it, r) in enumerate(zip(kept, res, strict=True)):
@@ -457,7 +513,13 @@ class SpectralAnalysis(Analysis):
             "k": self.k,
             "precision": self.precision,
             "null": "random" if self.with_null else "none",
+            "svd": self.svd,
+            "intruders": f"top {self.intruder_k} fine-tune left singular vectors with max |cos| < "
+            f"{self.intruder_eps:g} against the base's "
+            + ("full left singular basis" if self.intruder_base_k is None else f"top {self.intruder_base_k}"),
         }
+        if self.routes:
+            params["svd_routes"] = svd_routes(self.routes)
         if self.with_null:
             params["seed"] = self.seed
         params["as"] = dtype_name(self.as_t) if self.as_t is not None else "native"
@@ -488,6 +550,10 @@ def spectral(
     device: str = "auto",
     batch_budget: float | None = None,
     save_spectra: str | Path | Output | None = None,
+    svd: str = "auto",
+    intruder_k: int = INTRUDER_K,
+    intruder_eps: float = INTRUDER_EPS,
+    intruder_base_k: int | None = None,
     progress: bool = True,
 ) -> SpectralDriftResult:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
@@ -496,10 +562,23 @@ def spectral(
     adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor name. ``as_dtype`` rounds
     both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
     2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
+    ``svd="auto"`` finds the top-k vectors of large matrices by the guarded fast path (every singular value from
+    svdvals, top-k vectors by randomized subspace iteration with an fp64 Rayleigh-Ritz step, checked per matrix
+    by the Wedin residual bound, exact SVD where the check fails; the header counts each route); ``"exact"``
+    decomposes every matrix in full.
     """
     spectra_out = standalone(save_spectra, "save_spectra", [base, ft])  # checked now, before any read
     analysis = SpectralAnalysis(
-        k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=spectra_out
+        k=k,
+        precision=precision,
+        null=null,
+        seed=seed,
+        as_dtype=as_dtype,
+        save_spectra=spectra_out,
+        svd=svd,
+        intruder_k=intruder_k,
+        intruder_eps=intruder_eps,
+        intruder_base_k=intruder_base_k,
     )
     opts = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
     return run_pair(base, ft, analysis, label="decomposing", progress=progress, **opts)  # type: ignore[no-any-return]

@@ -38,14 +38,35 @@ EPILOG = (
     "Per 2-D matrix: NSS over the full spectrum, top-k singular value changes, principal angles between the top-k "
     "left and right subspaces, the base's spectral gap, and norms of the update. --null random adds the same "
     "metrics for an equal-norm Gaussian update, so a small drift can be told apart from a small update."
-    "\n\n"
-    + VERBOSITY
+    "\n\n" + VERBOSITY
 )
 
 
 # Values are checked by the library, which answers a bad one with a one-line error (exit 2).
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
+]
+SpectralSvdOpt = Annotated[
+    str,
+    typer.Option(
+        "--svd",
+        help="auto: on large matrices, top-k vectors by randomized top-k + fp64 Rayleigh-Ritz, checked per matrix "
+        "(exact SVD where the check fails; the header counts both); exact: a full SVD per matrix; randomized: the "
+        "checked fast path at every size.",
+    ),
+]
+IntruderKOpt = Annotated[
+    int, typer.Option("--intruder-k", help="Intruder dimensions: how many top fine-tune left singular vectors to test.")
+]
+IntruderEpsOpt = Annotated[
+    float,
+    typer.Option("--intruder-eps", help="Intruder dimensions: a vector whose max |cos| with the base is below this."),
+]
+IntruderBaseKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--intruder-base-k", help="Intruder dimensions: test against the base's top K left vectors (default: all)."
+    ),
 ]
 SpectraOpt = Annotated[
     Path | None,
@@ -58,6 +79,10 @@ def spectral(
     ft: FtArg,
     k: KOpt = 64,
     precision: PrecisionOpt = "fp64",
+    svd: SpectralSvdOpt = "auto",
+    intruder_k: IntruderKOpt = 10,
+    intruder_eps: IntruderEpsOpt = 0.5,
+    intruder_base_k: IntruderBaseKOpt = None,
     null: NullOpt = "none",
     seed: SeedOpt = 0,
     as_: AsOpt = None,
@@ -88,6 +113,10 @@ def spectral(
             ft,
             k=k,
             precision=precision,
+            svd=svd,
+            intruder_k=intruder_k,
+            intruder_eps=intruder_eps,
+            intruder_base_k=intruder_base_k,
             null=null,
             seed=seed,
             as_dtype=mode.as_dtype,

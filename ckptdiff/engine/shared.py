@@ -75,8 +75,8 @@ class SharedSVD:
 
     def get(
         self, side: int, need: Need, rows: Sequence[int], rounding: torch.dtype | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        """(s, u, v, method label) of the batch's matrices ``rows`` (finite ones) as ``need`` asks.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """(s, u, v, method label per row) of the batch's matrices ``rows`` (finite ones) as ``need`` asks.
 
         The merged need of (side, rounding) is decomposed once, over every finite matrix of the side, the first
         time anyone asks; later calls take views of it.
@@ -105,4 +105,4 @@ class SharedSVD:
         if pos != list(range(len(keep))):
             idx = torch.tensor(pos, device=s.device)
             s, u, v = (t.index_select(0, idx) for t in (s, u, v))
-        return s, u, v, dec.method
+        return s, u, v, [dec.methods[j] for j in pos]

@@ -30,7 +30,9 @@ from ckptdiff.metrics.mask import CompareMode
 from ckptdiff.runtime.distributed import agree
 
 ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
-NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
+NULL_METRICS = frozenset(
+    name for name in R.METRICS if "_null_" in name or name.endswith("_null")
+)  # need spectral's random null
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,12 +37,15 @@ class SpectralResult:
     delta_rel_fro: float
     delta_stable_rank: float
     nss_per_update: float
+    intruders: int
+    intruder_cos_min: float
     nss_null: float
     angle_u_max_deg_null: float
     angle_v_max_deg_null: float
     nss_null_ratio: float
     angle_u_max_null_ratio: float
     angle_v_max_null_ratio: float
+    intruders_null: float
 
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # s (b, p), u (b, m, k), v (b, n, k)
@@ -61,10 +65,24 @@ def null_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode())
 
 
-def _side(stack: torch.Tensor, k: int, dtype: torch.dtype) -> _Side:
-    """All singular values and the top-k bases of one side, from one exact SVD (see linalg.spectrum_topk)."""
-    s, u, v = spectrum_topk(stack, k, dtype)
+def _side(stack: torch.Tensor, k: int, dtype: torch.dtype, k_left: int | None = None) -> _Side:
+    """All singular values, the top ``k_left`` (default k) left and top-k right vectors of one side, from one exact
+    SVD (see linalg.spectrum_topk)."""
+    s, u, v = spectrum_topk(stack, k, dtype, k_left=k_left)
     return _Side(s, u, v)
+
+
+INTRUDER_K = 10  # PEFT's reduce_intruder_dimension top_k
+INTRUDER_EPS = 0.5  # PEFT's threshold_epsilon
+
+
+def intruders(u_ft: torch.Tensor, u_base: torch.Tensor, eps: float = INTRUDER_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intruder dimensions (arXiv 2410.21228): per matrix, how many of the fine-tune's top left singular vectors
+    ``u_ft`` (b, m, t) have a largest absolute cosine similarity below ``eps`` with every column of the base's left
+    singular basis ``u_base`` (b, m, r); and the smallest of those largest cosines. Returns counts (b,), cos_min (b,).
+    """
+    best = (u_ft.mT @ u_base).abs().amax(-1)  # (b, t): max_j |<u_ft_i, u_base_j>| (unit vectors: the cosines)
+    return (best < eps).sum(-1), best.amin(-1)
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -101,13 +119,15 @@ def spectral_metrics(
     *,
     dtype: torch.dtype = torch.float64,
     null_seeds: Sequence[int] | None = None,
+    **intruder: Any,
 ) -> list[SpectralResult]:
     """§3 metrics for each matrix of (b, m, n) stacks (or single (m, n) matrices) W0 and W1, computed in ``dtype``.
 
     k is capped at min(m, n). With ``null_seeds`` (one per matrix, e.g. from null_seed) the equal-norm random null
-    W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too. Peak memory is one batched SVD plus the inputs.
+    W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too. ``intruder``: intruder_k, intruder_eps, intruder_base_k (see
+    :func:`spectral_metrics_with_spectra`). Peak memory is one batched SVD plus the inputs.
     """
-    return spectral_metrics_with_spectra(w0, w1, k, dtype=dtype, null_seeds=null_seeds)[0]
+    return spectral_metrics_with_spectra(w0, w1, k, dtype=dtype, null_seeds=null_seeds, **intruder)[0]
 
 
 def spectral_metrics_with_spectra(
@@ -118,11 +138,17 @@ def spectral_metrics_with_spectra(
     dtype: torch.dtype = torch.float64,
     null_seeds: Sequence[int] | None = None,
     svds: tuple[Triplets, Triplets] | None = None,
+    intruder_k: int = INTRUDER_K,
+    intruder_eps: float = INTRUDER_EPS,
+    intruder_base_k: int | None = None,
 ) -> tuple[list[SpectralResult], torch.Tensor, torch.Tensor]:
     """As :func:`spectral_metrics`, plus the full spectra σ(W0), σ(W1) (b, p) from the same SVDs (no extra one).
 
-    ``svds``: the (s (b, p), u (b, m, k), v (b, n, k)) of W0 and of W1 in ``dtype`` when they were already computed
-    (the engine's shared decompositions); otherwise each side is decomposed here.
+    Intruder dimensions: the fine-tune's top ``intruder_k`` left singular vectors against the base's top
+    ``intruder_base_k`` (None: all p) left ones, threshold ``intruder_eps`` (see :func:`intruders`); the null's
+    count uses W0 + R's vectors. ``svds``: (s (b, p), u, v (b, n, k)) of W0 and of W1 in ``dtype`` when they were
+    already computed (the engine's shared decompositions), u holding at least the left vectors the intruder count
+    needs (W0: max(k, intruder_base_k), W1: max(k, intruder_k)); otherwise each side is decomposed here.
     """
     dt = compute_dtype(dtype)
     a0 = as_stack(w0).to(dt)  # (b, m, n)
@@ -134,6 +160,7 @@ def spectral_metrics_with_spectra(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, p)
+    ik, bk = min(intruder_k, p), p if intruder_base_k is None else min(intruder_base_k, p)
     if null_seeds is not None and len(null_seeds) != b:
         raise ValueError(f"need one null seed per matrix: {len(null_seeds)} seeds for {b} matrices")
 
@@ -141,11 +168,15 @@ def spectral_metrics_with_spectra(
     delta_fro = torch.linalg.matrix_norm(delta)  # (b,)
     delta_2 = top_singular_value(delta, dt)  # (b,) ‖ΔW‖₂: only σ_max of ΔW is used
 
-    side0 = _Side(*svds[0]) if svds is not None else _side(a0, k, dt)
+    side0 = _Side(*svds[0]) if svds is not None else _side(a0, k, dt, max(k, bk))
+    u_base = side0.u[..., :bk]  # (b, m, bk): the basis intruders are measured against
+    side0 = _Side(side0.s, side0.u[..., :k], side0.v[..., :k])
     w0_fro = side0.s.norm(dim=-1)  # ‖W0‖_F = ‖σ(W0)‖₂
     gap = side0.s[:, k - 1] - side0.s[:, k] if k < p else torch.full_like(w0_fro, math.nan)
 
-    side1 = _Side(*svds[1]) if svds is not None else _side(a1, k, dt)
+    side1 = _Side(*svds[1]) if svds is not None else _side(a1, k, dt, max(k, ik))
+    n_intr, cos_min = intruders(side1.u[..., :ik], u_base, intruder_eps)
+    side1 = _Side(side1.s, side1.u[..., :k], side1.v[..., :k])
     nss, rel, ang_u, ang_v = _drift(side0, side1, w0_fro)
     sigma0, sigma1 = side0.s, side1.s  # (b, p) each
     del side1
@@ -153,11 +184,13 @@ def spectral_metrics_with_spectra(
     if null_seeds is not None:
         r = _random_like((m, n), null_seeds, a0)  # (b, m, n)
         r = r * _nan_div(delta_fro, torch.linalg.matrix_norm(r)).nan_to_num(0.0)[:, None, None]
-        side_n = _side(a0 + r, k, dt)
+        side_n = _side(a0 + r, k, dt, max(k, ik))
+        intr_null = intruders(side_n.u[..., :ik], u_base, intruder_eps)[0].to(dt)
+        side_n = _Side(side_n.s, side_n.u[..., :k], side_n.v)
         nss_n, _, ang_u_n, ang_v_n = _drift(side0, side_n, w0_fro)
         nss_null, u_null, v_null = nss_n, ang_u_n.amax(-1), ang_v_n.amax(-1)
     else:
-        nss_null = u_null = v_null = torch.full_like(w0_fro, math.nan)
+        nss_null = u_null = v_null = intr_null = torch.full_like(w0_fro, math.nan)
 
     rel_fro = _nan_div(delta_fro, w0_fro)
     wedin = torch.arcsin(_nan_div(delta_2, gap).clamp(max=1.0)) * _RAD2DEG
@@ -174,15 +207,21 @@ def spectral_metrics_with_spectra(
         "delta_rel_fro": rel_fro,
         "delta_stable_rank": _nan_div(delta_fro.square(), delta_2.square()),
         "nss_per_update": _nan_div(nss, rel_fro),
+        "intruder_cos_min": cos_min,
         "nss_null": nss_null,
         "angle_u_max_deg_null": u_null,
         "angle_v_max_deg_null": v_null,
         "nss_null_ratio": _nan_div(nss, nss_null),
         "angle_u_max_null_ratio": _nan_div(ang_u.amax(-1), u_null),
         "angle_v_max_null_ratio": _nan_div(ang_v.amax(-1), v_null),
+        "intruders_null": intr_null,
     }
     cols = {name: t.detach().to("cpu", torch.float64).tolist() for name, t in fields.items()}
-    results = [SpectralResult(k=k, **{name: vals[i] for name, vals in cols.items()}) for i in range(b)]
+    counts = n_intr.tolist()
+    results = [
+        SpectralResult(k=k, intruders=int(counts[i]), **{name: vals[i] for name, vals in cols.items()})
+        for i in range(b)
+    ]
     return results, sigma0, sigma1
 
 

@@ -70,7 +70,7 @@ def figures(report: FullReportResult) -> list[Figure]:
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
         ("sparsity", report.sparsity, [("sparsity_heatmap", _sparsity_heatmap), ("sparsity_ulp", _ulp_hist)]),
         ("principal", report.principal, [("principal_overlap", _principal_overlap)]),
-        ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
+        ("spectral", report.spectral, [("spectral_drift", _spectral_drift), ("spectral_intruders", _intruders)]),
     ]
     for analysis, results, kinds in makers:
         for run, result in results.items():
@@ -435,6 +435,48 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
         f"over the layer's matrices. Drift is not additive, so nothing is summed.{null}"
     )
     return _Drawn(fig, f"Spectral drift by layer{_for_run(run)}", caption)
+
+
+def _intruders(result: SpectralDriftResult, run: str) -> _Drawn | None:
+    """Per module type: intruder dimensions summed over its matrices, beside the equal-norm null's count; none
+    when every count is 0 (the summary says so in a sentence)."""
+    df = result.by("module")
+    if df.empty or "intruders" not in df.columns:
+        return None
+    cols = [c for c in ("intruders", "intruders_null") if c in df.columns]
+    if not (df[cols].fillna(0) > 0).any().any():
+        return None
+    modules = _module_order([str(m) for m in df.index])
+    df = df.loc[modules]
+    x = list(range(len(modules)))
+    observed = [v if math.isfinite(v) else 0.0 for v in _floats(df["intruders"])]
+    fig = _new(2.8)
+    ax = fig.subplots()
+    _style(ax)
+    width = 0.38 if result.with_null else 0.6
+    shift = width / 2 if result.with_null else 0.0
+    bars = ax.bar([i - shift for i in x], observed, width, color=COLORS["observed"], label="fine-tune")
+    for rect, v in zip(bars, observed, strict=True):
+        _label_bar(ax, rect, f"{int(v)}")
+    if result.with_null:
+        counts = [v if math.isfinite(v) else 0.0 for v in _floats(df["intruders_null"])]
+        ax.bar([i + shift for i in x], counts, width, color=COLORS["random"], label="equal-norm random update")
+        ax.legend(fontsize=8, frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
+    ax.set_xticks(x, modules)
+    ax.set_ylabel("intruder dimensions", fontsize=8)
+    ax.set_ylim(bottom=0, top=max([1.0, *observed]) * 1.25)
+    ax.set_title(_t(f"Intruder dimensions per module type{_for_run(run)}"), fontsize=10, loc="left", pad=18)
+    defined = result.header.get("intruders", "")
+    null = (
+        " Grey: the same count for the base plus an equal-norm random update (the null)."
+        if result.with_null
+        else " No random null was computed (run with --null random for one)."
+    )
+    caption = (
+        f"Intruder dimensions summed over each module type's matrices: {defined}. An intruder is a top direction of "
+        f"the fine-tuned matrix that the base does not have (arXiv 2410.21228).{null}"
+    )
+    return _Drawn(fig, f"Intruder dimensions{_for_run(run)}", caption)
 
 
 def _nanmax(a: float, b: float) -> float:

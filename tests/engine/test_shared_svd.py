@@ -138,9 +138,9 @@ def test_shared_views_are_the_merged_decomposition_cut_to_each_need() -> None:
     full = linalg.Need(values=True, left=4, right=3, dtype=torch.float64)
     shared = SharedSVD({0: stack}, [SvdRequest(0, small), SvdRequest(0, full)])
     assert shared.finite(0) == [True, False, True]
-    s, u, _, label = shared.get(0, small, [2])
+    s, u, _, labels = shared.get(0, small, [2])
     u_ref, s_ref, _ = torch.linalg.svd(stack[2])  # independent: the plain LAPACK SVD of that matrix
-    assert label == "exact" and s.dtype == torch.float32 and s.shape == (1, 2) and u.shape == (1, 12, 2)
+    assert labels == ["exact"] and s.dtype == torch.float32 and s.shape == (1, 2) and u.shape == (1, 12, 2)
     torch.testing.assert_close(s[0].double(), s_ref[:2], rtol=1e-6, atol=0)
     # Same subspace (signs may differ): |u_i . u_ref_i| = 1.
     torch.testing.assert_close((u[0].double() * u_ref[:, :2]).sum(0).abs(), torch.ones(2, dtype=torch.float64))
