@@ -42,7 +42,7 @@ class Settings:
     """The parameters of one ``report`` run that the analyses' plug-ins are built from."""
 
     mode: CompareMode
-    k: int
+    k: int | None  # None: principal-overlap's default, spectral's per-matrix choice
     alpha: float
     svd: str
     principal_precision: str
@@ -71,7 +71,12 @@ REPORTED: tuple[Reported, ...] = (
         "Principal overlap",
         True,
         lambda s, sides: PrincipalAnalysis(
-            k=s.k, alpha=s.alpha, svd=s.svd, precision=s.principal_precision, mode=s.mode, sides=sides
+            k=choices.DEFAULT_K if s.k is None else s.k,
+            alpha=s.alpha,
+            svd=s.svd,
+            precision=s.principal_precision,
+            mode=s.mode,
+            sides=sides,
         ),
     ),
     Reported(
@@ -252,7 +257,7 @@ def full_report(
     rtol: float | None = None,
     atol: float | None = None,
     as_dtype: torch.dtype | str | None = None,
-    k: int = choices.DEFAULT_K,
+    k: int | None = None,
     alpha: float = 0.5,
     svd: str = "auto",
     principal_precision: str = "fp32",
@@ -284,7 +289,7 @@ def full_report(
             plugins.append((key, "", entry.plugin(settings, tuple(range(len(names) + 1)))))
     params: dict[str, object] = {
         "analyses": ", ".join(chosen),
-        "k": k,
+        "k": k if k is not None else f"{choices.DEFAULT_K} for principal-overlap; spectral chooses k per matrix",
         "alpha": alpha,
         "svd": f"{svd} ({principal_precision})",
         "spectral_precision": spectral_precision,

@@ -44,6 +44,7 @@ from ckptdiff.metrics.spectral import (
     INTRUDER_EPS,
     INTRUDER_K,
     SpectralResult,
+    auto_k_max,
     null_seed,
     spectral_metrics_with_spectra,
 )
@@ -63,7 +64,12 @@ NULL_COLUMNS = [
     "angle_v_max_null_ratio",
     "intruders_null",
 ]
-INT_COLUMNS = ["k", "intruders", "intruders_null"]
+INT_COLUMNS = ["k", "k_stable", "intruders", "intruders_null"]
+AUTO_K_RULE = (
+    "chosen per matrix (--k not given): the largest k <= 64 whose gap passes the stability test "
+    "(sigma_k - sigma_k+1 > sqrt(2) ||dW||_2, Wedin bound < 45 deg), else min(64, min(m, n) - 1); "
+    "the k column says which"
+)
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
 LEAD_COLUMNS = ["tensor", "layer", "module", "expert", "shape", "dtype_base", "dtype_ft", "compared_as", "numel"]
 LEAD_COLUMNS.append("linear")
@@ -179,7 +185,8 @@ class SpectralDriftResult:
         worst_nss = str(df["tensor"].iloc[int(np.nanargmax(nss))]) if np.isfinite(nss).any() else "—"
         lines = [
             f"Spectral drift over {count(int(o['matrices']), 'matrix', 'matrices')} ({int(o['params']):,} parameters), "
-            f"{h['precision']}, k = {h['k']}: NSS median {o['nss_median']:.3e}, max {o['nss_max']:.3e} ({worst_nss}).",
+            f"{h['precision']}, k = {self._k_words(df)}: NSS median {o['nss_median']:.3e}, "
+            f"max {o['nss_max']:.3e} ({worst_nss}).",
             *self._angle_sentences(df, o),
         ]
         if math.isnan(o["nss_per_update"]):
@@ -193,6 +200,27 @@ class SpectralDriftResult:
         if self.with_null:
             lines.append(self._null_sentence(df[df["angles"] != "trivial_k"]))
         return lines
+
+    def _k_words(self, df: pd.DataFrame) -> str:
+        """The summary's k: the number given, or the per-matrix choice with its median."""
+        if not self.header.get("k", "").startswith("chosen per matrix"):
+            return str(self.header.get("k", "?"))
+        ks = df["k"].dropna().astype(int)
+        return f"per matrix ({ks.min()}..{ks.max()}, median {int(ks.median())}; --k not given)" if len(ks) else "auto"
+
+    def _k_hint(self, df: pd.DataFrame) -> str:
+        """When the k given leaves no stable matrix: the k that would work (from each matrix's k_stable)."""
+        if self.header.get("k", "").startswith("chosen per matrix") or "k_stable" not in df.columns:
+            return ""
+        fits = df["k_stable"].dropna().astype(int)
+        fits = fits[fits > 0]
+        if fits.empty:
+            return " No k <= 64 has a stable gap in any matrix: the update is as large as every gap of the spectrum."
+        return (
+            f" At k = {self.header['k']} no gap is stable; {count(len(fits), 'matrix', 'matrices')} have a stable gap "
+            f"at a smaller k (k_stable column; median {int(fits.median())}, up to {fits.max()}): pass "
+            f"--k {int(fits.median())}, or leave --k out to choose k per matrix."
+        )
 
     def _intruder_sentence(self, df: pd.DataFrame, o: dict[str, float]) -> str:
         """Intruder dimensions over the run, beside the equal-norm null's count when there is one."""
@@ -231,7 +259,7 @@ class SpectralDriftResult:
                     named = ", ".join(f"layer {int(i)} ({v:.4g}°)" for i, v in rot.items())  # type: ignore[call-overload]
                     out.append(f"{'Layers that rotate' if len(rot) > 1 else 'The layer that rotates'} most: {named}.")
         else:
-            out.append(f"No matrix has stable principal angles; {medians}.")
+            out.append(f"No matrix has stable principal angles; {medians}.{self._k_hint(df)}")
         if trivial or unstable:
             parts = []
             if trivial:
@@ -372,17 +400,27 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
 
 
 def svd_routes(routes: dict[str, str]) -> str:
-    """The header's account of how the top-k vectors were found: counts per route, fallbacks said."""
-    counts: dict[str, int] = {}
-    for label in routes.values():
-        kind = "checked" if label.startswith("checked") else label
+    """The header's account of how the top-k vectors were found, per side: matrices per route, fallbacks said.
+
+    ``routes`` maps 'base<TAB>tensor' and 'fine-tune<TAB>tensor' to the decomposition's label.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for key, label in routes.items():
+        side = key.split("\t", 1)[0]
+        kind = (side, "checked" if label.startswith("checked") else label)
         counts[kind] = counts.get(kind, 0) + 1
     words = {
         "exact": "exact SVD",
         "checked": "randomized top-k + fp64 Rayleigh-Ritz, passed the Wedin residual check",
         "exact (fallback)": "exact SVD after the fast path failed its check",
+        "exact (gap)": "exact SVD (spectrum too flat at k for the fast path to converge)",
     }
-    return "; ".join(f"{n} {words.get(kind, kind)}" for kind, n in sorted(counts.items()))
+    parts = []
+    for side in ("base", "fine-tune"):
+        mine = sorted((kind, n) for (s, kind), n in counts.items() if s == side)
+        if mine:
+            parts.append(f"{side}: " + ", ".join(f"{n} {words.get(kind, kind)}" for kind, n in mine))
+    return "; ".join(parts)
 
 
 def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -403,12 +441,12 @@ class SpectralAnalysis(Analysis):
     """Spectral drift and top-k rotation per 2-D matrix of one base/fine-tune pair, in batched SVDs."""
 
     name = "spectral"
-    state_fields = ("results", "nonfinite", "spectra", "routes")
+    state_fields = ("results", "nonfinite", "spectra", "routes")  # routes: "side\ttensor" -> how it was decomposed
 
     def __init__(
         self,
         *,
-        k: int = choices.DEFAULT_K,
+        k: int | None = None,
         precision: str = "fp64",
         null: str | bool = "none",
         seed: int = 0,
@@ -425,9 +463,10 @@ class SpectralAnalysis(Analysis):
         self.intruder_eps = choices.unit_interval(intruder_eps, "--intruder-eps")
         base_k = intruder_base_k
         self.intruder_base_k = None if base_k is None else choices.positive_int(base_k, "--intruder-base-k")
-        self.dt, self.k = choices.precision_dtype(precision), choices.k_value(k)
+        self.dt = choices.precision_dtype(precision)
+        self.k = None if k is None else choices.k_value(k)  # None: chosen per matrix (AUTO_K_RULE)
         self.svd = choices.svd_method(svd)
-        self.routes: dict[str, str] = {}  # tensor -> how its top-k vectors were found (both sides: the less exact)
+        self.routes: dict[str, str] = {}  # "base|fine-tune<TAB>tensor" -> how that side's top-k vectors were found
         self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
         self.precision, self.seed = precision, seed
         self.save_spectra = standalone(save_spectra, "save_spectra")  # the caller checks a path against its inputs
@@ -458,8 +497,9 @@ class SpectralAnalysis(Analysis):
         intruder count needs too (the base: its --intruder-base-k, default all; the fine-tune: --intruder-k)."""
         p = min(item.base.shape)
         more = (self.intruder_base_k or p) if side == 0 else self.intruder_k
-        left = min(p, max(self.k, more))
-        return linalg.Need(values=True, left=left, right=self.k, dtype=self.dt, method=self.svd)
+        kv = auto_k_max(p) if self.k is None else min(self.k, p)
+        left = min(p, max(kv, more))
+        return linalg.Need(values=True, left=left, right=kv, dtype=self.dt, method=self.svd)
 
     def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
         rounding = pair_target(item, self.as_t)  # both sides are rounded to the comparison dtype first
@@ -484,8 +524,8 @@ class SpectralAnalysis(Analysis):
         got = [self.svds.get(k, self.need(i, items[0]), keep, targets[0]) for i, k in enumerate(self.sides)]
         svds = tuple(g[:3] for g in got)
         for j, it in enumerate(kept):
-            labels = {g[3][j] for g in got}
-            self.routes[it.name] = next((x for x in labels if x.startswith("exact (")), min(labels))
+            for side, g in zip(("base", "fine-tune"), got, strict=True):
+                self.routes[f"{side}\t{it.name}"] = g[3][j]
         res, sig0, sig1 = spectral_metrics_with_spectra(
             a0,
             a1,
@@ -510,7 +550,7 @@ class SpectralAnalysis(Analysis):
 
     def finish(self, run: Run) -> SpectralDriftResult:
         params: dict[str, object] = {
-            "k": self.k,
+            "k": AUTO_K_RULE if self.k is None else self.k,
             "precision": self.precision,
             "null": "random" if self.with_null else "none",
             "svd": self.svd,
@@ -540,7 +580,7 @@ def spectral(
     base: SourceLike,
     ft: SourceLike,
     *,
-    k: int = choices.DEFAULT_K,
+    k: int | None = None,
     precision: str = "fp64",
     null: str | bool = "none",
     seed: int = 0,
@@ -558,10 +598,12 @@ def spectral(
 ) -> SpectralDriftResult:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
 
-    ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size updates). ``null="random"``
-    adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor name. ``as_dtype`` rounds
-    both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
-    2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
+    ``k`` top singular directions for the angles; None (the default) chooses k per matrix so that its angles are
+    measurable (see AUTO_K_RULE). ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size
+    updates). ``null="random"`` adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor
+    name. ``as_dtype`` rounds both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half
+    the free GPU memory, or 2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a
+    safetensors file.
     ``svd="auto"`` finds the top-k vectors of large matrices by the guarded fast path (every singular value from
     svdvals, top-k vectors by randomized subspace iteration with an fp64 Rayleigh-Ritz step, checked per matrix
     by the Wedin residual bound, exact SVD where the check fails; the header counts each route); ``"exact"``

@@ -20,7 +20,6 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
-    KOpt,
     NullOpt,
     QuietOpt,
     RollupsCsvOpt,
@@ -45,6 +44,14 @@ EPILOG = (
 # Values are checked by the library, which answers a bad one with a one-line error (exit 2).
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.")
+]
+SpectralKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--k",
+        help="Top-k singular directions for the angles (capped at min(m, n)). Default: per matrix, the largest "
+        "k <= 64 whose gap is stable (Wedin bound < 45 degrees).",
+    ),
 ]
 SpectralSvdOpt = Annotated[
     str,
@@ -77,7 +84,7 @@ SpectraOpt = Annotated[
 def spectral(
     base: BaseArg,
     ft: FtArg,
-    k: KOpt = 64,
+    k: SpectralKOpt = None,
     precision: PrecisionOpt = "fp64",
     svd: SpectralSvdOpt = "auto",
     intruder_k: IntruderKOpt = 10,

@@ -427,13 +427,35 @@ def checked_topk(
     return u.contiguous(), v.contiguous(), bound, ok
 
 
+def likely_to_converge(values: torch.Tensor, k: int, q: int, tol: float = FAST_SIN_TOL) -> list[bool]:
+    """Per matrix, from its exact spectrum (b, p): whether subspace iteration with q columns is expected to pass
+    :func:`checked_topk`'s check within FAST_MAX_NITER steps.
+
+    Each power step shrinks the residual of the top-k Ritz pairs by about ρ = (σ_{q+1} / σ_k)², down to the
+    rounding floor 10 ε √p σ_1; the prediction (σ_{q+1} ρ^FAST_MAX_NITER + floor) / (σ_k − σ_{k+1}) <= tol decides
+    whether to try (a flat spectrum, where the try would
+    only add its cost to the exact SVD, goes to the exact route at once). It only picks the route: the check after
+    the iteration is what accepts a result.
+    """
+    p = values.shape[-1]
+    if k >= p:
+        return [False] * values.shape[0]
+    sk, sk1 = values[:, k - 1], values[:, k]
+    sq1 = values[:, q] if q < p else torch.zeros_like(sk)
+    rho = (sq1 / sk.clamp_min(torch.finfo(values.dtype).tiny)).square()
+    floor = 10 * torch.finfo(values.dtype).eps * math.sqrt(p) * values[:, 0]  # rounding: no residual goes below it
+    predicted = (sq1 * rho.pow(FAST_MAX_NITER) + floor) / (sk - sk1).clamp_min(torch.finfo(values.dtype).tiny)
+    return ((predicted <= tol) & (sk > sk1)).tolist()
+
+
 def decompose(stack: torch.Tensor, need: Need) -> Decomposition:
     """The one SVD of a (b, m, n) stack that ``need`` (merged over every consumer) asks for.
 
     Every value asked: ``svdvals`` when no vector is. With top vectors too: by ``need.method``, exact is one full
     SVD with the top vectors kept (:func:`spectrum_topk`); ``auto`` on a matrix large enough for randomized
     (:func:`choose_method`) is the guarded fast path: ``svdvals`` for every value, :func:`checked_topk` for the top
-    vectors, and the exact route for each matrix whose check fails. Only top vectors: :func:`topk` by
+    vectors of the matrices whose spectrum predicts convergence (:func:`likely_to_converge`), and the exact route
+    for the others and for each matrix whose check fails. Only top vectors: :func:`topk` by
     ``need.method``.
     """
     a = as_stack(stack)
@@ -446,20 +468,30 @@ def decompose(stack: torch.Tensor, need: Need) -> Decomposition:
         return Decomposition(s, u0, v0, ("exact",) * b, need)
     t = max(left, right, 1)
     if need.values:
-        if need.method == "exact" or choose_method(m, n, t, need.method) == "exact":
+        sketch_all = t + oversample_for(t) >= p  # the sketch would span the whole space: nothing to save
+        if need.method == "exact" or choose_method(m, n, t, need.method) == "exact" or sketch_all:
             s, u, v = spectrum_topk(a, max(right, 1), need.dtype, k_left=max(left, 1))
             return Decomposition(s, u, v, ("exact",) * b, need)
         x = upcast(a, need.dtype)
         s = svdvals(x, need.dtype)
-        u, v, _, ok = checked_topk(x, t, s)
-        labels = [f"checked(q={min(t + oversample_for(t), p)},seed=0)"] * b
-        redo = [i for i, good in enumerate(ok) if not good]
+        q = min(t + oversample_for(t), p)
+        labels = ["exact (gap)"] * b  # predicted not to converge: decomposed exactly without trying
+        u = x.new_zeros(b, x.shape[-2], t)
+        v = x.new_zeros(b, x.shape[-1], t)
+        hopeful = likely_to_converge(s, t, q)
+        tried = [i for i, good in enumerate(hopeful) if good]
+        if tried:
+            idx = torch.tensor(tried, device=x.device)
+            whole = len(tried) == b
+            ut, vt, _, ok = checked_topk(x if whole else x.index_select(0, idx), t, s if whole else s[idx])
+            u[idx], v[idx] = ut, vt
+            for i, good in zip(tried, ok, strict=True):
+                labels[i] = f"checked(q={q},seed=0)" if good else "exact (fallback)"
+        redo = [i for i, label in enumerate(labels) if label.startswith("exact")]
         if redo:
             idx = torch.tensor(redo, device=x.device)
             _, ue, ve = spectrum_topk(x.index_select(0, idx), t, need.dtype)
             u[idx], v[idx] = ue, ve
-            for i in redo:
-                labels[i] = "exact (fallback)"
         return Decomposition(s, u[..., :left], v[..., :right], tuple(labels), need)
     top = topk(a, t, method=need.method, dtype=need.dtype)
     return Decomposition(top.s, top.u, top.v, (top.describe(),) * b, need)
