@@ -73,6 +73,14 @@ class SharedSVD:
             self._finite[key] = linalg.finite_rows(self._matrices(key))
         return self._finite[key]
 
+    def _hint(self, key: Key, keep: list[int]) -> torch.Tensor | None:
+        """The full spectra another side of this batch already has for the same matrices (the base's, when the
+        fine-tune is decomposed): they pick the fine-tune's route before any work (see linalg.decompose)."""
+        for other, (rows, dec) in self._done.items():
+            if other != key and dec is not None and dec.need.values and rows == keep:
+                return dec.s
+        return None
+
     def get(
         self, side: int, need: Need, rows: Sequence[int], rounding: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -93,7 +101,7 @@ class SharedSVD:
                 x = self._matrices(key).to(merged.dtype)
                 if len(keep) < len(finite):
                     x = x.index_select(0, torch.tensor(keep, device=x.device))
-                dec = linalg.decompose(x, merged)
+                dec = linalg.decompose(x, merged, self._hint(key, keep))
             self._done[key] = (keep, dec)
         keep, dec = self._done[key]
         where = {row: j for j, row in enumerate(keep)}

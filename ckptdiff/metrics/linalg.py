@@ -448,15 +448,16 @@ def likely_to_converge(values: torch.Tensor, k: int, q: int, tol: float = FAST_S
     return ((predicted <= tol) & (sk > sk1)).tolist()
 
 
-def decompose(stack: torch.Tensor, need: Need) -> Decomposition:
+def decompose(stack: torch.Tensor, need: Need, hint: torch.Tensor | None = None) -> Decomposition:
     """The one SVD of a (b, m, n) stack that ``need`` (merged over every consumer) asks for.
 
     Every value asked: ``svdvals`` when no vector is. With top vectors too: by ``need.method``, exact is one full
     SVD with the top vectors kept (:func:`spectrum_topk`); ``auto`` on a matrix large enough for randomized
-    (:func:`choose_method`) is the guarded fast path: ``svdvals`` for every value, :func:`checked_topk` for the top
-    vectors of the matrices whose spectrum predicts convergence (:func:`likely_to_converge`), and the exact route
-    for the others and for each matrix whose check fails. Only top vectors: :func:`topk` by
-    ``need.method``.
+    (:func:`choose_method`) is the guarded fast path: for the matrices whose spectrum predicts convergence
+    (:func:`likely_to_converge`), ``svdvals`` for every value and :func:`checked_topk` for the top vectors; the exact
+    route for the others and for each matrix whose check fails. ``hint`` (b, p): the spectra of nearby matrices
+    (the base's, for a fine-tune), which decide the route before any work; without it ``svdvals`` is computed first
+    and the matrix's own spectrum decides. Only top vectors: :func:`topk` by ``need.method``.
     """
     a = as_stack(stack)
     b, m, n = a.shape
@@ -473,25 +474,32 @@ def decompose(stack: torch.Tensor, need: Need) -> Decomposition:
             s, u, v = spectrum_topk(a, max(right, 1), need.dtype, k_left=max(left, 1))
             return Decomposition(s, u, v, ("exact",) * b, need)
         x = upcast(a, need.dtype)
-        s = svdvals(x, need.dtype)
         q = min(t + oversample_for(t), p)
+        s = x.new_zeros(b, p)
+        u, v = x.new_zeros(b, m, t), x.new_zeros(b, n, t)
         labels = ["exact (gap)"] * b  # predicted not to converge: decomposed exactly without trying
-        u = x.new_zeros(b, x.shape[-2], t)
-        v = x.new_zeros(b, x.shape[-1], t)
-        hopeful = likely_to_converge(s, t, q)
+        hopeful = likely_to_converge(hint, t, q) if hint is not None else [True] * b
         tried = [i for i, good in enumerate(hopeful) if good]
         if tried:
             idx = torch.tensor(tried, device=x.device)
-            whole = len(tried) == b
-            ut, vt, _, ok = checked_topk(x if whole else x.index_select(0, idx), t, s if whole else s[idx])
-            u[idx], v[idx] = ut, vt
-            for i, good in zip(tried, ok, strict=True):
-                labels[i] = f"checked(q={q},seed=0)" if good else "exact (fallback)"
+            xt = x if len(tried) == b else x.index_select(0, idx)
+            st = svdvals(xt, need.dtype)
+            s[idx] = st
+            go = likely_to_converge(st, t, q)  # its own spectrum has the last word
+            keep = [j for j, good in enumerate(go) if good]
+            if keep:
+                kidx = torch.tensor(keep, device=x.device)
+                whole = len(keep) == len(tried)
+                ut, vt, _, ok = checked_topk(xt if whole else xt.index_select(0, kidx), t, st if whole else st[kidx])
+                rows = idx[kidx]
+                u[rows], v[rows] = ut, vt
+                for j, good in zip(keep, ok, strict=True):
+                    labels[tried[j]] = f"checked(q={q},seed=0)" if good else "exact (fallback)"
         redo = [i for i, label in enumerate(labels) if label.startswith("exact")]
         if redo:
             idx = torch.tensor(redo, device=x.device)
-            _, ue, ve = spectrum_topk(x.index_select(0, idx), t, need.dtype)
-            u[idx], v[idx] = ue, ve
+            se, ue, ve = spectrum_topk(x.index_select(0, idx), t, need.dtype)
+            s[idx], u[idx], v[idx] = se, ue, ve  # exactly what --svd exact gives for these matrices
         return Decomposition(s, u[..., :left], v[..., :right], tuple(labels), need)
     top = topk(a, t, method=need.method, dtype=need.dtype)
     return Decomposition(top.s, top.u, top.v, (top.describe(),) * b, need)

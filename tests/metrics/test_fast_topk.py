@@ -103,3 +103,18 @@ def test_spectral_fast_path_on_a_planted_pair_takes_the_fast_route(tmp_path: Pat
     assert (f["angles"] == e["angles"]).all()
     for col in ("nss", "angle_u_max_deg", "angle_v_max_deg", "sv_topk_max_rel_change", "gap_k"):
         assert abs(float(f[col].iloc[0]) - float(e[col].iloc[0])) <= 1e-6 * max(1.0, abs(float(e[col].iloc[0])))
+
+
+def test_a_flat_hint_sends_a_matrix_to_the_exact_route_without_svdvals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base's spectrum (the hint) predicts no convergence: the fine-tune is decomposed once, exactly."""
+    k, p = 4, 40
+    flat = torch.linspace(1.0, 0.9, p, dtype=torch.float64)  # σ_{q+1} / σ_k close to 1
+    a = planted(2, 50, p, flat, seed=6)
+    calls: list[int] = []
+    real = linalg.svdvals
+    monkeypatch.setattr(linalg, "svdvals", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    need = linalg.Need(values=True, left=k, right=k, dtype=torch.float64, method="randomized")
+    dec = linalg.decompose(a, need, hint=torch.stack([flat, flat]))
+    assert dec.methods == ("exact (gap)", "exact (gap)") and calls == []
+    _, s_ref, _ = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(dec.s, s_ref, rtol=1e-12, atol=0)
