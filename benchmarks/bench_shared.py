@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's ckptdiff, for the library calls as for the CLI ones
 
 
 def llama_pair(folder: Path, layers: int, d: int, seed: int = 0) -> tuple[str, str]:

@@ -370,6 +370,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Overlap with the principal weights per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    k = "chosen per matrix, the k column of the CSV" if str(k).startswith("chosen per matrix") else k
     caption = (
         f"Top: the share of each layer's updated entries that fall in the base's principal mask (top-k = {k} "
         f"singular directions, α = {result.alpha:g}), against the random baseline (the mask's share of entries, "
@@ -423,6 +424,7 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Spectral drift and rotation per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    k = "chosen per matrix, the k column of the CSV" if str(k).startswith("chosen per matrix") else k
     null = (
         " The equal-norm random null's ratios are in the tables (columns ending _r)."
         if result.with_null
