@@ -6,7 +6,9 @@ Checks, each PASS/FAIL with its tolerance:
 1. sparsity: per-tensor changed counts and ULP buckets on cuda equal the CPU's exactly (bitwise and rtol);
 2. principal-overlap: masks-derived overlaps on cuda equal the CPU's (exact SVD, fp64): |diff| <= 1e-9
    for count ratios, energies to 1e-6 relative;
-3. spectral: NSS and angles on cuda fp64 equal CPU fp64 (rel 1e-6 / abs 1e-6 degrees).
+3. spectral: NSS and angles on cuda fp64 equal CPU fp64 (rel 1e-6 / abs 1e-6 degrees);
+4. the shared decompositions and the checked top-k path (``report --svd randomized`` on the device) against the
+   single commands on the CPU with exact fp64 SVDs (see shared_checks).
 Also times sparsity on cpu vs cuda on a synthetic bf16 pair. Exits 1 if any check fails. Without CUDA it
 says so and exits 0.
 """
@@ -64,6 +66,36 @@ def _small_model(folder: Path, d: int, ff: int, layers: int, rel: float, seed: i
     save_file(base, str(folder / "base.safetensors"))
     save_file(ft, str(folder / "ft.safetensors"))
     return folder / "base.safetensors", folder / "ft.safetensors"
+
+
+def shared_checks(b: Path, f: Path, gpu: str, report) -> None:  # type: ignore[no-untyped-def]
+    """4. The shared decompositions and the checked top-k path (issue 26) on the device against CPU fp64 singles.
+
+    ``report`` on the device (one decomposition per matrix and side, shared by principal-overlap and spectral,
+    ``--svd randomized`` so every matrix takes the checked fast path or its exact fallback) against the single
+    commands on the CPU with ``--svd exact`` in fp64: spectral NSS within 1e-6 relative, angles within 1e-5 degrees
+    (the fast path's stated bound is 1.2e-6), intruder counts and the angles column identical; principal overlaps
+    within 1e-3 (its masks come from a different SVD route, so a few tied entries may change sides).
+    """
+    from ckptdiff.analyses.full import full_report
+    from ckptdiff.analyses.principal import principal_overlap
+    from ckptdiff.analyses.spectral import spectral
+
+    rep = full_report(str(b), [str(f)], k=16, svd="randomized", device=gpu, progress=False)
+    (sp_dev,) = rep.spectral.values()
+    (po_dev,) = rep.principal.values()
+    sp_cpu = spectral(str(b), str(f), k=16, svd="exact", device="cpu", progress=False).to_frame()
+    po_cpu = principal_overlap(str(b), str(f), k=16, svd="exact", device="cpu", progress=False).to_frame()
+    d = sp_dev.to_frame()
+    ok, worst = _frames_equal(d, sp_cpu, ["nss"], 1e-6, 0.0)
+    report("shared report: spectral NSS vs cpu exact fp64", ok, f"max rel diff {worst:.2e} (tol 1e-6)")
+    ok, worst = _frames_equal(d, sp_cpu, ["angle_u_max_deg", "angle_v_max_deg"], 0.0, 1e-5)
+    report("shared report: spectral angles vs cpu exact", ok, f"max |diff| {worst:.2e} deg (tol 1e-5)")
+    same = d["angles"].tolist() == sp_cpu["angles"].tolist() and d["intruders"].tolist() == sp_cpu["intruders"].tolist()
+    report("shared report: angles verdicts and intruder counts", same, "identical" if same else "differ")
+    ok, worst = _frames_equal(po_dev.to_frame(), po_cpu, ["overlap_principal", "ratio_principal"], 0.0, 1e-3)
+    report("shared report: principal overlaps vs cpu exact", ok, f"max |diff| {worst:.2e} (tol 1e-3)")
+    report("shared report: routes", True, sp_dev.header.get("svd_routes", "none"))
 
 
 def main() -> int:
@@ -135,14 +167,15 @@ def main() -> int:
         ft2[key] = (x + 1e-3 * x.norm() * noise).to(torch.bfloat16)
     f2 = small / "ft2.safetensors"
     save_file(ft2, str(f2))
-    cons = {
-        dev: consistency(str(b), [str(f), str(f2)], device=dev, progress=False).to_frame() for dev in ("cpu", gpu)
-    }
+    cons = {dev: consistency(str(b), [str(f), str(f2)], device=dev, progress=False).to_frame() for dev in ("cpu", gpu)}
     cols_c = ["n_a", "n_b", "n_both", "n_union", "n_same_sign"]
     same_c = all(cons["cpu"][c].tolist() == cons[gpu][c].tolist() for c in cols_c)
     ok_c, worst_c = _frames_equal(cons[gpu], cons["cpu"], ["jaccard_magnitude"], 0.0, 1e-9)
-    report("consistency counts and magnitude baseline", same_c and ok_c, f"counts identical: {same_c}; "
-           f"max |diff| jaccard_magnitude {worst_c:.2e} (tol 1e-9)")
+    report(
+        "consistency counts and magnitude baseline",
+        same_c and ok_c,
+        f"counts identical: {same_c}; max |diff| jaccard_magnitude {worst_c:.2e} (tol 1e-9)",
+    )
     po = {
         dev: principal_overlap(str(b), str(f), svd="exact", precision="fp64", device=dev, progress=False).to_frame()
         for dev in ("cpu", gpu)
@@ -159,12 +192,11 @@ def main() -> int:
     }
     ok, worst = _frames_equal(sp[(gpu, "fp64")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
     report("spectral NSS cuda fp64 vs cpu fp64", ok, f"max rel diff {worst:.2e} (tol 1e-6)")
-    ok, worst = _frames_equal(
-        sp[(gpu, "fp64")], sp[("cpu", "fp64")], ["angle_u_max_deg", "angle_v_max_deg"], 0.0, 1e-6
-    )
+    ok, worst = _frames_equal(sp[(gpu, "fp64")], sp[("cpu", "fp64")], ["angle_u_max_deg", "angle_v_max_deg"], 0.0, 1e-6)
     report("spectral angles cuda fp64 vs cpu fp64", ok, f"max |diff| {worst:.2e} deg (tol 1e-6)")
     _, worst32 = _frames_equal(sp[(gpu, "fp32")], sp[("cpu", "fp64")], ["nss"], 1e-6, 0.0)
     lines.append(f"| spectral NSS cuda fp32 vs cpu fp64 | info | max rel diff {worst32:.2e} (fp32 is not for drift) |")
+    shared_checks(b, f, gpu, report)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -38,6 +38,20 @@ def k_value(k: object) -> int:
     return k
 
 
+def positive_int(value: object, flag: str) -> int:
+    """A flag that takes a positive integer (``--intruder-k``, ``--intruder-base-k``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{flag} must be a positive integer, got {value!r}")
+    return value
+
+
+def unit_interval(value: object, flag: str) -> float:
+    """A flag that takes a number strictly between 0 and 1 (``--intruder-eps``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise InputError(f"{flag} must lie strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
 def alpha_value(alpha: object) -> float:
     """--alpha: a mask density strictly between 0 and 1."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:

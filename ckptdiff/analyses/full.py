@@ -55,7 +55,7 @@ class Settings:
     """The parameters of one ``report`` run that the analyses' plug-ins are built from."""
 
     mode: CompareMode
-    k: int
+    k: int | None  # None: principal-overlap's default, spectral's per-matrix choice
     alpha: float
     svd: str
     principal_precision: str
@@ -84,7 +84,12 @@ REPORTED: tuple[Reported, ...] = (
         "Principal overlap",
         True,
         lambda s, sides: PrincipalAnalysis(
-            k=s.k, alpha=s.alpha, svd=s.svd, precision=s.principal_precision, mode=s.mode, sides=sides
+            k=choices.DEFAULT_K if s.k is None else s.k,
+            alpha=s.alpha,
+            svd=s.svd,
+            precision=s.principal_precision,
+            mode=s.mode,
+            sides=sides,
         ),
     ),
     Reported(
@@ -92,7 +97,13 @@ REPORTED: tuple[Reported, ...] = (
         "Spectral drift",
         True,
         lambda s, sides: SpectralAnalysis(
-            k=s.k, precision=s.spectral_precision, null=s.null, seed=s.seed, as_dtype=s.mode.as_dtype, sides=sides
+            k=s.k,
+            precision=s.spectral_precision,
+            null=s.null,
+            seed=s.seed,
+            as_dtype=s.mode.as_dtype,
+            svd=s.svd,
+            sides=sides,
         ),
     ),
     Reported(
@@ -292,7 +303,7 @@ def full_report(
     rtol: float | None = None,
     atol: float | None = None,
     as_dtype: torch.dtype | str | None = None,
-    k: int = choices.DEFAULT_K,
+    k: int | None = None,
     alpha: float = 0.5,
     svd: str = "auto",
     principal_precision: str = "fp32",
@@ -325,7 +336,7 @@ def full_report(
             plugins.append((key, "", entry.plugin(settings, tuple(range(len(names) + 1)))))
     params: dict[str, object] = {
         "analyses": ", ".join(chosen),
-        "k": k,
+        "k": k if k is not None else f"{choices.DEFAULT_K} for principal-overlap; spectral chooses k per matrix",
         "alpha": alpha,
         "svd": f"{svd} ({principal_precision})",
         "spectral_precision": spectral_precision,

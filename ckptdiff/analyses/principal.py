@@ -44,6 +44,7 @@ from ckptdiff.analyses.base import (
 from ckptdiff.analyses.scopes import PRINCIPAL, figures, rollup_by, scope_key
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
+from ckptdiff.engine.shared import SharedSVD, SvdRequest
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
 from ckptdiff.io.outputs import Output, standalone
@@ -372,27 +373,27 @@ def _batch_rows(
     w0s: torch.Tensor,
     w1s: torch.Tensor,
     *,
-    k: int,
+    shared: SharedSVD,
+    side: int,
+    need: linalg.Need,
     alpha: float,
-    svd: str,
-    cdtype: torch.dtype,
     mode: CompareMode,
 ) -> list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]]:
-    """Metrics of one same-shape batch: (item, result, region masks, update mask); result None if W0 is not finite."""
+    """Metrics of one same-shape batch: (item, result, region masks, update mask); result None if W0 is not finite.
+
+    The top-k triplets of W0 come from the batch's shared decompositions (``side`` is the base's run index).
+    """
     upd = update_mask(w0s, w1s, mode)  # (b, m, n) bool
-    finite = linalg.finite_rows(w0s)  # (b,)
+    finite = shared.finite(side)  # (b,)
     keep = [i for i in range(len(items)) if finite[i]]
     out: list[tuple[Aligned, PrincipalResult | None, PrincipalMasks | None, torch.Tensor | None]] = [
         (it, None, None, None) for it in items
     ]
     if not keep:
         return out
-    top = linalg.topk(w0s if len(keep) == len(items) else w0s[keep], k, method=svd, dtype=cdtype)  # type: ignore[arg-type]
-    label = top.describe()
+    s, u, v, labels = shared.get(side, need, keep)
     for j, i in enumerate(keep):
-        result, masks = principal_metrics_with_masks(
-            w0s[i], upd[i], top.u[j], top.s[j], top.v[j], alpha, w1=w1s[i], svd=label
-        )
+        result, masks = principal_metrics_with_masks(w0s[i], upd[i], u[j], s[j], v[j], alpha, w1=w1s[i], svd=labels[j])
         out[i] = (items[i], result, masks, upd[i])
     return out
 
@@ -467,10 +468,18 @@ class PrincipalAnalysis(Analysis):
             shapes = [(it.name, int(it.base.shape[0]), int(it.base.shape[1])) for it in items if it.is_matrix]
             self.writer = _MaskFile(self.mask_out, shapes, meta)
 
+    def need(self) -> linalg.Need:
+        """What the rank-k mask needs of W0's SVD: the top k vectors on both sides, by --svd, in --precision."""
+        return linalg.Need(left=self.k, right=self.k, dtype=self.cdtype, method=self.svd)  # type: ignore[arg-type]
+
+    def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
+        return [SvdRequest(self.sides[0], self.need())]
+
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         w0s, w1s = (widen_fp8(s) for s in stacks)  # exact; torch has no isfinite or SVD for fp8
+        assert self.svds is not None, "the pipeline hands every matrix analysis the batch's shared SVDs"
         rows = _batch_rows(
-            items, w0s, w1s, k=self.k, alpha=self.alpha, svd=self.svd, cdtype=self.cdtype, mode=self.mode
+            items, w0s, w1s, shared=self.svds, side=self.sides[0], need=self.need(), alpha=self.alpha, mode=self.mode
         )
         finite_ft = linalg.finite_rows(w1s)  # (b,)
         zero = (w0s.flatten(1) == 0).all(1).tolist()  # (b,): every top-k "direction" of a zero matrix is arbitrary

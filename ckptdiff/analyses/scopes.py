@@ -350,6 +350,8 @@ SPECTRAL: tuple[Metric, ...] = (
         )
     ),
     _per_parameter("nss_per_update"),
+    _count("intruders", "spectral", COMPARABLE),
+    _count("intruders_null", "spectral", COMPARABLE),
 )
 
 

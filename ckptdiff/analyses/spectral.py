@@ -47,12 +47,20 @@ from ckptdiff.analyses.scopes import (
 )
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
+from ckptdiff.engine.shared import SvdRequest
 from ckptdiff.io.outputs import Output, standalone
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
 from ckptdiff.metrics.linalg import workspace_bytes
 from ckptdiff.metrics.mask import dtype_name
-from ckptdiff.metrics.spectral import SpectralResult, null_seed, spectral_metrics_with_spectra
+from ckptdiff.metrics.spectral import (
+    INTRUDER_EPS,
+    INTRUDER_K,
+    SpectralResult,
+    auto_k_max,
+    null_seed,
+    spectral_metrics_with_spectra,
+)
 
 FP32_WARNING = (
     "--precision fp32 is not precise enough for NSS and angles on small (RL-size, ~1e-5 relative) updates: "
@@ -67,7 +75,14 @@ NULL_COLUMNS = [
     "nss_null_ratio",
     "angle_u_max_null_ratio",
     "angle_v_max_null_ratio",
+    "intruders_null",
 ]
+INT_COLUMNS = ["k", "k_stable", "intruders", "intruders_null"]
+AUTO_K_RULE = (
+    "chosen per matrix (--k not given): the largest k <= 64 whose gap passes the stability test "
+    "(sigma_k - sigma_k+1 > sqrt(2) ||dW||_2, Wedin bound < 45 deg), else min(64, min(m, n) - 1); "
+    "the k column says which"
+)
 METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
 LEAD_COLUMNS = [
     "tensor",
@@ -113,8 +128,10 @@ class SpectralDriftResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per tensor (analysed or not), columns as in :func:`columns`."""
         df = pd.DataFrame(self.rows, columns=columns(self.with_null))
-        df = df.astype({"layer": "Int64", "numel": "Int64", "k": "Int64"})
-        df = df.astype({c: "float64" for c in METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else []) if c != "k"})
+        df = df.astype({"layer": "Int64", "numel": "Int64"})
+        metric = METRIC_COLUMNS + (NULL_COLUMNS if self.with_null else [])
+        df = df.astype({c: "float64" for c in metric if c not in INT_COLUMNS})
+        df = df.astype({c: "Int64" for c in metric if c in INT_COLUMNS})
         analysed = df["analysed"].astype(bool)
         cols = [df[c].tolist() for c in ("k", "shape", "wedin_bound_deg", "delta_spectral_norm")]
         df["angles"] = [  # whether the row's principal angles are a measurement (declarations.angle_status)
@@ -140,7 +157,9 @@ class SpectralDriftResult:
             sub = df if col == "nss" else nontrivial
             out[f"{label}_median"] = float(sub[col].median()) if len(sub) else math.nan
         out["nss_per_update"] = metrics["nss_per_update"].over(df)
+        out["intruders"] = metrics["intruders"].over(df)
         if self.with_null:
+            out["intruders_null"] = metrics["intruders_null"].over(df)
             for col in ("nss_null_ratio", "angle_u_max_null_ratio", "angle_v_max_null_ratio"):
                 sub = df if col == "nss_null_ratio" else nontrivial
                 out[f"{col}_median"] = float(sub[col].median()) if len(sub) else math.nan
@@ -194,7 +213,8 @@ class SpectralDriftResult:
         worst_nss = str(df["tensor"].iloc[int(np.nanargmax(nss))]) if np.isfinite(nss).any() else "—"
         lines = [
             f"Spectral drift over {count(int(o['matrices']), 'matrix', 'matrices')} ({int(o['params']):,} parameters), "
-            f"{h['precision']}, k = {h['k']}: NSS median {o['nss_median']:.3e}, max {o['nss_max']:.3e} ({worst_nss}).",
+            f"{h['precision']}, k = {self._k_words(df)}: NSS median {o['nss_median']:.3e}, "
+            f"max {o['nss_max']:.3e} ({worst_nss}).",
             *self._angle_sentences(df, o),
         ]
         if math.isnan(o["nss_per_update"]):
@@ -204,9 +224,40 @@ class SpectralDriftResult:
                 f"Drift per unit of update, NSS / (‖ΔW‖_F/‖W0‖_F), parameter-weighted: {o['nss_per_update']:.4g} "
                 "(at most 1; 1 means the whole update went into the singular values, e.g. a rescaling)."
             )
+        lines.append(self._intruder_sentence(df, o))
         if self.with_null:
             lines.append(self._null_sentence(df[df["angles"] != "trivial_k"]))
         return lines
+
+    def _k_words(self, df: pd.DataFrame) -> str:
+        """The summary's k: the number given, or the per-matrix choice with its median."""
+        if not self.header.get("k", "").startswith("chosen per matrix"):
+            return str(self.header.get("k", "?"))
+        ks = df["k"].dropna().astype(int)
+        return f"per matrix ({ks.min()}..{ks.max()}, median {int(ks.median())}; --k not given)" if len(ks) else "auto"
+
+    def _k_hint(self, df: pd.DataFrame) -> str:
+        """When the k given leaves no stable matrix: the k that would work (from each matrix's k_stable)."""
+        if self.header.get("k", "").startswith("chosen per matrix") or "k_stable" not in df.columns:
+            return ""
+        fits = df["k_stable"].dropna().astype(int)
+        fits = fits[fits > 0]
+        if fits.empty:
+            return " No k <= 64 has a stable gap in any matrix: the update is as large as every gap of the spectrum."
+        return (
+            f" At k = {self.header['k']} no gap is stable; {count(len(fits), 'matrix', 'matrices')} have a stable gap "
+            f"at a smaller k (k_stable column; median {int(fits.median())}, up to {fits.max()}): pass "
+            f"--k {int(fits.median())}, or leave --k out to choose k per matrix."
+        )
+
+    def _intruder_sentence(self, df: pd.DataFrame, o: dict[str, float]) -> str:
+        """Intruder dimensions over the run, beside the equal-norm null's count when there is one."""
+        n = int(o["intruders"]) if not math.isnan(o["intruders"]) else 0
+        hit = int((df["intruders"].fillna(0) > 0).sum())
+        what = f"Intruder dimensions ({self.header.get('intruders', '')}): {n:,} in {count(hit, 'matrix', 'matrices')}"
+        if self.with_null:
+            return f"{what}; an equal-norm random update gives {int(o['intruders_null']):,}."
+        return f"{what} (--null random adds the count an equal-norm random update gives)."
 
     def _angle_sentences(self, df: pd.DataFrame, o: dict[str, float]) -> list[str]:
         """Largest stable angles, medians, which layers rotate most, and which angles are left out and why."""
@@ -237,7 +288,7 @@ class SpectralDriftResult:
                     named = ", ".join(f"{layer_label(i)} ({v:.4g}°)" for i, v in rot.items())
                     out.append(f"{'Layers that rotate' if len(rot) > 1 else 'The layer that rotates'} most: {named}.")
         else:
-            out.append(f"No matrix has stable principal angles; {medians}.")
+            out.append(f"No matrix has stable principal angles; {medians}.{self._k_hint(df)}")
         if trivial or unstable:
             parts = []
             if trivial:
@@ -376,6 +427,30 @@ def _per_matrix_bytes(shape: tuple[int, ...], in_dtype: torch.dtype, dt: torch.d
     return workspace_bytes((m, n), in_dtype, dt, work="svd", device_type=device) + extra
 
 
+def svd_routes(routes: dict[str, str]) -> str:
+    """The header's account of how the top-k vectors were found, per side: matrices per route, fallbacks said.
+
+    ``routes`` maps 'base<TAB>tensor' and 'fine-tune<TAB>tensor' to the decomposition's label.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for key, label in routes.items():
+        side = key.split("\t", 1)[0]
+        kind = (side, "checked" if label.startswith("checked") else label)
+        counts[kind] = counts.get(kind, 0) + 1
+    words = {
+        "exact": "exact SVD",
+        "checked": "randomized top-k + fp64 Rayleigh-Ritz, passed the Wedin residual check",
+        "exact (fallback)": "exact SVD after the fast path failed its check",
+        "exact (gap)": "exact SVD (spectrum too flat at k for the fast path to converge)",
+    }
+    parts = []
+    for side in ("base", "fine-tune"):
+        mine = sorted((kind, n) for (s, kind), n in counts.items() if s == side)
+        if mine:
+            parts.append(f"{side}: " + ", ".join(f"{n} {words.get(kind, kind)}" for kind, n in mine))
+    return "; ".join(parts)
+
+
 def write_spectra(path: str | Path | Output, spectra: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save singular values as safetensors atomically (see :mod:`ckptdiff.io.outputs`): a path is renamed into place
     at once, an :class:`~ckptdiff.io.outputs.Output` of a caller's set when the set commits."""
@@ -394,21 +469,32 @@ class SpectralAnalysis(Analysis):
     """Spectral drift and top-k rotation per 2-D matrix of one base/fine-tune pair, in batched SVDs."""
 
     name = "spectral"
-    state_fields = ("results", "nonfinite", "spectra")
+    state_fields = ("results", "nonfinite", "spectra", "routes")  # routes: "side\ttensor" -> how it was decomposed
 
     def __init__(
         self,
         *,
-        k: int = choices.DEFAULT_K,
+        k: int | None = None,
         precision: str = "fp64",
         null: str | bool = "none",
         seed: int = 0,
         as_dtype: torch.dtype | str | None = None,
         save_spectra: str | Path | Output | None = None,
+        svd: str = "auto",
+        intruder_k: int = INTRUDER_K,
+        intruder_eps: float = INTRUDER_EPS,
+        intruder_base_k: int | None = None,
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
-        self.dt, self.k = choices.precision_dtype(precision), choices.k_value(k)
+        self.intruder_k = choices.positive_int(intruder_k, "--intruder-k")
+        self.intruder_eps = choices.unit_interval(intruder_eps, "--intruder-eps")
+        base_k = intruder_base_k
+        self.intruder_base_k = None if base_k is None else choices.positive_int(base_k, "--intruder-base-k")
+        self.dt = choices.precision_dtype(precision)
+        self.k = None if k is None else choices.k_value(k)  # None: chosen per matrix (AUTO_K_RULE)
+        self.svd = choices.svd_method(svd)
+        self.routes: dict[str, str] = {}  # "base|fine-tune<TAB>tensor" -> how that side's top-k vectors were found
         self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
         self.precision, self.seed = precision, seed
         self.save_spectra = standalone(save_spectra, "save_spectra")  # the caller checks a path against its inputs
@@ -434,6 +520,19 @@ class SpectralAnalysis(Analysis):
         self.items = list(items)
         self.device_type = run.device.type
 
+    def need(self, side: int, item: Aligned) -> linalg.Need:
+        """Every singular value and the top-k vectors of a side, in --precision, by --svd; the left vectors the
+        intruder count needs too (the base: its --intruder-base-k, default all; the fine-tune: --intruder-k)."""
+        p = min(item.base.shape)
+        more = (self.intruder_base_k or p) if side == 0 else self.intruder_k
+        kv = auto_k_max(p) if self.k is None else min(self.k, p)
+        left = min(p, max(kv, more))
+        return linalg.Need(values=True, left=left, right=kv, dtype=self.dt, method=self.svd)
+
+    def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
+        rounding = pair_target(item, self.as_t)  # both sides are rounded to the comparison dtype first
+        return [SvdRequest(k, self.need(i, item), rounding) for i, k in enumerate(self.sides)]
+
     def on_batch(self, items: Sequence[Aligned], stacks: tuple[torch.Tensor, ...]) -> None:
         s0, s1 = stacks
         targets = [pair_target(it, self.as_t) for it in items]
@@ -449,7 +548,23 @@ class SpectralAnalysis(Analysis):
             a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
         kept = [items[i] for i in keep]
         seeds = [null_seed(self.seed, it.name) for it in kept] if self.with_null else None
-        res, sig0, sig1 = spectral_metrics_with_spectra(a0, a1, self.k, dtype=self.dt, null_seeds=seeds)
+        assert self.svds is not None, "the pipeline hands every matrix analysis the batch's shared SVDs"
+        got = [self.svds.get(k, self.need(i, items[0]), keep, targets[0]) for i, k in enumerate(self.sides)]
+        svds = tuple(g[:3] for g in got)
+        for j, it in enumerate(kept):
+            for side, g in zip(("base", "fine-tune"), got, strict=True):
+                self.routes[f"{side}\t{it.name}"] = g[3][j]
+        res, sig0, sig1 = spectral_metrics_with_spectra(
+            a0,
+            a1,
+            self.k,
+            dtype=self.dt,
+            null_seeds=seeds,
+            svds=svds,  # type: ignore[arg-type]
+            intruder_k=self.intruder_k,
+            intruder_eps=self.intruder_eps,
+            intruder_base_k=self.intruder_base_k,
+        )
         del a0, a1
         for i, (it, r) in enumerate(zip(kept, res, strict=True)):
             self.results[it.name] = r
@@ -463,10 +578,16 @@ class SpectralAnalysis(Analysis):
 
     def finish(self, run: Run) -> SpectralDriftResult:
         params: dict[str, object] = {
-            "k": self.k,
+            "k": AUTO_K_RULE if self.k is None else self.k,
             "precision": self.precision,
             "null": "random" if self.with_null else "none",
+            "svd": self.svd,
+            "intruders": f"top {self.intruder_k} fine-tune left singular vectors with max |cos| < "
+            f"{self.intruder_eps:g} against the base's "
+            + ("full left singular basis" if self.intruder_base_k is None else f"top {self.intruder_base_k}"),
         }
+        if self.routes:
+            params["svd_routes"] = svd_routes(self.routes)
         if self.with_null:
             params["seed"] = self.seed
         params["as"] = dtype_name(self.as_t) if self.as_t is not None else "native"
@@ -487,7 +608,7 @@ def spectral(
     base: SourceLike,
     ft: SourceLike,
     *,
-    k: int = choices.DEFAULT_K,
+    k: int | None = None,
     precision: str = "fp64",
     null: str | bool = "none",
     seed: int = 0,
@@ -497,19 +618,38 @@ def spectral(
     device: str = "auto",
     batch_budget: float | None = None,
     save_spectra: str | Path | Output | None = None,
+    svd: str = "auto",
+    intruder_k: int = INTRUDER_K,
+    intruder_eps: float = INTRUDER_EPS,
+    intruder_base_k: int | None = None,
     progress: bool = True,
     merged_dtype: torch.dtype | str | None = None,
 ) -> SpectralDriftResult:
     """Spectral drift of every 2-D matrix of ``ft`` against ``base``, in batched SVDs within a memory budget.
 
-    ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size updates). ``null="random"``
-    adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor name. ``as_dtype`` rounds
-    both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or
-    2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a safetensors file.
+    ``k`` top singular directions for the angles; None (the default) chooses k per matrix so that its angles are
+    measurable (see AUTO_K_RULE). ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size
+    updates). ``null="random"`` adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor
+    name. ``as_dtype`` rounds both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half
+    the free GPU memory, or 2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a
+    safetensors file.
+    ``svd="auto"`` finds the top-k vectors of large matrices by the guarded fast path (every singular value from
+    svdvals, top-k vectors by randomized subspace iteration with an fp64 Rayleigh-Ritz step, checked per matrix
+    by the Wedin residual bound, exact SVD where the check fails; the header counts each route); ``"exact"``
+    decomposes every matrix in full.
     """
     spectra_out = standalone(save_spectra, "save_spectra", [base, ft])  # checked now, before any read
     analysis = SpectralAnalysis(
-        k=k, precision=precision, null=null, seed=seed, as_dtype=as_dtype, save_spectra=spectra_out
+        k=k,
+        precision=precision,
+        null=null,
+        seed=seed,
+        as_dtype=as_dtype,
+        save_spectra=spectra_out,
+        svd=svd,
+        intruder_k=intruder_k,
+        intruder_eps=intruder_eps,
+        intruder_base_k=intruder_base_k,
     )
     opts: dict[str, Any] = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
     opts["merged_dtype"] = merged_dtype  # an adapter FT: what its merged weights are stored as

@@ -19,7 +19,6 @@ from ckptdiff.cli.options import (
     ExcludeOpt,
     FtsArg,
     IncludeOpt,
-    KOpt,
     LabelOpt,
     MergedDtypeOpt,
     NullOpt,
@@ -60,13 +59,23 @@ EPILOG = (
 )
 
 
+ReportKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--k",
+        help="Top-k singular directions (capped at min(m, n)). Default: 64 for principal-overlap; spectral chooses "
+        "k per matrix (the largest k <= 64 whose gap is stable).",
+    ),
+]
+
+
 def report(
     base: BaseArg,
     fts: FtsArg,
     out: OutOpt,
     analyses: AnalysesOpt = None,
     label: LabelOpt = None,
-    k: KOpt = 64,
+    k: ReportKOpt = None,
     alpha: AlphaOpt = 0.5,
     svd: SvdOpt = "auto",
     precision: PrincipalPrecisionOpt = "fp32",

@@ -20,7 +20,6 @@ from ckptdiff.cli.options import (
     FtArg,
     IncludeOpt,
     JsonOpt,
-    KOpt,
     MergedDtypeOpt,
     NullOpt,
     QuietOpt,
@@ -54,6 +53,36 @@ PrecisionOpt = Annotated[
         help="SVD dtype, fp32 or fp64; fp32 is too coarse for small RL-size updates.",
     ),
 ]
+SpectralKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--k",
+        help="Top-k singular directions for the angles (capped at min(m, n)). Default: per matrix, the largest "
+        "k <= 64 whose gap is stable (Wedin bound < 45 degrees).",
+    ),
+]
+SpectralSvdOpt = Annotated[
+    str,
+    typer.Option(
+        "--svd",
+        help="auto: on large matrices, top-k vectors by randomized top-k + fp64 Rayleigh-Ritz, checked per matrix "
+        "(exact SVD where the check fails; the header counts both); exact: a full SVD per matrix; randomized: the "
+        "checked fast path at every size.",
+    ),
+]
+IntruderKOpt = Annotated[
+    int, typer.Option("--intruder-k", help="Intruder dimensions: how many top fine-tune left singular vectors to test.")
+]
+IntruderEpsOpt = Annotated[
+    float,
+    typer.Option("--intruder-eps", help="Intruder dimensions: a vector whose max |cos| with the base is below this."),
+]
+IntruderBaseKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--intruder-base-k", help="Intruder dimensions: test against the base's top K left vectors (default: all)."
+    ),
+]
 SpectraOpt = Annotated[
     Path | None,
     typer.Option("--save-spectra", help="Write σ of both sides per matrix (fp64 safetensors) to this file."),
@@ -63,8 +92,12 @@ SpectraOpt = Annotated[
 def spectral(
     base: BaseArg,
     ft: FtArg,
-    k: KOpt = 64,
+    k: SpectralKOpt = None,
     precision: PrecisionOpt = "fp64",
+    svd: SpectralSvdOpt = "auto",
+    intruder_k: IntruderKOpt = 10,
+    intruder_eps: IntruderEpsOpt = 0.5,
+    intruder_base_k: IntruderBaseKOpt = None,
     null: NullOpt = "none",
     seed: SeedOpt = 0,
     as_: AsOpt = None,
@@ -96,6 +129,10 @@ def spectral(
             ft,
             k=k,
             precision=precision,
+            svd=svd,
+            intruder_k=intruder_k,
+            intruder_eps=intruder_eps,
+            intruder_base_k=intruder_base_k,
             null=null,
             seed=seed,
             as_dtype=mode.as_dtype,

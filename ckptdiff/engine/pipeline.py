@@ -27,6 +27,7 @@ from ckptdiff import choices
 from ckptdiff.engine.alignment import Aligned, align, require_comparable
 from ckptdiff.engine.header import header
 from ckptdiff.engine.reader import CHUNK_BYTES, Read, Tensors, iter_chunks, iter_tensors, resolve_device
+from ckptdiff.engine.shared import SharedSVD, SvdRequest
 from ckptdiff.io import resolve
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.io.source import Source
@@ -92,6 +93,8 @@ class Analysis(ABC):
     # Attributes (dicts keyed by tensor name, or sets of names) that hold everything the hooks accumulated: under
     # several ranks each rank fills them for its own tensors and rank 0 merges them before ``finish``.
     state_fields: ClassVar[tuple[str, ...]] = ()
+    # During on_batch: the batch's shared decompositions (engine.shared), holding what svd_requests declared.
+    svds: SharedSVD | None = None
 
     def __init__(self, sides: Sequence[int] = (0, 1)) -> None:
         self.sides = tuple(sides)
@@ -103,6 +106,14 @@ class Analysis(ABC):
     def matrix_bytes(self, item: Aligned) -> int:
         """Peak bytes one matrix of ``item``'s shape and dtypes costs inside a batch (Form.MATRIX only)."""
         raise NotImplementedError(f"{type(self).__name__} asked for matrices but sets no memory cost")
+
+    def svd_requests(self, item: Aligned) -> Sequence[SvdRequest]:
+        """What this analysis needs of ``item``'s SVDs (Form.MATRIX): one request per side it decomposes.
+
+        The pipeline merges every analysis's requests per batch and computes each (side, rounding) once
+        (:class:`~ckptdiff.engine.shared.SharedSVD`); ``on_batch`` reads them from ``self.svds``.
+        """
+        return ()
 
     def prepare(self, run: Run, items: Sequence[Aligned]) -> None:  # noqa: B027 - optional hook
         """Called once before any read with the aligned tensors as seen from this analysis's sides."""
@@ -346,10 +357,20 @@ def _matrix_pass(run: Run, batches: Sequence[list[_Plan]], on_bytes: Callable[[i
         if i in ends:
             stacks = {k: torch.stack(v) for k, v in parts.items()}  # (b, m, n) per side, one dtype each
             parts.clear()
-            for a, _, form in current[0].wants:
-                if form is Form.MATRIX:
-                    views = [next(v for b, v, f in p.wants if b is a) for p in current]
+            users = [
+                (a, [next(v for b, v, f in p.wants if b is a) for p in current])
+                for a, _, form in current[0].wants
+                if form is Form.MATRIX
+            ]
+            # One decomposition per (matrix, side) for every analysis of the batch (engine/shared.py).
+            shared = SharedSVD(stacks, [r for a, views in users for v in views for r in a.svd_requests(v)])
+            for a, views in users:
+                a.svds = shared
+                try:
                     a.on_batch(views, tuple(stacks[k] for k in a.sides))
+                finally:
+                    a.svds = None
+            del shared
             # Progress follows the work: a batch's bytes count once its SVDs are done, not when it is read.
             on_bytes(sum(Read(p.item, p.sides).nbytes for p in current))
             current = []

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     import torch
 
 ANALYSIS_ORDER = ("sparsity", "principal", "spectral")
-NULL_METRICS = frozenset(name for name in R.METRICS if "_null_" in name)  # need spectral's random null
+NULL_METRICS = frozenset(
+    name for name in R.METRICS if "_null_" in name or name.endswith("_null")
+)  # need spectral's random null
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,32 +115,35 @@ QR_FIRST_RATIO = 4 / 3
 
 
 def spectrum_topk(
-    stack: torch.Tensor, k: int, dtype: torch.dtype = torch.float64
+    stack: torch.Tensor, k: int, dtype: torch.dtype = torch.float64, k_left: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every singular value and the top-k singular vectors of a (b, m, n) stack, exactly, in ``dtype``.
 
-    Returns s (b, p) descending, u (b, m, k), v (b, n, k), p = min(m, n). A square-ish stack goes through
-    ``torch.linalg.svd``. On CPU a rectangular one (aspect >= QR_FIRST_RATIO) is first factored A = Q R along its long
-    side (``torch.geqrf``, Householder), then R (p, p) gets the SVD and only the k long-side vectors are mapped back
-    through Q (``torch.ormqr``): LAPACK's own SVD forms all of Q and multiplies all p vectors back, which measured
-    1.4-2.5x slower on 7B aspect ratios (see QR_FIRST_RATIO). Both are backward-stable exact SVDs; vectors may
-    differ in sign (which subspace angles ignore).
+    Returns s (b, p) descending, u (b, m, k_left), v (b, n, k), p = min(m, n); ``k_left`` (default k) asks for
+    more (or fewer) left vectors than right ones, e.g. the whole left basis for intruder dimensions. A square-ish
+    stack goes through ``torch.linalg.svd``. On CPU a rectangular one (aspect >= QR_FIRST_RATIO) is first factored
+    A = Q R along its long side (``torch.geqrf``, Householder), then R (p, p) gets the SVD and only the wanted
+    long-side vectors are mapped back through Q (``torch.ormqr``): LAPACK's own SVD forms all of Q and multiplies
+    all p vectors back, which measured 1.4-2.5x slower on 7B aspect ratios (see QR_FIRST_RATIO). Both are
+    backward-stable exact SVDs; vectors may differ in sign (which subspace angles ignore).
     """
     a = upcast(as_stack(stack), dtype)
     b, m, n = a.shape
     p = min(m, n)
     k = _check_k(k, p)
+    kl = k if k_left is None else _check_k(k_left, p)
     if a.device.type != "cpu" or max(m, n) < QR_FIRST_RATIO * p:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return s, u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()
+        return s, u[..., :kl].contiguous(), vh[..., :k, :].mT.contiguous()
     tall = m >= n
     x = a if tall else a.mT  # (b, M, p), M > p
+    k_long, k_short = (kl, k) if tall else (k, kl)
     qr, tau = torch.geqrf(x)  # x = Q R, Householder vectors below the diagonal
     ur, s, vh = torch.linalg.svd(qr[..., :p, :].triu(), full_matrices=False)  # R = Ur S Vh, (b, p, p) each
-    lead = x.new_zeros(b, x.shape[-2], k)  # (b, M, k): [Ur_k; 0]
-    lead[..., :p, :] = ur[..., :k]
-    long_side = torch.ormqr(qr, tau, lead)  # Q [Ur_k; 0] = the top-k vectors of x's long side (b, M, k)
-    short_side = vh[..., :k, :].mT.contiguous()  # (b, p, k)
+    lead = x.new_zeros(b, x.shape[-2], k_long)  # (b, M, k_long): [Ur_k; 0]
+    lead[..., :p, :] = ur[..., :k_long]
+    long_side = torch.ormqr(qr, tau, lead)  # Q [Ur_k; 0] = the top vectors of x's long side (b, M, k_long)
+    short_side = vh[..., :k_short, :].mT.contiguous()  # (b, p, k_short)
     return (s, long_side, short_side) if tall else (s, short_side, long_side)
 
 
@@ -304,6 +307,202 @@ def topk(
     if chosen == "randomized":
         return randomized_topk(a, k, dtype=dtype, oversample=oversample, niter=niter, seed=seed)
     return exact_topk(a, k, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# One decomposition for every consumer (the engine's shared SVD, docs/architecture.md)
+
+_EXACTNESS = {"randomized": 0, "auto": 1, "exact": 2}
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one consumer needs of a matrix's SVD: every singular value (``values``), the top ``left`` left and
+    ``right`` right singular vectors, at least ``dtype`` precision, by ``method`` where only top vectors are needed.
+
+    Needs merge (:meth:`merge`): the union of what was asked, the widest dtype, the most exact method; one
+    :func:`decompose` of the merged need serves every consumer (:meth:`Decomposition.view`).
+    """
+
+    values: bool = False
+    left: int = 0
+    right: int = 0
+    dtype: torch.dtype = torch.float32
+    method: SvdMethod = "exact"
+
+    def merge(self, other: Need) -> Need:
+        """The least need that covers both."""
+        return Need(
+            self.values or other.values,
+            max(self.left, other.left),
+            max(self.right, other.right),
+            max(self.dtype, other.dtype, key=lambda d: torch.empty((), dtype=d).element_size()),
+            max(self.method, other.method, key=_EXACTNESS.__getitem__),
+        )
+
+    def covers(self, other: Need) -> bool:
+        """Whether a decomposition made for this need serves ``other``."""
+        return self.merge(other) == self
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A (b, m, n) stack's SVD as one :func:`decompose` made it: ``s`` (b, p) every value when ``values`` was
+    asked, else (b, t) the top t; ``u`` (b, m, left), ``v`` (b, n, right); ``methods`` per matrix, the CSV label
+    ('exact', 'randomized(...)', or for the guarded fast path 'checked(...)' and 'exact (fallback)')."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    methods: tuple[str, ...]
+    need: Need
+
+    def view(self, need: Need) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s, u, v) as ``need`` asked: its counts of vectors, every value or the top ones, in its dtype."""
+        if not self.need.covers(need):
+            raise ValueError(f"a decomposition made for {self.need} cannot serve {need}")
+        t = max(need.left, need.right, 1)
+        s = self.s if need.values else self.s[..., :t]
+        out = (s, self.u[..., : need.left], self.v[..., : need.right])
+        return tuple(x.to(need.dtype) for x in out)  # type: ignore[return-value]
+
+
+# The guarded fast path's acceptance test: the Wedin residual bound on sin of the largest angle between the
+# computed and the exact top-k singular subspaces (both sides) must not exceed FAST_SIN_TOL, so every principal angle
+# between two checked subspaces is within 2 * asin(1e-8) rad = 1.2e-6 degrees of the exact one. Subspace iteration
+# runs NITER power steps, then FAST_STEP more at a time until every matrix of the batch passes or FAST_MAX_NITER
+# steps were spent; a matrix still failing is decomposed exactly (see docs/metrics.md, spectral --svd).
+FAST_SIN_TOL = 1e-8
+FAST_STEP = 4
+FAST_MAX_NITER = 18
+
+
+def checked_topk(
+    a: torch.Tensor,
+    k: int,
+    values: torch.Tensor,
+    *,
+    seed: int = 0,
+    tol: float = FAST_SIN_TOL,
+    max_niter: int = FAST_MAX_NITER,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+    """Top-k vectors of a (b, m, n) stack by randomized subspace iteration with a Rayleigh-Ritz step in a's dtype
+    (use fp64), each matrix checked against its exact spectrum ``values`` (b, p).
+
+    Returns u (b, m, k), v (b, n, k), the Wedin bound (b,) and ok (b,). For approximate triplets (Ũ, S̃, Ṽ) with
+    residuals R = A Ṽ − Ũ S̃ and S = Aᵀ Ũ − Ṽ S̃, Wedin's theorem bounds sin of the largest principal angle between
+    (Ũ, Ṽ) and the exact top-k pair by sqrt(‖R‖_F² + ‖S‖_F²) / δ, δ = s̃_k − σ_{k+1} (σ from ``values``; when
+    δ <= 0 there is no bound and the matrix fails). A matrix is ok when its bound is at most ``tol``. The iteration
+    (Halko et al. 2009, Alg. 4.4: q = k + oversample_for(k) columns, QR after every product) continues while some
+    matrix fails, up to ``max_niter`` power steps.
+    """
+    m, n = a.shape[-2:]
+    p = min(m, n)
+    q = min(k + oversample_for(k), p)
+    x = a if m >= n else a.mT  # (b, M, N), M >= N
+    devices = [a.device] if a.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        r = torch.randn(x.shape[-1], q, dtype=x.dtype, device=x.device)  # (N, q)
+    with _serial_lapack(x.device):
+        basis = torch.linalg.qr(x @ r).Q  # (b, M, q)
+    done, step = 0, NITER
+    while True:
+        for _ in range(step):
+            with _serial_lapack(x.device):
+                basis = torch.linalg.qr(x @ torch.linalg.qr(x.mT @ basis).Q).Q
+        done += step
+        with _serial_lapack(x.device):
+            ub, s, vh = torch.linalg.svd(basis.mT @ x, full_matrices=False)  # Rayleigh-Ritz: Qᵀ A = U_B S V_Bᵀ
+        lu, s, lv = basis @ ub[..., :k], s[..., :k], vh[..., :k, :].mT  # (b, M, k), (b, k), (b, N, k)
+        res = (x @ lv - lu * s.unsqueeze(-2)).square().sum((-2, -1))
+        res = (res + (x.mT @ lu - lv * s.unsqueeze(-2)).square().sum((-2, -1))).sqrt()  # (b,)
+        delta = s[:, k - 1] - values[:, k] if k < p else torch.full_like(res, math.inf)
+        bound = torch.where(delta > 0, res / delta.clamp_min(torch.finfo(x.dtype).tiny), math.inf)
+        ok = (bound <= tol).tolist()
+        if all(ok) or done >= max_niter:
+            break
+        step = min(FAST_STEP, max_niter - done)
+    u, v = (lu, lv) if m >= n else (lv, lu)
+    return u.contiguous(), v.contiguous(), bound, ok
+
+
+def likely_to_converge(values: torch.Tensor, k: int, q: int, tol: float = FAST_SIN_TOL) -> list[bool]:
+    """Per matrix, from its exact spectrum (b, p): whether subspace iteration with q columns is expected to pass
+    :func:`checked_topk`'s check within FAST_MAX_NITER steps.
+
+    Each power step shrinks the residual of the top-k Ritz pairs by about ρ = (σ_{q+1} / σ_k)², down to the
+    rounding floor 10 ε √p σ_1; the prediction (σ_{q+1} ρ^FAST_MAX_NITER + floor) / (σ_k − σ_{k+1}) <= tol decides
+    whether to try (a flat spectrum, where the try would
+    only add its cost to the exact SVD, goes to the exact route at once). It only picks the route: the check after
+    the iteration is what accepts a result.
+    """
+    p = values.shape[-1]
+    if k >= p:
+        return [False] * values.shape[0]
+    sk, sk1 = values[:, k - 1], values[:, k]
+    sq1 = values[:, q] if q < p else torch.zeros_like(sk)
+    rho = (sq1 / sk.clamp_min(torch.finfo(values.dtype).tiny)).square()
+    floor = 10 * torch.finfo(values.dtype).eps * math.sqrt(p) * values[:, 0]  # rounding: no residual goes below it
+    predicted = (sq1 * rho.pow(FAST_MAX_NITER) + floor) / (sk - sk1).clamp_min(torch.finfo(values.dtype).tiny)
+    return ((predicted <= tol) & (sk > sk1)).tolist()
+
+
+def decompose(stack: torch.Tensor, need: Need, hint: torch.Tensor | None = None) -> Decomposition:
+    """The one SVD of a (b, m, n) stack that ``need`` (merged over every consumer) asks for.
+
+    Every value asked: ``svdvals`` when no vector is. With top vectors too: by ``need.method``, exact is one full
+    SVD with the top vectors kept (:func:`spectrum_topk`); ``auto`` on a matrix large enough for randomized
+    (:func:`choose_method`) is the guarded fast path: for the matrices whose spectrum predicts convergence
+    (:func:`likely_to_converge`), ``svdvals`` for every value and :func:`checked_topk` for the top vectors; the exact
+    route for the others and for each matrix whose check fails. ``hint`` (b, p): the spectra of nearby matrices
+    (the base's, for a fine-tune), which decide the route before any work; without it ``svdvals`` is computed first
+    and the matrix's own spectrum decides. Only top vectors: :func:`topk` by ``need.method``.
+    """
+    a = as_stack(stack)
+    b, m, n = a.shape
+    p = min(m, n)
+    left, right = min(need.left, p), min(need.right, p)
+    if need.values and left == right == 0:
+        s = svdvals(a, need.dtype)
+        u0, v0 = s.new_zeros(b, m, 0), s.new_zeros(b, n, 0)
+        return Decomposition(s, u0, v0, ("exact",) * b, need)
+    t = max(left, right, 1)
+    if need.values:
+        sketch_all = t + oversample_for(t) >= p  # the sketch would span the whole space: nothing to save
+        if need.method == "exact" or choose_method(m, n, t, need.method) == "exact" or sketch_all:
+            s, u, v = spectrum_topk(a, max(right, 1), need.dtype, k_left=max(left, 1))
+            return Decomposition(s, u, v, ("exact",) * b, need)
+        x = upcast(a, need.dtype)
+        q = min(t + oversample_for(t), p)
+        s = x.new_zeros(b, p)
+        u, v = x.new_zeros(b, m, t), x.new_zeros(b, n, t)
+        labels = ["exact (gap)"] * b  # predicted not to converge: decomposed exactly without trying
+        hopeful = likely_to_converge(hint, t, q) if hint is not None else [True] * b
+        tried = [i for i, good in enumerate(hopeful) if good]
+        if tried:
+            idx = torch.tensor(tried, device=x.device)
+            xt = x if len(tried) == b else x.index_select(0, idx)
+            st = svdvals(xt, need.dtype)
+            s[idx] = st
+            go = likely_to_converge(st, t, q)  # its own spectrum has the last word
+            keep = [j for j, good in enumerate(go) if good]
+            if keep:
+                kidx = torch.tensor(keep, device=x.device)
+                whole = len(keep) == len(tried)
+                ut, vt, _, ok = checked_topk(xt if whole else xt.index_select(0, kidx), t, st if whole else st[kidx])
+                rows = idx[kidx]
+                u[rows], v[rows] = ut, vt
+                for j, good in zip(keep, ok, strict=True):
+                    labels[tried[j]] = f"checked(q={q},seed=0)" if good else "exact (fallback)"
+        redo = [i for i, label in enumerate(labels) if label.startswith("exact")]
+        if redo:
+            idx = torch.tensor(redo, device=x.device)
+            se, ue, ve = spectrum_topk(x.index_select(0, idx), t, need.dtype)
+            s[idx], u[idx], v[idx] = se, ue, ve  # exactly what --svd exact gives for these matrices
+        return Decomposition(s, u[..., :left], v[..., :right], tuple(labels), need)
+    top = topk(a, t, method=need.method, dtype=need.dtype)
+    return Decomposition(top.s, top.u, top.v, (top.describe(),) * b, need)
 
 
 def _check_k(k: int, p: int) -> int:

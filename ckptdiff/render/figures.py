@@ -93,7 +93,7 @@ def figures(report: FullReportResult) -> list[Figure]:
     makers: list[tuple[str, dict[str, Any], list[tuple[str, Callable[..., _Drawn | None]]]]] = [
         ("sparsity", report.sparsity, [("sparsity_heatmap", heatmap), ("sparsity_ulp", _ulp_hist)]),
         ("principal", report.principal, [("principal_overlap", _principal_overlap), ("principal_heatmap", ratio_map)]),
-        ("spectral", report.spectral, [("spectral_drift", _spectral_drift)]),
+        ("spectral", report.spectral, [("spectral_drift", _spectral_drift), ("spectral_intruders", _intruders)]),
     ]
     for analysis, results, kinds in makers:
         for run, result in results.items():
@@ -493,6 +493,7 @@ def _principal_overlap(result: PrincipalOverlapResult, run: str) -> _Drawn | Non
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Overlap with the principal weights per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    k = "chosen per matrix, the k column of the CSV" if str(k).startswith("chosen per matrix") else k
     caption = (
         f"Top: the share of each layer's updated entries that fall in the base's principal mask (top-k = {k} "
         f"singular directions, α = {result.alpha:g}), against the random baseline (the mask's share of entries, "
@@ -595,6 +596,7 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
     _layer_axis(bottom, layers)
     top.set_title(_t(f"Spectral drift and rotation per layer{_for_run(run)}"), fontsize=10, loc="left", pad=18)
     k = result.header.get("k", "?")
+    k = "chosen per matrix, the k column of the CSV" if str(k).startswith("chosen per matrix") else k
     angles = (
         "the maximum over the layer's matrices whose angles are stable, and the median over those with k < min(m, n)."
         if has_max
@@ -614,6 +616,48 @@ def _spectral_drift(result: SpectralDriftResult, run: str) -> _Drawn | None:
         f"Drift is not additive, so nothing is summed.{null}"
     )
     return _Drawn(fig, f"Spectral drift by layer{_for_run(run)}", caption)
+
+
+def _intruders(result: SpectralDriftResult, run: str) -> _Drawn | None:
+    """Per module type: intruder dimensions summed over its matrices, beside the equal-norm null's count; none
+    when every count is 0 (the summary says so in a sentence)."""
+    df = result.by("module")
+    if df.empty or "intruders" not in df.columns:
+        return None
+    cols = [c for c in ("intruders", "intruders_null") if c in df.columns]
+    if not (df[cols].fillna(0) > 0).any().any():
+        return None
+    modules = _module_order([str(m) for m in df.index])
+    df = df.loc[modules]
+    x = list(range(len(modules)))
+    observed = [v if math.isfinite(v) else 0.0 for v in _floats(df["intruders"])]
+    fig = _new(2.8)
+    ax = fig.subplots()
+    _style(ax)
+    width = 0.38 if result.with_null else 0.6
+    shift = width / 2 if result.with_null else 0.0
+    bars = ax.bar([i - shift for i in x], observed, width, color=COLORS["observed"], label="fine-tune")
+    for rect, v in zip(bars, observed, strict=True):
+        _label_bar(ax, rect, f"{int(v)}")
+    if result.with_null:
+        counts = [v if math.isfinite(v) else 0.0 for v in _floats(df["intruders_null"])]
+        ax.bar([i + shift for i in x], counts, width, color=COLORS["random"], label="equal-norm random update")
+        ax.legend(fontsize=8, frameon=False, ncols=2, loc="lower left", bbox_to_anchor=(0, 1.0))
+    ax.set_xticks(x, modules)
+    ax.set_ylabel("intruder dimensions", fontsize=8)
+    ax.set_ylim(bottom=0, top=max([1.0, *observed]) * 1.25)
+    ax.set_title(_t(f"Intruder dimensions per module type{_for_run(run)}"), fontsize=10, loc="left", pad=18)
+    defined = result.header.get("intruders", "")
+    null = (
+        " Grey: the same count for the base plus an equal-norm random update (the null)."
+        if result.with_null
+        else " No random null was computed (run with --null random for one)."
+    )
+    caption = (
+        f"Intruder dimensions summed over each module type's matrices: {defined}. An intruder is a top direction of "
+        f"the fine-tuned matrix that the base does not have (arXiv 2410.21228).{null}"
+    )
+    return _Drawn(fig, f"Intruder dimensions{_for_run(run)}", caption)
 
 
 def _nanmax(a: float, b: float) -> float:

@@ -166,7 +166,8 @@ def _verdict(report: FullReportResult, figs: Sequence[Figure]) -> str:
             rows.append(f'<tr><th scope="row">{name}</th>{"".join(tds)}</tr>\n')
         out.append(
             '<h3>Side by side</h3>\n<div class="table-wrap"><table class="side">\n'
-            f'<thead><tr><th scope="col" title="figure">figure</th>{head}</tr></thead>\n<tbody>\n{"".join(rows)}</tbody>\n'
+            f'<thead><tr><th scope="col" title="figure">figure</th>{head}</tr></thead>\n'
+            f'<tbody>\n{"".join(rows)}</tbody>\n'
             f'</table></div>\n<p class="note">{_e(side.note)} Terms: see the <a href="#glossary">glossary</a>.</p>\n'
         )
     if figs:
