@@ -56,15 +56,16 @@ class SharedSVD:
         self._done: dict[Key, tuple[list[int], Decomposition | None]] = {}
 
     def _key(self, side: int, rounding: torch.dtype | None) -> Key:
+        raw = self.stacks[side].dtype
         stored = widen_fp8(self.stacks[side][:0]).dtype  # the dtype the matrices arrive in (fp8 widened)
-        if rounding is None or rounding == stored or (stored, rounding) in dtypes.WIDENS_EXACTLY:
+        if rounding is None or rounding in (raw, stored) or (stored, rounding) in dtypes.WIDENS_EXACTLY:
             return (side, None)  # rounding changes nothing: the same matrices
         return (side, rounding)
 
     def _matrices(self, key: Key) -> torch.Tensor:
         side, rounding = key
         x = widen_fp8(self.stacks[side])
-        return x.to(rounding) if rounding is not None else x
+        return widen_fp8(x.to(rounding)) if rounding is not None else x  # rounded to fp8: its values, widened
 
     def finite(self, side: int, rounding: torch.dtype | None = None) -> list[bool]:
         """Per matrix of the batch: whether every entry of this side, rounded as asked, is finite."""

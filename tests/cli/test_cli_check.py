@@ -475,7 +475,9 @@ def test_check_takes_every_option_its_rules_depend_on(pair: tuple[Path, Path]) -
     expect = principal_overlap(base, ft, k=4, alpha=0.25, svd="exact", precision="fp64", progress=False)
     assert values["ratio_principal"] == expect.to_frame().set_index("tensor").loc[UP0, "ratio_principal"]
     nss = spectral(base, ft, k=4, precision="fp32", progress=False).to_frame().set_index("tensor").loc[UP0, "nss"]
-    assert values["nss"] == nss
+    # One decomposition per matrix and side serves both rules, at the more exact of the two precisions asked
+    # (fp64 for principal-overlap here), so spectral's fp32 figure is met within fp32 SVD accuracy, not bit for bit.
+    assert values["nss"] == pytest.approx(nss, rel=1e-4)
     assert (doc["header"]["alpha"], doc["header"]["svd"], doc["header"]["precision"]) == ("0.25", "exact", "fp64")
     assert doc["header"]["spectral_precision"] == "fp32"
     default = as_json(invoke(base, ft, *rules, "--k", "4", "-f", "json"))["header"]
