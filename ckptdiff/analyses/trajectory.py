@@ -51,6 +51,7 @@ MIN_CHUNK_BYTES = 1 << 20  # per checkpoint: below this, reads get slow for no m
 COLUMNS = [
     "step",
     "tensor",
+    "stack",
     "layer",
     "module",
     "expert",

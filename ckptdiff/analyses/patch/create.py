@@ -54,6 +54,7 @@ from ckptdiff.metrics.patch import (
 
 COLUMNS = [
     "tensor",
+    "stack",
     "layer",
     "module",
     "shape",
