@@ -97,3 +97,114 @@ def test_bf16_rounding_breaks_the_low_rank() -> None:
     assert len(beyond["fp32"]) == len(beyond["bf16"]) == 28
     assert max(beyond["fp32"]) < 1e-12
     assert 1e-5 < statistics.median(beyond["bf16"]) < 1e-4
+
+
+# Intruder dimensions of the shipped fine-tunes (README "Intruder dimensions: does the LoRA grow directions the
+# base does not have?"): every cell of its table and every number of its sentences, from ckptdiff.spectral.
+
+INTRUDER_RUNS = ("lora_sft", "sft", "rl_seed1", "rl_seed2")
+NULL_SEEDS = range(5)
+SETTINGS = {"defaults": (10, 0.5), "t = 5": (5, 0.5), "t = 20": (20, 0.5), "ε = 0.7": (10, 0.7)}
+
+
+@pytest.fixture(scope="module")
+def intruders() -> dict[tuple[str, str], dict]:
+    """Per run and setting: the fine-tune's count, matrices, median cos_min and per module; the null's per seed.
+
+    The RL runs' null is drawn on every seed at the defaults only (the README shows no other RL null)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 28 small SVDs per side: one thread is as fast and does not fight a loaded machine
+    out: dict[tuple[str, str], dict] = {}
+    try:
+        for run in INTRUDER_RUNS:
+            for name, (t, eps) in SETTINGS.items():
+                seeds = NULL_SEEDS if name == "defaults" or not run.startswith("rl") else [0]
+                cell: dict = {"null": [], "null_module": []}
+                for seed in seeds:
+                    frame = spectral(
+                        CKPTS / "base",
+                        CKPTS / run,
+                        k=16,
+                        null="random",
+                        seed=seed,
+                        intruder_k=t,
+                        intruder_eps=eps,
+                        include=["*layers*proj.weight"],
+                        progress=False,
+                    ).to_frame()
+                    assert len(frame) == 28 and frame["linear"].all()
+                    cell["count"] = int(frame["intruders"].sum())  # the same on every seed: only the null is drawn
+                    cell["matrices"] = int((frame["intruders"] > 0).sum())
+                    cell["cos_min"] = float(frame["intruder_cos_min"].median())
+                    cell["module"] = frame.groupby("module")["intruders"].sum().to_dict()
+                    cell["null"].append(int(frame["intruders_null"].sum()))
+                    cell["null_module"].append(frame.groupby("module")["intruders_null"].sum().to_dict())
+                out[run, name] = cell
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}–{max(values)}"
+
+
+def _intruder_section() -> str:
+    text = (ROOT / "examples" / "README.md").read_text()
+    start = text.index("### Intruder dimensions: does the LoRA grow")
+    return text[start : text.index("```", start)]
+
+
+def test_readme_intruder_table_is_what_spectral_measures(intruders: dict[tuple[str, str], dict]) -> None:
+    section = _intruder_section()
+    for run in INTRUDER_RUNS:
+        row = re.search(rf"^\| {run} \|(.*)\|$", section, re.M)
+        assert row is not None, run
+        d = intruders[run, "defaults"]
+        expected = [str(d["count"]), _span(d["null"]), f"{d['matrices']} of 28", f"{d['cos_min']:.3f}"]
+        for name in list(SETTINGS)[1:]:
+            c = intruders[run, name]
+            expected.append(str(c["count"]) if run.startswith("rl") else f"{c['count']} ({_span(c['null'])})")
+        assert [c.strip() for c in row.group(1).split("|")] == expected, run
+
+
+def test_readme_intruder_claims_hold_on_every_null_seed(intruders: dict[tuple[str, str], dict]) -> None:
+    prose = " ".join(_intruder_section().split())
+    lora, sft = intruders["lora_sft", "defaults"], intruders["sft", "defaults"]
+    # RL grows none at any setting (the table's note and the last sentence of the second bullet)
+    assert all(intruders[run, name]["count"] == 0 for run in ("rl_seed1", "rl_seed2") for name in SETTINGS)
+    # defaults: more than full SFT and RL, and more than the equal-norm null on every seed
+    assert lora["count"] > sft["count"] > 0
+    excess = [lora["count"] - n for n in lora["null"]]
+    assert all(e > 0 for e in excess), excess
+    assert (
+        f"it has {lora['count']} intruders in {lora['matrices']} matrices against {sft['count']} for full SFT and "
+        f"none for RL" in prose
+    )
+    beats = f"the LoRA beats its null on 5 of 5 seeds, by {min(excess)} to {max(excess)}."
+    assert f"grows {_span(lora['null'])}; {beats}" in prose
+    # per module: o_proj holds most, but its null comes close; up_proj's margin over the null's worst seed is largest
+    o_null = [m["o"] for m in lora["null_module"]]
+    up_null = [m["up"] for m in lora["null_module"]]
+    assert max(lora["module"], key=lora["module"].get) == "o"
+    o_claim = f"the `o_proj` matrices hold {lora['module']['o']} of the {lora['count']}, where the null puts"
+    assert f"{o_claim} {_span(o_null)}" in prose
+    margin = {m: lora["module"][m] - max(n[m] for n in lora["null_module"]) for m in lora["module"]}
+    assert max(margin, key=margin.get) == "up" and list(margin.values()).count(margin["up"]) == 1, margin
+    assert f"the clearest excess is `up_proj` ({lora['module']['up']} against {_span(up_null)})" in prose
+    # t = 5: above the null on every seed; t = 20: below it on every seed
+    top5, top5_sft = intruders["lora_sft", "t = 5"], intruders["sft", "t = 5"]
+    assert all(top5["count"] > n for n in top5["null"])
+    assert (
+        f"among the top 5 directions it has {top5['count']} intruders where the null has at most "
+        f"{max(top5['null'])} (5 of 5 seeds) and SFT {top5_sft['count']}" in prose
+    )
+    top20 = intruders["lora_sft", "t = 20"]
+    assert all(top20["count"] < n for n in top20["null"])
+    assert f"({top20['count']} against {_span(top20['null'])}, 5 of 5 seeds)" in prose
+    # ε = 0.7: the LoRA's excess widens, and full SFT exceeds its null too, on every seed
+    loose, loose_sft = intruders["lora_sft", "ε = 0.7"], intruders["sft", "ε = 0.7"]
+    assert min(loose["count"] - n for n in loose["null"]) > max(excess)
+    assert all(loose_sft["count"] > n for n in loose_sft["null"])
+    assert f"({loose['count']} against {_span(loose['null'])})" in prose
+    assert f"({loose_sft['count']} against {_span(loose_sft['null'])})" in prose
