@@ -29,7 +29,7 @@ import torch
 from ckptdiff import choices
 from ckptdiff.analyses.base import Report, Table, count, digest, item_detail, once_per_key, row_basics
 from ckptdiff.analyses.principal import PrincipalAnalysis
-from ckptdiff.analyses.scopes import FLOAT_COMPARED, TRAJECTORY, figures, grouped, pick
+from ckptdiff.analyses.scopes import FLOAT_COMPARED, TRAJECTORY, figures, grouped, in_stack_order, pick, scope_key
 from ckptdiff.analyses.spectral import SpectralAnalysis
 from ckptdiff.engine.alignment import Aligned
 from ckptdiff.engine.header import header
@@ -42,6 +42,7 @@ from ckptdiff.io.source import Source
 from ckptdiff.metrics.mask import CompareMode, compare_mode, comparison_dtype, dtype_name
 from ckptdiff.metrics.patch import patch_cost
 from ckptdiff.metrics.sparsity import ULP_LABELS, ChangeCounts, count_changes
+from ckptdiff.naming import stack_rank
 
 BITWISE_BF16 = CompareMode("bitwise", 0.0, torch.bfloat16)
 EXACT = CompareMode()  # what a patch must reproduce: the stored bits
@@ -79,6 +80,7 @@ STEP_COLUMNS = [
     "step",
     "from_step",
     "scope",
+    "stack",
     "tensors",
     "numel",
     "changed_step",
@@ -161,12 +163,15 @@ class TrajectoryResult:
     def steps_frame(self) -> pd.DataFrame:
         """steps.csv: per step, the overall figures then one row per module type (columns :data:`STEP_COLUMNS`)."""
         df = self.compared()
+        keys = scope_key(df, "module")  # (stack, module) on a checkpoint with several stacks
         rows = []
         for before, step in itertools.pairwise(self.steps):
             at = df[df["step"] == step]
-            rows.append({"step": step, "from_step": before, "scope": "overall", **self._scope(at)})
-            for module, group in sorted(at.groupby("module"), key=lambda g: str(g[0])):
-                rows.append({"step": step, "from_step": before, "scope": str(module), **self._scope(group)})
+            rows.append({"step": step, "from_step": before, "scope": "overall", "stack": "", **self._scope(at)})
+            for name, group in sorted(at.groupby(keys), key=lambda g: _scope_order(g[0])):
+                stack, module = name if isinstance(name, tuple) else ("", name)
+                row = {"step": step, "from_step": before, "scope": str(module), "stack": str(stack)}
+                rows.append({**row, **self._scope(group)})
         out = pd.DataFrame(rows, columns=STEP_COLUMNS)
         ints = [
             "step",
@@ -182,8 +187,8 @@ class TrajectoryResult:
         for key, results in (("principal", self.principal), ("spectral", self.spectral)):
             if results:
                 for col in WITH_COLUMNS[key]:
-                    pairs = zip(out["step"], out["scope"], strict=True)
-                    out[col] = [_with_figure(results.get(int(st)), str(sc), col) for st, sc in pairs]
+                    scopes = zip(out["step"], out["stack"], out["scope"], strict=True)
+                    out[col] = [_with_figure(results.get(int(st)), str(sk), str(sc), col) for st, sk, sc in scopes]
         return out
 
     def overall(self) -> pd.DataFrame:
@@ -199,8 +204,9 @@ class TrajectoryResult:
             df = df.dropna(subset=["layer"])
         if df.empty:
             return pd.DataFrame()
-        grid = grouped(df, [key, "step"], pick(TRAJECTORY, figure))[figure].unstack("step")
-        return grid
+        keys = scope_key(df, key)
+        keys = [keys] if isinstance(keys, str) else keys
+        return in_stack_order(grouped(df, [*keys, "step"], pick(TRAJECTORY, figure))[figure].unstack("step"))
 
     def report(self) -> Report:
         """The report the CLI renders."""
@@ -295,14 +301,23 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _with_figure(result: Any, scope: str, column: str) -> float:
-    """One first -> k figure of principal-overlap or spectral for a scope (``overall`` or a module type)."""
+def _with_figure(result: Any, stack: str, scope: str, column: str) -> float:
+    """One first -> k figure of principal-overlap or spectral for a scope (``overall`` or a module type, of
+    ``stack`` on a checkpoint with several stacks)."""
     if result is None:
         return math.nan
     if scope == "overall":
         return float(result.overall().get(column, math.nan))
     by = result.by("module")
-    return float(by.loc[scope, column]) if scope in by.index and column in by.columns else math.nan
+    row = (stack, scope) if stack else scope
+    return float(by.loc[row, column]) if row in by.index and column in by.columns else math.nan
+
+
+def _scope_order(name: object) -> tuple[int, str]:
+    """steps.csv's module rows: stacks as data flows (vision ... decoder ... head), then module names."""
+    if isinstance(name, tuple):
+        return stack_rank(str(name[0])), str(name[1])
+    return 0, str(name)
 
 
 class TrajectoryAnalysis(Analysis):

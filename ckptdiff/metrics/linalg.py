@@ -373,6 +373,10 @@ class Decomposition:
 # runs NITER power steps, then FAST_STEP more at a time until every matrix of the batch passes or FAST_MAX_NITER
 # steps were spent; a matrix still failing is decomposed exactly (see docs/metrics.md, spectral --svd).
 FAST_SIN_TOL = 1e-8
+# Under ``auto``, the guarded path is taken only from this min(m, n) up: it computes svdvals (every value) and then
+# the top vectors, and svdvals alone is a large share of one full SVD. Measured on a quiet 2-core CPU, fp64, k = 64,
+# fine-tune side (BENCHMARKS.md §14): 0.56x the exact SVD's speed at 1024 (slower), 1.0x at 2048, 3x at 4096.
+FAST_VALUES_MIN_DIM = 2048
 FAST_STEP = 4
 FAST_MAX_NITER = 18
 
@@ -453,11 +457,12 @@ def decompose(stack: torch.Tensor, need: Need, hint: torch.Tensor | None = None)
 
     Every value asked: ``svdvals`` when no vector is. With top vectors too: by ``need.method``, exact is one full
     SVD with the top vectors kept (:func:`spectrum_topk`); ``auto`` on a matrix large enough for randomized
-    (:func:`choose_method`) is the guarded fast path: for the matrices whose spectrum predicts convergence
-    (:func:`likely_to_converge`), ``svdvals`` for every value and :func:`checked_topk` for the top vectors; the exact
-    route for the others and for each matrix whose check fails. ``hint`` (b, p): the spectra of nearby matrices
-    (the base's, for a fine-tune), which decide the route before any work; without it ``svdvals`` is computed first
-    and the matrix's own spectrum decides. Only top vectors: :func:`topk` by ``need.method``.
+    (:func:`choose_method`, and min(m, n) >= FAST_VALUES_MIN_DIM) is the guarded fast path: for the matrices
+    whose spectrum predicts convergence (:func:`likely_to_converge`), ``svdvals`` for every value and
+    :func:`checked_topk` for the top vectors; the exact route for the others and for each matrix whose check
+    fails. ``hint`` (b, p): the spectra of nearby matrices (the base's, for a fine-tune), which decide the route
+    before any work; without it ``svdvals`` is computed first and the matrix's own spectrum decides. Only top
+    vectors: :func:`topk` by ``need.method``.
     """
     a = as_stack(stack)
     b, m, n = a.shape
@@ -470,7 +475,8 @@ def decompose(stack: torch.Tensor, need: Need, hint: torch.Tensor | None = None)
     t = max(left, right, 1)
     if need.values:
         sketch_all = t + oversample_for(t) >= p  # the sketch would span the whole space: nothing to save
-        if need.method == "exact" or choose_method(m, n, t, need.method) == "exact" or sketch_all:
+        small = need.method == "auto" and p < FAST_VALUES_MIN_DIM  # exact is as fast or faster there (see above)
+        if need.method == "exact" or choose_method(m, n, t, need.method) == "exact" or sketch_all or small:
             s, u, v = spectrum_topk(a, max(right, 1), need.dtype, k_left=max(left, 1))
             return Decomposition(s, u, v, ("exact",) * b, need)
         x = upcast(a, need.dtype)

@@ -236,6 +236,21 @@ def _module_order(modules: Sequence[str]) -> list[str]:
     return known + sorted(m for m in modules if m not in MODULE_ORDER)
 
 
+def _module_rows(index: Sequence[object]) -> list[object]:
+    """The rows of a per-module rollup in block order: ``q`` ... ``down``, or, on a checkpoint with several stacks,
+    (stack, module) rows with the stacks in the rollup's order (as data flows) and block order within each."""
+    stacks = list(dict.fromkeys(r[0] if isinstance(r, tuple) else None for r in index))
+    rows: list[object] = []
+    for stack in stacks:
+        mine = {
+            str(r[1] if isinstance(r, tuple) else r): r
+            for r in index
+            if (r[0] if isinstance(r, tuple) else None) == stack
+        }
+        rows += [mine[m] for m in _module_order(list(mine))]
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # colour scales
 
@@ -627,8 +642,9 @@ def _intruders(result: SpectralDriftResult, run: str) -> _Drawn | None:
     cols = [c for c in ("intruders", "intruders_null") if c in df.columns]
     if not (df[cols].fillna(0) > 0).any().any():
         return None
-    modules = _module_order([str(m) for m in df.index])
-    df = df.loc[modules]
+    rows = _module_rows(list(df.index))
+    df = df.loc[rows]
+    modules = [f"{r[0]} {r[1]}" if isinstance(r, tuple) else str(r) for r in rows]
     x = list(range(len(modules)))
     observed = [v if math.isfinite(v) else 0.0 for v in _floats(df["intruders"])]
     fig = _new(2.8)
@@ -960,13 +976,16 @@ def _over_steps(result: TrajectoryResult, figure: str) -> _Drawn | None:
     if steps.empty:
         return None
     overall = steps[steps["scope"] == "overall"]
-    modules = _module_order([str(m) for m in steps["scope"].unique() if m != "overall"])
+    scoped = steps[steps["scope"] != "overall"]
+    pairs = list(dict.fromkeys(zip(scoped["stack"].astype(str), scoped["scope"].astype(str), strict=True)))
+    lines = _module_rows([(st, m) if st else m for st, m in pairs])
     fig = _new(3.6)
     ax = fig.add_subplot()
     _style(ax)
     xs = [int(x) for x in overall["step"]]
-    for i, module in enumerate(modules):
-        rows = steps[steps["scope"] == module]
+    for i, line in enumerate(lines):
+        stack, module = line if isinstance(line, tuple) else ("", line)
+        rows = scoped[(scoped["stack"] == stack) & (scoped["scope"] == module)]
         ax.plot(
             [int(x) for x in rows["step"]],
             _floats(rows[figure]),
@@ -974,7 +993,7 @@ def _over_steps(result: TrajectoryResult, figure: str) -> _Drawn | None:
             markersize=3,
             linewidth=1.0,
             color=_SERIES[i % len(_SERIES)],
-            label=_t(module),
+            label=_t(f"{stack} {module}" if stack else str(module)),
         )
     ax.plot(xs, _floats(overall[figure]), marker="o", markersize=4, linewidth=2.2, color="black", label="overall")
     bf16 = _floats(overall[f"{figure}_bf16"])
@@ -1026,7 +1045,7 @@ def _layer_steps(result: TrajectoryResult) -> _Drawn | None:
     grid = result.by("layer")
     if grid.empty:
         return None
-    layers = [int(x) for x in grid.index]
+    layers = _layer_names(grid.index)
     steps = [int(c) for c in grid.columns]
     values = grid.to_numpy(dtype="float64", na_value=math.nan).tolist()  # (layers, steps)
     flat = _finite([v for row in values for v in row])

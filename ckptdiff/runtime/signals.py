@@ -62,18 +62,27 @@ class Watcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Restore the previous wake-up descriptor; the thread sees the pipe close and ends."""
+        """Restore the previous wake-up descriptor; the thread sees the pipe close, ends, and closes its read end.
+
+        The read end is the thread's to close: were it closed here while the thread is still in its grace wait (a
+        loaded machine), the next run's pipe could reuse the descriptor number and this thread would read, and
+        swallow, that run's wake-up bytes."""
         if self._pipe is None:
             return
-        read_end, write_end = self._pipe
+        _, write_end = self._pipe
         self._pipe = None
         signal.set_wakeup_fd(self._previous)
         os.close(write_end)
         if self._thread is not None:
             self._thread.join(timeout=1.0)
-        os.close(read_end)
 
     def _watch(self, read_end: int, received: int) -> None:
+        try:
+            self._watch_pipe(read_end, received)
+        finally:
+            os.close(read_end)
+
+    def _watch_pipe(self, read_end: int, received: int) -> None:
         """``received`` starts at the handler's count when the watcher started (that count is per process)."""
         said = False
         while True:

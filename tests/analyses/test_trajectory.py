@@ -19,6 +19,7 @@ from ckptdiff.analyses.trajectory import TrajectoryAnalysis, trajectory
 from ckptdiff.engine.alignment import align
 from ckptdiff.engine.pipeline import Run
 from ckptdiff.io.resolve import open_stored
+from ckptdiff.render.figures import trajectory_figures
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 UP1 = "model.layers.1.mlp.up_proj.weight"
@@ -204,3 +205,43 @@ def test_with_principal_and_spectral_gives_the_single_commands_first_to_k(
     # Step 3 undid step 1 on q: from the first checkpoint, q's spectrum is back where it was (NSS 0).
     q3 = steps[(steps["step"] == STEPS[3]) & (steps["scope"] == "q")].iloc[0]
     assert q3["nss_max"] == 0.0
+
+
+def test_a_vision_and_a_text_stack_are_separate_scopes(tmp_path: Path) -> None:
+    """A multimodal run: the vision tower's q and the text decoder's q are two rows of steps.csv and of the rollups,
+    as in every pairwise command; the changed counts are planted, so each row is known by construction."""
+    vision = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    text = "language_model.model.layers.0.self_attn.q_proj.weight"
+    norm = "language_model.model.layers.0.input_layernorm.weight"
+    g = torch.Generator().manual_seed(0)
+    first = {vision: torch.randn(8, 8, generator=g), text: torch.randn(8, 8, generator=g), norm: torch.ones(8)}
+    plan = {1: {vision: 5, text: 2}, 2: {text: 7}}  # step index -> tensor -> entries moved (by 1 ULP, from entry 0)
+    states = [first]
+    for k in (1, 2):
+        nxt = {n: t.clone() for n, t in states[-1].items()}
+        for name, n in plan[k].items():
+            nxt[name] = bump_ulps(nxt[name], torch.arange(n), 1)
+        states.append(nxt)
+    paths = [
+        save_single(sd, tmp_path / f"step_{s}" / "model.safetensors") for s, sd in zip((0, 1, 2), states, strict=True)
+    ]
+    result = trajectory([p.parent for p in paths], with_=("principal",), k=2, progress=False)
+    steps = result.steps_frame()
+    scoped = steps[steps["scope"] != "overall"].set_index(["step", "stack", "scope"])
+    assert set(scoped.index) == {
+        (s, st, m) for s in (1, 2) for st, m in (("vision", "q"), ("decoder", "q"), ("decoder", "norm"))
+    }
+    assert int(scoped.loc[(1, "vision", "q"), "changed_step"]) == 5
+    assert int(scoped.loc[(1, "decoder", "q"), "changed_step"]) == 2
+    assert int(scoped.loc[(2, "vision", "q"), "changed_step"]) == 0
+    assert int(scoped.loc[(2, "decoder", "q"), "changed_cumulative"]) == 7  # entries 0-1 moved twice, 2-6 once
+    assert (steps.loc[steps["scope"] == "overall", "stack"] == "").all()
+    # The principal figures of each row are its own stack's (the pairwise rollup's, first -> k).
+    pairwise = principal_overlap(paths[0].parent, paths[2].parent, k=2, progress=False).by("module")
+    for stack in ("vision", "decoder"):
+        got = scoped.loc[(2, stack, "q"), "ratio_principal"]
+        assert got == pytest.approx(pairwise.loc[(stack, "q"), "ratio_principal"], nan_ok=True)
+    assert list(result.by("layer").index) == [("vision", 0), ("decoder", 0)]  # vision first, as data flows
+    assert list(result.by("layer")[2]) == pytest.approx([1.0, 1 - 7 / 72])
+    drawn = {f.name for f in trajectory_figures(result)}  # one line per (stack, module), one heatmap row per layer
+    assert {"trajectory_step", "trajectory_cumulative", "trajectory_layers"} <= drawn

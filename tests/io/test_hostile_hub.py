@@ -289,6 +289,11 @@ def test_ctrl_c_during_a_stalled_read_exits_130_at_once(
     _interrupt_on_stall(fake_hub, normal)
     code, stderr, took = _run(mode, tmp_path, monkeypatch)
     assert code == 130, stderr
-    assert stderr.strip().splitlines() == ["ckptdiff: error: interrupted; no output file was written"], stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "ckptdiff: error: interrupted; no output file was written", stderr
+    # On a loaded machine the main thread may take longer than the watcher's grace to run the handler; the watcher
+    # then acknowledges the signal first (runtime/signals.py), which is right, and is the only other line allowed.
+    assert all(line.startswith("ckptdiff: interrupted: stopping when") for line in lines[:-1]), stderr
+    assert len(lines) <= 2, stderr
     assert took < 3 * TIMEOUT, took
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.json").exists()

@@ -461,8 +461,9 @@ def hold() -> None:
 
 threading.Thread(target=hold, daemon=True).start()
 held.wait()
-try:  # a first run in this process whose signal is taken at once (the watcher counts per run, not per process)
-    with signals_as_interrupts():
+try:  # a first run in this process whose signal is taken at once (the watcher counts per run, not per process);
+    # quiet, so that a loaded machine, where taking it may outlast the grace, cannot add a line of its own
+    with signals_as_interrupts(speak=False):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
 except Interrupted:

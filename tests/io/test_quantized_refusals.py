@@ -80,6 +80,11 @@ def mxfp4_under_gptq(root: Path) -> Path:
     return _folder(root, sd, {"quantization_config": {"quant_method": "gptq", "bits": 4}})
 
 
+def quant_method_not_text(root: Path) -> Path:
+    cfg = {"quantization_config": {"quant_method": ["gptq"], "bits": 4}}
+    return _folder(root, {P + ".weight": torch.ones(4, 4)}, cfg)
+
+
 def gpt_oss_original(root: Path) -> Path:
     sd = {
         "block.0.mlp.mlp1_weight.blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8),
@@ -97,6 +102,7 @@ CASES: list[tuple[Callable[[Path], Path], str]] = [
     (config_says_mxfp4, "no tensor is stored in that layout"),
     (mxfp4_under_gptq, "says quant_method 'gptq'"),
     (gpt_oss_original, "gpt-oss original MXFP4"),
+    (quant_method_not_text, "quant_method must be a name"),
 ]
 
 

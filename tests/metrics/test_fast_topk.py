@@ -123,3 +123,20 @@ def test_a_flat_hint_sends_a_matrix_to_the_exact_route_without_svdvals(monkeypat
     assert dec.methods == ("exact (gap)", "exact (gap)") and calls == []
     _, s_ref, _ = torch.linalg.svd(a, full_matrices=False)
     torch.testing.assert_close(dec.s, s_ref, rtol=1e-12, atol=0)
+
+
+def test_auto_keeps_the_exact_route_below_the_size_where_the_fast_path_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At min(m, n) = 1024 a randomized top-k is allowed (choose_method) but every value is also needed, and svdvals
+    alone costs about as much as the full SVD there: auto decomposes exactly, once, without svdvals."""
+    p = 1024
+    s = torch.cat(
+        [torch.linspace(10, 5, 8, dtype=torch.float64), 0.5 * 0.9 ** torch.arange(p - 8, dtype=torch.float64)]
+    )
+    a = planted(1, p, p, s, seed=8)
+    assert p < linalg.FAST_VALUES_MIN_DIM and linalg.choose_method(p, p, 8) == "randomized"
+    calls: list[int] = []
+    real = linalg.svdvals
+    monkeypatch.setattr(linalg, "svdvals", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    dec = linalg.decompose(a, linalg.Need(values=True, left=8, right=8, dtype=torch.float64, method="auto"))
+    assert dec.methods == ("exact",) and calls == []
+    torch.testing.assert_close(dec.s[0], s, rtol=1e-10, atol=1e-12)

@@ -16,7 +16,7 @@ from ckptdiff.analyses.full import full_report
 from ckptdiff.analyses.spectral import spectral
 from ckptdiff.gate.check import check
 from ckptdiff.metrics.spectral import intruders, spectral_metrics
-from ckptdiff.render.figures import figures
+from ckptdiff.render.figures import _module_rows, figures
 
 
 def orthonormal(m: int, p: int, seed: int) -> torch.Tensor:
@@ -109,3 +109,33 @@ def test_report_draws_intruders_per_module_beside_the_null(tmp_path: Path) -> No
     (fig,) = [x for x in figures(report) if x.name.startswith("spectral_intruders")]
     assert "max |cos| < 0.5" in fig.caption and "equal-norm random update" in fig.caption
     assert "<svg" in fig.svg
+
+
+def test_report_draws_intruders_of_each_stack_apart(tmp_path: Path) -> None:
+    """A vision tower beside a text decoder: the per-module rollup is keyed by (stack, module), and the figure has
+    one bar per (stack, module), labelled with both, so the vision q_proj's intruder is not the text q_proj's."""
+    m, n = 40, 10
+    w0, u, _, v = base_matrix(m, n, seed=5)
+    x = orthonormal(m, n + 1, seed=13)[:, -1]
+    x = (x - u @ (u.mT @ x)) / (x - u @ (u.mT @ x)).norm()
+    vision = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    text = "language_model.model.layers.0.self_attn.q_proj.weight"
+    b = save_single({vision: w0.float(), text: w0.float()}, tmp_path / "b.safetensors")
+    ft = {vision: (w0 + 50.0 * torch.outer(x, v[:, -1])).float(), text: (w0 + 1e-4 * torch.outer(u[:, 0], v[:, 0]))}
+    f = save_single({k: t.float() for k, t in ft.items()}, tmp_path / "f.safetensors")
+    report = full_report(b, [f], k=4, null="random", analyses=["spectral"], progress=False)
+    by_module = report.spectral[next(iter(report.spectral))].by("module")
+    assert by_module.loc[("vision", "q"), "intruders"] == 1
+    assert by_module.loc[("decoder", "q"), "intruders"] == 0
+    (fig,) = [x for x in figures(report) if x.name.startswith("spectral_intruders")]
+    assert "<svg" in fig.svg  # drawn: before the fix, the (stack, module) rows were looked up as text and it raised
+    # One bar per (stack, module), the stacks as data flows and block order within each:
+    rows = [("decoder", "down"), ("vision", "k"), ("decoder", "q"), ("vision", "q"), ("vision", "zz")]
+    assert _module_rows(rows) == [
+        ("decoder", "q"),
+        ("decoder", "down"),
+        ("vision", "q"),
+        ("vision", "k"),
+        ("vision", "zz"),
+    ]
+    assert _module_rows(["down", "o", "q"]) == ["q", "o", "down"]

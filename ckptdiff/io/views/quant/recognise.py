@@ -67,6 +67,10 @@ def recognise(src: Source, config: ModelConfig | None) -> Found:
     """Every quantized weight of ``src``, its parts and the tensors it hides; a
     :class:`~ckptdiff.io.views.quant.base.Refusal` for a layout not dequantized or a contradiction."""
     ctx = Recognition(src, config)
+    if ctx.method is not None and not isinstance(ctx.method, str):
+        raise ctx.refuse(
+            f"{ctx.where} says quant_method {ctx.method!r}: quant_method must be a name such as 'gptq'; fix the config"
+        )
     if ctx.method is not None and ctx.method not in KNOWN_METHODS:
         raise ctx.refuse(f"{ctx.where} says quant_method {ctx.method!r}, a quantization ckptdiff does not dequantize")
     for late in (False, True):
