@@ -72,7 +72,8 @@ def _kind(mode: int) -> str:
 # A temporary file's name says whose it is: `.x.csv.ckptdiff-<host>-<pid>-<random>.tmp`, <host> a short hash of
 # the host name (a shared file system can hold other hosts' runs; the name itself is not written).
 _HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
-_TEMP = re.compile(r"^\.(?P<name>.+)\.ckptdiff-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+# A temporary folder (report -o, patch apply to a folder) is named alike; `.old` holds a report being replaced.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.ckptdiff-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
 
 
 def _alive(pid: int) -> bool:
@@ -87,9 +88,14 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(target: Path) -> list[Path]:
-    """Remove the temporary files an earlier run to ``target`` left behind when it was killed (SIGKILL, the OOM
+    """Remove the temporaries an earlier run to ``target`` left behind when it was killed (SIGKILL, the OOM
     killer), those it can prove were ckptdiff's: named for ``target`` by ckptdiff on this host, by a process that
-    no longer exists, a regular file of this user. Anything else stays. Returns what was removed."""
+    no longer exists, of this user, and not a link: a regular file, or a folder (a report or a patched checkpoint
+    being written, removed whole). A ``.old`` folder (a report being replaced) is removed only while ``target``
+    exists: otherwise the run was killed between its two renames and the folder holds the only copy of the earlier
+    report. Anything else stays. Returns what was removed."""
+    import shutil
+
     removed: list[Path] = []
     try:
         entries = list(os.scandir(target.parent))
@@ -101,12 +107,32 @@ def remove_stale(target: Path) -> list[Path]:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            if st.st_uid != os.getuid():
+                continue
+            if stat.S_ISREG(st.st_mode) and m["kind"] == "tmp":
                 os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            elif stat.S_ISDIR(st.st_mode) and (m["kind"] == "tmp" or os.path.lexists(target)):
+                shutil.rmtree(entry.path)
+            else:
+                continue
+            removed.append(Path(entry.path))
         except OSError:
             continue
     return removed
+
+
+def temp_folder(target: Path, kind: str = "tmp") -> Path:
+    """A new empty folder beside ``target`` (mode 0700), named as ckptdiff's temporaries are, so that the next run
+    to ``target`` can remove it if this one is killed (:func:`remove_stale`, whose stale entries go first)."""
+    remove_stale(target)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.ckptdiff-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+        try:
+            os.mkdir(tmp, 0o700)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary folder name", str(target.parent))
 
 
 def _create_temp(target: Path) -> tuple[int, Path]:
@@ -437,12 +463,10 @@ class OutputFolder:
 
     def open(self, name: str) -> IO[bytes]:
         """A new file ``name`` inside the folder being written, open for binary writing."""
-        import tempfile
-
         with signals_held():
             try:
                 if self.tmp is None:
-                    self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.parent))
+                    self.tmp = temp_folder(self.parent / self.path.name)
                 f = open(self.tmp / name, "xb")  # noqa: SIM115 - closed by commit or discard
             except OSError as e:
                 raise write_error(self.flag, self.path, e) from None

@@ -375,8 +375,9 @@ class Decomposition:
 FAST_SIN_TOL = 1e-8
 # Under ``auto``, the guarded path is taken only from this min(m, n) up: it computes svdvals (every value) and then
 # the top vectors, and svdvals alone is a large share of one full SVD. Measured on a quiet 2-core CPU, fp64, k = 64,
-# fine-tune side (BENCHMARKS.md §14): 0.56x the exact SVD's speed at 1024 (slower), 1.0x at 2048, 3x at 4096.
-FAST_VALUES_MIN_DIM = 2048
+# whole pair, base side exact in both (BENCHMARKS.md §14): 0.72x the exact route's speed at 1024 (slower),
+# 0.89-1.01x at 2048, 1.21x at 3072, 1.29-1.50x at 4096. Where it does not clearly pay, exact wins the tie.
+FAST_VALUES_MIN_DIM = 3072
 FAST_STEP = 4
 FAST_MAX_NITER = 18
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
-from ckptdiff.io.outputs import input_files, write_error, writes_files
+from ckptdiff.io.outputs import input_files, temp_folder, write_error, writes_files
 from ckptdiff.runtime.signals import note_commit, signals_held
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ def write_files(target: Path, files: dict[str, str], figs: Sequence[Figure] = ()
     parent = target.parent if str(target.parent) else Path(".")
     with signals_held():  # a signal between making the folder and the try below would leave it behind
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+            tmp = temp_folder(parent / target.name)
         except OSError as e:
             raise write_error("--out", target, e) from None
     written = [*files, *(f"figures/{f.name}.svg" for f in figs)]
@@ -267,7 +267,7 @@ def write_files(target: Path, files: dict[str, str], figs: Sequence[Figure] = ()
         os.chmod(tmp, mode)
         if target.exists():
             with signals_held():  # the two renames go together: a signal waits until both are done
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+                old = temp_folder(parent / target.name, "old")
                 try:
                     os.rename(target, old / "report")
                 except OSError:

@@ -551,3 +551,47 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(ckpts: dict[str, 
     assert not stale.exists()
     assert all(p.exists() for p in kept)
     assert sorted(p.name for p in folder.iterdir()) == sorted(["o.csv", *(p.name for p in kept)])
+
+
+def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """`report -o` and `patch apply` write a folder beside the destination first; after SIGKILL the next run to the
+    same destination removes it when its process is gone, and keeps a replaced report's `.old` folder while the
+    destination is missing (then it holds the only copy of the earlier report)."""
+    import subprocess
+    import sys
+
+    from ckptdiff.io import outputs as O
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    stale = parent / f".rep.ckptdiff-{O._HOST}-{dead.pid}-0badc0de.tmp"
+    (stale / "figures").mkdir(parents=True)
+    (stale / "figures" / "x.svg").write_text("<svg/>")
+    old = parent / f".rep.ckptdiff-{O._HOST}-{dead.pid}-0badc0df.old"
+    (old / "report").mkdir(parents=True)
+    (old / "report" / "report.md").write_text("the only copy")
+    live = parent / f".rep.ckptdiff-{O._HOST}-{os.getpid()}-0badc0de.tmp"
+    live.mkdir()
+    link = parent / f".rep.ckptdiff-{O._HOST}-{dead.pid}-0badc0e0.tmp"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ckptdiff's")
+    link.symlink_to(elsewhere, target_is_directory=True)
+    # While rep/ is missing, the .old folder is an earlier report's only copy: a removal leaves it.
+    assert O.remove_stale(parent / "rep") == [stale]
+    assert old.exists() and live.exists() and (elsewhere / "keep.txt").exists()
+    # A real run to rep/ (report -o) puts the new report in place; the next run to it removes the stale .old.
+    res = runner.invoke(
+        app, ["report", str(ckpts["B"]), str(ckpts["F"]), "-o", str(parent / "rep"), "-q", "-a", "sparsity"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (parent / "rep" / "report.md").exists()
+    assert O.remove_stale(parent / "rep") == [old]
+    assert live.exists() and link.is_symlink() and (elsewhere / "keep.txt").exists()
+    # A new temporary folder is named for its destination and this process, and so is found by the next run.
+    made = O.temp_folder(parent / "rep")
+    match = O._TEMP.match(made.name)
+    assert match is not None and match["name"] == "rep" and int(match["pid"]) == os.getpid() and made.is_dir()
+    made.rmdir()
