@@ -243,12 +243,16 @@ def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = Compar
     With ``--as`` a narrower dtype, an entry that overflows it (finite as stored, ±inf once rounded) is counted in
     ``overflow_as``; if its stored values differ it is changed, with no ULP distance (``changed_nonfinite``).
     """
-    counts = _count_changes(w0, w1, mode)
-    if mode.as_dtype is None or not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):
-        return counts
+    numel = int(w0.numel())
     x0, x1 = w0.reshape(-1), w1.reshape(-1)
+    if not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):
+        return ChangeCounts(numel=numel, changed=int(torch.count_nonzero(x0 != x1)))
     target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
-    a, b = x0.to(target), x1.to(target)
+    a = x0 if x0.dtype == target else x0.to(target)  # rounded once, for the counts and the overflow test
+    b = x1 if x1.dtype == target else x1.to(target)
+    counts = _count_rounded(a, b, mode)
+    if mode.as_dtype is None:
+        return counts
     over = overflowed(x0, x1, a, b)
     if over is None or not bool(over.any()):
         return counts
@@ -259,14 +263,11 @@ def count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode = Compar
     return counts + extra
 
 
-def _count_changes(w0: torch.Tensor, w1: torch.Tensor, mode: CompareMode) -> ChangeCounts:
-    numel = int(w0.numel())
-    if not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):
-        return ChangeCounts(numel=numel, changed=int(torch.count_nonzero(w0.reshape(-1) != w1.reshape(-1))))
-    target = comparison_dtype(w0.dtype, w1.dtype, mode.as_dtype)
-    a = w0.reshape(-1) if w0.dtype == target else w0.reshape(-1).to(target)
-    b = w1.reshape(-1) if w1.dtype == target else w1.reshape(-1).to(target)
+def _count_rounded(a: torch.Tensor, b: torch.Tensor, mode: CompareMode) -> ChangeCounts:
+    """Counts of one flat chunk pair already in the comparison dtype."""
+    numel = int(a.numel())
     cpu = a.device.type == "cpu"
+    target = a.dtype
     kernels = _compiled_kernels() if cpu and target in _KERNEL_ARGS else None
     if kernels is not None:
         if mode.kind == "bitwise":

@@ -438,3 +438,28 @@ def test_switch_sends_tolerances_back_to_torch(monkeypatch: pytest.MonkeyPatch) 
     with _OpLog() as log:
         assert count_changes(w0, w1, mode) == compiled
     assert "aten.abs.default" in log.ops  # tolerance_changed in torch
+
+
+@pytest.mark.parametrize("extra", [None, float("nan"), float("-inf"), float("inf")])
+def test_as_overflow_is_counted_whatever_else_the_chunk_holds(
+    extra: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--as fp16: 70000 and 80000 both round to +inf (fp16 tops out at 65504), so that entry overflowed and its change
+    is kept. The shortcut that skips the overflow masks when no rounded entry is infinite must not skip it when the
+    chunk also holds a NaN (its min and max are then NaN) or a stored infinity (not an overflow)."""
+    from ckptdiff.metrics import mask
+
+    w0 = torch.tensor([70000.0, 1.0, 2.0, 3.0])
+    w1 = torch.tensor([80000.0, 1.0, 2.0, 3.0])
+    if extra is not None:
+        w0[3] = w1[3] = extra
+    mode = CompareMode(as_dtype=torch.float16)
+    got = count_changes(w0, w1, mode)
+    assert got.overflow_as == 1  # only entry 0 was finite as stored and infinite once rounded
+    assert got.changed_nonfinite >= 1  # its change is counted, with no ULP distance
+    monkeypatch.setattr(mask, "_surely_finite", lambda t: False)  # the full masks, always
+    assert count_changes(w0, w1, mode) == got
+    finite = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert mask.overflowed(finite, finite, finite.half(), finite.half()) is not None  # full masks, as patched
+    monkeypatch.undo()
+    assert mask.overflowed(finite, finite, finite.half(), finite.half()) is None  # nothing rounded to inf: skipped
