@@ -455,6 +455,13 @@ held = threading.Event()
 def hold() -> None:
     libc.pthread_mutex_lock(mutex)
     held.set()
+    # "ready" only once the main thread waits inside the lock call: glibc's lock word (the mutex's first int) is 2
+    # when another thread waits on it. Said earlier, a slow main thread could still be running Python when the
+    # signal comes, and rightly take it at once, with nothing to acknowledge.
+    word = ctypes.c_int.from_buffer(mutex)
+    while word.value != 2:
+        time.sleep(0.001)
+    print("ready", flush=True)
     sys.stdin.readline()  # the test says when the "long computation" may end
     libc.pthread_mutex_unlock(mutex)
 
@@ -470,7 +477,6 @@ except Interrupted:
     pass
 try:
     with signals_as_interrupts():
-        print("ready", flush=True)
         libc.pthread_mutex_lock(mutex)  # stands for one long SVD: Python cannot run a signal handler in here
         libc.pthread_mutex_unlock(mutex)
         print("returned", flush=True)
