@@ -311,3 +311,13 @@ def test_deeply_nested_patch_metadata_is_refused(trio: dict[str, Path], tmp_path
         ["patch", "apply", str(trio["base"]), str(patch), "-o", str(out)], tmp_path, ["deep.safetensors"], "damaged"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["inf", "1e400", "-inf"])
+def test_a_shard_size_that_is_not_a_number_of_bytes_is_refused(
+    trio: dict[str, Path], tmp_path: Path, size: str
+) -> None:
+    out = tmp_path / "sharded"
+    args = ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(out), "--max-shard-size", size]
+    assert_refused(args, tmp_path, ["--max-shard-size", size], "is not a size")
+    assert not out.exists()
