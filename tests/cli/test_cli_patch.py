@@ -321,3 +321,10 @@ def test_a_shard_size_that_is_not_a_number_of_bytes_is_refused(
     args = ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(out), "--max-shard-size", size]
     assert_refused(args, tmp_path, ["--max-shard-size", size], "is not a size")
     assert not out.exists()
+
+
+def test_create_refuses_a_patch_file_that_apply_would_not_read(trio: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "step.patch"
+    args = ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(out), "--csv", str(tmp_path / "out.csv")]
+    assert_refused(args, tmp_path, ["step.patch"], ".safetensors")
+    assert not out.exists() and not list(tmp_path.glob(".step.patch*"))
