@@ -461,6 +461,9 @@ def trajectory(
         steps = list(range(len(specs)))
     if len(steps) != len(specs):
         raise InputError(f"trajectory: {len(steps)} step numbers for {len(specs)} checkpoints; give one per checkpoint")
+    twice = next((s for i, s in enumerate(steps) if s in steps[:i]), None)
+    if twice is not None:  # rows and figures are keyed by step: two checkpoints of one step would be added together
+        raise InputError(f"trajectory: step {twice} is given twice; give each checkpoint its own step number")
     unknown = [w for w in with_ if w not in WITH]
     if unknown:
         raise InputError(f"--with: unknown analysis {unknown[0]!r}; choose from {', '.join(WITH)}")
