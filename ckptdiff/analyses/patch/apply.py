@@ -30,6 +30,7 @@ from ckptdiff.analyses.patch.common import (
 from ckptdiff.engine.reader import prefetch
 from ckptdiff.errors import InputError
 from ckptdiff.io import resolve
+from ckptdiff.io.files import parse_json
 from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.safetensors_writer import Planned, StreamWriter
 from ckptdiff.io.outputs import OutputFolder, standalone
@@ -113,9 +114,10 @@ class PatchFile:
                 f"patch {self.path} has format version {version}, and this ckptdiff reads version {FORMAT_VERSION}; "
                 "upgrade ckptdiff or re-create the patch"
             )
-        try:
-            base = json.loads(meta[BASE_KEY])
-            ft = json.loads(meta[FT_KEY])
+        fix = "re-create the patch"
+        try:  # parse_json refuses nesting deeper than any patch has, before the parser would recurse
+            base = parse_json(meta[BASE_KEY].encode(), f"patch {self.path}: metadata {BASE_KEY}", fix)
+            ft = parse_json(meta[FT_KEY].encode(), f"patch {self.path}: metadata {FT_KEY}", fix)
             self.base_source = str(base["source"])
             self.base: dict[str, str] = {str(k): str(v) for k, v in base["tensors"].items()}
             self.base_layout: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -137,7 +139,7 @@ class PatchFile:
             self.metadata: dict[str, dict[str, str]] = {
                 str(k): {str(a): str(b) for a, b in v.items()} for k, v in ft["metadata"].items()
             }
-        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(
                 f"patch {self.path} has damaged metadata ({type(e).__name__}: {str(e)[:200]}); re-create the patch"
             ) from None
