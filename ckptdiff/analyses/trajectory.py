@@ -461,6 +461,15 @@ def trajectory(
         steps = list(range(len(specs)))
     if len(steps) != len(specs):
         raise InputError(f"trajectory: {len(steps)} step numbers for {len(specs)} checkpoints; give one per checkpoint")
+    wide = next((s for s in steps if not -(2**63) <= s < 2**63), None)
+    if wide is not None:  # the step columns are 64-bit integers
+        raise InputError(
+            f"trajectory: step {wide} does not fit in 64 bits; rename that checkpoint (its name gives the step) or "
+            "give smaller step numbers"
+        )
+    twice = next((s for i, s in enumerate(steps) if s in steps[:i]), None)
+    if twice is not None:  # rows and figures are keyed by step: two checkpoints of one step would be added together
+        raise InputError(f"trajectory: step {twice} is given twice; give each checkpoint its own step number")
     unknown = [w for w in with_ if w not in WITH]
     if unknown:
         raise InputError(f"--with: unknown analysis {unknown[0]!r}; choose from {', '.join(WITH)}")

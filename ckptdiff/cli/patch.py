@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +81,7 @@ def shard_bytes(text: str | None) -> int | None:
         value = float(number) * _UNITS[unit]
     except (KeyError, ValueError):
         value = -1.0
-    if not value >= 1:
+    if not 1 <= value < math.inf:
         raise InputError(f"--max-shard-size {text!r} is not a size; give e.g. 5GB, 500MiB or a number of bytes")
     return int(value)
 

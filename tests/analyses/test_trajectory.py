@@ -18,6 +18,7 @@ from ckptdiff.analyses.spectral import spectral
 from ckptdiff.analyses.trajectory import TrajectoryAnalysis, trajectory
 from ckptdiff.engine.alignment import align
 from ckptdiff.engine.pipeline import Run
+from ckptdiff.errors import InputError
 from ckptdiff.io.resolve import open_stored
 from ckptdiff.render.figures import trajectory_figures
 
@@ -148,6 +149,17 @@ def test_each_checkpoint_is_read_once_and_counts_equal_pairwise_sparsity(
         mine_cum = at[["changed_cumulative", "sparsity_cumulative", "changed_cumulative_bf16"]]
         pd.testing.assert_frame_equal(mine_step.set_axis(cols, axis=1), pair[cols], check_dtype=False)
         pd.testing.assert_frame_equal(mine_cum.set_axis(cols[:3], axis=1), cum[cols[:3]], check_dtype=False)
+
+
+@pytest.mark.parametrize("steps", [[5, 10, 10, 100], [5, 10, 5, 100]])
+def test_step_numbers_given_twice_are_refused(
+    run_dir: tuple[Path, list[dict[str, torch.Tensor]]], steps: list[int]
+) -> None:
+    """Rows and figures are keyed by step: a repeated step would add two steps' counts into one row."""
+    root, _ = run_dir
+    paths = [str(root / f"checkpoint-{s}") for s in STEPS[:4]]
+    with pytest.raises(InputError, match=r"step 10 .*twice|step 5 .*twice"):
+        trajectory(paths, steps=steps, progress=False)
 
 
 def test_two_ranks_give_the_one_process_result(run_dir: tuple[Path, list[dict[str, torch.Tensor]]]) -> None:

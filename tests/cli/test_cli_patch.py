@@ -9,20 +9,23 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from factory import bump_ulps, llama_like, save_single
 from hostile import assert_refused, invoke
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptdiff.analyses.patch import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 UP = "model.layers.1.mlp.up_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
+HEAD = "lm_head.weight"
 
 
 def _sha(t: torch.Tensor) -> str:
@@ -240,3 +243,91 @@ def test_a_base_of_other_shapes_is_refused_from_its_headers(trio: dict[str, Path
         "is not the base",
     )
     assert "retyped.safetensors" in line and not out.exists()
+
+
+def _rewritten(patch: Path, dest: Path, edit: Callable[[dict[str, Any], dict[str, Any]], None]) -> Path:
+    """A copy of ``patch`` whose ``ckptdiff.ft`` and ``ckptdiff.base`` JSON went through ``edit(ft, base)``."""
+    with safe_open(str(patch), "pt") as p:
+        meta = dict(p.metadata())
+    ft, base = json.loads(meta["ckptdiff.ft"]), json.loads(meta["ckptdiff.base"])
+    edit(ft, base)
+    meta.update({"ckptdiff.ft": json.dumps(ft), "ckptdiff.base": json.dumps(base)})
+    save_file(load_file(str(patch)), str(dest), metadata=meta)
+    return dest
+
+
+def _entry(ft: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(t for t in ft["tensors"] if t["name"] == name)
+
+
+@pytest.mark.parametrize("shard", ["../../evil.safetensors", "ABSOLUTE", "sub/evil.safetensors", "evil.json"])
+def test_shard_names_of_a_patch_cannot_put_files_outside_the_output(
+    trio: dict[str, Path], tmp_path: Path, shard: str
+) -> None:
+    name = str(tmp_path / "evil.safetensors") if shard == "ABSOLUTE" else shard
+
+    def edit(ft: dict[str, Any], base: dict[str, Any]) -> None:
+        first = "model-00001-of-00002.safetensors"
+        ft["shards"] = {t["name"]: name if i % 2 else first for i, t in enumerate(ft["tensors"])}
+
+    patch = _rewritten(trio["patch"], tmp_path / "shards.safetensors", edit)
+    (tmp_path / "a").mkdir()
+    out = tmp_path / "a" / "rebuilt"
+    assert_refused(["patch", "apply", str(trio["base"]), str(patch), "-o", str(out)], tmp_path, [name], "is damaged")
+    assert not out.exists() and not list(tmp_path.rglob("evil*")) and not list((tmp_path / "a").iterdir())
+
+
+DAMAGED_METADATA: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+    "a negative dimension": lambda ft, base: _entry(ft, HEAD).update(shape=[-50, -16]),
+    "a fractional dimension": lambda ft, base: _entry(ft, HEAD).update(shape=[50.5, 16]),
+    "a shape that is a string": lambda ft, base: _entry(ft, Q).update(shape="16"),
+    "a count that is a string": lambda ft, base: _entry(ft, Q).update(changed="3"),
+    "a base layout entry without its shape": lambda ft, base: base["layout"].update({Q: ["BF16"]}),
+    "a tensor listed twice": lambda ft, base: ft["tensors"].append(dict(_entry(ft, HEAD))),
+    "an unchanged tensor its base lacks": lambda ft, base: _entry(ft, HEAD).update(name="lm_head.bias"),
+    "an unchanged tensor of another shape than its base's": lambda ft, base: _entry(ft, HEAD).update(shape=[16, 50]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_METADATA))
+def test_patch_metadata_of_the_wrong_kind_is_refused(trio: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    patch = _rewritten(trio["patch"], tmp_path / "damaged.safetensors", DAMAGED_METADATA[damage])
+    out = tmp_path / "rebuilt"
+    apply_args = ["patch", "apply", str(trio["base"]), str(patch), "-o", str(out)]
+    assert_refused(apply_args, tmp_path, ["damaged.safetensors"], "re-create the patch")
+    assert not out.exists() and not list(tmp_path.glob(".rebuilt*"))
+    verify_args = ["patch", "verify", str(trio["base"]), str(patch), str(trio["ft"])]
+    assert_refused(verify_args, tmp_path, ["damaged.safetensors"], "re-create the patch")
+
+
+def test_deeply_nested_patch_metadata_is_refused(trio: dict[str, Path], tmp_path: Path) -> None:
+    with safe_open(str(trio["patch"]), "pt") as p:
+        meta = dict(p.metadata())
+    meta["ckptdiff.ft"] = "[" * 100_000 + "]" * 100_000
+    patch = tmp_path / "deep.safetensors"
+    save_file(load_file(str(trio["patch"])), str(patch), metadata=meta)
+    out = tmp_path / "rebuilt"
+    assert_refused(
+        ["patch", "apply", str(trio["base"]), str(patch), "-o", str(out)],
+        tmp_path,
+        ["deep.safetensors", "ckptdiff.ft"],
+        "nested more than 64 levels deep",
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["inf", "1e400", "-inf"])
+def test_a_shard_size_that_is_not_a_number_of_bytes_is_refused(
+    trio: dict[str, Path], tmp_path: Path, size: str
+) -> None:
+    out = tmp_path / "sharded"
+    args = ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(out), "--max-shard-size", size]
+    assert_refused(args, tmp_path, ["--max-shard-size", size], "is not a size")
+    assert not out.exists()
+
+
+def test_create_refuses_a_patch_file_that_apply_would_not_read(trio: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "step.patch"
+    args = ["patch", "create", str(trio["base"]), str(trio["ft"]), "-o", str(out), "--csv", str(tmp_path / "out.csv")]
+    assert_refused(args, tmp_path, ["step.patch"], ".safetensors")
+    assert not out.exists() and not list(tmp_path.glob(".step.patch*"))

@@ -139,6 +139,15 @@ def test_report_directory_and_steps_csv_hold_the_planted_counts(tmp_path: Path) 
     assert "Step-over-step update sparsity ranges from" in res.output and "step sparsity" not in res.output
 
 
+def test_a_step_number_past_64_bits_is_refused(tmp_path: Path) -> None:
+    sd = llama_like(layers=1, d=8, ff=8)
+    huge = 2**64
+    for step in (1, huge):
+        save_single(sd, tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors")
+    csv = ["--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json")]
+    assert_refused(["trajectory", str(tmp_path / "run"), *csv], tmp_path, [str(huge)], "64 bits")
+
+
 def test_bad_inputs_are_refused_before_any_work(tmp_path: Path) -> None:
     save_single(llama_like(layers=1, d=8, ff=8), tmp_path / "one" / "model.safetensors")
     one = str(tmp_path / "one")

@@ -30,6 +30,7 @@ from ckptdiff.analyses.patch.common import (
 from ckptdiff.engine.reader import prefetch
 from ckptdiff.errors import InputError
 from ckptdiff.io import resolve
+from ckptdiff.io.files import parse_json
 from ckptdiff.io.formats.safetensors import SafetensorsSource
 from ckptdiff.io.formats.safetensors_writer import Planned, StreamWriter
 from ckptdiff.io.outputs import OutputFolder, standalone
@@ -63,6 +64,26 @@ class FtTensor:
         return n
 
 
+def _count(value: object) -> int:
+    """A count or a dimension of the metadata: a JSON integer >= 0 (not a bool, not a float), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _shape(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"shape {value!r} is not a list")
+    return tuple(_count(d) for d in value)
+
+
+def _layout(value: object) -> tuple[str, tuple[int, ...]]:
+    """A base layout entry, ``[dtype, shape]``."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"layout {value!r} is not [dtype, shape]")
+    return str(value[0]), _shape(value[1])
+
+
 class PatchFile:
     """A patch opened for reading: its header checked, its metadata parsed, every listed tensor present."""
 
@@ -93,23 +114,24 @@ class PatchFile:
                 f"patch {self.path} has format version {version}, and this ckptdiff reads version {FORMAT_VERSION}; "
                 "upgrade ckptdiff or re-create the patch"
             )
-        try:
-            base = json.loads(meta[BASE_KEY])
-            ft = json.loads(meta[FT_KEY])
+        fix = "re-create the patch"
+        try:  # parse_json refuses nesting deeper than any patch has, before the parser would recurse
+            base = parse_json(meta[BASE_KEY].encode(), f"patch {self.path}: metadata {BASE_KEY}", fix)
+            ft = parse_json(meta[FT_KEY].encode(), f"patch {self.path}: metadata {FT_KEY}", fix)
             self.base_source = str(base["source"])
             self.base: dict[str, str] = {str(k): str(v) for k, v in base["tensors"].items()}
             self.base_layout: dict[str, tuple[str, tuple[int, ...]]] = {
-                str(k): (str(v[0]), tuple(int(d) for d in v[1])) for k, v in base["layout"].items()
+                str(k): _layout(v) for k, v in base["layout"].items()
             }
             self.ft_source = str(ft["source"])
             self.ft = [
                 FtTensor(
                     str(t["name"]),
                     str(t["dtype"]),
-                    tuple(int(d) for d in t["shape"]),
+                    _shape(t["shape"]),
                     str(t["sha256"]),
                     t["encoding"],
-                    int(t["changed"]),
+                    _count(t["changed"]),
                 )
                 for t in ft["tensors"]
             ]
@@ -119,9 +141,18 @@ class PatchFile:
             }
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(
-                f"patch {self.path} has damaged metadata ({type(e).__name__}: {e}); re-create the patch"
+                f"patch {self.path} has damaged metadata ({type(e).__name__}: {str(e)[:200]}); re-create the patch"
             ) from None
         self.by_name = {t.name: t for t in self.ft}
+        if len(self.by_name) != len(self.ft):
+            twice = next(t.name for i, t in enumerate(self.ft) if t.name in {u.name for u in self.ft[:i]})
+            raise InputError(f"patch {self.path} is damaged: it lists tensor {twice!r} twice; re-create the patch")
+        for shard in self.shards.values():
+            if Path(shard).name != shard or not shard.endswith(".safetensors") or shard.startswith("."):
+                raise InputError(
+                    f"patch {self.path} is damaged: it names shard file {shard!r}, which is not a plain "
+                    "NAME.safetensors file name; re-create the patch"
+                )
         for t in self.ft:
             self._check(t)
 
@@ -137,7 +168,18 @@ class PatchFile:
     def _check(self, t: FtTensor) -> None:
         if t.encoding not in ("none", "sparse", "bitmask", "dense") or dtypes.from_name(t.dtype) is None:
             raise InputError(
-                f"patch {self.path} is damaged: tensor {t.name!r} has encoding {t.encoding!r}, dtype {t.dtype}"
+                f"patch {self.path} is damaged: tensor {t.name!r} has encoding {t.encoding!r}, dtype {t.dtype}; "
+                "re-create the patch"
+            )
+        if t.encoding != "dense" and t.name not in self.base:
+            raise InputError(
+                f"patch {self.path} is damaged: it patches tensor {t.name!r}, which its base lacks; re-create the patch"
+            )
+        was = self.base_layout.get(t.name)
+        if t.encoding != "dense" and was is not None and was != (t.dtype, t.shape):  # else it is carried whole
+            raise InputError(
+                f"patch {self.path} is damaged: its tensor {t.name!r} is {t.dtype}{list(t.shape)} but not carried "
+                f"whole, and its base's is {was[0]}{list(was[1])}; re-create the patch"
             )
         if t.encoding == "dense":
             self._need(f"{t.name}:dense", {t.dtype}, t.shape)

@@ -564,6 +564,13 @@ def patch_create(
 ) -> PatchResult:
     """Write the patch that rebuilds ``ft`` from ``base`` bit for bit to ``output``: one safetensors file, or with
     ``max_shard_bytes`` a new or empty folder of shards of at most that size each and their index."""
+    if max_shard_bytes is None and not isinstance(output, OutputFolder):
+        given = output.path if isinstance(output, Output) else Path(output)
+        if not given.name.endswith(".safetensors"):
+            raise InputError(
+                f"cannot write --out {given}: a patch file's name ends in .safetensors ('patch apply' reads no "
+                "other); give e.g. step.patch.safetensors, or a folder with --max-shard-size"
+            )
     out: Output | OutputFolder | None
     if isinstance(output, (Output, OutputFolder)):
         out = output
