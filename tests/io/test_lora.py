@@ -523,3 +523,28 @@ def test_the_factor_file_alone_points_to_its_folder(tmp_path: Path, base_sd: dic
         ["adapter_config.json"],
         "pass its folder",
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "names", "expect"),
+    [
+        ('"lora_alpha": null', ["lora_alpha", "None"], "not what PEFT writes"),
+        ('"r": null', ["r is None"], "not what PEFT writes"),
+        ('"alpha_pattern": {"q_proj": Infinity}', ["alpha_pattern['q_proj']", "inf"], "not a finite positive number"),
+        ('"alpha_pattern": {"q_proj(": 2}', ["alpha_pattern", "'q_proj('"], "not a regular expression"),
+        ('"rank_pattern": {"[v": 4}', ["rank_pattern", "'[v'"], "not a regular expression"),
+    ],
+)
+def test_config_values_peft_cannot_load_are_refused(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], config: str, names: list[str], expect: str
+) -> None:
+    """A value PEFT would fail on (a null rank or alpha, an infinite alpha, a pattern that is no regex) is refused,
+    never replaced by a default or skipped: any of these would change the scaling silently."""
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {})
+    fields = {"r": "4", "lora_alpha": "8"}
+    key = config.split(":", 1)[0].strip('"')
+    fields.pop(key, None)
+    body = ", ".join([f'"{k}": {v}' for k, v in fields.items()] + [config])
+    (adapter / "adapter_config.json").write_text(f'{{"peft_type": "LORA", {body}}}')
+    assert_refused(["sparsity", str(base), str(adapter), *out_args(tmp_path)], tmp_path, names, expect)

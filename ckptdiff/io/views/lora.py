@@ -90,20 +90,27 @@ class AdapterConfig:
         return f"its base_model_name_or_path is {self.base_model!r}" if self.base_model else "it names no base"
 
 
+def _pattern_regex(key: str) -> str:
+    """PEFT's regex for a ``rank_pattern`` / ``alpha_pattern`` key: ``(.*\\.)?(K)``, matched against the whole path."""
+    return rf"(.*\.)?({key})"
+
+
 def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule: the first key K (in order) whose regex ``(.*\\.)?(K)`` matches the whole module path."""
+    """PEFT's rule: the first key K (in order) whose regex matches the whole module path (keys checked by
+    :func:`_patterns`)."""
     for key, value in patterns.items():
-        try:
-            if re.fullmatch(rf"(.*\.)?({key})", path):
-                return value
-        except re.error:
-            continue
+        if re.fullmatch(_pattern_regex(key), path):
+            return value
     return default
 
 
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
+def _get(
+    data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str, null: bool = True
+) -> Any:
+    """``data[key]`` when of type ``kind``, ``default`` when absent (or null, where ``null``: PEFT reads a null
+    flag or pattern as false or empty, but fails on a null rank or alpha); InputError for any other value."""
     value = data.get(key, default)
-    if value is None:
+    if value is None and null:
         value = default
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise InputError(f"{where}: {key} is {value!r}, not what PEFT writes there; {_FIX_CONFIG}")
@@ -113,8 +120,13 @@ def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
 def _patterns(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> dict[str, Any]:
     raw = _get(data, key, dict, {}, where)
     for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, kind) or not isinstance(v, (int, float)) or not v > 0:
-            raise InputError(f"{where}: {key}[{k!r}] is {v!r}, not a positive number; {_FIX_CONFIG}")
+        number = isinstance(v, kind) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number and math.isfinite(v) and v > 0):
+            raise InputError(f"{where}: {key}[{k!r}] is {v!r}, not a finite positive number; {_FIX_CONFIG}")
+        try:
+            re.compile(_pattern_regex(k))
+        except re.error as e:  # PEFT fails on it too; skipping it would change that module's r or alpha silently
+            raise InputError(f"{where}: {key} key {k!r} is not a regular expression ({e}); {_FIX_CONFIG}") from None
     return dict(raw)
 
 
@@ -139,8 +151,8 @@ def read_config(path: Path) -> AdapterConfig:
                 f"{where}: {unsupported} is set, which ckptdiff does not merge; merge the adapter with peft's "
                 "merge_and_unload and compare the merged checkpoint"
             )
-    r = _get(data, "r", int, 8, where)
-    alpha = _get(data, "lora_alpha", (int, float), 8, where)
+    r = _get(data, "r", int, 8, where, null=False)
+    alpha = _get(data, "lora_alpha", (int, float), 8, where, null=False)
     if r <= 0 or not (math.isfinite(alpha) and alpha > 0):
         raise InputError(f"{where}: r={r!r}, lora_alpha={alpha!r}; both must be positive: {_FIX_CONFIG}")
     base = data.get("base_model_name_or_path")
