@@ -548,3 +548,26 @@ def test_config_values_peft_cannot_load_are_refused(
     body = ", ".join([f'"{k}": {v}' for k, v in fields.items()] + [config])
     (adapter / "adapter_config.json").write_text(f'{{"peft_type": "LORA", {body}}}')
     assert_refused(["sparsity", str(base), str(adapter), *out_args(tmp_path)], tmp_path, names, expect)
+
+
+@pytest.mark.parametrize(
+    ("stored", "shape", "expect"),
+    [
+        ("lora_B.bias", (8,), "has shape [8], not [16]"),  # was an internal error (a broadcast in the merge)
+        ("lora_B.bias", (16, 1), "has shape [16, 1], not [16]"),
+        ("lora_A.bias", (4,), "no part of the LoRA layout"),  # was read as lora_B.bias
+        ("lora_A.bias", (16,), "no part of the LoRA layout"),  # was merged into the bias, silently
+    ],
+)
+def test_a_bias_not_of_lora_bias_layout_is_refused(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], stored: str, shape: tuple[int, ...], expect: str
+) -> None:
+    """lora_bias adds one lora_B.bias entry per output feature; PEFT's lora_A has no bias."""
+    q = ATTN[0]
+    base_sd = {**base_sd, f"{q}.bias": torch.zeros(16, dtype=torch.bfloat16)}
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ATTN, r=4, seed=1)
+    factors[f"{PREFIX}{q}.{stored}"] = torch.ones(shape)
+    adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8})
+    for command in ("sparsity", "spectral"):
+        assert_refused([command, str(base), str(adapter), *out_args(tmp_path)], tmp_path, [stored], expect)

@@ -53,9 +53,9 @@ from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.naming import natural_key
 
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key (a PeftModel around the base model)
-_FACTOR = re.compile(
-    r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)|(?P<emb>lora_embedding_A|lora_embedding_B)"
-    r"|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
+_FACTOR = re.compile(  # lora_A has no bias in PEFT: only lora_B's (lora_bias) is a part
+    r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|lora_B\.(?P<bias>bias)"
+    r"|(?P<emb>lora_embedding_A|lora_embedding_B)|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
 )
 SUPPORTED = "LORA"
 _FIX_CONFIG = "fix adapter_config.json or re-save the adapter with peft"
@@ -264,11 +264,12 @@ class MergedSource(Source):
                 )
             if not w.dtype.is_float:
                 raise self._wrong_base(m, f"the base's {m.weight} is {w.dtype.short}, not floating point")
-            if m.magnitude is not None and infos[m.magnitude].shape != (b[0],):
-                raise InputError(
-                    f"adapter {self.adapter.spec}: {m.magnitude} has shape {list(infos[m.magnitude].shape)}, not "
-                    f"[{b[0]}] (one magnitude per output feature); the adapter is corrupt: re-save it"
-                )
+            for per_output in (m.magnitude, m.bias):
+                if per_output is not None and infos[per_output].shape != (b[0],):
+                    raise InputError(
+                        f"adapter {self.adapter.spec}: {per_output} has shape {list(infos[per_output].shape)}, not "
+                        f"[{b[0]}] (one entry per output feature); the adapter is corrupt: re-save it"
+                    )
             self._present(m.weight, w, merged_dtype, m)
             if m.bias is not None:
                 bias = self.base.infos.get(f"{m.path}.bias")
@@ -405,12 +406,12 @@ def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
         if hit is None:
             if "lora_" in key or "trainable_tokens" in key:
                 raise InputError(
-                    f"adapter {spec}: tensor {stored!r} is no part of the LoRA layout ckptdiff merges "
-                    "(lora_A/lora_B, lora_embedding_A/B, lora_magnitude_vector); re-save the adapter with peft"
+                    f"adapter {spec}: tensor {stored!r} is no part of the LoRA layout ckptdiff merges (lora_A/lora_B "
+                    "weights, lora_B.bias, lora_embedding_A/B, lora_magnitude_vector); re-save the adapter with peft"
                 )
             full[key] = stored
             continue
-        role = hit["mag"] or hit["emb"] or (hit["part"] if hit["param"] == "weight" else "bias")
+        role = hit["mag"] or hit["emb"] or hit["part"] or hit["bias"]
         parts.setdefault(hit["path"], {})[role] = stored
     modules: list[Module] = []
     for path, got in sorted(parts.items(), key=lambda kv: natural_key(kv[0])):  # the first module named first
