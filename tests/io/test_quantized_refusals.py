@@ -299,3 +299,23 @@ def test_gptq_parts_and_config_that_contradict_are_refused(
     base, ft = build(tmp_path / "base"), build(tmp_path / "ft")
     args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
     assert "--as-stored" in assert_refused(args, tmp_path, names, reason)
+
+
+@pytest.mark.parametrize(
+    "zero_point",
+    [torch.ones(2, 4, dtype=torch.int8), torch.ones(8, dtype=torch.int8)],
+    ids=["transposed", "flat"],  # were a misleading "file ended early" and an internal error
+)
+def test_an_int8_zero_point_not_shaped_as_its_scale_is_refused(tmp_path: Path, zero_point: torch.Tensor) -> None:
+    """A zero point pairs with its scale entry by entry: the same number of entries in another shape is refused."""
+    sd = {
+        P + ".weight": torch.full((4, 16), 3, dtype=torch.int8),
+        P + ".weight_scale": torch.ones(4, 2),  # two groups of 8 inputs per row
+        P + ".weight_zero_point": zero_point,
+    }
+    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized"}}
+    base, ft = _folder(tmp_path / "base", sd, cfg), _folder(tmp_path / "ft", sd, cfg)
+    args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
+    assert_refused(
+        args, tmp_path, [".weight_zero_point", str(list(zero_point.shape))], "does not match its scale [4, 2]"
+    )
