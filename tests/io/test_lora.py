@@ -571,3 +571,21 @@ def test_a_bias_not_of_lora_bias_layout_is_refused(
     adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8})
     for command in ("sparsity", "spectral"):
         assert_refused([command, str(base), str(adapter), *out_args(tmp_path)], tmp_path, [stored], expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, "int8"])
+def test_the_library_refuses_the_merged_dtypes_the_cli_refuses(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], dtype: Any
+) -> None:
+    """ckptdiff.open(adapter, base=..., merged_dtype=...) takes bf16, fp16 or fp32 as --merged-dtype does: an int8
+    merge rounded every merged weight to an integer silently, a name was an AssertionError."""
+    from ckptdiff.errors import InputError
+
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {"r": 4, "lora_alpha": 8})
+    b = resolve.open(base)
+    try:
+        with pytest.raises(InputError, match=r"merged.dtype must be one of bf16, fp16, fp32"):
+            resolve.open(adapter, base=b, merged_dtype=dtype)
+    finally:
+        b.close()

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptdiff import dtypes
+from ckptdiff import choices, dtypes
 from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
@@ -461,7 +461,8 @@ def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
 
 
 def merge(adapter: Adapter, base: Source | None, merged_dtype: torch.dtype | None = None) -> MergedSource:
-    """``adapter`` merged into ``base`` (the base as the analyses see it); InputError without a base."""
+    """``adapter`` merged into ``base`` (the base as the analyses see it), its merged weights stored as
+    ``merged_dtype`` (bf16, fp16 or fp32, as ``--merged-dtype``; None: the base's); InputError without a base."""
     if base is None:
         raise InputError(
             f"{adapter.spec} is a PEFT adapter (adapter_config.json), a fine-tune only beside its base: pass the "
@@ -471,4 +472,4 @@ def merge(adapter: Adapter, base: Source | None, merged_dtype: torch.dtype | Non
         raise InputError(
             f"the base {base.spec} is itself a PEFT adapter; pass the model it adapts as the base, the adapter after it"
         )
-    return MergedSource(adapter, base, merged_dtype)
+    return MergedSource(adapter, base, choices.merged_dtype(merged_dtype))
