@@ -589,3 +589,17 @@ def test_the_library_refuses_the_merged_dtypes_the_cli_refuses(
             resolve.open(adapter, base=b, merged_dtype=dtype)
     finally:
         b.close()
+
+
+def test_a_fan_in_fan_out_the_base_contradicts_is_named(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:
+    """fan_in_fan_out: true on a Llama (Linear, W stored out × in): the factors fit the base the other way round, and
+    the message says so instead of only blaming the base."""
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ["model.layers.0.mlp.up_proj"], r=4, seed=1)
+    adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True})
+    assert_refused(
+        ["sparsity", str(base), str(adapter), *out_args(tmp_path)],
+        tmp_path,
+        ["model.layers.0.mlp.up_proj", "fan_in_fan_out"],
+        "they fit it with fan_in_fan_out false",
+    )

@@ -259,9 +259,11 @@ class MergedSource(Source):
             # B (dim, r), W (vocab, dim). The magnitude (DoRA) and lora_B.bias have one entry per row of B.
             want = (a[1], b[0]) if (m.embedding or cfg.fan_in_fan_out) else (b[0], a[1])
             if tuple(w.shape) != want:
-                raise self._wrong_base(
-                    m, f"its factors give a {list(want)} update, the base's {m.weight} is {list(w.shape)}"
-                )
+                why = f"its factors give a {list(want)} update, the base's {m.weight} is {list(w.shape)}"
+                if not m.embedding and tuple(w.shape) == want[::-1]:  # PEFT sets it from the layer: Conv1D only
+                    flip = str(not cfg.fan_in_fan_out).lower()
+                    why += f" (they fit it with fan_in_fan_out {flip}: check that value in {cfg.where})"
+                raise self._wrong_base(m, why)
             if not w.dtype.is_float:
                 raise self._wrong_base(m, f"the base's {m.weight} is {w.dtype.short}, not floating point")
             for per_output in (m.magnitude, m.bias):
