@@ -523,3 +523,83 @@ def test_the_factor_file_alone_points_to_its_folder(tmp_path: Path, base_sd: dic
         ["adapter_config.json"],
         "pass its folder",
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "names", "expect"),
+    [
+        ('"lora_alpha": null', ["lora_alpha", "None"], "not what PEFT writes"),
+        ('"r": null', ["r is None"], "not what PEFT writes"),
+        ('"alpha_pattern": {"q_proj": Infinity}', ["alpha_pattern['q_proj']", "inf"], "not a finite positive number"),
+        ('"alpha_pattern": {"q_proj(": 2}', ["alpha_pattern", "'q_proj('"], "not a regular expression"),
+        ('"rank_pattern": {"[v": 4}', ["rank_pattern", "'[v'"], "not a regular expression"),
+    ],
+)
+def test_config_values_peft_cannot_load_are_refused(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], config: str, names: list[str], expect: str
+) -> None:
+    """A value PEFT would fail on (a null rank or alpha, an infinite alpha, a pattern that is no regex) is refused,
+    never replaced by a default or skipped: any of these would change the scaling silently."""
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {})
+    fields = {"r": "4", "lora_alpha": "8"}
+    key = config.split(":", 1)[0].strip('"')
+    fields.pop(key, None)
+    body = ", ".join([f'"{k}": {v}' for k, v in fields.items()] + [config])
+    (adapter / "adapter_config.json").write_text(f'{{"peft_type": "LORA", {body}}}')
+    assert_refused(["sparsity", str(base), str(adapter), *out_args(tmp_path)], tmp_path, names, expect)
+
+
+@pytest.mark.parametrize(
+    ("stored", "shape", "expect"),
+    [
+        ("lora_B.bias", (8,), "has shape [8], not [16]"),  # was an internal error (a broadcast in the merge)
+        ("lora_B.bias", (16, 1), "has shape [16, 1], not [16]"),
+        ("lora_A.bias", (4,), "no part of the LoRA layout"),  # was read as lora_B.bias
+        ("lora_A.bias", (16,), "no part of the LoRA layout"),  # was merged into the bias, silently
+    ],
+)
+def test_a_bias_not_of_lora_bias_layout_is_refused(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], stored: str, shape: tuple[int, ...], expect: str
+) -> None:
+    """lora_bias adds one lora_B.bias entry per output feature; PEFT's lora_A has no bias."""
+    q = ATTN[0]
+    base_sd = {**base_sd, f"{q}.bias": torch.zeros(16, dtype=torch.bfloat16)}
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ATTN, r=4, seed=1)
+    factors[f"{PREFIX}{q}.{stored}"] = torch.ones(shape)
+    adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8})
+    for command in ("sparsity", "spectral"):
+        assert_refused([command, str(base), str(adapter), *out_args(tmp_path)], tmp_path, [stored], expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, "int8"])
+def test_the_library_refuses_the_merged_dtypes_the_cli_refuses(
+    tmp_path: Path, base_sd: dict[str, torch.Tensor], dtype: Any
+) -> None:
+    """ckptdiff.open(adapter, base=..., merged_dtype=...) takes bf16, fp16 or fp32 as --merged-dtype does: an int8
+    merge rounded every merged weight to an integer silently, a name was an AssertionError."""
+    from ckptdiff.errors import InputError
+
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    adapter = write_adapter(tmp_path / "adapter", lora_factors(base_sd, ATTN, r=4, seed=1), {"r": 4, "lora_alpha": 8})
+    b = resolve.open(base)
+    try:
+        with pytest.raises(InputError, match=r"merged.dtype must be one of bf16, fp16, fp32"):
+            resolve.open(adapter, base=b, merged_dtype=dtype)
+    finally:
+        b.close()
+
+
+def test_a_fan_in_fan_out_the_base_contradicts_is_named(tmp_path: Path, base_sd: dict[str, torch.Tensor]) -> None:
+    """fan_in_fan_out: true on a Llama (Linear, W stored out × in): the factors fit the base the other way round, and
+    the message says so instead of only blaming the base."""
+    base = save_single(base_sd, tmp_path / "base" / "model.safetensors").parent
+    factors = lora_factors(base_sd, ["model.layers.0.mlp.up_proj"], r=4, seed=1)
+    adapter = write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True})
+    assert_refused(
+        ["sparsity", str(base), str(adapter), *out_args(tmp_path)],
+        tmp_path,
+        ["model.layers.0.mlp.up_proj", "fan_in_fan_out"],
+        "they fit it with fan_in_fan_out false",
+    )

@@ -246,3 +246,76 @@ def test_header_only_reads_int8_shapes_from_headers(tmp_path: Path) -> None:
     plain = _folder(tmp_path / "p", {P + ".weight": torch.zeros(4, 8, dtype=torch.bfloat16)}, None)
     code, stderr, output, _ = invoke(["check", str(base), str(plain), "--header-only", "--same-shapes", "-q"])
     assert code == 0, stderr + output
+
+
+def _gptq(root: Path, cfg: dict, bits: int = 4, **parts: torch.Tensor) -> Path:
+    """A 32-input, 16-output GPTQ weight packed at ``bits`` (two groups of 16), with ``parts`` replaced or added."""
+    per = 32 // bits
+    sd = {
+        P + ".qweight": torch.zeros(32 // per, 16, dtype=torch.int32),
+        P + ".qzeros": torch.zeros(2, 16 // per, dtype=torch.int32),
+        P + ".scales": torch.ones(2, 16, dtype=torch.float16),
+        **{f"{P}.{k}": v for k, v in parts.items()},
+    }
+    full = {"quant_method": "gptq", "bits": bits, "group_size": 16, "checkpoint_format": "gptq", **cfg}
+    return _folder(root, sd, {"quantization_config": full})
+
+
+GPTQ_HOSTILE: list[tuple[Callable[[Path], Path], list[str], str]] = [
+    # each was accepted: the weight cut to the g_idx's 24 inputs; an internal error; the indices truncated
+    (lambda r: _gptq(r, {}, g_idx=torch.arange(24, dtype=torch.int32) // 16), [".g_idx"], "not one group index per"),
+    (lambda r: _gptq(r, {}, g_idx=torch.arange(40, dtype=torch.int32) // 20), [".g_idx"], "not one group index per"),
+    (lambda r: _gptq(r, {}, g_idx=(torch.arange(32) // 16) + 0.5), [".g_idx"], "not one group index per"),
+    # read as gptq_v2 (zeros not offset), silently: marlin packs another way
+    (lambda r: _gptq(r, {"checkpoint_format": "marlin"}), ["checkpoint_format", "'marlin'"], "only 'gptq' and"),
+    (lambda r: _gptq(r, {"checkpoint_format": 7}), ["checkpoint_format", "7"], "only 'gptq' and"),
+    # float zero points were unpacked as if int32 words
+    (lambda r: _gptq(r, {}, qzeros=torch.zeros(2, 2)), [".qweight"], "without int32 qzeros"),
+    # 16-bit codes fit the shapes and were cut to 8 bits; a bits value not an integer was read as 4
+    (lambda r: _gptq(r, {}, bits=16), ["16 bits"], "only 2/4/8-bit GPTQ"),
+    (lambda r: _gptq(r, {"bits": "8"}), ["'8' bits"], "only 2/4/8-bit GPTQ"),
+    (lambda r: _gptq(r, {"bits": 0}), ["0 bits"], "only 2/4/8-bit GPTQ"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "names", "reason"),
+    GPTQ_HOSTILE,
+    ids=[
+        "g_idx-short",
+        "g_idx-long",
+        "g_idx-float",
+        "marlin",
+        "format-7",
+        "qzeros-f32",
+        "bits-16",
+        "bits-str",
+        "bits-0",
+    ],
+)
+def test_gptq_parts_and_config_that_contradict_are_refused(
+    tmp_path: Path, build: Callable[[Path], Path], names: list[str], reason: str
+) -> None:
+    base, ft = build(tmp_path / "base"), build(tmp_path / "ft")
+    args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
+    assert "--as-stored" in assert_refused(args, tmp_path, names, reason)
+
+
+@pytest.mark.parametrize(
+    "zero_point",
+    [torch.ones(2, 4, dtype=torch.int8), torch.ones(8, dtype=torch.int8)],
+    ids=["transposed", "flat"],  # were a misleading "file ended early" and an internal error
+)
+def test_an_int8_zero_point_not_shaped_as_its_scale_is_refused(tmp_path: Path, zero_point: torch.Tensor) -> None:
+    """A zero point pairs with its scale entry by entry: the same number of entries in another shape is refused."""
+    sd = {
+        P + ".weight": torch.full((4, 16), 3, dtype=torch.int8),
+        P + ".weight_scale": torch.ones(4, 2),  # two groups of 8 inputs per row
+        P + ".weight_zero_point": zero_point,
+    }
+    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized"}}
+    base, ft = _folder(tmp_path / "base", sd, cfg), _folder(tmp_path / "ft", sd, cfg)
+    args = ["sparsity", str(base), str(ft), "--csv", str(tmp_path / "out.csv"), "-q"]
+    assert_refused(
+        args, tmp_path, [".weight_zero_point", str(list(zero_point.shape))], "does not match its scale [4, 2]"
+    )

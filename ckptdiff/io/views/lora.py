@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptdiff import dtypes
+from ckptdiff import choices, dtypes
 from ckptdiff.dtypes import DType
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
@@ -53,9 +53,9 @@ from ckptdiff.io.source import Source, TensorInfo
 from ckptdiff.naming import natural_key
 
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key (a PeftModel around the base model)
-_FACTOR = re.compile(
-    r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)|(?P<emb>lora_embedding_A|lora_embedding_B)"
-    r"|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
+_FACTOR = re.compile(  # lora_A has no bias in PEFT: only lora_B's (lora_bias) is a part
+    r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|lora_B\.(?P<bias>bias)"
+    r"|(?P<emb>lora_embedding_A|lora_embedding_B)|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
 )
 SUPPORTED = "LORA"
 _FIX_CONFIG = "fix adapter_config.json or re-save the adapter with peft"
@@ -90,20 +90,27 @@ class AdapterConfig:
         return f"its base_model_name_or_path is {self.base_model!r}" if self.base_model else "it names no base"
 
 
+def _pattern_regex(key: str) -> str:
+    """PEFT's regex for a ``rank_pattern`` / ``alpha_pattern`` key: ``(.*\\.)?(K)``, matched against the whole path."""
+    return rf"(.*\.)?({key})"
+
+
 def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule: the first key K (in order) whose regex ``(.*\\.)?(K)`` matches the whole module path."""
+    """PEFT's rule: the first key K (in order) whose regex matches the whole module path (keys checked by
+    :func:`_patterns`)."""
     for key, value in patterns.items():
-        try:
-            if re.fullmatch(rf"(.*\.)?({key})", path):
-                return value
-        except re.error:
-            continue
+        if re.fullmatch(_pattern_regex(key), path):
+            return value
     return default
 
 
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
+def _get(
+    data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str, null: bool = True
+) -> Any:
+    """``data[key]`` when of type ``kind``, ``default`` when absent (or null, where ``null``: PEFT reads a null
+    flag or pattern as false or empty, but fails on a null rank or alpha); InputError for any other value."""
     value = data.get(key, default)
-    if value is None:
+    if value is None and null:
         value = default
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise InputError(f"{where}: {key} is {value!r}, not what PEFT writes there; {_FIX_CONFIG}")
@@ -113,8 +120,13 @@ def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
 def _patterns(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> dict[str, Any]:
     raw = _get(data, key, dict, {}, where)
     for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, kind) or not isinstance(v, (int, float)) or not v > 0:
-            raise InputError(f"{where}: {key}[{k!r}] is {v!r}, not a positive number; {_FIX_CONFIG}")
+        number = isinstance(v, kind) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number and math.isfinite(v) and v > 0):
+            raise InputError(f"{where}: {key}[{k!r}] is {v!r}, not a finite positive number; {_FIX_CONFIG}")
+        try:
+            re.compile(_pattern_regex(k))
+        except re.error as e:  # PEFT fails on it too; skipping it would change that module's r or alpha silently
+            raise InputError(f"{where}: {key} key {k!r} is not a regular expression ({e}); {_FIX_CONFIG}") from None
     return dict(raw)
 
 
@@ -139,8 +151,8 @@ def read_config(path: Path) -> AdapterConfig:
                 f"{where}: {unsupported} is set, which ckptdiff does not merge; merge the adapter with peft's "
                 "merge_and_unload and compare the merged checkpoint"
             )
-    r = _get(data, "r", int, 8, where)
-    alpha = _get(data, "lora_alpha", (int, float), 8, where)
+    r = _get(data, "r", int, 8, where, null=False)
+    alpha = _get(data, "lora_alpha", (int, float), 8, where, null=False)
     if r <= 0 or not (math.isfinite(alpha) and alpha > 0):
         raise InputError(f"{where}: r={r!r}, lora_alpha={alpha!r}; both must be positive: {_FIX_CONFIG}")
     base = data.get("base_model_name_or_path")
@@ -247,16 +259,19 @@ class MergedSource(Source):
             # B (dim, r), W (vocab, dim). The magnitude (DoRA) and lora_B.bias have one entry per row of B.
             want = (a[1], b[0]) if (m.embedding or cfg.fan_in_fan_out) else (b[0], a[1])
             if tuple(w.shape) != want:
-                raise self._wrong_base(
-                    m, f"its factors give a {list(want)} update, the base's {m.weight} is {list(w.shape)}"
-                )
+                why = f"its factors give a {list(want)} update, the base's {m.weight} is {list(w.shape)}"
+                if not m.embedding and tuple(w.shape) == want[::-1]:  # PEFT sets it from the layer: Conv1D only
+                    flip = str(not cfg.fan_in_fan_out).lower()
+                    why += f" (they fit it with fan_in_fan_out {flip}: check that value in {cfg.where})"
+                raise self._wrong_base(m, why)
             if not w.dtype.is_float:
                 raise self._wrong_base(m, f"the base's {m.weight} is {w.dtype.short}, not floating point")
-            if m.magnitude is not None and infos[m.magnitude].shape != (b[0],):
-                raise InputError(
-                    f"adapter {self.adapter.spec}: {m.magnitude} has shape {list(infos[m.magnitude].shape)}, not "
-                    f"[{b[0]}] (one magnitude per output feature); the adapter is corrupt: re-save it"
-                )
+            for per_output in (m.magnitude, m.bias):
+                if per_output is not None and infos[per_output].shape != (b[0],):
+                    raise InputError(
+                        f"adapter {self.adapter.spec}: {per_output} has shape {list(infos[per_output].shape)}, not "
+                        f"[{b[0]}] (one entry per output feature); the adapter is corrupt: re-save it"
+                    )
             self._present(m.weight, w, merged_dtype, m)
             if m.bias is not None:
                 bias = self.base.infos.get(f"{m.path}.bias")
@@ -393,12 +408,12 @@ def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
         if hit is None:
             if "lora_" in key or "trainable_tokens" in key:
                 raise InputError(
-                    f"adapter {spec}: tensor {stored!r} is no part of the LoRA layout ckptdiff merges "
-                    "(lora_A/lora_B, lora_embedding_A/B, lora_magnitude_vector); re-save the adapter with peft"
+                    f"adapter {spec}: tensor {stored!r} is no part of the LoRA layout ckptdiff merges (lora_A/lora_B "
+                    "weights, lora_B.bias, lora_embedding_A/B, lora_magnitude_vector); re-save the adapter with peft"
                 )
             full[key] = stored
             continue
-        role = hit["mag"] or hit["emb"] or (hit["part"] if hit["param"] == "weight" else "bias")
+        role = hit["mag"] or hit["emb"] or hit["part"] or hit["bias"]
         parts.setdefault(hit["path"], {})[role] = stored
     modules: list[Module] = []
     for path, got in sorted(parts.items(), key=lambda kv: natural_key(kv[0])):  # the first module named first
@@ -448,7 +463,8 @@ def _parse(adapter: Adapter) -> tuple[list[Module], dict[str, str]]:
 
 
 def merge(adapter: Adapter, base: Source | None, merged_dtype: torch.dtype | None = None) -> MergedSource:
-    """``adapter`` merged into ``base`` (the base as the analyses see it); InputError without a base."""
+    """``adapter`` merged into ``base`` (the base as the analyses see it), its merged weights stored as
+    ``merged_dtype`` (bf16, fp16 or fp32, as ``--merged-dtype``; None: the base's); InputError without a base."""
     if base is None:
         raise InputError(
             f"{adapter.spec} is a PEFT adapter (adapter_config.json), a fine-tune only beside its base: pass the "
@@ -458,4 +474,4 @@ def merge(adapter: Adapter, base: Source | None, merged_dtype: torch.dtype | Non
         raise InputError(
             f"the base {base.spec} is itself a PEFT adapter; pass the model it adapts as the base, the adapter after it"
         )
-    return MergedSource(adapter, base, merged_dtype)
+    return MergedSource(adapter, base, choices.merged_dtype(merged_dtype))

@@ -331,7 +331,8 @@ class ScaledFormat(Format):
         hide = [p, name]
         zp = infos.get(p + "_zero_point")
         if zp is not None:
-            if tuple(zp.shape) != tuple(info.shape) and zp.numel != info.numel:
+            # entry by entry with its scale (read with the scale's layout): the same shape, or one value each
+            if tuple(zp.shape) != tuple(info.shape) and not zp.numel == info.numel == 1:
                 raise ctx.refuse(f"{zp.name!r} {list(zp.shape)} does not match its scale {list(info.shape)}")
             parts.append(("zero_point", zp))
             hide.append(zp.name)

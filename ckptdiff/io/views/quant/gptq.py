@@ -129,14 +129,28 @@ class GptqFormat(Format):
                 f"{name!r} is GPTQ/AWQ packing, but config.json's quant_method is "
                 f"{method!r}: the packing order and bits are unknown",
             )
-        if info.dtype.name != "I32" or qz is None or sc is None or len(info.shape) != 2 or len(sc.shape) != 2:
+        if info.dtype.name != "I32" or qz is None or qz.dtype.name != "I32" or sc is None or len(sc.shape) != 2:
             raise ctx.refuse(f"{name!r}: packed codes without int32 qzeros and 2-D scales")
-        bits = as_int(q.get("bits", q.get("w_bit"))) or 4
+        if len(info.shape) != 2 or len(qz.shape) != 2:
+            raise ctx.refuse(f"{name!r} {list(info.shape)} and its qzeros {list(qz.shape)} are not 2-D packed words")
+        raw_bits = q.get("bits", q.get("w_bit", 4))
+        bits = as_int(raw_bits)
         awq = method == "awq"
-        if 32 % bits or (awq and bits != 4) or (awq and str(q.get("version", "gemm")).lower() != "gemm"):
+        if (
+            bits is None
+            or bits not in ((4,) if awq else (2, 4, 8))
+            or (awq and str(q.get("version", "gemm")).lower() != "gemm")
+        ):
             raise ctx.refuse(
-                f"{name!r}: {method} with {bits} bits, version {q.get('version', '-')}: only "
+                f"{name!r}: {method} with {raw_bits!r} bits, version {q.get('version', '-')}: only "
                 "2/4/8-bit GPTQ and 4-bit AWQ GEMM are dequantized",
+            )
+        raw_fmt = q.get("checkpoint_format") or "gptq"  # zeros stored minus one (gptq) or as they are (gptq_v2)
+        fmt_ck = str(raw_fmt).lower()
+        if not awq and fmt_ck not in ("gptq", "gptq_v2"):
+            raise ctx.refuse(
+                f"{name!r}: config.json's checkpoint_format is {raw_fmt!r}, a packing ckptdiff does not read: only "
+                "'gptq' and 'gptq_v2' GPTQ checkpoints are dequantized",
             )
         per = 32 // bits
         if awq:
@@ -145,6 +159,11 @@ class GptqFormat(Format):
             in_f, out_f = info.shape[0] * per, info.shape[1]
         gi = infos.get(stem + ".g_idx")
         if gi is not None and not awq:
+            if gi.dtype.is_float or -(-gi.numel // per) != info.shape[0]:  # the last word may hold padding
+                raise ctx.refuse(
+                    f"{gi.name!r} {gi.dtype.short} {list(gi.shape)} is not one group index per input of the "
+                    f"{in_f} inputs {name!r} {list(info.shape)} packs",
+                )
             in_f = gi.numel
         gs = as_int(q.get("group_size", q.get("q_group_size")))
         group = 0 if gs is None or gs <= 0 else gs
@@ -156,7 +175,6 @@ class GptqFormat(Format):
                 f"{name!r} {list(info.shape)}, qzeros {list(qz.shape)}, scales {list(sc.shape)} "
                 f"do not fit {bits}-bit {method} with group_size {gs}: the config contradicts them",
             )
-        fmt_ck = str(q.get("checkpoint_format", "gptq")).lower()
         parts = [("qweight", info), ("qzeros", qz), ("scales", sc)]
         hide = [name, qz.name, sc.name]
         if gi is not None:
