@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from ckptdiff.analyses.base import Table
@@ -105,6 +106,9 @@ class Row:
     value: float
     control: float = math.nan
     word: str = ""
+    # Against a random null drawn several times (--null-draws): (draws whose own figure gives the same word, draws);
+    # the control is then the median of the draws' figures.
+    support: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,10 @@ def cell_text(label: str, row: Row | None, sep: str = " ") -> str:
     value = _number(label, row.value)
     if not math.isnan(row.control):
         value += f" ({_number(label, row.control)})"
-    return f"{value}{sep}{row.word}" if row.word else value
+    word = row.word
+    if word and row.support is not None and row.support[1] > 1:
+        word += f" in {row.support[0]}/{row.support[1]} draws"
+    return f"{value}{sep}{word}" if word else value
 
 
 def _number(label: str, v: float) -> str:
@@ -294,9 +301,11 @@ def spectral_cells(result: Any) -> tuple[Row | None, Row | None]:
     if not (df["delta_rel_fro"].astype("float64") > 0).any():  # nothing moved: no drift, no rotation to judge
         return Row(o["nss_median"], word="unchanged"), Row(math.nan, word="unchanged")
     with_null = bool(result.with_null)
-    nss_null = float(df["nss_null"].median()) if with_null else math.nan
-    nss_word = _side(ratio(o["nss_median"], nss_null), OVERLAP_BAND, NULL_WORDS) if with_null else "no null"
-    nss = Row(o["nss_median"], nss_null, nss_word)
+    if not with_null:
+        nss = Row(o["nss_median"], word="no null")
+    else:
+        draws = result.null_draws()
+        nss = _against_draws(o["nss_median"], draws.groupby("draw")["nss_null"].median().tolist())
     stable = df[angles_ok(df)]
     if stable.empty:
         k = result.header.get("k", "?")
@@ -304,8 +313,18 @@ def spectral_cells(result: Any) -> tuple[Row | None, Row | None]:
     worst = max(o["angle_u_deg_max"], o["angle_v_deg_max"])
     if not with_null:
         return nss, Row(worst, word="no null")
-    null = float(pd.concat([stable["angle_u_max_deg_null"], stable["angle_v_max_deg_null"]]).max())
-    return nss, Row(worst, null, _side(ratio(worst, null), OVERLAP_BAND, NULL_WORDS))
+    mine = draws[draws["tensor"].isin(set(stable["tensor"]))]  # the same matrices as the observed maximum
+    per_draw = mine[["angle_u_max_deg_null", "angle_v_max_deg_null"]].max(axis=1).groupby(mine["draw"]).max()
+    return nss, _against_draws(worst, per_draw.tolist())
+
+
+def _against_draws(value: float, nulls: Sequence[float]) -> Row:
+    """``value`` beside the null drawn ``len(nulls)`` times: the control is the draws' median, the word is read
+    against it, and the support counts the draws whose own figure gives the same word."""
+    control = float(np.median(nulls)) if len(nulls) else math.nan
+    word = _side(ratio(value, control), OVERLAP_BAND, NULL_WORDS)
+    agree = sum(_side(ratio(value, n), OVERLAP_BAND, NULL_WORDS) == word for n in nulls)
+    return Row(value, control, word, (agree, len(nulls)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +413,17 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
         still = [run for run, r in stable.items() if r.word != "above null"]
         parts = []
         if rot:
-            nums = ", ".join(f"{stable[r].value:.1f}° vs null {stable[r].control:.1f}°" for r in rot)
+            nums = ", ".join(
+                f"{stable[r].value:.1f}° vs null {stable[r].control:.1f}°{_support(stable[r])}" for r in rot
+            )
             parts.append(
                 f"{_names(rot)} {'rotate' if len(rot) > 1 else 'rotates'} the top-k subspaces more than "
                 f"an equal-norm random update ({nums})"
             )
         if still:
-            nums = ", ".join(f"{stable[r].value:.1f}° vs null {stable[r].control:.1f}°" for r in still)
+            nums = ", ".join(
+                f"{stable[r].value:.1f}° vs null {stable[r].control:.1f}°{_support(stable[r])}" for r in still
+            )
             if rot:
                 parts.append(f"{_names(still)} {'do' if len(still) > 1 else 'does'} not ({nums})")
             else:
@@ -409,12 +432,12 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
                     f"{_names(still)} {verb} the top-k subspaces no more than an equal-norm random update ({nums})"
                 )
         text = "; ".join(parts)
-        seed = _seed(report)
-        return text + f", against one random draw per matrix (seed {seed}): a different --seed can move it."
+        return text + _draws_said(report, stable)
     nums = ", ".join(f"{run} {r.value:.3g}" for run, r in nss.items())
     text = f"Median spectral shift (NSS): {nums}"
     if with_null:
-        text += " (" + ", ".join(f"{run}: {r.word}" for run, r in nss.items()) + f"; seed {_seed(report)})"
+        words = ", ".join(f"{run}: {r.word}{_support(r)}" for run, r in nss.items())
+        text += f" ({words}; {_draws_words(report)})"
     else:
         if stable:
             text += "; largest stable principal angle " + ", ".join(f"{r} {a.value:.1f}°" for r, a in stable.items())
@@ -425,8 +448,46 @@ def _spectral_sentence(c: Comparison, report: FullReportResult) -> str:
     return text + "."
 
 
-def _seed(report: FullReportResult) -> str:
-    return str(report.header.get("seed", next(iter(report.spectral.values())).header.get("seed", "?")))
+def _seed(report: FullReportResult) -> int:
+    raw = report.header.get("seed", next(iter(report.spectral.values())).header.get("seed", 0))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _support(row: Row) -> str:
+    """`` in 4 of 5 draws`` after a figure judged against a null drawn several times; nothing for one draw."""
+    if row.support is None or row.support[1] <= 1:
+        return ""
+    return f" in {row.support[0]} of {row.support[1]} draws"
+
+
+def _draws_words(report: FullReportResult) -> str:
+    """How the null was drawn: one draw per matrix and its seed, or N draws and their seeds."""
+    seed = _seed(report)
+    n = next((r.support[1] for rows in _null_rows(report) for r in rows if r.support), 1)
+    if n <= 1:
+        return f"one random draw per matrix, seed {seed}"
+    return f"{n} random draws per matrix, seeds {seed} to {seed + n - 1}, the null being their median"
+
+
+def _null_rows(report: FullReportResult) -> list[list[Row]]:
+    out = []
+    for drift in report.spectral.values():
+        out.append([r for r in spectral_cells(drift) if r is not None])
+    return out
+
+
+def _draws_said(report: FullReportResult, rows: dict[str, Row]) -> str:
+    """The sentence's end: with one draw, that another seed can move the verdict; with several, how many agree."""
+    n = max((r.support[1] for r in rows.values() if r.support), default=1)
+    if n <= 1:
+        return (
+            f", against {_draws_words(report)}: a different --seed can move it (--null-draws N counts how many "
+            "draws agree)."
+        )
+    return f", against {_draws_words(report)}."
 
 
 def _agreement_sentence(c: Comparison, report: FullReportResult) -> str:

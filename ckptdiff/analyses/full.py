@@ -63,6 +63,7 @@ class Settings:
     null: str | bool
     seed: int
     runs: tuple[str, ...]  # fine-tune labels
+    null_draws: int = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ REPORTED: tuple[Reported, ...] = (
             seed=s.seed,
             as_dtype=s.mode.as_dtype,
             svd=s.svd,
+            null_draws=s.null_draws,
             sides=sides,
         ),
     ),
@@ -310,6 +312,7 @@ def full_report(
     spectral_precision: str = "fp64",
     null: str | bool = "none",
     seed: int = 0,
+    null_draws: int = 1,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     device: str = "auto",
@@ -326,7 +329,9 @@ def full_report(
         fts = [fts]  # type: ignore[list-item]
     names = run_labels(fts, labels, minimum=1, command="report")
     chosen = _analyses_for(analyses if analyses is not None else _default_analyses(len(fts)), len(fts))
-    settings = Settings(mode, k, alpha, svd, principal_precision, spectral_precision, null, seed, tuple(names))
+    settings = Settings(
+        mode, k, alpha, svd, principal_precision, spectral_precision, null, seed, tuple(names), null_draws
+    )
     plugins: list[tuple[str, str, Analysis]] = []
     for key in chosen:
         entry = _reported()[key]
@@ -344,6 +349,8 @@ def full_report(
     }
     if params["null"] == "random":
         params["seed"] = seed
+    if null_draws > 1:
+        params["null_draws"] = f"{null_draws} (seeds {seed} to {seed + null_draws - 1})"
     head = _Header(len(names), mode, params)
     *results, header = run_analyses(
         [base, *fts],

@@ -48,6 +48,7 @@ from ckptdiff.analyses.scopes import (
 from ckptdiff.engine.alignment import Aligned, Outcome
 from ckptdiff.engine.pipeline import Analysis, Form, Run, run_pair
 from ckptdiff.engine.shared import SvdRequest
+from ckptdiff.errors import InputError
 from ckptdiff.io.outputs import Output, standalone
 from ckptdiff.io.resolve import SourceLike
 from ckptdiff.metrics import linalg
@@ -83,7 +84,8 @@ AUTO_K_RULE = (
     "(sigma_k - sigma_k+1 > sqrt(2) ||dW||_2, Wedin bound < 45 deg), else min(64, min(m, n) - 1); "
     "the k column says which"
 )
-METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS]
+DRAWS = "_null_draws"  # a row's key for every draw of the null: (nss_null, angle_u_max_deg_null, angle_v_...)
+METRIC_COLUMNS = [f.name for f in fields(SpectralResult) if f.name not in NULL_COLUMNS and f.name != "more_nulls"]
 LEAD_COLUMNS = [
     "tensor",
     "stack",
@@ -138,6 +140,22 @@ class SpectralDriftResult:
             angle_status(float(k), str(shape), float(wedin), float(d2)) if ok else ""
             for k, shape, wedin, d2, ok in zip(*cols, analysed, strict=True)
         ]
+        return df
+
+    def null_draws(self) -> pd.DataFrame:
+        """Every draw of the equal-norm random null per analysed matrix (``--null-draws``; draw 0 is the one in
+        the CSV's null columns): columns tensor, draw, nss_null, angle_u_max_deg_null, angle_v_max_deg_null, and
+        the matrix's ``angles`` status. Empty without a null."""
+        cols = ["tensor", "draw", "nss_null", "angle_u_max_deg_null", "angle_v_max_deg_null"]
+        frame = self.to_frame()
+        status = dict(zip(frame["tensor"], frame["angles"], strict=True))
+        out: list[tuple[object, ...]] = []
+        for row in self.rows:
+            if row.get("analysed") and DRAWS in row:
+                draws: list[tuple[float, float, float]] = row[DRAWS]  # type: ignore[assignment]
+                out += [(row["tensor"], d, *figs) for d, figs in enumerate(draws)]
+        df = pd.DataFrame(out, columns=cols)
+        df["angles"] = [status[t] for t in df["tensor"]]
         return df
 
     def analysed(self) -> pd.DataFrame:
@@ -341,10 +359,28 @@ class SpectralDriftResult:
                 f"neither the spectral drift nor the rotation is smaller {same}: the update preserves no more "
                 "structure than its size implies"
             )
-        return (
+        said = (
             f"Against an equal-norm random null (seed {self.header.get('seed', '?')}), median ratios: {meds}; "
             f"matrices below 1: {below}. So {verdict}."
         )
+        return said + self._draws_sentence(df, (drift, rotation))
+
+    def _draws_sentence(self, df: pd.DataFrame, first: tuple[bool, bool]) -> str:
+        """With --null-draws N: in how many draws the medians fall on the same sides of 1 as the first draw's."""
+        draws = self.null_draws()
+        n = int(draws["draw"].nunique()) if len(draws) else 0
+        if n <= 1:
+            return " One draw of the null: another --seed can move it (--null-draws N counts how many draws agree)."
+        mine = df.set_index("tensor")
+        agree = 0
+        for _, d in draws.groupby("draw"):
+            d = d.set_index("tensor")
+            nss = (mine["nss"] / d["nss_null"]).dropna().median()
+            u = (mine["angle_u_max_deg"] / d["angle_u_max_deg_null"]).dropna().median()
+            v = (mine["angle_v_max_deg"] / d["angle_v_max_deg_null"]).dropna().median()
+            agree += (bool(nss < 1), bool(u < 1 and v < 1)) == first
+        seed = int(self.header.get("seed", 0))
+        return f" The same reading in {agree} of {n} draws of the null (seeds {seed} to {seed + n - 1})."
 
     def report(self) -> Report:
         """The report the CLI renders."""
@@ -484,9 +520,11 @@ class SpectralAnalysis(Analysis):
         intruder_k: int = INTRUDER_K,
         intruder_eps: float = INTRUDER_EPS,
         intruder_base_k: int | None = None,
+        null_draws: int = 1,
         sides: Sequence[int] = (0, 1),
     ) -> None:
         super().__init__(sides)
+        self.null_draws = choices.positive_int(null_draws, "--null-draws")
         self.intruder_k = choices.positive_int(intruder_k, "--intruder-k")
         self.intruder_eps = choices.unit_interval(intruder_eps, "--intruder-eps")
         base_k = intruder_base_k
@@ -496,6 +534,8 @@ class SpectralAnalysis(Analysis):
         self.svd = choices.svd_method(svd)
         self.routes: dict[str, str] = {}  # "base|fine-tune<TAB>tensor" -> how that side's top-k vectors were found
         self.with_null, self.as_t = choices.null_kind(null), choices.as_dtype(as_dtype)
+        if self.null_draws > 1 and not self.with_null:
+            raise InputError("--null-draws counts draws of the random null: add --null random")
         self.precision, self.seed = precision, seed
         self.save_spectra = standalone(save_spectra, "save_spectra")  # the caller checks a path against its inputs
         self.items: list[Aligned] = []
@@ -548,6 +588,7 @@ class SpectralAnalysis(Analysis):
             a0, a1 = a0.index_select(0, idx), a1.index_select(0, idx)
         kept = [items[i] for i in keep]
         seeds = [null_seed(self.seed, it.name) for it in kept] if self.with_null else None
+        more = [[null_seed(self.seed + d, it.name) for it in kept] for d in range(1, self.null_draws)]
         assert self.svds is not None, "the pipeline hands every matrix analysis the batch's shared SVDs"
         got = [self.svds.get(k, self.need(i, items[0]), keep, targets[0]) for i, k in enumerate(self.sides)]
         svds = tuple(g[:3] for g in got)
@@ -560,6 +601,7 @@ class SpectralAnalysis(Analysis):
             self.k,
             dtype=self.dt,
             null_seeds=seeds,
+            more_null_seeds=more,
             svds=svds,  # type: ignore[arg-type]
             intruder_k=self.intruder_k,
             intruder_eps=self.intruder_eps,
@@ -590,6 +632,8 @@ class SpectralAnalysis(Analysis):
             params["svd_routes"] = svd_routes(self.routes)
         if self.with_null:
             params["seed"] = self.seed
+        if self.null_draws > 1:
+            params["null_draws"] = f"{self.null_draws} (seeds {self.seed} to {self.seed + self.null_draws - 1})"
         params["as"] = dtype_name(self.as_t) if self.as_t is not None else "native"
         params["batch_budget_gib"] = f"{run.budget / 1024**3:.3g}"
         if self.dt == torch.float32:
@@ -622,6 +666,7 @@ def spectral(
     intruder_k: int = INTRUDER_K,
     intruder_eps: float = INTRUDER_EPS,
     intruder_base_k: int | None = None,
+    null_draws: int = 1,
     progress: bool = True,
     merged_dtype: torch.dtype | str | None = None,
 ) -> SpectralDriftResult:
@@ -630,8 +675,10 @@ def spectral(
     ``k`` top singular directions for the angles; None (the default) chooses k per matrix so that its angles are
     measurable (see AUTO_K_RULE). ``precision`` is the SVD dtype (fp64 by default: fp32 is too coarse for RL-size
     updates). ``null="random"`` adds the equal-norm Gaussian null, seeded per matrix from ``seed`` and the tensor
-    name. ``as_dtype`` rounds both sides to that storage dtype first. ``batch_budget`` is in GiB (default: half
-    the free GPU memory, or 2 GiB on the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a
+    name; ``null_draws`` > 1 draws it that many times (seeds ``seed`` to ``seed + null_draws - 1``, one more SVD per
+    matrix each), so that a verdict against the null says how many draws support it. ``as_dtype`` rounds both
+    sides to that storage dtype first. ``batch_budget`` is in GiB (default: half the free GPU memory, or 2 GiB on
+    the CPU). ``save_spectra`` writes σ of both sides per matrix, fp64, to a
     safetensors file.
     ``svd="auto"`` finds the top-k vectors of large matrices by the guarded fast path (every singular value from
     svdvals, top-k vectors by randomized subspace iteration with an fp64 Rayleigh-Ritz step, checked per matrix
@@ -650,6 +697,7 @@ def spectral(
         intruder_k=intruder_k,
         intruder_eps=intruder_eps,
         intruder_base_k=intruder_base_k,
+        null_draws=null_draws,
     )
     opts: dict[str, Any] = {"include": include, "exclude": exclude, "device": device, "batch_budget": batch_budget}
     opts["merged_dtype"] = merged_dtype  # an adapter FT: what its merged weights are stored as
@@ -667,6 +715,9 @@ def _row(
         if result.delta_rel_fro == 0:  # W1 = W0: no drift and no rotation, whatever rounding the two SVDs made
             values |= dict.fromkeys(_ZERO_WHEN_UNCHANGED, 0.0)
         row.update({c: values[c] for c in METRIC_COLUMNS + (NULL_COLUMNS if with_null else [])})
+        if with_null:  # every draw of the null, the first one's being the columns above (not a CSV column)
+            first = (result.nss_null, result.angle_u_max_deg_null, result.angle_v_max_deg_null)
+            row[DRAWS] = [first, *result.more_nulls]
         row["detail"] = item_detail(item)
         row["outcome"] = Outcome.ANALYSED.value
         return row

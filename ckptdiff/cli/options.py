@@ -129,6 +129,15 @@ NullOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random null (per matrix: seed and tensor name).")]
+NullDrawsOpt = Annotated[
+    int,
+    typer.Option(
+        "--null-draws",
+        metavar="N",
+        help="Draw the random null N times (seeds --seed to --seed + N - 1, one more SVD per matrix each); the "
+        "verdict says in how many draws it holds.",
+    ),
+]
 # report and check run both SVD analyses: --precision is principal-overlap's, --spectral-precision spectral's.
 PrincipalPrecisionOpt = Annotated[
     str,

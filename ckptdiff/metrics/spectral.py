@@ -47,6 +47,9 @@ class SpectralResult:
     angle_u_max_null_ratio: float
     angle_v_max_null_ratio: float
     intruders_null: float
+    # (nss_null, angle_u_max_deg_null, angle_v_max_deg_null) of each further null draw (--null-draws > 1), in draw
+    # order; the fields above are the first draw's. Not a CSV column.
+    more_nulls: tuple[tuple[float, float, float], ...] = ()
 
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # s (b, p), u (b, m, k), v (b, n, k)
@@ -120,17 +123,21 @@ def spectral_metrics(
     *,
     dtype: torch.dtype = torch.float64,
     null_seeds: Sequence[int] | None = None,
+    more_null_seeds: Sequence[Sequence[int]] = (),
     **intruder: Any,
 ) -> list[SpectralResult]:
     """§3 metrics for each matrix of (b, m, n) stacks (or single (m, n) matrices) W0 and W1, computed in ``dtype``.
 
     k is capped at min(m, n); None chooses it per matrix: the largest k <= min(64, p − 1) whose gap passes the
     stability test (:func:`stable_k`), else min(64, p − 1). With ``null_seeds`` (one per matrix, e.g. from
-    null_seed) the equal-norm random null W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too. ``intruder``: intruder_k,
+    null_seed) the equal-norm random null W0 + R, ‖R‖_F = ‖ΔW‖_F, is evaluated too, and once more per list of
+    ``more_null_seeds`` (``SpectralResult.more_nulls``). ``intruder``: intruder_k,
     intruder_eps, intruder_base_k (see :func:`spectral_metrics_with_spectra`). Peak memory is one batched SVD plus
     the inputs.
     """
-    return spectral_metrics_with_spectra(w0, w1, k, dtype=dtype, null_seeds=null_seeds, **intruder)[0]
+    return spectral_metrics_with_spectra(
+        w0, w1, k, dtype=dtype, null_seeds=null_seeds, more_null_seeds=more_null_seeds, **intruder
+    )[0]
 
 
 def spectral_metrics_with_spectra(
@@ -140,6 +147,7 @@ def spectral_metrics_with_spectra(
     *,
     dtype: torch.dtype = torch.float64,
     null_seeds: Sequence[int] | None = None,
+    more_null_seeds: Sequence[Sequence[int]] = (),
     svds: tuple[Triplets, Triplets] | None = None,
     intruder_k: int = INTRUDER_K,
     intruder_eps: float = INTRUDER_EPS,
@@ -152,6 +160,8 @@ def spectral_metrics_with_spectra(
     count uses W0 + R's vectors. ``svds``: (s (b, p), u, v (b, n, k)) of W0 and of W1 in ``dtype`` when they were
     already computed (the engine's shared decompositions), u holding at least the left vectors the intruder count
     needs (W0: max(k, intruder_base_k), W1: max(k, intruder_k)); otherwise each side is decomposed here.
+    ``more_null_seeds``: further draws of the null (one list of per-matrix seeds each, beside ``null_seeds``), each
+    one more SVD per matrix; their NSS and largest angles are in ``SpectralResult.more_nulls``.
     """
     dt = compute_dtype(dtype)
     a0 = as_stack(w0).to(dt)  # (b, m, n)
@@ -166,6 +176,8 @@ def spectral_metrics_with_spectra(
     ik, bk = min(intruder_k, p), p if intruder_base_k is None else min(intruder_base_k, p)
     if null_seeds is not None and len(null_seeds) != b:
         raise ValueError(f"need one null seed per matrix: {len(null_seeds)} seeds for {b} matrices")
+    if more_null_seeds and (null_seeds is None or any(len(d) != b for d in more_null_seeds)):
+        raise ValueError("further null draws need a first draw and one seed per matrix each")
 
     delta = a1 - a0  # (b, m, n)
     delta_fro = torch.linalg.matrix_norm(delta)  # (b,)
@@ -189,16 +201,25 @@ def spectral_metrics_with_spectra(
     sigma0, sigma1 = side0.s, side1.s  # (b, p) each
     del side1
 
-    if null_seeds is not None:
-        r = _random_like((m, n), null_seeds, a0)  # (b, m, n)
+    def null_draw(seeds: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """NSS, largest left and right angles and intruder count (b,) each of W0 + R, ‖R‖_F = ‖ΔW‖_F."""
+        r = _random_like((m, n), seeds, a0)  # (b, m, n)
         r = r * _nan_div(delta_fro, torch.linalg.matrix_norm(r)).nan_to_num(0.0)[:, None, None]
         side_n = _side(a0 + r, kv, dt, max(kv, ik))
-        intr_null = intruders(side_n.u[..., :ik], u_base, intruder_eps)[0].to(dt)
+        intr = intruders(side_n.u[..., :ik], u_base, intruder_eps)[0].to(dt)
         side_n = _Side(side_n.s, side_n.u[..., :kv], side_n.v)
         nss_n, _, ang_u_n, ang_v_n = _drift(side0, side_n, w0_fro, ks)
-        nss_null, u_null, v_null = nss_n, ang_u_n[0], ang_v_n[0]
+        return nss_n, ang_u_n[0], ang_v_n[0], intr
+
+    if null_seeds is not None:
+        nss_null, u_null, v_null, intr_null = null_draw(null_seeds)
     else:
         nss_null = u_null = v_null = intr_null = torch.full_like(w0_fro, math.nan)
+    more: list[list[tuple[float, float, float]]] = [[] for _ in range(b)]
+    for seeds in more_null_seeds:
+        figures = [t.detach().to("cpu", torch.float64).tolist() for t in null_draw(seeds)[:3]]
+        for i in range(b):
+            more[i].append((figures[0][i], figures[1][i], figures[2][i]))
 
     rel_fro = _nan_div(delta_fro, w0_fro)
     wedin = torch.arcsin(_nan_div(delta_2, gap).clamp(max=1.0)) * _RAD2DEG
@@ -228,7 +249,11 @@ def spectral_metrics_with_spectra(
     counts, stable = n_intr.tolist(), k_stable.tolist()
     results = [
         SpectralResult(
-            k=ks[i], k_stable=int(stable[i]), intruders=int(counts[i]), **{name: vals[i] for name, vals in cols.items()}
+            k=ks[i],
+            k_stable=int(stable[i]),
+            intruders=int(counts[i]),
+            more_nulls=tuple(more[i]),
+            **{name: vals[i] for name, vals in cols.items()},
         )
         for i in range(b)
     ]

@@ -154,3 +154,20 @@ def test_identical_and_full_rank_edge_cases() -> None:
     assert r.nss == 0.0 and r.delta_spectral_norm == 0.0 and r.nss_null == 0.0
     assert math.isnan(r.gap_k) and math.isnan(r.nss_per_update) and math.isnan(r.nss_null_ratio)
     assert r.k == 12
+
+
+def test_further_null_draws_are_the_nulls_of_their_own_seeds() -> None:
+    """Draw d of ``more_null_seeds`` gives, per matrix, the NSS and largest angles that a one-draw call with those
+    seeds gives as its null: the draws are independent nulls, computed beside the first."""
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(2, 24, 16, generator=g, dtype=torch.float64)
+    w1 = w0 + 1e-2 * torch.randn(2, 24, 16, generator=g, dtype=torch.float64)
+    first, extra = [11, 12], [[21, 22], [31, 32]]
+    got = spectral_metrics(w0, w1, k=4, null_seeds=first, more_null_seeds=extra)
+    for d, seeds in enumerate(extra):
+        alone = spectral_metrics(w0, w1, k=4, null_seeds=seeds)
+        for i in range(2):
+            want = (alone[i].nss_null, alone[i].angle_u_max_deg_null, alone[i].angle_v_max_deg_null)
+            assert got[i].more_nulls[d] == pytest.approx(want, rel=1e-12)
+    assert got[0].nss_null == pytest.approx(spectral_metrics(w0, w1, k=4, null_seeds=first)[0].nss_null, rel=1e-12)
+    assert all(r.more_nulls == () for r in spectral_metrics(w0, w1, k=4, null_seeds=first))

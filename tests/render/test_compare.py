@@ -347,3 +347,67 @@ def test_consistency_opens_with_the_fine_tunes_side_by_side(tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
     text = rollups.read_text()
     assert "Side by side" not in text and "Pairs, overall" in text  # text cells stay out of the numbers' CSV
+
+
+def test_a_null_drawn_several_times_says_how_many_draws_support_the_verdict() -> None:
+    """--null-draws 3: each draw d is the null of a single-draw run with --seed d (recomputed here by three separate
+    spectral runs); the control is the median of the three draws' figures, the word is read against it, and the
+    support counts the draws whose own figure gives that word. The sentence says it."""
+    base, ft = str(CK / "base"), str(CK / "sft")
+    rep = full_report(
+        base, [ft], labels=["sft"], k=K, null="random", null_draws=3, analyses=["spectral"], progress=False
+    )
+    side = rep.comparison()
+    nulls_nss, nulls_angle = [], []
+    for d in range(3):
+        s = spectral(base, ft, k=K, null="random", seed=d, progress=False)
+        df = s.analysed()
+        stable = df[df["angles"] == "ok"]
+        nulls_nss.append(float(df["nss_null"].median()))
+        nulls_angle.append(
+            max(float(stable["angle_u_max_deg_null"].max()), float(stable["angle_v_max_deg_null"].max()))
+        )
+        if d == 0:  # the CSV's null columns are the first draw's, as in a one-draw run
+            mine = rep.spectral["sft"].analysed()
+            assert mine["nss_null"].tolist() == pytest.approx(df["nss_null"].tolist(), rel=1e-12)
+    null_words = ("below null", "as null", "above null")
+    for label, nulls in ((NSS, nulls_nss), (ANGLE, nulls_angle)):
+        row = side.rows[label]["sft"]
+        control = sorted(nulls)[1]  # the median of three
+        assert row.control == pytest.approx(control, rel=1e-12)
+        word = _word(row.value / control, 0.02, null_words)
+        assert row.word == word
+        agree = sum(_word(row.value / n, 0.02, null_words) == word for n in nulls)
+        assert row.support == (agree, 3)
+        assert side.table().frame.loc[label, "sft"].endswith(f"{word} in {agree}/3 draws")
+    text = " ".join(rep.verdict())
+    assert "3 random draws per matrix, seeds 0 to 2" in text and "of 3 draws" in text
+    assert rep.header["null_draws"] == "3 (seeds 0 to 2)"
+
+
+def test_null_draws_without_a_random_null_is_refused() -> None:
+    from ckptdiff.errors import InputError
+
+    with pytest.raises(InputError, match=r"--null-draws .* add --null random"):
+        spectral(str(CK / "base"), str(CK / "sft"), null_draws=2, progress=False)
+
+
+def test_spectral_says_in_how_many_draws_its_reading_holds() -> None:
+    """The spectral command's own summary: one draw says another seed can move it; three draws count the draws
+    whose median ratios fall on the same sides of 1 as the first draw's (recounted here from the per-draw nulls)."""
+    base, ft = str(CK / "base"), str(CK / "sft")
+    one = spectral(base, ft, null="random", progress=False)
+    assert any("another --seed can move it" in line for line in one.report().summary)
+    three = spectral(base, ft, null="random", null_draws=3, progress=False)
+    df = three.analysed().set_index("tensor")
+    sides = []
+    for d in range(3):
+        drawn = spectral(base, ft, null="random", seed=d, progress=False).analysed().set_index("tensor")
+        nss = float((df["nss"] / drawn["nss_null"]).dropna().median())
+        u = float((df["angle_u_max_deg"] / drawn["angle_u_max_deg_null"]).dropna().median())
+        v = float((df["angle_v_max_deg"] / drawn["angle_v_max_deg_null"]).dropna().median())
+        sides.append((nss < 1, u < 1 and v < 1))
+    agree = sum(s == sides[0] for s in sides)
+    assert any(
+        f"The same reading in {agree} of 3 draws of the null (seeds 0 to 2)." in line for line in three.report().summary
+    )
