@@ -466,17 +466,11 @@ def _support(row: Row) -> str:
 def _draws_words(report: FullReportResult) -> str:
     """How the null was drawn: one draw per matrix and its seed, or N draws and their seeds."""
     seed = _seed(report)
-    n = next((r.support[1] for rows in _null_rows(report) for r in rows if r.support), 1)
+    raw = report.header.get("null_draws") or next(iter(report.spectral.values())).header.get("null_draws", "1")
+    n = int(str(raw).split()[0])  # "3 (seeds 0 to 2)"
     if n <= 1:
         return f"one random draw per matrix, seed {seed}"
     return f"{n} random draws per matrix, seeds {seed} to {seed + n - 1}, the null being their median"
-
-
-def _null_rows(report: FullReportResult) -> list[list[Row]]:
-    out = []
-    for drift in report.spectral.values():
-        out.append([r for r in spectral_cells(drift) if r is not None])
-    return out
 
 
 def _draws_said(report: FullReportResult, rows: dict[str, Row]) -> str:
