@@ -363,22 +363,23 @@ class SpectralDriftResult:
             f"Against an equal-norm random null (seed {self.header.get('seed', '?')}), median ratios: {meds}; "
             f"matrices below 1: {below}. So {verdict}."
         )
-        return said + self._draws_sentence(df, (drift, rotation))
+        return said + self._draws_sentence(df)
 
-    def _draws_sentence(self, df: pd.DataFrame, first: tuple[bool, bool]) -> str:
-        """With --null-draws N: in how many draws the medians fall on the same sides of 1 as the first draw's."""
+    def _draws_sentence(self, df: pd.DataFrame) -> str:
+        """With --null-draws N: in how many draws the median ratios fall on the same sides of 1 as in the first."""
         draws = self.null_draws()
         n = int(draws["draw"].nunique()) if len(draws) else 0
         if n <= 1:
             return " One draw of the null: another --seed can move it (--null-draws N counts how many draws agree)."
         mine = df.set_index("tensor")
-        agree = 0
-        for _, d in draws.groupby("draw"):
+        readings = []
+        for _, d in draws.groupby("draw"):  # in draw order; every draw read the same way, the first included
             d = d.set_index("tensor")
             nss = (mine["nss"] / d["nss_null"]).dropna().median()
             u = (mine["angle_u_max_deg"] / d["angle_u_max_deg_null"]).dropna().median()
             v = (mine["angle_v_max_deg"] / d["angle_v_max_deg_null"]).dropna().median()
-            agree += (bool(nss < 1), bool(u < 1 and v < 1)) == first
+            readings.append((bool(nss < 1), bool(u < 1 and v < 1)))
+        agree = sum(r == readings[0] for r in readings)
         seed = int(self.header.get("seed", 0))
         return f" The same reading in {agree} of {n} draws of the null (seeds {seed} to {seed + n - 1})."
 
