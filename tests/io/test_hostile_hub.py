@@ -295,5 +295,7 @@ def test_ctrl_c_during_a_stalled_read_exits_130_at_once(
     # then acknowledges the signal first (runtime/signals.py), which is right, and is the only other line allowed.
     assert all(line.startswith("ckptdiff: interrupted: stopping when") for line in lines[:-1]), stderr
     assert len(lines) <= 2, stderr
-    assert took < 3 * TIMEOUT, took
+    # Waiting the stall out takes 10 * TIMEOUT; half that bound leaves room for a loaded machine (measured: 3.5 s
+    # with four busy loops on two cores) and still fails a read that was not cut short.
+    assert took < 5 * TIMEOUT, took
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.json").exists()
