@@ -3,7 +3,8 @@ built by construction with the packers written here from each format's definitio
 
 - GPTQ: code of input i, output o in bits 4·(i mod 8) of ``qweight[i // 8, o]``; zero of (group, o) in bits
   4·(o mod 8) of ``qzeros[g, o // 8]``, stored minus one (checkpoint_format ``gptq``); W[o, i] = s[g(i), o] ·
-  (q[i, o] − (zstored + 1)), g(i) = g_idx[i] (act-order) or i // group_size.
+  (q[i, o] − (zstored + 1)), g(i) = g_idx[i] (act-order) or i // group_size. "Minus one" is one 32-bit subtraction
+  of 0x11111111 per word (GPTQModel), which is stored − 1 field by field only while no true zero is 0.
 - AWQ (GEMM): ``qweight[i, o // 8]`` holds output columns 8k + [0, 2, 4, 6, 1, 3, 5, 7][f] in field f (AutoAWQ's
   pack order), ``qzeros`` alike; W[o, i] = s[i // gs, o] · (q[i, o] − z[i // gs, o]).
 
@@ -124,6 +125,27 @@ def test_gptq_v2_zeros_are_not_offset(tmp_path: Path, data: dict) -> None:
     g = (np.arange(IN) // GS).astype(np.int32)
     src = ckptdiff.open(base)
     np.testing.assert_array_equal(src.read_full(P + ".weight").numpy(), values(data["q"], data["zs"], data["s"], g))
+    src.close()
+
+
+def test_gptq_v1_zeros_are_one_word_subtraction(tmp_path: Path, data: dict) -> None:
+    """A ``gptq`` (v1) qzeros word is the true zeros' word minus 0x11111111 as one 32-bit subtraction (GPTQModel's
+    v2 -> v1 conversion, how it saves asymmetric checkpoints; its loader adds the constant back). A true zero of 0
+    is then stored as 15 and borrows one from the next field, so the fields cannot be read one by one as
+    stored + 1: here the true zeros (0 and 15 included) must come back exactly."""
+    q, s = data["q"], data["s"]
+    z = np.random.default_rng(11).integers(0, 16, size=(NG, OUT)).astype(np.int64)
+    z[0, :4] = [0, 5, 0, 0]  # a borrow into a plain field, and a chain of borrows
+    z[1, 7] = 0  # the top field of a word: its borrow leaves the word
+    z[2, 8:16] = 15
+    qw, qz_true = gptq_pack(q, z)
+    words = [(int(w) - 0x11111111) % (1 << 32) for w in qz_true.view(np.uint32).reshape(-1)]
+    qz = np.array(words, dtype=np.uint32).reshape(qz_true.shape).view(np.int32)
+    g = (np.arange(IN) // GS).astype(np.int32)
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": GS, "sym": False, "checkpoint_format": "gptq"}
+    base = save(tmp_path / "b", {P + ".qweight": qw, P + ".qzeros": qz, P + ".scales": s}, cfg)
+    src = ckptdiff.open(base)
+    np.testing.assert_array_equal(src.read_full(P + ".weight").numpy(), values(q, z, s, g))
     src.close()
 
 

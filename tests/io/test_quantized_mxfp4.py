@@ -1,7 +1,7 @@
 """MXFP4 expert tensors (gpt-oss layout: ``*_blocks`` U8 (E, R, G, 16) and ``*_scales`` U8 (E, R, G), quant_method
 mxfp4), built by construction. The expected values come from a per-element loop over the OCP MXFP4 definition written
-here (FP4 E2M1 table, low nibble first, scale 2^(e - 127), each expert the transpose of its (R, 32·G) rows), never
-from ckptdiff's own code."""
+here (FP4 E2M1 table, low nibble first, scale 2^(e - 127) for every byte, 255 included, each expert the transpose
+of its (R, 32·G) rows), never from ckptdiff's own code."""
 
 from __future__ import annotations
 
@@ -165,6 +165,26 @@ def test_spectral_and_principal_run_on_the_values(pair: dict, tmp_path: Path) ->
     num = [c for c in p32.columns if p32[c].dtype.kind == "f"]
     assert num and bool(p.loc[f"{GATE_UP}[0]", "analysed"])
     pd.testing.assert_frame_equal(p.loc[p32.index, num], p32[num], check_dtype=False)
+
+
+def test_scale_byte_255_is_two_to_the_128(tmp_path: Path) -> None:
+    """The scale byte 255 reads as 2^128, as transformers' ``convert_moe_packed_tensors`` (``torch.ldexp``) gives
+    it: each value is the exact code · 2^128 rounded once to fp32, so ±0 stays ±0, ±0.5 is ±2^127 and every larger
+    code overflows to ±inf. (The OCP microscaling definition calls that byte NaN; the weights users load do not.)"""
+    b = build()
+    gb, gs = b["gb"].copy(), b["gs"].copy()
+    gb[0, 1, 0, :8] = [0x10, 0x98, 0x09, 0x81, 0x72, 0xF0, 0x0F, 0x88]  # ±0, ±0.5, ±6 and the rest
+    gs[0, 1, 0] = 255
+    gs[1, 4, 1] = 254  # the largest finite scale: 2^127 (0.5 · 2^127 and 1 · 2^127 stay finite, 6 · 2^127 is inf)
+    with np.errstate(over="ignore"):
+        want = reference(gb, gs)
+    src = ckptdiff.open(save(tmp_path, gb, gs, b["db"], b["ds"]))
+    for e in range(E):
+        got = src.read_full(f"{GATE_UP}[{e}]").numpy()
+        np.testing.assert_array_equal(got.view(np.uint32), want[e].view(np.uint32))  # bits: ±0 and ±inf included
+    block = want[0][:32, 1]
+    assert np.isinf(block).any() and not np.isnan(block).any() and np.float32(2.0**127) in np.abs(block)
+    src.close()
 
 
 def test_as_stored_compares_bytes_and_says_so(pair: dict) -> None:

@@ -2,8 +2,10 @@
 
 - ``gptq``: ``qweight`` I32 ``(in·bits/32, out)`` packed along the input (row i in word i·bits/32, bits
   ``bits·(i mod 32/bits)`` up), ``qzeros`` ``(G, out·bits/32)`` packed along the output, ``scales`` ``(G, out)``,
-  ``g_idx`` the group of each input (act-order); ``W[o, i] = s[g(i), o] · (q[i, o] − z[g(i), o] − 1)`` for the
-  ``gptq`` checkpoint format (the zeros are stored minus one), without the −1 for ``gptq_v2``.
+  ``g_idx`` the group of each input (act-order); ``W[o, i] = s[g(i), o] · (q[i, o] − z[g(i), o])`` where, for the
+  ``gptq`` checkpoint format, each qzeros word is the true zeros' word minus a 1 in every field as one 32-bit
+  subtraction (GPTQModel's v2 -> v1; a true zero of 0 borrows from the next field), read back by adding it again
+  as GPTQModel does; ``gptq_v2`` stores the zeros as they are.
 - ``awq`` (GEMM): ``qweight`` ``(in, out/8)`` with the interleaved order (column 8k + j in nibble
   ``[0, 4, 1, 5, 2, 6, 3, 7][j]``), ``qzeros`` alike, ``scales`` ``(G, out)``: ``W[o, i] = s[i // gs, o] ·
   (q[i, o] − z[i // gs, o])``.
@@ -79,8 +81,14 @@ class Gptq(Codec):
     def _sz(self, src: Reader) -> tuple[torch.Tensor, torch.Tensor]:
         out_f = self.shape[0]
         s = f64(src.whole(self.need("scales")))
-        z = self._unpack_out(src.whole(self.need("qzeros")), out_f).to(torch.float64)
-        return s, z + 1 if self.plus_one else z
+        words = src.whole(self.need("qzeros"))
+        if self.plus_one:
+            # v1 words are the v2 words minus one in every field, as one 32-bit subtraction (GPTQModel's
+            # v2 -> v1): add it back the same way, so a field stored as all ones borrows from the next one
+            ones = sum(1 << k for k in range(0, 32, self.bits))
+            wide = (words.to(torch.int64) + ones) & 0xFFFFFFFF
+            words = torch.where(wide >= 1 << 31, wide - (1 << 32), wide).to(torch.int32)
+        return s, self._unpack_out(words, out_f).to(torch.float64)
 
     def _unpacked(self, src: Reader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (in, out) uint8, scales, zeros (G, out) float64, group of each input), unpacked once per read

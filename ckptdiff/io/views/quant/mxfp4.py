@@ -20,11 +20,10 @@ _FP4 = torch.tensor(FP4_E2M1, dtype=torch.float32)
 
 
 def e8m0(exps: torch.Tensor) -> torch.Tensor:
-    """fp32 2^(e − 127) of E8M0 exponents, built from its bits (exact: 2^−127 is an fp32 subnormal); 255 is NaN
-    (the OCP microscaling definition)."""
+    """fp32 2^(e − 127) of E8M0 exponents, built from its bits (exact: 2^−127 is an fp32 subnormal); 255, whose
+    2^128 fp32 lacks, gives 2^127: :meth:`Mxfp4.values` doubles those products once more."""
     e = exps.to(torch.int32)
-    bits = torch.where(e == 0, 1 << 22, e << 23)
-    bits = torch.where(e == 255, 0x7FC00000, bits)
+    bits = torch.where(e == 0, 1 << 22, torch.where(e == 255, 254 << 23, e << 23))
     return bits.view(torch.float32)
 
 
@@ -45,7 +44,13 @@ class Mxfp4(Codec):
         nib = self._nibbles(src, r0, r1)
         n, rr, g, _ = nib.shape
         # each product of a code value and a power of two rounds once in fp32: the exact value, rounded once
-        values = _FP4[nib.to(torch.int32)] * e8m0(rows_of(src, self.need("scales"), r0, r1)).unsqueeze(-1)
+        scales = rows_of(src, self.need("scales"), r0, r1)
+        values = _FP4[nib.to(torch.int32)] * e8m0(scales).unsqueeze(-1)
+        top = scales == 255
+        if bool(top.any()):
+            # 2^128, as transformers' ldexp gives it (not the OCP definition's NaN): code · 2^127, exact or already
+            # ±inf, doubled once: ±0 stays ±0, ±0.5 is ±2^127, every larger code ±inf
+            values = torch.where(top.unsqueeze(-1), values * 2, values)
         return values.reshape(n, rr, g * 32).transpose(1, 2).reshape(-1)
 
     def codes(self, src: Reader, r0: int, r1: int) -> torch.Tensor:
