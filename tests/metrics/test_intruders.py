@@ -31,6 +31,14 @@ def base_matrix(m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     return (u * s) @ v.mT, u, s, v
 
 
+def outside(u: torch.Tensor, seed: int) -> torch.Tensor:
+    """A unit vector outside the span of the orthonormal columns of ``u`` (m, p), m > p."""
+    m, p = u.shape
+    x = orthonormal(m, p + 1, seed=seed)[:, -1]
+    x = x - u @ (u.mT @ x)
+    return x / x.norm()
+
+
 def test_intruders_counts_vectors_whose_best_cosine_is_below_eps() -> None:
     base = torch.eye(4, dtype=torch.float64)[:, :3].unsqueeze(0)  # e1, e2, e3
     ft = torch.stack([torch.eye(4, dtype=torch.float64)[:, 3], torch.full((4,), 0.5, dtype=torch.float64)], 1)
@@ -75,8 +83,7 @@ def test_small_update_inside_the_base_top_subspace_has_no_intruder() -> None:
 def test_spectral_and_check_count_intruders_per_module(tmp_path: Path) -> None:
     m, n = 40, 10
     w0, u, _, v = base_matrix(m, n, seed=3)
-    x = orthonormal(m, n + 1, seed=9)[:, -1]
-    x = (x - u @ (u.mT @ x)) / (x - u @ (u.mT @ x)).norm()
+    x = outside(u, seed=9)
     q = "model.layers.0.self_attn.q_proj.weight"
     k_ = "model.layers.0.self_attn.k_proj.weight"
     base = {q: w0.float(), k_: w0.float()}
@@ -100,8 +107,7 @@ def test_spectral_and_check_count_intruders_per_module(tmp_path: Path) -> None:
 def test_report_draws_intruders_per_module_beside_the_null(tmp_path: Path) -> None:
     m, n = 40, 10
     w0, u, _, v = base_matrix(m, n, seed=4)
-    x = orthonormal(m, n + 1, seed=11)[:, -1]
-    x = (x - u @ (u.mT @ x)) / (x - u @ (u.mT @ x)).norm()
+    x = outside(u, seed=11)
     q = "model.layers.0.self_attn.q_proj.weight"
     b = save_single({q: w0.float()}, tmp_path / "b.safetensors")
     f = save_single({q: (w0 + 50.0 * torch.outer(x, v[:, -1])).float()}, tmp_path / "f.safetensors")
@@ -116,8 +122,7 @@ def test_report_draws_intruders_of_each_stack_apart(tmp_path: Path) -> None:
     one bar per (stack, module), labelled with both, so the vision q_proj's intruder is not the text q_proj's."""
     m, n = 40, 10
     w0, u, _, v = base_matrix(m, n, seed=5)
-    x = orthonormal(m, n + 1, seed=13)[:, -1]
-    x = (x - u @ (u.mT @ x)) / (x - u @ (u.mT @ x)).norm()
+    x = outside(u, seed=13)
     vision = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
     text = "language_model.model.layers.0.self_attn.q_proj.weight"
     b = save_single({vision: w0.float(), text: w0.float()}, tmp_path / "b.safetensors")
