@@ -33,11 +33,11 @@ import secrets
 import socket
 import stat
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 from ckptdiff.errors import InputError
 from ckptdiff.io import files as fileio
@@ -71,6 +71,7 @@ def _kind(mode: int) -> str:
 
 # A temporary file's name says whose it is: `.x.csv.ckptdiff-<host>-<pid>-<random>.tmp`, <host> a short hash of
 # the host name (a shared file system can hold other hosts' runs; the name itself is not written).
+T = TypeVar("T")
 _HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
 # A temporary folder (report -o, patch apply to a folder) is named alike; `.old` holds a report being replaced.
 _TEMP = re.compile(r"^\.(?P<name>.+)\.ckptdiff-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
@@ -121,31 +122,31 @@ def remove_stale(target: Path) -> list[Path]:
     return removed
 
 
-def temp_folder(target: Path, kind: str = "tmp") -> Path:
-    """A new empty folder beside ``target`` (mode 0700), named as ckptdiff's temporaries are, so that the next run
-    to ``target`` can remove it if this one is killed (:func:`remove_stale`, whose stale entries go first)."""
+def _make_temp(target: Path, kind: str, make: Callable[[Path], T]) -> tuple[T, Path]:
+    """``make(path)`` at a new temporary name beside ``target`` (the _TEMP pattern, this host and process), after
+    removing the stale temporaries of earlier killed runs to ``target`` (:func:`remove_stale`); ``make`` raises
+    FileExistsError when the name is taken, and another is tried."""
     remove_stale(target)
     for _ in range(100):
         tmp = target.parent / f".{target.name}.ckptdiff-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
         try:
-            os.mkdir(tmp, 0o700)
-            return tmp
+            return make(tmp), tmp
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "no free temporary folder name", str(target.parent))
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
+
+
+def temp_folder(target: Path, kind: str = "tmp") -> Path:
+    """A new empty folder beside ``target`` (mode 0700), named as ckptdiff's temporaries are, so that the next run
+    to ``target`` can remove it if this one is killed (:func:`remove_stale`)."""
+    return _make_temp(target, kind, lambda p: os.mkdir(p, 0o700))[1]
 
 
 def _create_temp(target: Path) -> tuple[int, Path]:
     """A new empty file beside ``target``, mode 0666 & ~umask (the kernel applies the umask), open for writing;
     stale temporaries of earlier killed runs to ``target`` go first (:func:`remove_stale`)."""
-    remove_stale(target)
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.ckptdiff-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    return _make_temp(target, "tmp", lambda p: os.open(p, flags, 0o666))
 
 
 def _final_target(flag: str, given: Path) -> Path:

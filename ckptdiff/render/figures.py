@@ -239,16 +239,11 @@ def _module_order(modules: Sequence[str]) -> list[str]:
 def _module_rows(index: Sequence[object]) -> list[object]:
     """The rows of a per-module rollup in block order: ``q`` ... ``down``, or, on a checkpoint with several stacks,
     (stack, module) rows with the stacks in the rollup's order (as data flows) and block order within each."""
-    stacks = list(dict.fromkeys(r[0] if isinstance(r, tuple) else None for r in index))
-    rows: list[object] = []
-    for stack in stacks:
-        mine = {
-            str(r[1] if isinstance(r, tuple) else r): r
-            for r in index
-            if (r[0] if isinstance(r, tuple) else None) == stack
-        }
-        rows += [mine[m] for m in _module_order(list(mine))]
-    return rows
+    by_stack: dict[object, dict[str, object]] = {}  # stack (None: one stack) -> module name -> row, stacks in order
+    for r in index:
+        stack, module = r if isinstance(r, tuple) else (None, r)
+        by_stack.setdefault(stack, {})[str(module)] = r
+    return [mine[m] for mine in by_stack.values() for m in _module_order(list(mine))]
 
 
 # ---------------------------------------------------------------------------------------------
